@@ -1,0 +1,9 @@
+// Subcommands of the `omnilite` program. Each takes the arguments after its name (argv[0] = "omnilite NAME")
+// and returns the process exit code.
+#pragma once
+
+namespace omnilite::cli {
+
+int run_info(int argc, char** argv);
+
+}  // namespace omnilite::cli

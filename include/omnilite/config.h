@@ -1,0 +1,137 @@
+// Typed configuration of OMNI-LITE.
+//
+// JSON is parsed once, at the edge (config.cpp), into these structs; modules only ever see the structs.
+// Every field carries a comment with its meaning and the full model's value. Validation (unknown keys,
+// wrong types, inconsistent dimensions) happens in parse_config/validate and throws ConfigError naming the
+// key, the value and the rule.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+namespace omnilite {
+
+// Thrown for every invalid configuration; what() names the dotted key, the value and the rule.
+struct ConfigError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Vision patch embedding + ViT encoder (card layers 1 and 2).
+struct VisionOptions {
+  int64_t image_size = 224;    // square input side in pixels the position table is built for (224 -> 16x16 patches)
+  int64_t in_channels = 3;     // image channels (RGB = 3)
+  int64_t patch_size = 14;     // Conv2d kernel and stride of the patch embedding (card: 14)
+  int64_t width = 1024;        // ViT embedding width (card: 1024)
+  int64_t depth = 12;          // number of pre-norm ViT blocks (card: 12)
+  int64_t num_heads = 16;      // attention heads per ViT block (card: 16)
+  int64_t mlp_dim = 4096;      // hidden width of the GELU MLP (card: 4096)
+  double norm_eps = 1e-6;      // LayerNorm epsilon (1e-6, as in ViT)
+};
+
+// Perceiver Resampler (card layer 3): vision features -> num_latents tokens of the text width.
+struct ResamplerOptions {
+  int64_t num_latents = 64;    // learned latent queries = image tokens in the text sequence (card: 64)
+  int64_t depth = 2;           // cross-attention + feed-forward layers (Flamingo uses 6; 2 here)
+  int64_t num_heads = 16;      // attention heads; head_dim = text.hidden_size / num_heads (2048/16 = 128)
+  int64_t ff_mult = 4;         // feed-forward hidden = ff_mult * text.hidden_size (4 -> 8192)
+  double norm_eps = 1e-5;      // LayerNorm epsilon
+};
+
+// Text backbone: token embedding, decoder layers of GQA + MoE, final norm, LM head (card layers 4-6).
+struct TextOptions {
+  int64_t vocab_size = 32000;          // rows of the token embedding and LM head outputs (card: 32000)
+  int64_t hidden_size = 2048;          // model width (card: 2048)
+  int64_t num_layers = 24;             // decoder layers (card: repeat 24)
+  int64_t num_heads = 32;              // query heads (card: 32)
+  int64_t num_kv_heads = 8;            // key/value heads shared by groups of query heads (card: 8)
+  int64_t head_dim = 64;               // per-head width; num_heads * head_dim == hidden_size (2048/32 = 64)
+  int64_t rope_dim = 64;               // leading dims of each head rotated by RoPE (card: 64, i.e. the full head)
+  double rope_theta = 1e6;             // RoPE base (Mixtral: 1e6)
+  double rms_norm_eps = 1e-5;          // RMSNorm epsilon (Mixtral: 1e-5)
+  int64_t max_position_embeddings = 4096;  // longest sequence accepted by the model (positions 0..4095)
+  bool tie_word_embeddings = false;    // LM head shares the embedding table (false: separate 2048->32000 head)
+};
+
+// Sparse mixture-of-experts feed-forward inside every decoder layer.
+struct MoEOptions {
+  int64_t num_experts = 16;    // experts per layer (card: 16)
+  int64_t top_k = 2;           // experts each token is routed to (card: 2)
+  int64_t expert_hidden = 768; // SwiGLU width F of each expert; left open by the card, 768 meets both its claims
+};
+
+// Rectified-flow head and its input side (card layer 7): image latent tokens <-> text width.
+struct FlowOptions {
+  int64_t latent_channels = 4;   // channels of the VQ-VAE latent (card: 4)
+  int64_t patch_size = 4;        // latent patch side per token: 4x4 patches -> 4*4*4 = 64 values per token
+  int64_t time_embed_dim = 256;  // sinusoidal timestep features before the MLP (DiT: 256)
+};
+
+// VQ-VAE (card layer 8): encoder 3 -> latent_channels with 8x downsampling, codebook, decoder ending in
+// Conv2d(latent_channels -> 3, kernel 3).
+struct VQVAEOptions {
+  int64_t in_channels = 3;       // image channels
+  int64_t base_channels = 64;    // channels of the first conv; doubled at each downsampling (64,128,256)
+  int64_t num_downsamples = 3;   // stride-2 stages: 2^3 = 8x downsampling (card: 8x)
+  int64_t codebook_size = 1024;  // number of codes of the quantiser
+  double commitment_beta = 0.25; // weight of the commitment term (VQ-VAE paper: 0.25)
+};
+
+// Token ids the model treats specially. Placeholders are replaced by image features inside the model.
+struct TokenOptions {
+  int64_t bos_id = 1;           // beginning of sequence (SentencePiece default 1)
+  int64_t eos_id = 2;           // end of sequence / document separator (SentencePiece default 2)
+  int64_t pad_id = 0;           // padding, never a target (0 = <unk> of SentencePiece models without <pad>)
+  int64_t image_id = 3;         // placeholder: each run of num_latents of these is filled by one resampled image
+  int64_t image_begin_id = 4;   // marks the start of an image (understanding or generation)
+  int64_t image_end_id = 5;     // marks the end of an image
+  int64_t gen_image_id = 6;     // placeholder: one per latent token of a generated image (bidirectional block)
+};
+
+// The whole model.
+struct ModelConfig {
+  VisionOptions vision;
+  ResamplerOptions resampler;
+  TextOptions text;
+  MoEOptions moe;
+  FlowOptions flow;
+  VQVAEOptions vqvae;
+  TokenOptions tokens;
+
+  // Values per latent token of a generated image: latent_channels * patch_size^2 (4*4*4 = 64).
+  int64_t flow_token_dim() const { return flow.latent_channels * flow.patch_size * flow.patch_size; }
+  // Pixel downsampling factor of the VQ-VAE (2^num_downsamples = 8).
+  int64_t vq_downsample() const { return int64_t{1} << vqvae.num_downsamples; }
+};
+
+// Execution settings: where and how the model runs (not part of the model's identity).
+struct RuntimeOptions {
+  std::string device = "cpu";    // "cpu", "cuda" or "cuda:N"
+  std::string dtype = "fp32";    // compute dtype on CUDA with autocast: "fp32" or "bf16" (CPU always runs fp32)
+  int64_t threads = 0;           // LibTorch intra-op threads; 0 = number of cores
+  int64_t blas_threads = 1;      // OpenBLAS threads; 1 avoids two spinning pools fighting over the same cores
+  uint64_t seed = 1234;          // seed for parameter initialisation and sampling
+};
+
+// A config file: {"model": {...}, "runtime": {...}}.
+struct Config {
+  ModelConfig model;
+  RuntimeOptions runtime;
+};
+
+// Parses and validates a config JSON object. Throws ConfigError.
+Config parse_config(const nlohmann::json& j);
+// Reads a JSON file (config or design card, detected by its "layers" key) and parses it. Throws ConfigError.
+Config load_config_file(const std::string& path);
+// Builds the model configuration described by the design card (../shared/spec/omni-lite.spec.json); values the
+// card leaves open keep the defaults above. Throws ConfigError naming the layer when the card is inconsistent.
+Config config_from_spec(const nlohmann::json& spec);
+// Checks the dimensional rules (heads divide width, ...). Throws ConfigError naming key, value and rule.
+void validate(const Config& c);
+// The config back as JSON, every field present (used by `info --json`, checkpoints and the spec test).
+nlohmann::json to_json(const Config& c);
+
+}  // namespace omnilite

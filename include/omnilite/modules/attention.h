@@ -1,0 +1,44 @@
+// Grouped-query attention (text backbone) and the scaled-dot-product core shared by every attention here.
+//
+// B = batch, T = query length, S = key length, H = query heads, Hkv = key/value heads, G = H / Hkv,
+// Dh = head dim. Query head h reads key/value head h / G (Mixtral's repeat_kv order).
+//
+// The core never materialises repeated K/V: on LibTorch >= 2.5 it calls scaled_dot_product_attention with
+// enable_gqa (flash / memory-efficient kernels on CUDA); on older versions it views the queries as
+// [B, Hkv, G*T, Dh] so that one batched matmul per KV head serves its whole group.
+#pragma once
+
+#include <torch/torch.h>
+
+#include "omnilite/config.h"
+#include "omnilite/modules/linear.h"
+#include "omnilite/modules/rope.h"
+
+namespace omnilite {
+
+// q: [B, H, T, Dh], k/v: [B, Hkv, S, Dh], allowed: bool [B or 1, 1, T, S] (true = may attend) or undefined,
+// causal: apply the causal rule (key j <= query i, aligned at the end) in addition to `allowed`
+// -> [B, H, T, Dh]. Softmax in fp32.
+torch::Tensor attention_core(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                             const torch::Tensor& allowed, bool causal);
+
+// The same computation done the plain way (K/V repeated to H heads, explicit masked softmax): the reference the
+// tests compare attention_core against.
+torch::Tensor attention_reference(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                  const torch::Tensor& allowed, bool causal);
+
+// Text self-attention: q/k/v/o projections (no bias, Mixtral), RoPE on q and k, GQA core.
+struct GQAttentionImpl : torch::nn::Module {
+  GQAttentionImpl(const TextOptions& opts, const LinearBuilder& builder, const std::string& path);
+  // x: [B, T, D], rope: tables for the T positions, allowed/causal: as attention_core -> [B, T, D]
+  torch::Tensor forward(const torch::Tensor& x, const RopeTables& rope, const torch::Tensor& allowed, bool causal);
+
+  TextOptions opts;
+  std::shared_ptr<LinearBaseImpl> q_proj;  // D -> H*Dh
+  std::shared_ptr<LinearBaseImpl> k_proj;  // D -> Hkv*Dh
+  std::shared_ptr<LinearBaseImpl> v_proj;  // D -> Hkv*Dh
+  std::shared_ptr<LinearBaseImpl> o_proj;  // H*Dh -> D
+};
+TORCH_MODULE(GQAttention);
+
+}  // namespace omnilite

@@ -1,0 +1,23 @@
+// Causal-LM head: hidden -> vocabulary logits (card: Linear 2048 -> 32000). Untied by default; when
+// tie_word_embeddings is set it reads the token embedding's table and owns no parameter.
+#pragma once
+
+#include <torch/torch.h>
+
+#include "omnilite/modules/linear.h"
+#include "omnilite/modules/token_embedding.h"
+
+namespace omnilite {
+
+struct LMHeadImpl : torch::nn::Module {
+  // tied: the embedding whose table is shared, or an empty holder for an own weight [V, D].
+  LMHeadImpl(int64_t dim, int64_t vocab_size, TokenEmbedding tied);
+  // h: [B, T, D] -> [B, T, V]
+  torch::Tensor forward(const torch::Tensor& h);
+
+  torch::Tensor weight;     // [V, D] own parameter, undefined when tied
+  TokenEmbedding tied{nullptr};  // embedding shared when tie_word_embeddings
+};
+TORCH_MODULE(LMHead);
+
+}  // namespace omnilite

@@ -1,0 +1,64 @@
+// The whole OMNI-LITE model over one mixed sequence.
+//
+// A row of `tokens` holds text ids and two kinds of placeholders:
+//  - image understanding: a run of num_latents `tokens.image_id`; the resampled features of the next image of
+//    `images` (in row-major order of the batch) replace their embeddings;
+//  - image generation: a run of `tokens.gen_image_id`, one per latent token; their embeddings are the flow head's
+//    input embedding of the next rows of `gen_latents` (noisy latents x_t at times `gen_times`).
+// Attention is causal, except that the tokens of one generated-image run see each other (Transfusion).
+// Module names (the checkpoint keys): vision, resampler, text, lm_head, flow, vqvae.
+#pragma once
+
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "omnilite/config.h"
+#include "omnilite/modules/lm_head.h"
+#include "omnilite/modules/perceiver_resampler.h"
+#include "omnilite/modules/rfm_head.h"
+#include "omnilite/modules/text_decoder.h"
+#include "omnilite/modules/vision_encoder.h"
+#include "omnilite/modules/vqvae.h"
+
+namespace omnilite {
+
+struct OmniInput {
+  torch::Tensor tokens;       // [B, T] int64
+  torch::Tensor images;       // [N_img, C, H, W] float, one per image_id run; undefined when none
+  torch::Tensor gen_latents;  // [n_gen, P] noisy latent tokens, one per gen_image_id token; undefined when none
+  torch::Tensor gen_times;    // [n_gen] flow time of each generated token's image, in [0, 1]
+  bool compute_logits = true; // false skips the LM head (e.g. flow-only steps)
+};
+
+struct OmniOutput {
+  torch::Tensor hidden;                      // [B, T, D] final hidden states
+  torch::Tensor logits;                      // [B, T, V] next-token logits (undefined if not requested)
+  torch::Tensor velocity;                    // [n_gen, P] predicted velocities at the gen_image_id tokens
+  std::vector<torch::Tensor> router_logits;  // num_layers x [B*T, E]
+};
+
+// Generated-image block id of every position: 0 for other tokens, k >= 1 for the k-th run of gen_image_id in its
+// row. tokens: [B, T] -> [B, T] int64.
+torch::Tensor generated_block_ids(const torch::Tensor& tokens, int64_t gen_image_id);
+// Attention mask of a mixed sequence: allowed[b, 0, i, j] = j <= i or (i, j in the same generated block).
+// tokens: [B, T] -> bool [B, 1, T, T]
+torch::Tensor mixed_attention_mask(const torch::Tensor& tokens, int64_t gen_image_id);
+
+struct OmniLiteImpl : torch::nn::Module {
+  explicit OmniLiteImpl(const ModelConfig& cfg, const LinearBuilder& builder = LinearBuilder());
+  OmniOutput forward(const OmniInput& in);
+  // images: [N, C, H, W] -> [N, num_latents, D] tokens in the text space
+  torch::Tensor encode_images(const torch::Tensor& images);
+
+  ModelConfig cfg;
+  VisionEncoder vision{nullptr};          // patch embedding + ViT
+  PerceiverResampler resampler{nullptr};  // vision features -> num_latents text-space tokens
+  TextDecoder text{nullptr};              // embedding + GQA/MoE decoder layers + final norm
+  LMHead lm_head{nullptr};                // D -> V
+  RFMHead flow{nullptr};                  // rectified-flow input embedding and velocity head
+  VQVAE vqvae{nullptr};                   // image <-> latent (trained in its own stage)
+};
+TORCH_MODULE(OmniLite);
+
+}  // namespace omnilite

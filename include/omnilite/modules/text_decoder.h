@@ -1,0 +1,33 @@
+// Text backbone (card layers 4 and 5): token embedding, num_layers decoder layers, final RMSNorm.
+// Tensor names follow Mixtral's under the prefix "text." (text.embed_tokens, text.layers.N..., text.norm).
+#pragma once
+
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "omnilite/modules/decoder_layer.h"
+#include "omnilite/modules/token_embedding.h"
+
+namespace omnilite {
+
+struct TextDecoderOutput {
+  torch::Tensor hidden;                      // [B, T, D] after the final norm
+  std::vector<torch::Tensor> router_logits;  // num_layers x [B*T, E]
+};
+
+struct TextDecoderImpl : torch::nn::Module {
+  TextDecoderImpl(const TextOptions& text, const MoEOptions& moe, const LinearBuilder& builder,
+                  const std::string& path);
+  // x: [B, T, D] input embeddings, positions: [T] int64, allowed/causal as attention_core -> hidden [B, T, D]
+  TextDecoderOutput forward(const torch::Tensor& x, const torch::Tensor& positions, const torch::Tensor& allowed,
+                            bool causal);
+
+  TextOptions opts;
+  TokenEmbedding embed_tokens{nullptr};  // [V, D]
+  torch::nn::ModuleList layers;          // num_layers DecoderLayer
+  RMSNorm norm{nullptr};                 // final norm
+};
+TORCH_MODULE(TextDecoder);
+
+}  // namespace omnilite

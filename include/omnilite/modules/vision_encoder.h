@@ -1,0 +1,42 @@
+// Vision Transformer (card layer 2): patch embedding, `depth` pre-norm blocks, final LayerNorm.
+// Block: x = x + proj(MHA(LN(x))); x = x + fc2(GELU(fc1(LN(x)))). Attention is bidirectional over patches.
+#pragma once
+
+#include <torch/torch.h>
+
+#include "omnilite/config.h"
+#include "omnilite/modules/linear.h"
+#include "omnilite/modules/patch_embed.h"
+
+namespace omnilite {
+
+struct ViTBlockImpl : torch::nn::Module {
+  ViTBlockImpl(const VisionOptions& opts, const LinearBuilder& builder, const std::string& path);
+  // x: [N, P, W] -> [N, P, W]
+  torch::Tensor forward(const torch::Tensor& x);
+
+  int64_t num_heads;
+  torch::nn::LayerNorm norm1{nullptr};
+  std::shared_ptr<LinearBaseImpl> qkv;   // W -> 3W, with bias (fused q, k, v as in timm)
+  std::shared_ptr<LinearBaseImpl> proj;  // W -> W, with bias
+  torch::nn::LayerNorm norm2{nullptr};
+  std::shared_ptr<LinearBaseImpl> fc1;   // W -> mlp_dim
+  std::shared_ptr<LinearBaseImpl> fc2;   // mlp_dim -> W
+};
+TORCH_MODULE(ViTBlock);
+
+struct VisionEncoderImpl : torch::nn::Module {
+  VisionEncoderImpl(const VisionOptions& opts, const LinearBuilder& builder, const std::string& path);
+  // images: [N, C, H, W] -> features [N, P, W], P = (H/patch) * (W/patch)
+  torch::Tensor forward(const torch::Tensor& images);
+
+  PatchEmbed patch_embed{nullptr};
+  torch::nn::ModuleList blocks;      // depth ViT blocks: blocks.0 .. blocks.{depth-1}
+  torch::nn::LayerNorm norm{nullptr};
+};
+TORCH_MODULE(VisionEncoder);
+
+// LayerNorm over the last dim with the given width and epsilon.
+torch::nn::LayerNorm make_layer_norm(int64_t width, double eps);
+
+}  // namespace omnilite

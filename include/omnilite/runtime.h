@@ -1,0 +1,27 @@
+// Where and how the model runs: device selection and the thread split between LibTorch and OpenBLAS.
+#pragma once
+
+#include <string>
+
+#include <torch/torch.h>
+
+#include "omnilite/config.h"
+
+namespace omnilite {
+
+// "cpu", "cuda", "cuda:N" -> device; throws std::runtime_error naming the value when CUDA is absent or N is out of
+// range.
+torch::Device resolve_device(const std::string& name);
+
+// Sets LibTorch's intra-op threads (0 = all cores) and OpenBLAS's pool (when libopenblas is loaded).
+// OpenBLAS spins its own threads next to LibTorch's; on 2 cores two pools of 2 halve throughput, so the
+// default gives LibTorch the cores and OpenBLAS one thread (see docs/benchmarks.md).
+void configure_threads(int64_t intra_op_threads, int64_t blas_threads);
+
+// Number of OpenBLAS threads in use, or -1 if OpenBLAS is not the loaded BLAS.
+int blas_threads_in_use();
+
+// Applies runtime.threads/blas_threads and the seed; returns the device.
+torch::Device apply_runtime(const RuntimeOptions& rt);
+
+}  // namespace omnilite

@@ -1,0 +1,56 @@
+// omnilite: command-line entry point. `omnilite SUBCOMMAND [options]`; `omnilite SUBCOMMAND --help` for each.
+#include <cstring>
+#include <exception>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "omnilite/cli/commands.h"
+
+namespace {
+
+struct Subcommand {
+  const char* name;
+  const char* summary;
+  int (*run)(int, char**);
+};
+
+const std::vector<Subcommand>& subcommands() {
+  static const std::vector<Subcommand> list = {
+      {"info", "parameter table, totals, active parameters per token and weight memory of a config or the card",
+       omnilite::cli::run_info},
+  };
+  return list;
+}
+
+void print_usage(std::ostream& os) {
+  os << "OMNI-LITE: train, fine-tune, run and evaluate the unified sparse multimodal transformer.\n\n"
+        "Usage: omnilite SUBCOMMAND [options]\n\nSubcommands:\n";
+  for (const auto& s : subcommands()) os << "  " << s.name << std::string(10 - std::strlen(s.name), ' ') << s.summary << "\n";
+  os << "\nRun `omnilite SUBCOMMAND --help` for the options of one subcommand.\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
+    print_usage(std::cout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string name = argv[1];
+  for (const auto& s : subcommands()) {
+    if (name != s.name) continue;
+    std::string prog = std::string("omnilite ") + s.name;
+    std::vector<char*> args{prog.data()};
+    for (int i = 2; i < argc; ++i) args.push_back(argv[i]);
+    try {
+      return s.run(static_cast<int>(args.size()), args.data());
+    } catch (const std::exception& e) {
+      std::cerr << "omnilite " << name << ": error: " << e.what() << "\n";
+      return 1;
+    }
+  }
+  std::cerr << "omnilite: unknown subcommand \"" << name << "\"\n\n";
+  print_usage(std::cerr);
+  return 2;
+}

@@ -1,0 +1,398 @@
+// Config parsing: one field list per options struct (visit_fields) drives both reading and writing, so the two
+// can never disagree. Reading checks types and rejects unknown keys; validate() checks the dimensional rules.
+#include "omnilite/config.h"
+
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+namespace omnilite {
+namespace {
+
+using nlohmann::json;
+
+std::string dump_value(const json& v) {
+  std::string s = v.dump();
+  return s.size() > 60 ? s.substr(0, 57) + "..." : s;
+}
+
+// Reads the fields of one JSON object into a struct, tracking the dotted path for error messages.
+class Reader {
+ public:
+  Reader(const json& j, std::string path) : j_(j), path_(std::move(path)) {
+    if (!j_.is_object())
+      throw ConfigError("config: " + path_ + " must be an object, got " + dump_value(j_));
+  }
+  std::string key(const char* name) const { return path_.empty() ? name : path_ + "." + name; }
+
+  void operator()(const char* name, int64_t& out) {
+    if (const json* v = find(name)) {
+      if (!v->is_number_integer())
+        throw ConfigError("config: " + key(name) + ": expected an integer, got " + dump_value(*v));
+      out = v->get<int64_t>();
+    }
+  }
+  void operator()(const char* name, uint64_t& out) {
+    if (const json* v = find(name)) {
+      if (!v->is_number_integer() || v->get<int64_t>() < 0)
+        throw ConfigError("config: " + key(name) + ": expected a non-negative integer, got " + dump_value(*v));
+      out = v->get<uint64_t>();
+    }
+  }
+  void operator()(const char* name, double& out) {
+    if (const json* v = find(name)) {
+      if (!v->is_number())
+        throw ConfigError("config: " + key(name) + ": expected a number, got " + dump_value(*v));
+      out = v->get<double>();
+    }
+  }
+  void operator()(const char* name, bool& out) {
+    if (const json* v = find(name)) {
+      if (!v->is_boolean())
+        throw ConfigError("config: " + key(name) + ": expected true or false, got " + dump_value(*v));
+      out = v->get<bool>();
+    }
+  }
+  void operator()(const char* name, std::string& out) {
+    if (const json* v = find(name)) {
+      if (!v->is_string())
+        throw ConfigError("config: " + key(name) + ": expected a string, got " + dump_value(*v));
+      out = v->get<std::string>();
+    }
+  }
+  // Nested section: recurse with the section's own field list.
+  template <class T>
+  void section(const char* name, T& out) {
+    if (const json* v = find(name)) {
+      Reader sub(*v, key(name));
+      visit_fields(sub, out);
+      sub.finish();
+    }
+  }
+  // Every key of the object must have been read; the first unknown one is reported with the known ones.
+  void finish() const {
+    for (auto it = j_.begin(); it != j_.end(); ++it) {
+      if (!seen_.count(it.key())) {
+        std::string known;
+        for (const auto& k : seen_all_) known += (known.empty() ? "" : ", ") + k;
+        throw ConfigError("config: unknown key " + key(it.key().c_str()) + " (value " + dump_value(it.value()) +
+                          "); known keys here: " + known + "; hint: check the spelling or the section");
+      }
+    }
+  }
+
+ private:
+  const json* find(const char* name) {
+    seen_all_.insert(name);
+    auto it = j_.find(name);
+    if (it == j_.end()) return nullptr;
+    seen_.insert(name);
+    return &*it;
+  }
+  const json& j_;
+  std::string path_;
+  std::set<std::string> seen_;      // keys present and read
+  std::set<std::string> seen_all_;  // every key this section knows
+};
+
+// Writes the fields of a struct into a JSON object.
+struct Writer {
+  json j = json::object();
+  template <class T>
+  void operator()(const char* name, const T& v) { j[name] = v; }
+  template <class T>
+  void section(const char* name, const T& v) {
+    Writer sub;
+    visit_fields(sub, const_cast<T&>(v));
+    j[name] = sub.j;
+  }
+};
+
+template <class V> void visit_fields(V& v, VisionOptions& o) {
+  v("image_size", o.image_size); v("in_channels", o.in_channels); v("patch_size", o.patch_size);
+  v("width", o.width); v("depth", o.depth); v("num_heads", o.num_heads); v("mlp_dim", o.mlp_dim);
+  v("norm_eps", o.norm_eps);
+}
+template <class V> void visit_fields(V& v, ResamplerOptions& o) {
+  v("num_latents", o.num_latents); v("depth", o.depth); v("num_heads", o.num_heads); v("ff_mult", o.ff_mult);
+  v("norm_eps", o.norm_eps);
+}
+template <class V> void visit_fields(V& v, TextOptions& o) {
+  v("vocab_size", o.vocab_size); v("hidden_size", o.hidden_size); v("num_layers", o.num_layers);
+  v("num_heads", o.num_heads); v("num_kv_heads", o.num_kv_heads); v("head_dim", o.head_dim);
+  v("rope_dim", o.rope_dim); v("rope_theta", o.rope_theta); v("rms_norm_eps", o.rms_norm_eps);
+  v("max_position_embeddings", o.max_position_embeddings); v("tie_word_embeddings", o.tie_word_embeddings);
+}
+template <class V> void visit_fields(V& v, MoEOptions& o) {
+  v("num_experts", o.num_experts); v("top_k", o.top_k); v("expert_hidden", o.expert_hidden);
+}
+template <class V> void visit_fields(V& v, FlowOptions& o) {
+  v("latent_channels", o.latent_channels); v("patch_size", o.patch_size); v("time_embed_dim", o.time_embed_dim);
+}
+template <class V> void visit_fields(V& v, VQVAEOptions& o) {
+  v("in_channels", o.in_channels); v("base_channels", o.base_channels); v("num_downsamples", o.num_downsamples);
+  v("codebook_size", o.codebook_size); v("commitment_beta", o.commitment_beta);
+}
+template <class V> void visit_fields(V& v, TokenOptions& o) {
+  v("bos_id", o.bos_id); v("eos_id", o.eos_id); v("pad_id", o.pad_id); v("image_id", o.image_id);
+  v("image_begin_id", o.image_begin_id); v("image_end_id", o.image_end_id); v("gen_image_id", o.gen_image_id);
+}
+template <class V> void visit_fields(V& v, ModelConfig& o) {
+  v.section("vision", o.vision); v.section("resampler", o.resampler); v.section("text", o.text);
+  v.section("moe", o.moe); v.section("flow", o.flow); v.section("vqvae", o.vqvae); v.section("tokens", o.tokens);
+}
+template <class V> void visit_fields(V& v, RuntimeOptions& o) {
+  v("device", o.device); v("dtype", o.dtype); v("threads", o.threads); v("blas_threads", o.blas_threads);
+  v("seed", o.seed);
+}
+template <class V> void visit_fields(V& v, Config& o) {
+  v.section("model", o.model); v.section("runtime", o.runtime);
+}
+
+// Error helpers for validate(): name the key, the value and the rule.
+[[noreturn]] void fail(const std::string& key, const std::string& value, const std::string& rule) {
+  throw ConfigError("config: " + key + " = " + value + ": " + rule);
+}
+void require_positive(const std::string& key, int64_t v) {
+  if (v <= 0) fail(key, std::to_string(v), "must be positive");
+}
+void require_divides(const std::string& a_key, int64_t a, const std::string& b_key, int64_t b) {
+  if (a <= 0 || b % a != 0)
+    fail(a_key, std::to_string(a), "must divide " + b_key + " = " + std::to_string(b));
+}
+std::string num(double v) {
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
+
+}  // namespace
+
+void validate(const Config& c) {
+  const auto& m = c.model;
+  const auto& v = m.vision;
+  for (auto [k, x] : {std::pair<const char*, int64_t>{"model.vision.image_size", v.image_size},
+                      {"model.vision.in_channels", v.in_channels}, {"model.vision.patch_size", v.patch_size},
+                      {"model.vision.width", v.width}, {"model.vision.depth", v.depth},
+                      {"model.vision.num_heads", v.num_heads}, {"model.vision.mlp_dim", v.mlp_dim},
+                      {"model.resampler.num_latents", m.resampler.num_latents},
+                      {"model.resampler.depth", m.resampler.depth},
+                      {"model.resampler.num_heads", m.resampler.num_heads},
+                      {"model.resampler.ff_mult", m.resampler.ff_mult},
+                      {"model.text.vocab_size", m.text.vocab_size}, {"model.text.hidden_size", m.text.hidden_size},
+                      {"model.text.num_layers", m.text.num_layers}, {"model.text.num_heads", m.text.num_heads},
+                      {"model.text.num_kv_heads", m.text.num_kv_heads}, {"model.text.head_dim", m.text.head_dim},
+                      {"model.text.max_position_embeddings", m.text.max_position_embeddings},
+                      {"model.moe.num_experts", m.moe.num_experts}, {"model.moe.top_k", m.moe.top_k},
+                      {"model.moe.expert_hidden", m.moe.expert_hidden},
+                      {"model.flow.latent_channels", m.flow.latent_channels},
+                      {"model.flow.patch_size", m.flow.patch_size},
+                      {"model.flow.time_embed_dim", m.flow.time_embed_dim},
+                      {"model.vqvae.in_channels", m.vqvae.in_channels},
+                      {"model.vqvae.base_channels", m.vqvae.base_channels},
+                      {"model.vqvae.num_downsamples", m.vqvae.num_downsamples},
+                      {"model.vqvae.codebook_size", m.vqvae.codebook_size}}) {
+    require_positive(k, x);
+  }
+  require_divides("model.vision.num_heads", v.num_heads, "model.vision.width", v.width);
+  if (v.patch_size > v.image_size)
+    fail("model.vision.patch_size", std::to_string(v.patch_size),
+         "must not exceed model.vision.image_size = " + std::to_string(v.image_size));
+  if (v.image_size % v.patch_size != 0)
+    fail("model.vision.image_size", std::to_string(v.image_size),
+         "must be a multiple of model.vision.patch_size = " + std::to_string(v.patch_size));
+  require_divides("model.resampler.num_heads", m.resampler.num_heads, "model.text.hidden_size", m.text.hidden_size);
+
+  const auto& t = m.text;
+  if (t.num_heads * t.head_dim != t.hidden_size)
+    fail("model.text.head_dim", std::to_string(t.head_dim),
+         "model.text.num_heads * head_dim = " + std::to_string(t.num_heads) + " * " + std::to_string(t.head_dim) +
+             " must equal model.text.hidden_size = " + std::to_string(t.hidden_size) +
+             "; hint: the heads must divide the width");
+  require_divides("model.text.num_kv_heads", t.num_kv_heads, "model.text.num_heads", t.num_heads);
+  if (t.rope_dim <= 0 || t.rope_dim > t.head_dim || t.rope_dim % 2 != 0)
+    fail("model.text.rope_dim", std::to_string(t.rope_dim),
+         "must be even, positive and at most model.text.head_dim = " + std::to_string(t.head_dim));
+  if (!(t.rope_theta > 1.0)) fail("model.text.rope_theta", num(t.rope_theta), "must be greater than 1");
+  if (!(t.rms_norm_eps > 0.0)) fail("model.text.rms_norm_eps", num(t.rms_norm_eps), "must be positive");
+  if (!(v.norm_eps > 0.0)) fail("model.vision.norm_eps", num(v.norm_eps), "must be positive");
+  if (!(m.resampler.norm_eps > 0.0)) fail("model.resampler.norm_eps", num(m.resampler.norm_eps), "must be positive");
+  if (m.moe.top_k > m.moe.num_experts)
+    fail("model.moe.top_k", std::to_string(m.moe.top_k),
+         "must not exceed model.moe.num_experts = " + std::to_string(m.moe.num_experts));
+  if (m.flow.time_embed_dim % 2 != 0)
+    fail("model.flow.time_embed_dim", std::to_string(m.flow.time_embed_dim), "must be even (sin and cos halves)");
+  if (!(m.vqvae.commitment_beta >= 0.0))
+    fail("model.vqvae.commitment_beta", num(m.vqvae.commitment_beta), "must be non-negative");
+  if (m.vqvae.num_downsamples > 6)
+    fail("model.vqvae.num_downsamples", std::to_string(m.vqvae.num_downsamples), "must be at most 6 (64x)");
+
+  const auto& k = m.tokens;
+  for (auto [name, id] : {std::pair<const char*, int64_t>{"bos_id", k.bos_id}, {"eos_id", k.eos_id},
+                          {"pad_id", k.pad_id}, {"image_id", k.image_id}, {"image_begin_id", k.image_begin_id},
+                          {"image_end_id", k.image_end_id}, {"gen_image_id", k.gen_image_id}}) {
+    if (id < 0 || id >= t.vocab_size)
+      fail(std::string("model.tokens.") + name, std::to_string(id),
+           "must be a token id in [0, model.text.vocab_size = " + std::to_string(t.vocab_size) + ")");
+  }
+  if (k.image_id == k.gen_image_id)
+    fail("model.tokens.gen_image_id", std::to_string(k.gen_image_id), "must differ from model.tokens.image_id");
+
+  const auto& r = c.runtime;
+  if (!(r.device == "cpu" || r.device == "cuda" || r.device.rfind("cuda:", 0) == 0))
+    fail("runtime.device", "\"" + r.device + "\"", "must be \"cpu\", \"cuda\" or \"cuda:N\"");
+  if (!(r.dtype == "fp32" || r.dtype == "bf16"))
+    fail("runtime.dtype", "\"" + r.dtype + "\"", "must be \"fp32\" or \"bf16\"");
+  if (r.threads < 0) fail("runtime.threads", std::to_string(r.threads), "must be >= 0 (0 = all cores)");
+  if (r.blas_threads < 1) fail("runtime.blas_threads", std::to_string(r.blas_threads), "must be >= 1");
+}
+
+Config parse_config(const json& j) {
+  Config c;
+  Reader r(j, "");
+  visit_fields(r, c);
+  r.finish();
+  validate(c);
+  return c;
+}
+
+json to_json(const Config& c) {
+  Writer w;
+  visit_fields(w, const_cast<Config&>(c));
+  return w.j;
+}
+
+namespace {
+
+// Reads one integer field of a card layer, naming the layer when it is missing or not an integer.
+int64_t card_int(const json& layer, size_t index, const char* key) {
+  const json& p = layer.at("params");
+  auto it = p.find(key);
+  if (it == p.end() || !it->is_number_integer())
+    throw ConfigError("spec: layers[" + std::to_string(index) + "] (" + layer.value("type", "?") +
+                      ") needs an integer params." + key);
+  return it->get<int64_t>();
+}
+
+void card_expect(bool ok, size_t index, const std::string& what) {
+  if (!ok) throw ConfigError("spec: layers[" + std::to_string(index) + "]: " + what);
+}
+
+}  // namespace
+
+Config config_from_spec(const json& spec) {
+  if (!spec.contains("layers") || !spec["layers"].is_array())
+    throw ConfigError("spec: expected an object with a \"layers\" array (the OMNI-LITE design card)");
+  Config c;
+  auto& m = c.model;
+  const json& layers = spec["layers"];
+  // The card lists its layers in model order; each is recognised by type (and params.type for blocks).
+  std::vector<bool> found(8, false);
+  int linear_seen = 0, conv_seen = 0;
+  int64_t flow_out = 0;  // flow head out_features = latent_channels * patch^2, resolved after the loop
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const json& L = layers[i];
+    card_expect(L.is_object() && L.contains("type") && L.contains("params") && L["params"].is_object(), i,
+                "each layer needs \"type\" and an object \"params\"");
+    const std::string type = L["type"].get<std::string>();
+    const json& p = L["params"];
+    if (type == "Conv2d") {
+      if (conv_seen++ == 0) {  // vision patch embedding
+        m.vision.in_channels = card_int(L, i, "in_channels");
+        m.vision.width = card_int(L, i, "out_channels");
+        m.vision.patch_size = card_int(L, i, "kernel_size");
+        card_expect(card_int(L, i, "stride") == m.vision.patch_size, i,
+                    "patch embedding stride must equal its kernel size (non-overlapping patches)");
+        found[0] = true;
+      } else {  // VQ-VAE decoder's last conv: latent_channels -> image channels
+        m.flow.latent_channels = card_int(L, i, "in_channels");
+        m.vqvae.in_channels = card_int(L, i, "out_channels");
+        card_expect(card_int(L, i, "kernel_size") == 3 && card_int(L, i, "stride") == 1, i,
+                    "the VQ-VAE output conv is built with kernel 3, stride 1");
+        found[7] = true;
+      }
+    } else if (type == "TransformerBlock") {
+      const std::string sub = p.value("type", "");
+      if (sub.empty()) {  // ViT backbone
+        card_expect(card_int(L, i, "embed_dim") == m.vision.width, i, "ViT embed_dim must equal the patch width");
+        m.vision.num_heads = card_int(L, i, "num_heads");
+        m.vision.mlp_dim = card_int(L, i, "ff_dim");
+        m.vision.depth = card_int(L, i, "depth");
+        found[1] = true;
+      } else if (sub == "PerceiverResampler") {
+        m.resampler.num_latents = card_int(L, i, "num_latents");
+        m.text.hidden_size = card_int(L, i, "embed_dim");
+        found[2] = true;
+      } else if (sub == "GQA_MoE_Layer") {
+        card_expect(card_int(L, i, "hidden_dim") == m.text.hidden_size, i,
+                    "hidden_dim must equal the resampler/text width");
+        m.text.num_layers = card_int(L, i, "repeat");
+        m.moe.num_experts = card_int(L, i, "num_experts");
+        m.moe.top_k = card_int(L, i, "top_k");
+        m.text.num_heads = card_int(L, i, "num_heads");
+        m.text.num_kv_heads = card_int(L, i, "num_kv_heads");
+        m.text.rope_dim = card_int(L, i, "rope_dim");
+        card_expect(m.text.num_heads > 0 && m.text.hidden_size % m.text.num_heads == 0, i,
+                    "num_heads must divide hidden_dim");
+        m.text.head_dim = m.text.hidden_size / m.text.num_heads;
+        found[4] = true;
+      } else {
+        card_expect(false, i, "unknown TransformerBlock type \"" + sub + "\"");
+      }
+    } else if (type == "Linear") {
+      const int64_t in = card_int(L, i, "in_features"), out = card_int(L, i, "out_features");
+      if (linear_seen == 0) {  // token embedding, written as Linear(vocab -> hidden)
+        m.text.vocab_size = in;
+        card_expect(out == m.text.hidden_size, i, "token embedding width must equal the text width");
+        found[3] = true;
+      } else if (linear_seen == 1) {  // LM head
+        card_expect(in == m.text.hidden_size && out == m.text.vocab_size, i,
+                    "LM head must map hidden_size -> vocab_size");
+        found[5] = true;
+      } else {  // rectified-flow head: hidden -> latent patch values
+        card_expect(in == m.text.hidden_size, i, "flow head input must be the text width");
+        found[6] = true;
+        flow_out = out;  // the latent channels come from the VQ-VAE conv that follows
+      }
+      ++linear_seen;
+    } else {
+      card_expect(false, i, "unknown layer type \"" + type + "\"");
+    }
+  }
+  static const char* names[] = {"patch embedding Conv2d", "ViT TransformerBlock", "PerceiverResampler",
+                                "token embedding Linear", "GQA_MoE_Layer", "LM head Linear",
+                                "flow head Linear", "VQ-VAE Conv2d"};
+  for (size_t k = 0; k < found.size(); ++k)
+    if (!found[k]) throw ConfigError(std::string("spec: the card has no ") + names[k] + " layer");
+  const int64_t per_channel = flow_out / m.flow.latent_channels;
+  int64_t side = 1;
+  while (side * side < per_channel) ++side;
+  if (flow_out % m.flow.latent_channels != 0 || side * side != per_channel)
+    throw ConfigError("spec: flow head out_features = " + std::to_string(flow_out) +
+                      " must be latent_channels (" + std::to_string(m.flow.latent_channels) +
+                      ") times a square patch area");
+  m.flow.patch_size = side;
+  validate(c);
+  return c;
+}
+
+Config load_config_file(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) throw ConfigError("config: cannot open file \"" + path + "\"; hint: check the path");
+  json j;
+  try {
+    j = json::parse(f);
+  } catch (const json::parse_error& e) {
+    throw ConfigError("config: \"" + path + "\" is not valid JSON: " + e.what());
+  }
+  try {
+    if (j.is_object() && j.contains("layers")) return config_from_spec(j);
+    return parse_config(j);
+  } catch (const ConfigError& e) {
+    throw ConfigError(std::string(e.what()) + " (in \"" + path + "\")");
+  }
+}
+
+}  // namespace omnilite

@@ -1,0 +1,95 @@
+#include "omnilite/modules/omnilite.h"
+
+namespace omnilite {
+
+// tokens: [B, T] -> [B, T] int64 block ids
+torch::Tensor generated_block_ids(const torch::Tensor& tokens, int64_t gen_image_id) {
+  auto is_gen = tokens.eq(gen_image_id);                                             // [B, T]
+  auto prev = torch::cat({torch::zeros_like(is_gen.narrow(1, 0, 1)), is_gen.narrow(1, 0, is_gen.size(1) - 1)}, 1);
+  auto starts = is_gen.logical_and(prev.logical_not());                              // first token of each run
+  return starts.to(torch::kInt64).cumsum(1) * is_gen.to(torch::kInt64);
+}
+
+// tokens: [B, T] -> [B, 1, T, T]
+torch::Tensor mixed_attention_mask(const torch::Tensor& tokens, int64_t gen_image_id) {
+  const int64_t T = tokens.size(1);
+  auto blk = generated_block_ids(tokens, gen_image_id);                               // [B, T]
+  auto causal = torch::ones({T, T}, tokens.options().dtype(torch::kBool)).tril();  // [T, T]
+  auto same_block = blk.unsqueeze(2).eq(blk.unsqueeze(1)).logical_and(blk.unsqueeze(2).gt(0));  // [B, T, T]
+  return causal.unsqueeze(0).logical_or(same_block).unsqueeze(1);
+}
+
+OmniLiteImpl::OmniLiteImpl(const ModelConfig& c, const LinearBuilder& builder) : cfg(c) {
+  const int64_t D = c.text.hidden_size;
+  vision = register_module("vision", VisionEncoder(c.vision, builder, "vision"));
+  resampler = register_module("resampler", PerceiverResampler(c.vision.width, D, c.resampler, builder, "resampler"));
+  text = register_module("text", TextDecoder(c.text, c.moe, builder, "text"));
+  lm_head = register_module("lm_head", LMHead(D, c.text.vocab_size,
+                                              c.text.tie_word_embeddings ? text->embed_tokens : TokenEmbedding(nullptr)));
+  flow = register_module("flow", RFMHead(D, c.flow, c.flow_token_dim(), builder, "flow"));
+  vqvae = register_module("vqvae", VQVAE(c.vqvae, c.flow.latent_channels));
+}
+
+// images: [N, C, H, W] -> [N, L, D]
+torch::Tensor OmniLiteImpl::encode_images(const torch::Tensor& images) {
+  return resampler->forward(vision->forward(images));
+}
+
+namespace {
+
+// Writes rows of `values` [n, D] into the positions of `where` (bool [B, T]) of x [B, T, D], differentiably.
+torch::Tensor scatter_rows(const torch::Tensor& x, const torch::Tensor& where, const torch::Tensor& values) {
+  const int64_t D = x.size(2);
+  auto idx = where.reshape(-1).nonzero().squeeze(1);  // [n]
+  return x.reshape({-1, D}).index_copy(0, idx, values.to(x.scalar_type())).view(x.sizes());
+}
+
+}  // namespace
+
+OmniOutput OmniLiteImpl::forward(const OmniInput& in) {
+  const auto& tok = cfg.tokens;
+  TORCH_CHECK(in.tokens.defined() && in.tokens.dim() == 2, "OmniLite: expected tokens [B, T], got ",
+              in.tokens.defined() ? in.tokens.sizes() : torch::IntArrayRef{});
+  const int64_t T = in.tokens.size(1);
+  auto x = text->embed_tokens->forward(in.tokens);  // [B, T, D]
+
+  // Image understanding: num_latents resampled tokens per image_id run.
+  auto is_img = in.tokens.eq(tok.image_id);
+  const int64_t n_img_tokens = is_img.sum().item<int64_t>();
+  const int64_t n_images = in.images.defined() ? in.images.size(0) : 0;
+  TORCH_CHECK(n_img_tokens == n_images * cfg.resampler.num_latents, "OmniLite: the tokens hold ", n_img_tokens,
+              " image placeholders (id ", tok.image_id, ") but ", n_images, " images x ",
+              cfg.resampler.num_latents, " latents were given; hint: each image needs exactly num_latents "
+              "placeholders");
+  if (n_images > 0) x = scatter_rows(x, is_img, encode_images(in.images).reshape({-1, x.size(2)}));
+
+  // Image generation: flow input embeddings at gen_image_id tokens.
+  auto is_gen = in.tokens.eq(tok.gen_image_id);
+  const int64_t n_gen = is_gen.sum().item<int64_t>();
+  const int64_t n_lat = in.gen_latents.defined() ? in.gen_latents.size(0) : 0;
+  TORCH_CHECK(n_gen == n_lat, "OmniLite: the tokens hold ", n_gen, " generated-image placeholders (id ",
+              tok.gen_image_id, ") but gen_latents has ", n_lat, " rows");
+  torch::Tensor allowed;
+  bool causal = true;
+  if (n_gen > 0) {
+    TORCH_CHECK(in.gen_times.defined() && in.gen_times.numel() == n_gen, "OmniLite: gen_times must hold ", n_gen,
+                " values, got ", in.gen_times.defined() ? in.gen_times.numel() : 0);
+    x = scatter_rows(x, is_gen, flow->embed(in.gen_latents.to(x.scalar_type()), in.gen_times));
+    allowed = mixed_attention_mask(in.tokens, tok.gen_image_id);
+    causal = false;
+  }
+
+  auto positions = torch::arange(T, in.tokens.options());
+  auto dec = text->forward(x, positions, allowed, causal);
+  OmniOutput out;
+  out.hidden = dec.hidden;
+  out.router_logits = std::move(dec.router_logits);
+  if (in.compute_logits) out.logits = lm_head->forward(dec.hidden);
+  if (n_gen > 0) {
+    auto idx = is_gen.reshape(-1).nonzero().squeeze(1);
+    out.velocity = flow->forward(dec.hidden.reshape({-1, dec.hidden.size(2)}).index_select(0, idx));  // [n_gen, P]
+  }
+  return out;
+}
+
+}  // namespace omnilite

@@ -1,0 +1,48 @@
+#include "omnilite/runtime.h"
+
+#include <dlfcn.h>
+
+#include <stdexcept>
+#include <thread>
+
+namespace omnilite {
+
+torch::Device resolve_device(const std::string& name) {
+  if (name == "cpu") return torch::Device(torch::kCPU);
+  if (name == "cuda" || name.rfind("cuda:", 0) == 0) {
+    if (!torch::cuda::is_available())
+      throw std::runtime_error("device \"" + name + "\": CUDA is not available in this build or machine (LibTorch " +
+                               "sees no GPU); hint: use --device cpu or a CUDA LibTorch via CMAKE_PREFIX_PATH");
+    torch::Device d(name);
+    const auto n = static_cast<int64_t>(torch::cuda::device_count());
+    if (d.has_index() && d.index() >= n)
+      throw std::runtime_error("device \"" + name + "\": only " + std::to_string(n) + " CUDA device(s) present");
+    return d;
+  }
+  throw std::runtime_error("device \"" + name + "\": expected cpu, cuda or cuda:N");
+}
+
+namespace {
+using SetThreadsFn = void (*)(int);
+using GetThreadsFn = int (*)();
+}  // namespace
+
+void configure_threads(int64_t intra_op_threads, int64_t blas_threads) {
+  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  torch::set_num_threads(static_cast<int>(intra_op_threads > 0 ? intra_op_threads : cores));
+  if (auto fn = reinterpret_cast<SetThreadsFn>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")))
+    fn(static_cast<int>(blas_threads));
+}
+
+int blas_threads_in_use() {
+  if (auto fn = reinterpret_cast<GetThreadsFn>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"))) return fn();
+  return -1;
+}
+
+torch::Device apply_runtime(const RuntimeOptions& rt) {
+  configure_threads(rt.threads, rt.blas_threads);
+  torch::manual_seed(rt.seed);
+  return resolve_device(rt.device);
+}
+
+}  // namespace omnilite

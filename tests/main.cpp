@@ -1,0 +1,9 @@
+// Catch2 test runner. Tests use one intra-op thread so that results do not depend on the machine's core count.
+#define CATCH_CONFIG_RUNNER
+#include <catch2/catch.hpp>
+#include <torch/torch.h>
+
+int main(int argc, char** argv) {
+  torch::set_num_threads(1);
+  return Catch::Session().run(argc, argv);
+}
