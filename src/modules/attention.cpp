@@ -1,6 +1,7 @@
 #include "omnilite/modules/attention.h"
 
 #include <limits>
+#include <optional>
 
 #include <torch/version.h>
 
@@ -44,12 +45,13 @@ torch::Tensor attention_core(const torch::Tensor& q, const torch::Tensor& k, con
 #if OMNILITE_HAS_SDPA_GQA
   if (q.scalar_type() != torch::kFloat64) {
     if (!allowed.defined() && causal && T == S)
-      return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, c10::nullopt,
+      return at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/true, std::nullopt,
                                               /*enable_gqa=*/true);
     auto mask = combined_mask(allowed, causal, T, S, q.device());
-    return at::scaled_dot_product_attention(q, k, v, mask.defined() ? c10::optional<torch::Tensor>(mask)
-                                                                    : c10::optional<torch::Tensor>(),
-                                            0.0, false, c10::nullopt, /*enable_gqa=*/true);
+    std::optional<torch::Tensor> opt_mask;
+    if (mask.defined()) opt_mask = mask;
+    return at::scaled_dot_product_attention(q, k, v, opt_mask, 0.0, /*is_causal=*/false, std::nullopt,
+                                            /*enable_gqa=*/true);
   }
 #endif
   const double scale = 1.0 / std::sqrt(static_cast<double>(Dh));

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: configure against the installed PyTorch's LibTorch (CUDA, sm_90), build with all
+# cores, run the tests; the full log goes to $OUT/check.log. Needs .deps/prefix from fetch_deps.sh.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/omnilite-check}
+mkdir -p "$OUT"
+log="$OUT/check.log"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+  export TORCH_CUDA_ARCH_LIST=9.0
+  cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DOMNILITE_USE_CCACHE=OFF \
+    -DCMAKE_PREFIX_PATH="$torch_prefix;$PWD/.deps/prefix/usr" -DCMAKE_CUDA_ARCHITECTURES=90 2>&1 | tail -5
+  time cmake --build build-cuda -j "$(nproc)" 2>&1 | grep -E "error|warning: |Built target" | head -60
+  ctest --test-dir build-cuda --output-on-failure -j 4 2>&1 | tail -40
+  ./build-cuda/omnilite_tests "[cuda]" -s 2>&1 | grep -E "err|passed|failed|skipped" | head -20
+} > "$log" 2>&1
+tail -60 "$log"

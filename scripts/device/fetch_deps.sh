@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Run where Debian's packages are reachable: downloads the .deb files of the header-only and small dependencies the
+# GPU machine lacks and unpacks them into .deps/prefix (git-ignored), which a device run carries along.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PKGS=(nlohmann-json3-dev libcxxopts-dev catch2)
+mkdir -p .deps/debs .deps/prefix
+cd .deps/debs
+missing=()
+for p in "${PKGS[@]}"; do ls "${p}"_*.deb >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  apt-get update -q >/dev/null
+  apt-get download "${missing[@]}"
+fi
+for d in *.deb; do dpkg-deb -x "$d" ../prefix; done
+du -sh ../prefix
