@@ -2,6 +2,9 @@
 
 #include <dlfcn.h>
 
+#include <ATen/autocast_mode.h>
+#include <torch/version.h>
+
 #include <stdexcept>
 #include <thread>
 
@@ -44,5 +47,32 @@ torch::Device apply_runtime(const RuntimeOptions& rt) {
   torch::manual_seed(rt.seed);
   return resolve_device(rt.device);
 }
+
+// LibTorch 2.4 made autocast per device type; 1.13 has the CUDA-only functions.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+AutocastGuard::AutocastGuard(bool enabled) : enabled_(enabled) {
+  if (!enabled_) return;
+  previous_ = at::autocast::is_autocast_enabled(at::kCUDA);
+  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+  at::autocast::set_autocast_enabled(at::kCUDA, true);
+}
+AutocastGuard::~AutocastGuard() {
+  if (!enabled_) return;
+  at::autocast::set_autocast_enabled(at::kCUDA, previous_);
+  if (!previous_) at::autocast::clear_cache();
+}
+#else
+AutocastGuard::AutocastGuard(bool enabled) : enabled_(enabled) {
+  if (!enabled_) return;
+  previous_ = at::autocast::is_enabled();
+  at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+  at::autocast::set_enabled(true);
+}
+AutocastGuard::~AutocastGuard() {
+  if (!enabled_) return;
+  at::autocast::set_enabled(previous_);
+  if (!previous_) at::autocast::clear_cache();
+}
+#endif
 
 }  // namespace omnilite

@@ -25,3 +25,21 @@ int blas_threads_in_use();
 torch::Device apply_runtime(const RuntimeOptions& rt);
 
 }  // namespace omnilite
+
+namespace omnilite {
+
+// Enables bf16 autocast on CUDA for its lifetime when `enabled` (runtime.dtype == "bf16" on a CUDA device);
+// does nothing otherwise. Restores the previous state on destruction.
+class AutocastGuard {
+ public:
+  AutocastGuard(bool enabled);
+  ~AutocastGuard();
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  bool enabled_;
+  bool previous_ = false;
+};
+
+}  // namespace omnilite

@@ -19,6 +19,8 @@ const std::vector<Subcommand>& subcommands() {
   static const std::vector<Subcommand> list = {
       {"info", "parameter table, totals, active parameters per token and weight memory of a config or the card",
        omnilite::cli::run_info},
+      {"bench", "measure throughput: fp32 matmul GFLOP/s, model tokens/s forward or forward+backward",
+       omnilite::cli::run_bench},
   };
   return list;
 }

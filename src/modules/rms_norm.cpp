@@ -8,8 +8,7 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps(eps) {
 
 // x: [..., D] -> [..., D]; normalised in fp32 then cast back before the weight, as transformers' MixtralRMSNorm.
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  auto xf = x.to(torch::kFloat32).contiguous();
-  if (x.scalar_type() == torch::kFloat64) xf = x;
+  auto xf = x.scalar_type() == torch::kFloat64 ? x : x.to(torch::kFloat32);
   auto normed = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
   return weight * normed.to(x.scalar_type());
 }

@@ -5,5 +5,6 @@
 namespace omnilite::cli {
 
 int run_info(int argc, char** argv);
+int run_bench(int argc, char** argv);
 
 }  // namespace omnilite::cli

@@ -1,0 +1,126 @@
+// omnilite bench: measured throughput figures (docs/benchmarks.md records them with the machine and command).
+//   matmul  : fp32 GEMM GFLOP/s at N^3, the BLAS check (reference BLAS is ~19x slower than OpenBLAS)
+//   forward : tokens/s of the model's forward (and backward with --backward) on random text, for a config
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+
+#include <cxxopts.hpp>
+#include <nlohmann/json.hpp>
+
+#include "omnilite/cli/commands.h"
+#include "omnilite/config.h"
+#include "omnilite/modules/omnilite.h"
+#include "omnilite/runtime.h"
+
+namespace omnilite::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+void synchronize(const torch::Device& d) {
+  if (d.is_cuda()) torch::cuda::synchronize();
+}
+
+}  // namespace
+
+int run_bench(int argc, char** argv) {
+  cxxopts::Options opts(argv[0], "Measure throughput. WHAT is `matmul` (fp32 GEMM GFLOP/s) or `forward` (model "
+                                 "tokens/s on random text; add --backward for a training-style step).");
+  opts.positional_help("WHAT");
+  opts.add_options()("what", "matmul | forward", cxxopts::value<std::string>())(
+      "config", "model config for `forward` (e.g. configs/small.json)", cxxopts::value<std::string>())(
+      "size", "matrix side N for `matmul`", cxxopts::value<int64_t>()->default_value("1024"))(
+      "batch", "sequences per step for `forward`", cxxopts::value<int64_t>()->default_value("4"))(
+      "seq", "tokens per sequence for `forward`", cxxopts::value<int64_t>()->default_value("128"))(
+      "steps", "timed repetitions (after one warm-up)", cxxopts::value<int64_t>()->default_value("5"))(
+      "backward", "also run backward (forward + backward = one training step without the optimizer)")(
+      "device", "cpu, cuda or cuda:N (overrides runtime.device)", cxxopts::value<std::string>())(
+      "threads", "LibTorch intra-op threads, 0 = all cores (overrides runtime.threads)", cxxopts::value<int64_t>())(
+      "blas-threads", "OpenBLAS threads (overrides runtime.blas_threads)", cxxopts::value<int64_t>())(
+      "json", "print one JSON object")("h,help", "show this help");
+  opts.parse_positional({"what"});
+  auto args = opts.parse(argc, argv);
+  if (args.count("help") || !args.count("what")) {
+    std::cout << opts.help() << "\nExamples:\n  omnilite bench matmul --size 1024 --blas-threads 2\n"
+                 "  omnilite bench forward --config configs/small.json --backward --threads 2 --blas-threads 1\n";
+    return args.count("help") ? 0 : 2;
+  }
+  const std::string what = args["what"].as<std::string>();
+  if (what != "matmul" && what != "forward")
+    throw std::runtime_error("bench: unknown benchmark \"" + what + "\"; expected matmul or forward");
+  const int64_t steps = args["steps"].as<int64_t>();
+  if (steps < 1) throw std::runtime_error("bench: --steps must be >= 1, got " + std::to_string(steps));
+
+  Config cfg;
+  if (args.count("config")) cfg = load_config_file(args["config"].as<std::string>());
+  else if (what == "forward") throw std::runtime_error("bench forward: --config FILE is required");
+  if (args.count("device")) cfg.runtime.device = args["device"].as<std::string>();
+  if (args.count("threads")) cfg.runtime.threads = args["threads"].as<int64_t>();
+  if (args.count("blas-threads")) cfg.runtime.blas_threads = args["blas-threads"].as<int64_t>();
+  validate(cfg);
+  const torch::Device dev = apply_runtime(cfg.runtime);
+
+  nlohmann::json result = {{"benchmark", what},
+                           {"device", dev.str()},
+                           {"threads", torch::get_num_threads()},
+                           {"blas_threads", blas_threads_in_use()}};
+  if (what == "matmul") {
+    const int64_t n = args["size"].as<int64_t>();
+    auto a = torch::randn({n, n}, torch::TensorOptions().device(dev)), b = torch::randn_like(a);
+    torch::NoGradGuard ng;
+    auto c = torch::matmul(a, b);
+    synchronize(dev);
+    const auto t0 = Clock::now();
+    for (int64_t i = 0; i < steps; ++i) c = torch::matmul(a, b);
+    synchronize(dev);
+    const double s = seconds_since(t0) / static_cast<double>(steps);
+    result["size"] = n;
+    result["seconds_per_matmul"] = s;
+    result["gflops"] = 2.0 * n * n * n / s / 1e9;
+  } else {
+    const int64_t B = args["batch"].as<int64_t>(), T = args["seq"].as<int64_t>();
+    const bool backward = args.count("backward") > 0;
+    OmniLite model(cfg.model);
+    model->to(dev);
+    AutocastGuard autocast(dev.is_cuda() && cfg.runtime.dtype == "bf16");
+    const int64_t lo = 16;  // skip the special-token ids
+    auto tokens = torch::randint(lo, cfg.model.text.vocab_size, {B, T}, torch::TensorOptions().dtype(torch::kInt64).device(dev));
+    auto step = [&] {
+      if (backward) {
+        model->zero_grad();
+        auto out = model->forward({tokens});
+        auto logits = out.logits.narrow(1, 0, T - 1).reshape({-1, cfg.model.text.vocab_size});
+        torch::nn::functional::cross_entropy(logits.to(torch::kFloat32), tokens.narrow(1, 1, T - 1).reshape(-1))
+            .backward();
+      } else {
+        torch::NoGradGuard ng;
+        model->forward({tokens});
+      }
+    };
+    step();  // warm-up
+    synchronize(dev);
+    const auto t0 = Clock::now();
+    for (int64_t i = 0; i < steps; ++i) step();
+    synchronize(dev);
+    const double s = seconds_since(t0) / static_cast<double>(steps);
+    result["config"] = args["config"].as<std::string>();
+    result["batch"] = B;
+    result["seq"] = T;
+    result["backward"] = backward;
+    result["seconds_per_step"] = s;
+    result["tokens_per_second"] = static_cast<double>(B * T) / s;
+  }
+  if (args.count("json")) {
+    std::cout << result.dump() << "\n";
+  } else {
+    for (auto it = result.begin(); it != result.end(); ++it) std::cout << it.key() << ": " << it.value() << "\n";
+  }
+  return 0;
+}
+
+}  // namespace omnilite::cli
