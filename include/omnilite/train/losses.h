@@ -1,0 +1,35 @@
+// Training objectives of OMNI-LITE: Total = CLM + lambda_rf * RF + alpha * aux + beta * z.
+//
+// CLM  : mean next-token cross-entropy over the positions whose target counts (text and captions; never padding
+//        or image placeholders).
+// RF   : rectified flow (Liu et al. 2022; SD3's logit-normal t): x_t = t x1 + (1 - t) x0, x0 ~ N(0, I) noise,
+//        x1 the clean latent token, target velocity x1 - x0, loss = mean ||v_pred - (x1 - x0)||^2.
+// aux  : Switch/Mixtral load balancing, E * sum_e f_e * P_e with f_e the fraction of the N*K token-slots routed
+//        to expert e and P_e the mean router probability of e: 1 for perfectly balanced routing, E/K at most
+//        (every token on the same top-k set with its probability on one expert). Averaged over layers.
+// z    : router z-loss (ST-MoE), mean over tokens of logsumexp(router_logits)^2, averaged over layers.
+#pragma once
+
+#include <vector>
+
+#include <torch/torch.h>
+
+namespace omnilite {
+
+// logits: [B, T, V], tokens: [B, T], target_mask: bool [B, T] (true where tokens[b, t] is a target, i.e. is
+// predicted from position t-1) -> scalar mean cross-entropy over the counted targets (0 if none).
+torch::Tensor clm_loss(const torch::Tensor& logits, const torch::Tensor& tokens, const torch::Tensor& target_mask);
+
+// x0, x1: [n, P], t: [n] -> x_t: [n, P]
+torch::Tensor flow_interpolate(const torch::Tensor& x0, const torch::Tensor& x1, const torch::Tensor& t);
+// v_pred, x0, x1: [n, P] -> scalar mean squared error against the target velocity x1 - x0
+torch::Tensor rf_loss(const torch::Tensor& v_pred, const torch::Tensor& x0, const torch::Tensor& x1);
+// n flow times in (0, 1): sigmoid(N(mean, std)) when logit_normal, else uniform. Uses the default generator.
+torch::Tensor sample_flow_times(int64_t n, bool logit_normal, double mean, double std, const torch::TensorOptions& o);
+
+// router_logits: per layer [N, E]; top_k as routed -> scalar
+torch::Tensor load_balancing_loss(const std::vector<torch::Tensor>& router_logits, int64_t top_k);
+// router_logits: per layer [N, E] -> scalar
+torch::Tensor router_z_loss(const std::vector<torch::Tensor>& router_logits);
+
+}  // namespace omnilite

@@ -1,0 +1,78 @@
+// Losses against hand-computed values on tiny inputs.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+
+#include "helpers.h"
+#include "omnilite/train/losses.h"
+
+using namespace omnilite;
+
+TEST_CASE("CLM loss is the mean cross-entropy of the counted next tokens", "[losses]") {
+  // One row, T = 3, V = 2. Targets: tokens[1] = 1 from logits[0], tokens[2] = 0 from logits[1].
+  auto logits = torch::tensor({0.0, 1.0, 2.0, 0.0, 5.0, 5.0}, torch::kFloat64).view({1, 3, 2});
+  auto tokens = torch::tensor(std::vector<int64_t>{0, 1, 0}).view({1, 3});
+  const double ce0 = -std::log(std::exp(1.0) / (1 + std::exp(1.0)));   // p(1 | [0, 1])
+  const double ce1 = -std::log(std::exp(2.0) / (std::exp(2.0) + 1));   // p(0 | [2, 0])
+  auto all = torch::ones({1, 3}, torch::kBool);
+  CHECK(clm_loss(logits, tokens, all).item<double>() == Approx((ce0 + ce1) / 2).epsilon(1e-12));
+  auto only_last = torch::tensor({false, false, true}).view({1, 3});
+  CHECK(clm_loss(logits, tokens, only_last).item<double>() == Approx(ce1).epsilon(1e-12));
+  CHECK(clm_loss(logits, tokens, torch::zeros({1, 3}, torch::kBool)).item<double>() == 0.0);
+}
+
+TEST_CASE("rectified flow: interpolation, target velocity, MSE", "[losses][flow]") {
+  auto x0 = torch::tensor({1.0, -2.0, 0.5, 4.0}, torch::kFloat64).view({2, 2});
+  auto x1 = torch::tensor({3.0, 2.0, -0.5, 0.0}, torch::kFloat64).view({2, 2});
+  auto t = torch::tensor({0.25, 1.0}, torch::kFloat64);
+  auto xt = flow_interpolate(x0, x1, t);
+  // row 0: 0.25 * x1 + 0.75 * x0 = (0.75 + 0.75, 0.5 - 1.5); row 1: x1
+  CHECK(xt[0][0].item<double>() == Approx(1.5));
+  CHECK(xt[0][1].item<double>() == Approx(-1.0));
+  CHECK(torch::equal(xt[1], x1[1]));
+  // The exact velocity gives 0; an error of +1 on one of 4 entries gives 1/4.
+  auto v = x1 - x0;
+  CHECK(rf_loss(v, x0, x1).item<double>() == 0.0);
+  auto v2 = v.clone();
+  v2[1][0] += 1.0;
+  CHECK(rf_loss(v2, x0, x1).item<double>() == Approx(0.25));
+  // Along the straight path d x_t / dt equals the target velocity.
+  auto d = (flow_interpolate(x0, x1, t + 1e-3) - flow_interpolate(x0, x1, t)) / 1e-3;
+  CHECK(testing::max_rel_err(d, v) < 1e-9);
+}
+
+TEST_CASE("logit-normal flow times lie in (0, 1) with median 1/2", "[losses][flow]") {
+  torch::manual_seed(0);
+  auto t = sample_flow_times(20000, true, 0.0, 1.0, torch::TensorOptions().dtype(torch::kFloat64));
+  CHECK(t.min().item<double>() > 0.0);
+  CHECK(t.max().item<double>() < 1.0);
+  CHECK(t.median().item<double>() == Approx(0.5).margin(0.02));
+  // P(t < sigmoid(1)) = Phi(1) = 0.8413
+  CHECK(t.lt(1.0 / (1.0 + std::exp(-1.0))).to(torch::kFloat64).mean().item<double>() == Approx(0.8413).margin(0.01));
+}
+
+TEST_CASE("load balancing loss: 1 when balanced, E/K when collapsed", "[losses][moe]") {
+  const int64_t E = 4;
+  // Balanced: token n prefers experts n%E and (n+1)%E equally; over 8 tokens every expert gets the same share of
+  // slots and the same mean probability.
+  std::vector<double> rows;
+  const int64_t N = 8;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t e = 0; e < E; ++e) rows.push_back((e == n % E || e == (n + 1) % E) ? 2.0 : 0.0);
+  auto balanced = torch::tensor(rows, torch::kFloat32).view({N, E});
+  CHECK(load_balancing_loss({balanced}, 2).item<double>() == Approx(1.0).epsilon(1e-6));
+  CHECK(load_balancing_loss({balanced}, 1).item<double>() == Approx(1.0).epsilon(1e-6));
+  // Collapsed: every token puts (almost) all probability on expert 0; top-1 gives E, top-2 gives E/2.
+  auto collapsed = torch::tensor({40.0, 0.0, -40.0, -40.0}, torch::kFloat32).view({1, E}).repeat({N, 1});
+  CHECK(load_balancing_loss({collapsed}, 1).item<double>() == Approx(E).epsilon(1e-5));
+  CHECK(load_balancing_loss({collapsed}, 2).item<double>() == Approx(E / 2.0).epsilon(1e-5));
+  // Averaged over layers.
+  CHECK(load_balancing_loss({balanced, collapsed}, 1).item<double>() == Approx((1.0 + E) / 2).epsilon(1e-5));
+}
+
+TEST_CASE("router z-loss is the mean squared logsumexp", "[losses][moe]") {
+  auto logits = torch::tensor({0.0, 0.0, std::log(3.0), std::log(5.0)}, torch::kFloat32).view({2, 2});
+  // row 0: log(2); row 1: log(8)
+  const double want = (std::pow(std::log(2.0), 2) + std::pow(std::log(8.0), 2)) / 2;
+  CHECK(router_z_loss({logits}).item<double>() == Approx(want).epsilon(1e-6));
+}
