@@ -1,0 +1,27 @@
+// Model weights <-> safetensors. Tensor names are the registered module paths (the checkpoint keys).
+// Loading is strict: a missing, unexpected or mis-shaped tensor is an error that names it.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "omnilite/io/safetensors.h"
+
+namespace omnilite::io {
+
+// Parameters and buffers of `m` in registration order, named by their module paths.
+std::vector<std::pair<std::string, torch::Tensor>> state_tensors(const torch::nn::Module& m);
+
+// Writes the state of `m` to `path` atomically (dtype as held, or converted to `dtype` when given).
+void save_module(const torch::nn::Module& m, const std::string& path,
+                 const std::map<std::string, std::string>& metadata = {},
+                 c10::optional<torch::ScalarType> dtype = c10::nullopt);
+
+// Copies every tensor of the file into `m` (converted to each parameter's dtype and device). Throws naming the
+// file and the tensor for a missing, unexpected or mis-shaped one; checks the CRC first when `verify`.
+void load_module(torch::nn::Module& m, const std::string& path, bool verify = true);
+
+}  // namespace omnilite::io

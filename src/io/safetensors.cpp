@@ -1,0 +1,255 @@
+#include "omnilite/io/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <array>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <stdexcept>
+
+#include <nlohmann/json.hpp>
+
+namespace omnilite::io {
+namespace {
+
+using nlohmann::json;
+
+constexpr const char* kCrcKey = "omnilite.crc32";
+constexpr uint64_t kMaxHeader = 100u << 20;  // 100 MiB, as the safetensors library
+
+[[noreturn]] void fail(const std::string& path, const std::string& what) {
+  throw std::runtime_error("safetensors file \"" + path + "\": " + what);
+}
+
+const std::array<uint32_t, 256>& crc_table() {
+  static const std::array<uint32_t, 256> table = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  return table;
+}
+
+std::string hex8(uint32_t v) {
+  char buf[9];
+  std::snprintf(buf, sizeof buf, "%08x", v);
+  return buf;
+}
+
+void write_all(int fd, const void* p, size_t n, const std::string& path) {
+  const auto* c = static_cast<const uint8_t*>(p);
+  while (n > 0) {
+    const ssize_t w = ::write(fd, c, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      fail(path, std::string("write failed: ") + std::strerror(errno));
+    }
+    c += w;
+    n -= static_cast<size_t>(w);
+  }
+}
+
+uint64_t nbytes(torch::ScalarType t, const std::vector<int64_t>& shape) {
+  uint64_t n = c10::elementSize(t);
+  for (auto d : shape) n *= static_cast<uint64_t>(d);
+  return n;
+}
+
+}  // namespace
+
+uint32_t crc32_update(uint32_t crc, const uint8_t* data, size_t n) {
+  const auto& t = crc_table();
+  crc = ~crc;
+  for (size_t i = 0; i < n; ++i) crc = t[(crc ^ data[i]) & 0xFFu] ^ (crc >> 8);
+  return ~crc;
+}
+
+std::string dtype_name(torch::ScalarType t) {
+  switch (t) {
+    case torch::kFloat32: return "F32";
+    case torch::kFloat64: return "F64";
+    case torch::kBFloat16: return "BF16";
+    case torch::kFloat16: return "F16";
+    case torch::kInt64: return "I64";
+    case torch::kInt32: return "I32";
+    case torch::kInt16: return "I16";
+    case torch::kInt8: return "I8";
+    case torch::kUInt8: return "U8";
+    case torch::kBool: return "BOOL";
+    default: throw std::runtime_error(std::string("safetensors: unsupported dtype ") + c10::toString(t));
+  }
+}
+
+torch::ScalarType dtype_from_name(const std::string& n, const std::string& context) {
+  static const std::map<std::string, torch::ScalarType> m = {
+      {"F32", torch::kFloat32}, {"F64", torch::kFloat64}, {"BF16", torch::kBFloat16}, {"F16", torch::kFloat16},
+      {"I64", torch::kInt64},   {"I32", torch::kInt32},   {"I16", torch::kInt16},     {"I8", torch::kInt8},
+      {"U8", torch::kUInt8},    {"BOOL", torch::kBool}};
+  auto it = m.find(n);
+  if (it == m.end()) throw std::runtime_error(context + ": unsupported dtype \"" + n + "\"");
+  return it->second;
+}
+
+SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) fail(path, std::string("cannot open: ") + std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) { ::close(fd); fail(path, "cannot stat"); }
+  size_ = static_cast<size_t>(st.st_size);
+  if (size_ < 8) { ::close(fd); fail(path, "only " + std::to_string(size_) + " bytes; truncated or not safetensors"); }
+  void* m = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (m == MAP_FAILED) fail(path, std::string("mmap failed: ") + std::strerror(errno));
+  map_ = static_cast<const uint8_t*>(m);
+
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, map_, 8);  // little-endian host assumed (x86-64, aarch64)
+  if (header_len > kMaxHeader || 8 + header_len > size_)
+    fail(path, "header length " + std::to_string(header_len) + " exceeds the file size " + std::to_string(size_) +
+                   "; the file is truncated or not safetensors");
+  json header;
+  try {
+    header = json::parse(map_ + 8, map_ + 8 + header_len);
+  } catch (const json::exception& e) {
+    fail(path, std::string("header is not valid JSON: ") + e.what());
+  }
+  if (!header.is_object()) fail(path, "header is not a JSON object");
+  data_ = map_ + 8 + header_len;
+  data_size_ = size_ - 8 - header_len;
+  uint64_t covered = 0;
+  for (auto it = header.begin(); it != header.end(); ++it) {
+    if (it.key() == "__metadata__") {
+      for (auto m2 = it->begin(); m2 != it->end(); ++m2)
+        if (m2->is_string()) metadata_[m2.key()] = m2->get<std::string>();
+      continue;
+    }
+    const std::string ctx = "safetensors file \"" + path + "\", tensor \"" + it.key() + "\"";
+    const json& e = *it;
+    if (!e.is_object() || !e.contains("dtype") || !e.contains("shape") || !e.contains("data_offsets"))
+      fail(path, "tensor \"" + it.key() + "\" lacks dtype, shape or data_offsets");
+    TensorEntry t;
+    t.dtype = dtype_from_name(e["dtype"].get<std::string>(), ctx);
+    t.shape = e["shape"].get<std::vector<int64_t>>();
+    t.begin = e["data_offsets"][0].get<uint64_t>();
+    t.end = e["data_offsets"][1].get<uint64_t>();
+    if (t.end < t.begin || t.end > data_size_)
+      fail(path, "tensor \"" + it.key() + "\" spans bytes [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
+                     ") but the data region holds " + std::to_string(data_size_) + "; the file is truncated");
+    if (t.end - t.begin != nbytes(t.dtype, t.shape))
+      fail(path, "tensor \"" + it.key() + "\" has " + std::to_string(t.end - t.begin) + " bytes for shape and dtype "
+                     "that need " + std::to_string(nbytes(t.dtype, t.shape)));
+    covered += t.end - t.begin;
+    tensors_.emplace(it.key(), std::move(t));
+  }
+  if (covered != data_size_)
+    fail(path, "tensors cover " + std::to_string(covered) + " bytes but the data region holds " +
+                   std::to_string(data_size_));
+}
+
+SafetensorsReader::~SafetensorsReader() {
+  if (map_) ::munmap(const_cast<uint8_t*>(map_), size_);
+}
+
+torch::Tensor SafetensorsReader::load(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) fail(path_, "has no tensor \"" + name + "\"");
+  const auto& e = it->second;
+  auto t = torch::empty(e.shape, torch::TensorOptions().dtype(e.dtype));
+  if (e.end > e.begin) std::memcpy(t.data_ptr(), data_ + e.begin, e.end - e.begin);
+  return t;
+}
+
+void SafetensorsReader::verify_checksum() const {
+  auto it = metadata_.find(kCrcKey);
+  if (it == metadata_.end()) return;
+  const std::string got = hex8(crc32_update(0, data_, data_size_));
+  if (got != it->second)
+    fail(path_, "CRC-32 of the data is " + got + " but the header records " + it->second +
+                    "; the file is corrupted");
+}
+
+SafetensorsWriter::SafetensorsWriter(std::string path, std::vector<TensorSpec> specs,
+                                     std::map<std::string, std::string> metadata)
+    : path_(std::move(path)), specs_(std::move(specs)) {
+  json header = json::object();
+  uint64_t offset = 0;
+  for (const auto& s : specs_) {
+    if (header.contains(s.name)) fail(path_, "tensor \"" + s.name + "\" given twice");
+    const uint64_t n = nbytes(s.dtype, s.shape);
+    header[s.name] = {{"dtype", dtype_name(s.dtype)}, {"shape", s.shape}, {"data_offsets", {offset, offset + n}}};
+    offset += n;
+  }
+  metadata[kCrcKey] = "########";  // placeholder of the final width, patched in commit()
+  header["__metadata__"] = metadata;
+  std::string text = header.dump();
+  while ((8 + text.size()) % 8 != 0) text.push_back(' ');
+  crc_offset_ = 8 + text.find("########");
+
+  tmp_ = path_ + ".tmp";
+  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd_ < 0) fail(tmp_, std::string("cannot create: ") + std::strerror(errno));
+  const uint64_t len = text.size();
+  write_all(fd_, &len, 8, tmp_);
+  write_all(fd_, text.data(), text.size(), tmp_);
+}
+
+SafetensorsWriter::~SafetensorsWriter() {
+  if (fd_ >= 0) ::close(fd_);
+  if (!committed_) ::unlink(tmp_.c_str());
+}
+
+void SafetensorsWriter::write(const std::string& name, const torch::Tensor& t) {
+  if (next_ >= specs_.size()) fail(path_, "tensor \"" + name + "\" written after the last one in the header");
+  const auto& s = specs_[next_];
+  if (s.name != name || t.scalar_type() != s.dtype || t.sizes().vec() != s.shape)
+    fail(path_, "expected tensor \"" + s.name + "\" " + dtype_name(s.dtype) + c10::str(c10::IntArrayRef(s.shape)) + " next, got \"" +
+                    name + "\" " + c10::toString(t.scalar_type()) + c10::str(t.sizes()));
+  auto c = t.detach().to(torch::kCPU).contiguous();
+  const auto* p = static_cast<const uint8_t*>(c.data_ptr());
+  const size_t n = c.numel() * c.element_size();
+  crc_ = crc32_update(crc_, p, n);
+  write_all(fd_, p, n, tmp_);
+  ++next_;
+}
+
+void SafetensorsWriter::commit() {
+  if (next_ != specs_.size())
+    fail(path_, "commit after " + std::to_string(next_) + " of " + std::to_string(specs_.size()) + " tensors");
+  const std::string crc = hex8(crc_);
+  if (::pwrite(fd_, crc.data(), crc.size(), static_cast<off_t>(crc_offset_)) != static_cast<ssize_t>(crc.size()))
+    fail(tmp_, "cannot write the checksum");
+  if (::fsync(fd_) != 0) fail(tmp_, std::string("fsync failed: ") + std::strerror(errno));
+  ::close(fd_);
+  fd_ = -1;
+  if (::rename(tmp_.c_str(), path_.c_str()) != 0) fail(path_, std::string("rename failed: ") + std::strerror(errno));
+  committed_ = true;
+  fsync_directory(std::filesystem::path(path_).parent_path().string());
+}
+
+void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  std::vector<TensorSpec> specs;
+  specs.reserve(tensors.size());
+  for (const auto& [name, t] : tensors) specs.push_back({name, t.scalar_type(), t.sizes().vec()});
+  SafetensorsWriter w(path, std::move(specs), metadata);
+  for (const auto& [name, t] : tensors) w.write(name, t);
+  w.commit();
+}
+
+void fsync_directory(const std::string& dir) {
+  const int fd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (fd < 0) return;
+  ::fsync(fd);
+  ::close(fd);
+}
+
+}  // namespace omnilite::io
