@@ -1,0 +1,53 @@
+// SentencePiece tokenizer. Any SentencePiece .model loads as is (a 32000-piece Llama/Mistral model fits the full
+// config's vocabulary); `omnilite tokenizer train` makes one with the image markers reserved:
+//   0 <unk> (also padding), 1 <s>, 2 </s>, 3 <image>, 4 <image_begin>, 5 <image_end>, 6 <gen_image>
+// which are the defaults of model.tokens in the configs.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "omnilite/config.h"
+
+namespace omnilite {
+
+// The reserved marker pieces, in id order after <unk> <s> </s>.
+const std::vector<std::string>& reserved_marker_pieces();
+
+class Tokenizer {
+ public:
+  // Loads a SentencePiece model; throws naming the file when it is missing or not a model.
+  explicit Tokenizer(const std::string& model_path);
+
+  // Text -> ids (no BOS/EOS added).
+  std::vector<int64_t> encode(const std::string& text) const;
+  // Ids -> text; marker ids decode to their piece text.
+  std::string decode(const std::vector<int64_t>& ids) const;
+  int64_t vocab_size() const;
+  // Id of a piece, or -1 when the model lacks it.
+  int64_t piece_id(const std::string& piece) const;
+  const std::string& path() const { return path_; }
+
+  // Throws naming the keys when the model's token ids do not fit this tokenizer: vocabulary larger than
+  // model.text.vocab_size, or a reserved marker piece present at another id than model.tokens says.
+  void check_compatible(const ModelConfig& cfg) const;
+
+ private:
+  std::string path_;
+  std::shared_ptr<void> sp_;  // SentencePiece processor behind the C interface of libomnilite_spm.so
+};
+
+struct TokenizerTrainOptions {
+  std::vector<std::string> inputs;  // .txt (one sentence per line) or .jsonl ({"text": ...} per line) files
+  int64_t vocab_size = 4096;        // pieces in the model, markers and bytes included
+  std::string model_type = "unigram";  // SentencePiece algorithm: unigram or bpe
+  int64_t max_sentences = 200000;   // sentences sampled for training
+  uint64_t seed = 1234;             // sampling seed (SentencePiece's random seed)
+};
+
+// Trains a SentencePiece model with byte fallback and the reserved markers; writes out_path (a .model file) and
+// its .vocab beside it. Throws with the inputs and the SentencePiece status on failure.
+void train_tokenizer(const TokenizerTrainOptions& opts, const std::string& out_path);
+
+}  // namespace omnilite
