@@ -171,7 +171,7 @@ void train_tokenizer(const TokenizerTrainOptions& o, const std::string& out_path
       while (std::getline(f, line)) {
         ++lineno;
         if (!jsonl) {
-          if (!line.empty()) corpus << line << "\n";
+          if (!line.empty() && line != "%") corpus << line << "\n";  // "%" separates fortune-format documents
           continue;
         }
         if (line.empty()) continue;
