@@ -2,6 +2,7 @@
 // can never disagree. Reading checks types and rejects unknown keys; validate() checks the dimensional rules.
 #include "omnilite/config.h"
 
+#include <algorithm>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -53,6 +54,13 @@ class Reader {
       if (!v->is_boolean())
         throw ConfigError("config: " + key(name) + ": expected true or false, got " + dump_value(*v));
       out = v->get<bool>();
+    }
+  }
+  void operator()(const char* name, std::vector<std::string>& out) {
+    if (const json* v = find(name)) {
+      if (!v->is_array() || !std::all_of(v->begin(), v->end(), [](const json& e) { return e.is_string(); }))
+        throw ConfigError("config: " + key(name) + ": expected an array of strings, got " + dump_value(*v));
+      out = v->get<std::vector<std::string>>();
     }
   }
   void operator()(const char* name, std::string& out) {
@@ -147,8 +155,20 @@ template <class V> void visit_fields(V& v, RuntimeOptions& o) {
   v("device", o.device); v("dtype", o.dtype); v("threads", o.threads); v("blas_threads", o.blas_threads);
   v("seed", o.seed);
 }
+template <class V> void visit_fields(V& v, TrainOptions& o) {
+  v("steps", o.steps); v("batch_size", o.batch_size); v("grad_accum", o.grad_accum); v("seq_len", o.seq_len);
+  v("lr", o.lr); v("min_lr_ratio", o.min_lr_ratio); v("warmup_steps", o.warmup_steps);
+  v("weight_decay", o.weight_decay); v("beta1", o.beta1); v("beta2", o.beta2); v("eps", o.eps);
+  v("grad_clip", o.grad_clip); v("aux_coef", o.aux_coef); v("z_coef", o.z_coef); v("rf_weight", o.rf_weight);
+  v("log_every", o.log_every); v("ckpt_every", o.ckpt_every); v("keep_last", o.keep_last);
+  v("max_bad_steps", o.max_bad_steps); v("seed", o.seed);
+}
+template <class V> void visit_fields(V& v, DataOptions& o) {
+  v("tokenizer", o.tokenizer); v("text_train", o.text_train); v("text_valid", o.text_valid);
+}
 template <class V> void visit_fields(V& v, Config& o) {
-  v.section("model", o.model); v.section("runtime", o.runtime);
+  v.section("model", o.model); v.section("runtime", o.runtime); v.section("train", o.train);
+  v.section("data", o.data);
 }
 
 // Error helpers for validate(): name the key, the value and the rule.
@@ -239,6 +259,28 @@ void validate(const Config& c) {
   }
   if (k.image_id == k.gen_image_id)
     fail("model.tokens.gen_image_id", std::to_string(k.gen_image_id), "must differ from model.tokens.image_id");
+
+  const auto& tr = c.train;
+  for (auto [k2, x] : {std::pair<const char*, int64_t>{"train.steps", tr.steps}, {"train.batch_size", tr.batch_size},
+                       {"train.grad_accum", tr.grad_accum}, {"train.log_every", tr.log_every},
+                       {"train.ckpt_every", tr.ckpt_every}, {"train.keep_last", tr.keep_last},
+                       {"train.max_bad_steps", tr.max_bad_steps}}) {
+    require_positive(k2, x);
+  }
+  if (tr.seq_len < 2 || tr.seq_len > t.max_position_embeddings)
+    fail("train.seq_len", std::to_string(tr.seq_len),
+         "must be in [2, model.text.max_position_embeddings = " + std::to_string(t.max_position_embeddings) + "]");
+  if (!(tr.lr > 0.0)) fail("train.lr", num(tr.lr), "must be positive");
+  if (!(tr.min_lr_ratio >= 0.0 && tr.min_lr_ratio <= 1.0)) fail("train.min_lr_ratio", num(tr.min_lr_ratio), "must be in [0, 1]");
+  if (tr.warmup_steps < 0) fail("train.warmup_steps", std::to_string(tr.warmup_steps), "must be >= 0");
+  if (!(tr.beta1 >= 0.0 && tr.beta1 < 1.0)) fail("train.beta1", num(tr.beta1), "must be in [0, 1)");
+  if (!(tr.beta2 >= 0.0 && tr.beta2 < 1.0)) fail("train.beta2", num(tr.beta2), "must be in [0, 1)");
+  for (auto [k2, x] : {std::pair<const char*, double>{"train.weight_decay", tr.weight_decay}, {"train.eps", tr.eps},
+                       {"train.grad_clip", tr.grad_clip}, {"train.aux_coef", tr.aux_coef},
+                       {"train.z_coef", tr.z_coef}, {"train.rf_weight", tr.rf_weight}}) {
+    if (!(x >= 0.0)) fail(k2, num(x), "must be >= 0");
+  }
+  if (c.data.text_train.empty()) fail("data.text_train", "[]", "must name at least one file");
 
   const auto& r = c.runtime;
   if (!(r.device == "cpu" || r.device == "cuda" || r.device.rfind("cuda:", 0) == 0))

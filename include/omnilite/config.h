@@ -116,10 +116,43 @@ struct RuntimeOptions {
   uint64_t seed = 1234;          // seed for parameter initialisation and sampling
 };
 
-// A config file: {"model": {...}, "runtime": {...}}.
+// Optimisation and run settings of `omnilite train`.
+struct TrainOptions {
+  int64_t steps = 200;            // optimizer steps of the run (--max-steps overrides)
+  int64_t batch_size = 8;         // sequences per micro-batch
+  int64_t grad_accum = 1;         // micro-batches per optimizer step
+  int64_t seq_len = 128;          // tokens per packed text sequence
+  double lr = 3e-4;               // peak learning rate of AdamW
+  double min_lr_ratio = 0.1;      // cosine decays to lr * min_lr_ratio
+  int64_t warmup_steps = 20;      // linear warmup from 0 to lr
+  double weight_decay = 0.1;      // AdamW decay of matrices (never of norms, biases, embeddings)
+  double beta1 = 0.9;             // AdamW beta1
+  double beta2 = 0.95;            // AdamW beta2
+  double eps = 1e-8;              // AdamW epsilon
+  double grad_clip = 1.0;         // max global gradient norm (0 = no clipping)
+  double aux_coef = 0.01;         // alpha: weight of the load-balancing loss
+  double z_coef = 0.001;          // beta: weight of the router z-loss
+  double rf_weight = 1.0;         // lambda_rf: weight of the rectified-flow loss
+  int64_t log_every = 10;         // steps between progress lines
+  int64_t ckpt_every = 100;       // steps between checkpoints (the last step always writes one)
+  int64_t keep_last = 2;          // checkpoints kept in the run folder
+  int64_t max_bad_steps = 5;      // consecutive NaN/Inf losses that stop the run
+  uint64_t seed = 1234;           // global seed: initialisation, data order, noise
+};
+
+// Where the training data is.
+struct DataOptions {
+  std::string tokenizer = "data/generated/tokenizer.model";  // SentencePiece model
+  std::vector<std::string> text_train = {"data/generated/text/train.txt"};  // .txt / .jsonl documents
+  std::vector<std::string> text_valid = {"data/generated/text/valid.txt"};  // held-out documents
+};
+
+// A config file: {"model": {...}, "runtime": {...}, "train": {...}, "data": {...}}.
 struct Config {
   ModelConfig model;
   RuntimeOptions runtime;
+  TrainOptions train;
+  DataOptions data;
 };
 
 // Parses and validates a config JSON object. Throws ConfigError.

@@ -21,6 +21,8 @@ const std::vector<Subcommand>& subcommands() {
        omnilite::cli::run_info},
       {"bench", "measure throughput: fp32 matmul GFLOP/s, model tokens/s forward or forward+backward",
        omnilite::cli::run_bench},
+      {"train", "pretrain from a config: packed text, CLM + balancing losses, metrics.jsonl, atomic checkpoints",
+       omnilite::cli::run_train},
       {"tokenizer", "train a SentencePiece tokenizer with the image markers reserved, or encode text with one",
        omnilite::cli::run_tokenizer},
   };

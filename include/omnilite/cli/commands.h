@@ -7,5 +7,6 @@ namespace omnilite::cli {
 int run_info(int argc, char** argv);
 int run_bench(int argc, char** argv);
 int run_tokenizer(int argc, char** argv);
+int run_train(int argc, char** argv);
 
 }  // namespace omnilite::cli

@@ -1,0 +1,74 @@
+// omnilite train: pretraining from a config (see include/omnilite/train/trainer.h for what a step does).
+#include <fstream>
+#include <iostream>
+
+#include <cxxopts.hpp>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "omnilite/cli/commands.h"
+#include "omnilite/config.h"
+#include "omnilite/train/trainer.h"
+
+namespace omnilite::cli {
+
+// Applies "a.b.c=VALUE" to a config JSON; VALUE is read as JSON when it parses (numbers, true, [..]) and as a
+// string otherwise. The result is validated like a file by parse_config.
+void apply_override(nlohmann::json& j, const std::string& assignment) {
+  const auto eq = assignment.find('=');
+  if (eq == std::string::npos || eq == 0)
+    throw ConfigError("--set \"" + assignment + "\": expected KEY=VALUE with a dotted key, e.g. train.batch_size=4");
+  const std::string key = assignment.substr(0, eq), text = assignment.substr(eq + 1);
+  auto value = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (value.is_discarded()) value = text;
+  nlohmann::json* node = &j;
+  size_t start = 0;
+  while (true) {
+    const auto dot = key.find('.', start);
+    const std::string part = key.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    if (part.empty()) throw ConfigError("--set \"" + assignment + "\": empty part in key \"" + key + "\"");
+    if (dot == std::string::npos) {
+      (*node)[part] = value;
+      return;
+    }
+    if (!node->contains(part)) (*node)[part] = nlohmann::json::object();
+    node = &(*node)[part];
+    if (!node->is_object()) throw ConfigError("--set \"" + assignment + "\": \"" + part + "\" is not a section");
+    start = dot + 1;
+  }
+}
+
+int run_train(int argc, char** argv) {
+  cxxopts::Options opts(argv[0], "Pretrain OMNI-LITE from a config on packed text (CLM + load balancing + z-loss), "
+                                 "writing metrics.jsonl and atomic checkpoints into the run folder.");
+  opts.add_options()("config", "config JSON (e.g. configs/small.json)", cxxopts::value<std::string>())(
+      "out", "run folder (metrics.jsonl, config.json, checkpoints/)", cxxopts::value<std::string>()->default_value("runs/default"))(
+      "max-steps", "stop after this many steps in total (default train.steps; the LR schedule always spans train.steps)", cxxopts::value<int64_t>())(
+      "resume", "run folder or checkpoint folder to continue from exactly", cxxopts::value<std::string>())(
+      "set", "override a config value by dotted key, validated like the file: --set train.batch_size=4 "
+             "(repeatable)", cxxopts::value<std::vector<std::string>>())("h,help", "show this help");
+  auto args = opts.parse(argc, argv);
+  if (args.count("help") || !args.count("config")) {
+    std::cout << opts.help() << "\nExample:\n  omnilite train --config configs/small.json --out runs/small --max-steps 200\n"
+                 "  omnilite train --config configs/small.json --out runs/small --resume runs/small --max-steps 400\n";
+    return args.count("help") ? 0 : 2;
+  }
+  const std::string path = args["config"].as<std::string>();
+  std::ifstream f(path);
+  if (!f) throw ConfigError("config: cannot open file \"" + path + "\"; hint: check the path");
+  auto j = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) throw ConfigError("config: \"" + path + "\" is not valid JSON");
+  if (args.count("set"))
+    for (const auto& s : args["set"].as<std::vector<std::string>>()) apply_override(j, s);
+  const Config cfg = parse_config(j);
+  TrainRunOptions run;
+  run.out_dir = args["out"].as<std::string>();
+  if (args.count("resume")) run.resume_dir = args["resume"].as<std::string>();
+  if (args.count("max-steps")) run.max_steps = args["max-steps"].as<int64_t>();
+  const auto r = train(cfg, run);
+  spdlog::info("done: {} steps, loss {:.4f} -> {:.4f}, last checkpoint {}", r.steps_done, r.first_loss, r.last_loss,
+               r.last_checkpoint);
+  return 0;
+}
+
+}  // namespace omnilite::cli
