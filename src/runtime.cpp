@@ -4,6 +4,10 @@
 
 #include <ATen/autocast_mode.h>
 #include <torch/version.h>
+#if OMNILITE_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 
 #include <stdexcept>
 #include <thread>
@@ -40,6 +44,16 @@ void configure_threads(int64_t intra_op_threads, int64_t blas_threads) {
 int blas_threads_in_use() {
   if (auto fn = reinterpret_cast<GetThreadsFn>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"))) return fn();
   return -1;
+}
+
+double cuda_peak_allocated_gib() {
+#if OMNILITE_WITH_CUDA
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device());
+  const auto peak = stats.allocated_bytes[0].peak;  // index 0 = StatType::AGGREGATE in every LibTorch version
+  return static_cast<double>(peak) / (1024.0 * 1024.0 * 1024.0);
+#else
+  return -1.0;
+#endif
 }
 
 torch::Device apply_runtime(const RuntimeOptions& rt) {

@@ -21,6 +21,10 @@ void configure_threads(int64_t intra_op_threads, int64_t blas_threads);
 // Number of OpenBLAS threads in use, or -1 if OpenBLAS is not the loaded BLAS.
 int blas_threads_in_use();
 
+// Peak memory allocated by the CUDA caching allocator on the current device since start, in GiB; -1 in builds
+// without CUDA.
+double cuda_peak_allocated_gib();
+
 // Applies runtime.threads/blas_threads and the seed; returns the device.
 torch::Device apply_runtime(const RuntimeOptions& rt);
 

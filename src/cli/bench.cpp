@@ -40,6 +40,7 @@ int run_bench(int argc, char** argv) {
       "steps", "timed repetitions (after one warm-up)", cxxopts::value<int64_t>()->default_value("5"))(
       "backward", "also run backward (forward + backward = one training step without the optimizer)")(
       "device", "cpu, cuda or cuda:N (overrides runtime.device)", cxxopts::value<std::string>())(
+      "dtype", "fp32 or bf16 (bf16 autocast on CUDA; overrides runtime.dtype)", cxxopts::value<std::string>())(
       "threads", "LibTorch intra-op threads, 0 = all cores (overrides runtime.threads)", cxxopts::value<int64_t>())(
       "blas-threads", "OpenBLAS threads (overrides runtime.blas_threads)", cxxopts::value<int64_t>())(
       "json", "print one JSON object")("h,help", "show this help");
@@ -60,6 +61,7 @@ int run_bench(int argc, char** argv) {
   if (args.count("config")) cfg = load_config_file(args["config"].as<std::string>());
   else if (what == "forward") throw std::runtime_error("bench forward: --config FILE is required");
   if (args.count("device")) cfg.runtime.device = args["device"].as<std::string>();
+  if (args.count("dtype")) cfg.runtime.dtype = args["dtype"].as<std::string>();
   if (args.count("threads")) cfg.runtime.threads = args["threads"].as<int64_t>();
   if (args.count("blas-threads")) cfg.runtime.blas_threads = args["blas-threads"].as<int64_t>();
   validate(cfg);
@@ -112,8 +114,10 @@ int run_bench(int argc, char** argv) {
     result["batch"] = B;
     result["seq"] = T;
     result["backward"] = backward;
+    result["dtype"] = cfg.runtime.dtype;
     result["seconds_per_step"] = s;
     result["tokens_per_second"] = static_cast<double>(B * T) / s;
+    if (dev.is_cuda()) result["peak_allocated_gib"] = cuda_peak_allocated_gib();
   }
   if (args.count("json")) {
     std::cout << result.dump() << "\n";
