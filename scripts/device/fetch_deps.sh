@@ -3,7 +3,7 @@
 # GPU machine lacks and unpacks them into .deps/prefix (git-ignored), which a device run carries along.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PKGS=(nlohmann-json3-dev libcxxopts-dev catch2 libsentencepiece-dev libsentencepiece0)
+PKGS=(nlohmann-json3-dev libcxxopts-dev catch2 libsentencepiece-dev libsentencepiece0 libspdlog-dev libspdlog1.10 libfmt-dev libfmt9)
 mkdir -p .deps/debs .deps/prefix
 cd .deps/debs
 missing=()

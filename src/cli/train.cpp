@@ -4,10 +4,10 @@
 
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 
 #include "omnilite/cli/commands.h"
 #include "omnilite/config.h"
+#include "omnilite/log.h"
 #include "omnilite/train/trainer.h"
 
 namespace omnilite::cli {
@@ -66,8 +66,8 @@ int run_train(int argc, char** argv) {
   if (args.count("resume")) run.resume_dir = args["resume"].as<std::string>();
   if (args.count("max-steps")) run.max_steps = args["max-steps"].as<int64_t>();
   const auto r = train(cfg, run);
-  spdlog::info("done: {} steps, loss {:.4f} -> {:.4f}, last checkpoint {}", r.steps_done, r.first_loss, r.last_loss,
-               r.last_checkpoint);
+  log::info(log::format("done: %lld steps, loss %.4f -> %.4f, last checkpoint %s",
+                        static_cast<long long>(r.steps_done), r.first_loss, r.last_loss, r.last_checkpoint.c_str()));
   return 0;
 }
 

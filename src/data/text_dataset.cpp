@@ -1,5 +1,7 @@
 #include "omnilite/data/text_dataset.h"
 
+#include "omnilite/log.h"
+
 #include <algorithm>
 #include <fstream>
 #include <numeric>
@@ -7,7 +9,6 @@
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 
 namespace omnilite {
 namespace {
@@ -33,7 +34,7 @@ DocumentSet read_documents(const std::vector<std::string>& paths) {
         if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
         auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
         if (!j.is_object() || !j.contains("text") || !j["text"].is_string()) {
-          spdlog::warn("text data {}:{}: skipped, not a JSON object with a \"text\" string", path, lineno);
+          log::warn(log::format("text data %s:%zu: skipped, not a JSON object with a \"text\" string", path.c_str(), lineno));
           ++out.skipped;
           continue;
         }

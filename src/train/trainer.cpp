@@ -8,11 +8,11 @@
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 
 #include "omnilite/data/text_dataset.h"
 #include "omnilite/data/tokenizer.h"
 #include "omnilite/io/checkpoint.h"
+#include "omnilite/log.h"
 #include "omnilite/modules/omnilite.h"
 #include "omnilite/runtime.h"
 #include "omnilite/train/losses.h"
@@ -161,13 +161,14 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
   Tokenizer tok(cfg.data.tokenizer);
   tok.check_compatible(cfg.model);
   auto docs = read_documents(cfg.data.text_train);
-  if (docs.skipped > 0) spdlog::warn("data: skipped {} malformed text lines", docs.skipped);
+  if (docs.skipped > 0) log::warn(log::format("data: skipped %lld malformed text lines", static_cast<long long>(docs.skipped)));
   if (docs.documents.empty())
     throw std::runtime_error("data.text_train: no documents in the given files; hint: run scripts/prepare_data.sh");
   TextBatches batches(pack_sequences(tokenize_documents(docs.documents, tok, cfg.model.tokens.eos_id), tr.seq_len,
                                      "data.text_train"),
                       tr.batch_size, tr.seed);
-  spdlog::info("data: {} documents -> {} sequences of {} tokens", docs.documents.size(), batches.rows(), tr.seq_len);
+  log::info(log::format("data: %zu documents -> %lld sequences of %lld tokens", docs.documents.size(),
+                         static_cast<long long>(batches.rows()), static_cast<long long>(tr.seq_len)));
 
   // setup_model and setup_optimizer
   OmniLite model(cfg.model);
@@ -199,7 +200,7 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     step = state["step"].get<int64_t>();
     micro = state["micro_batches"].get<int64_t>();
     result.last_checkpoint = dir;
-    spdlog::info("resumed from {} at step {}", dir, step);
+    log::info(log::format("resumed from %s at step %lld", dir.c_str(), static_cast<long long>(step)));
   }
   const std::string metrics_path = run.out_dir + "/metrics.jsonl";
   truncate_metrics(metrics_path, step);
@@ -247,8 +248,9 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
       bad_in_row = 0;
     } else {
       ++bad_in_row;
-      spdlog::warn("step {}: loss is {}; step skipped ({} in a row, limit train.max_bad_steps = {})", step + 1,
-                   loss_value, bad_in_row, tr.max_bad_steps);
+      log::warn(log::format("step %lld: loss is %g; step skipped (%lld in a row, limit train.max_bad_steps = %lld)",
+                            static_cast<long long>(step + 1), loss_value, static_cast<long long>(bad_in_row),
+                            static_cast<long long>(tr.max_bad_steps)));
       if (bad_in_row >= tr.max_bad_steps)
         throw std::runtime_error("training stopped: " + std::to_string(bad_in_row) +
                                  " non-finite losses in a row; the last good checkpoint is " +
@@ -269,14 +271,14 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     if (step % tr.log_every == 0 || step == total_steps || step == first_step + 1) {
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       const double eta = elapsed / static_cast<double>(step - first_step) * static_cast<double>(total_steps - step);
-      spdlog::info("step {}/{} | loss {:.4f} | clm {:.4f} | aux {:.3f} | z {:.3f} | lr {:.2e} | grad {:.2f} | "
-                   "{:.0f} tok/s | data wait {:.1f}% | ETA {:.0f}s",
-                   step, total_steps, loss_value, clm_sum / n, aux_sum / n, z_sum / n, lr, grad_norm, tps,
-                   100.0 * wait_s / dt, eta);
+      log::info(log::format("step %lld/%lld | loss %.4f | clm %.4f | aux %.3f | z %.3f | lr %.2e | grad %.2f | "
+                            "%.0f tok/s | data wait %.1f%% | ETA %.0fs",
+                            static_cast<long long>(step), static_cast<long long>(total_steps), loss_value, clm_sum / n,
+                            aux_sum / n, z_sum / n, lr, grad_norm, tps, 100.0 * wait_s / dt, eta));
     }
     if (step % tr.ckpt_every == 0 || step == total_steps) {
       result.last_checkpoint = ckpt.write(step, micro, *model, *opt, cfg);
-      spdlog::info("checkpoint {}", result.last_checkpoint);
+      log::info("checkpoint " + result.last_checkpoint);
     }
   }
   result.steps_done = step;

@@ -24,10 +24,10 @@
 namespace omnilite {
 
 struct OmniInput {
-  torch::Tensor tokens;       // [B, T] int64
-  torch::Tensor images;       // [N_img, C, H, W] float, one per image_id run; undefined when none
-  torch::Tensor gen_latents;  // [n_gen, P] noisy latent tokens, one per gen_image_id token; undefined when none
-  torch::Tensor gen_times;    // [n_gen] flow time of each generated token's image, in [0, 1]
+  torch::Tensor tokens = {};       // [B, T] int64
+  torch::Tensor images = {};       // [N_img, C, H, W] float, one per image_id run; undefined when none
+  torch::Tensor gen_latents = {};  // [n_gen, P] noisy latent tokens, one per gen_image_id token; undefined when none
+  torch::Tensor gen_times = {};    // [n_gen] flow time of each generated token's image, in [0, 1]
   bool compute_logits = true; // false skips the LM head (e.g. flow-only steps)
 };
 
