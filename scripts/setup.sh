@@ -8,17 +8,8 @@ cd "$(dirname "$0")/.."
 PKGS=(libtorch-dev nlohmann-json3-dev libopencv-dev libspdlog-dev catch2 libcxxopts-dev libsentencepiece-dev
       libopenblas0-pthread ccache cmake g++ make pkg-config)
 
-missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  SUDO=""
-  [[ $(id -u) -eq 0 ]] || SUDO="sudo"
-  echo "setup: installing ${missing[*]}"
-  $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+source scripts/lib/packages.sh
+ensure_packages "${PKGS[@]}"
 
 # Debian's LibTorch calls the system BLAS through libblas.so.3; OpenBLAS must be the selected alternative, or fp32
 # matmuls run on the reference BLAS (about 19x slower).

@@ -1,6 +1,7 @@
 // Shared helpers of the test suite: config loading, error measures and a finite-difference gradient check.
 #pragma once
 
+#include <filesystem>
 #include <functional>
 #include <string>
 
@@ -11,6 +12,14 @@
 namespace testing {
 
 inline std::string source_path(const std::string& rel) { return std::string(OMNILITE_SOURCE_DIR) + "/" + rel; }
+
+// A fresh, empty folder under the system temp dir for one test.
+inline std::string fresh_temp_dir(const std::string& name) {
+  auto d = std::filesystem::temp_directory_path() / ("omnilite_test_" + name);
+  std::filesystem::remove_all(d);
+  std::filesystem::create_directories(d);
+  return d.string();
+}
 
 inline omnilite::Config load(const std::string& rel) { return omnilite::load_config_file(source_path(rel)); }
 

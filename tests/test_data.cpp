@@ -12,19 +12,8 @@
 using namespace omnilite;
 namespace fs = std::filesystem;
 
-namespace {
-
-std::string dir_for(const std::string& name) {
-  auto d = fs::temp_directory_path() / ("omnilite_test_" + name);
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d.string();
-}
-
-}  // namespace
-
 TEST_CASE("IDX images and labels are read as written", "[data][idx]") {
-  const auto dir = dir_for("idx");
+  const auto dir = testing::fresh_temp_dir("idx");
   // 2 images of 2x3: magic 0x00000803, dims 2, 2, 3, then bytes 0..11
   std::vector<unsigned char> img = {0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 3};
   for (unsigned char i = 0; i < 12; ++i) img.push_back(i * 10);
@@ -53,7 +42,7 @@ TEST_CASE("Fashion-MNIST captions name the class", "[data][idx]") {
 }
 
 TEST_CASE("documents from .txt (fortune format) and .jsonl; bad lines skipped and counted", "[data][text]") {
-  const auto dir = dir_for("docs");
+  const auto dir = testing::fresh_temp_dir("docs");
   std::ofstream(dir + "/a.txt") << "first line\nsecond line\n%\nanother fortune\n%\n";
   std::ofstream(dir + "/b.jsonl") << "{\"text\": \"json doc\"}\n{not json\n\n{\"txt\": \"wrong key\"}\n"
                                      "{\"text\": \"last\"}\n";

@@ -16,12 +16,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string temp_dir(const std::string& name) {
-  auto d = fs::temp_directory_path() / ("omnilite_test_" + name);
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d.string();
-}
 
 std::vector<char> read_bytes(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
@@ -35,7 +29,7 @@ void write_bytes(const std::string& path, const std::vector<char>& b) {
 }  // namespace
 
 TEST_CASE("safetensors layout follows the format definition", "[io]") {
-  const auto dir = temp_dir("layout");
+  const auto dir = testing::fresh_temp_dir("layout");
   const auto path = dir + "/a.safetensors";
   auto a = torch::arange(6, torch::kFloat32).view({2, 3});
   auto b = torch::tensor(std::vector<int64_t>{7, -1});
@@ -69,7 +63,7 @@ TEST_CASE("bf16 and CRC-32 check values", "[io]") {
   // CRC-32 of "123456789" is 0xCBF43926 (the standard check value).
   const std::string s = "123456789";
   CHECK(io::crc32_update(0, reinterpret_cast<const uint8_t*>(s.data()), s.size()) == 0xCBF43926u);
-  const auto path = temp_dir("bf16") + "/b.safetensors";
+  const auto path = testing::fresh_temp_dir("bf16") + "/b.safetensors";
   auto t = torch::randn({4, 5}).to(torch::kBFloat16);
   io::save_safetensors(path, {{"w", t}});
   io::SafetensorsReader r(path);
@@ -78,7 +72,7 @@ TEST_CASE("bf16 and CRC-32 check values", "[io]") {
 }
 
 TEST_CASE("truncated and corrupted files are refused with their name", "[io][errors]") {
-  const auto dir = temp_dir("bad");
+  const auto dir = testing::fresh_temp_dir("bad");
   const auto path = dir + "/m.safetensors";
   io::save_safetensors(path, {{"w", torch::randn({64})}});
   auto bytes = read_bytes(path);
@@ -101,7 +95,7 @@ TEST_CASE("truncated and corrupted files are refused with their name", "[io][err
 }
 
 TEST_CASE("a failed write leaves the previous file intact", "[io]") {
-  const auto dir = temp_dir("atomic");
+  const auto dir = testing::fresh_temp_dir("atomic");
   const auto path = dir + "/m.safetensors";
   auto old = torch::randn({8});
   io::save_safetensors(path, {{"w", old}});
@@ -117,7 +111,7 @@ TEST_CASE("a failed write leaves the previous file intact", "[io]") {
 
 TEST_CASE("model checkpoints round-trip and strict loading names the tensor", "[io][model]") {
   auto cfg = testing::load("configs/tiny.json").model;
-  const auto dir = temp_dir("model");
+  const auto dir = testing::fresh_temp_dir("model");
   torch::manual_seed(1);
   OmniLite a(cfg);
   io::save_module(*a, dir + "/model.safetensors");
