@@ -16,7 +16,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-
 std::vector<char> read_bytes(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
