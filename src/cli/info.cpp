@@ -1,7 +1,6 @@
 // omnilite info: the parameter table of a config (or the design card), counted analytically.
 #include <cstdio>
 #include <iostream>
-#include <sstream>
 
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
