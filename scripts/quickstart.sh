@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set-up and build, the embedded data (Fashion-MNIST and the fortunes corpus from
-# Debian packages), a SentencePiece tokenizer trained on it, the full OMNI-LITE model's parameter table, and a short
-# pretraining of configs/small.json on the text (about 2 minutes on 2 cores). Image understanding and generation
-# objectives, evaluation and samples join here as their issues land.
+# Debian packages), a SentencePiece tokenizer, the full model's parameter table, then the three training stages of
+# the small model on 2 CPU cores -- the VQ-VAE (its frozen encoder supplies the flow targets), the classifier that
+# judges generated images, and OMNI-LITE itself (text + image captioning + text-to-image generation) -- and the
+# evaluation: runs/quickstart/eval.json, t2i_grid.png (generated images, one row per class), loss_curves.png.
+# A stage whose run folder already holds checkpoints resumes from the newest one, so an interrupted quickstart
+# continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+start=$(date +%s)
 ./scripts/prepare_data.sh
 tok=data/generated/tokenizer.model
 if [[ ! -s $tok ]]; then
@@ -14,5 +18,16 @@ if [[ ! -s $tok ]]; then
 fi
 ./build/omnilite tokenizer encode --model "$tok" --text "a photo of a ankle boot."
 ./build/omnilite info --config configs/omni-lite.json
-./build/omnilite train --config configs/small.json --out runs/quickstart
-echo "quickstart: metrics in runs/quickstart/metrics.jsonl, checkpoints in runs/quickstart/checkpoints/"
+
+stage() {  # stage CONFIG RUN_FOLDER
+  local resume=()
+  [[ -d $2/checkpoints ]] && ls "$2"/checkpoints/step_* > /dev/null 2>&1 && resume=(--resume "$2")
+  echo "quickstart: omnilite train --config $1 --out $2 ${resume[*]}"
+  ./build/omnilite train --config "$1" --out "$2" "${resume[@]}"
+}
+stage configs/small-vqvae.json runs/quickstart-vqvae
+stage configs/small-classifier.json runs/quickstart-classifier
+stage configs/small.json runs/quickstart
+./build/omnilite eval --checkpoint runs/quickstart --json
+echo "quickstart: $(( $(date +%s) - start )) s after set-up; results in runs/quickstart/eval.json," \
+     "runs/quickstart/t2i_grid.png, runs/quickstart/loss_curves.png"

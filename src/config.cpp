@@ -3,6 +3,7 @@
 #include "omnilite/config.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -141,7 +142,7 @@ template <class V> void visit_fields(V& v, FlowOptions& o) {
 }
 template <class V> void visit_fields(V& v, VQVAEOptions& o) {
   v("in_channels", o.in_channels); v("base_channels", o.base_channels); v("num_downsamples", o.num_downsamples);
-  v("codebook_size", o.codebook_size); v("commitment_beta", o.commitment_beta);
+  v("codebook_size", o.codebook_size); v("commitment_beta", o.commitment_beta); v("image_size", o.image_size);
 }
 template <class V> void visit_fields(V& v, TokenOptions& o) {
   v("bos_id", o.bos_id); v("eos_id", o.eos_id); v("pad_id", o.pad_id); v("image_id", o.image_id);
@@ -161,10 +162,17 @@ template <class V> void visit_fields(V& v, TrainOptions& o) {
   v("weight_decay", o.weight_decay); v("beta1", o.beta1); v("beta2", o.beta2); v("eps", o.eps);
   v("grad_clip", o.grad_clip); v("aux_coef", o.aux_coef); v("z_coef", o.z_coef); v("rf_weight", o.rf_weight);
   v("log_every", o.log_every); v("ckpt_every", o.ckpt_every); v("keep_last", o.keep_last);
-  v("max_bad_steps", o.max_bad_steps); v("seed", o.seed);
+  v("max_bad_steps", o.max_bad_steps); v("seed", o.seed); v("stage", o.stage);
+  v("caption_batch_size", o.caption_batch_size); v("gen_batch_size", o.gen_batch_size);
+  v("image_seq_len", o.image_seq_len); v("cfg_dropout", o.cfg_dropout); v("flow_time", o.flow_time);
+  v("flow_time_mean", o.flow_time_mean); v("flow_time_std", o.flow_time_std); v("freeze", o.freeze);
+  v("activation_checkpointing", o.activation_checkpointing); v("loader_threads", o.loader_threads);
+  v("valid_every", o.valid_every); v("valid_batches", o.valid_batches); v("vq_restart_every", o.vq_restart_every);
 }
 template <class V> void visit_fields(V& v, DataOptions& o) {
   v("tokenizer", o.tokenizer); v("text_train", o.text_train); v("text_valid", o.text_valid);
+  v("image_train", o.image_train); v("image_valid", o.image_valid); v("image_root", o.image_root);
+  v("max_images", o.max_images); v("vqvae", o.vqvae); v("classifier", o.classifier);
 }
 template <class V> void visit_fields(V& v, Config& o) {
   v.section("model", o.model); v.section("runtime", o.runtime); v.section("train", o.train);
@@ -213,7 +221,8 @@ void validate(const Config& c) {
                       {"model.vqvae.in_channels", m.vqvae.in_channels},
                       {"model.vqvae.base_channels", m.vqvae.base_channels},
                       {"model.vqvae.num_downsamples", m.vqvae.num_downsamples},
-                      {"model.vqvae.codebook_size", m.vqvae.codebook_size}}) {
+                      {"model.vqvae.codebook_size", m.vqvae.codebook_size},
+                      {"model.vqvae.image_size", m.vqvae.image_size}}) {
     require_positive(k, x);
   }
   require_divides("model.vision.num_heads", v.num_heads, "model.vision.width", v.width);
@@ -248,6 +257,10 @@ void validate(const Config& c) {
     fail("model.vqvae.commitment_beta", num(m.vqvae.commitment_beta), "must be non-negative");
   if (m.vqvae.num_downsamples > 6)
     fail("model.vqvae.num_downsamples", std::to_string(m.vqvae.num_downsamples), "must be at most 6 (64x)");
+  if (m.vqvae.image_size % (m.vq_downsample() * m.flow.patch_size) != 0)
+    fail("model.vqvae.image_size", std::to_string(m.vqvae.image_size),
+         "must be a multiple of 2^model.vqvae.num_downsamples * model.flow.patch_size = " +
+             std::to_string(m.vq_downsample() * m.flow.patch_size) + " (whole latent patches)");
 
   const auto& k = m.tokens;
   for (auto [name, id] : {std::pair<const char*, int64_t>{"bos_id", k.bos_id}, {"eos_id", k.eos_id},
@@ -261,12 +274,32 @@ void validate(const Config& c) {
     fail("model.tokens.gen_image_id", std::to_string(k.gen_image_id), "must differ from model.tokens.image_id");
 
   const auto& tr = c.train;
-  for (auto [k2, x] : {std::pair<const char*, int64_t>{"train.steps", tr.steps}, {"train.batch_size", tr.batch_size},
+  for (auto [k2, x] : {std::pair<const char*, int64_t>{"train.steps", tr.steps},
                        {"train.grad_accum", tr.grad_accum}, {"train.log_every", tr.log_every},
                        {"train.ckpt_every", tr.ckpt_every}, {"train.keep_last", tr.keep_last},
-                       {"train.max_bad_steps", tr.max_bad_steps}}) {
+                       {"train.max_bad_steps", tr.max_bad_steps}, {"train.valid_batches", tr.valid_batches}}) {
     require_positive(k2, x);
   }
+  for (auto [k2, x] : {std::pair<const char*, int64_t>{"train.batch_size", tr.batch_size},
+                       {"train.caption_batch_size", tr.caption_batch_size},
+                       {"train.gen_batch_size", tr.gen_batch_size}, {"train.image_seq_len", tr.image_seq_len},
+                       {"train.loader_threads", tr.loader_threads}, {"train.valid_every", tr.valid_every},
+                       {"train.vq_restart_every", tr.vq_restart_every}, {"data.max_images", c.data.max_images}}) {
+    if (x < 0) fail(k2, std::to_string(x), "must be >= 0");
+  }
+  if (!(tr.stage == "omni" || tr.stage == "vqvae" || tr.stage == "classifier"))
+    fail("train.stage", "\"" + tr.stage + "\"", "must be \"omni\", \"vqvae\" or \"classifier\"");
+  if (tr.stage == "omni" && tr.batch_size + tr.caption_batch_size + tr.gen_batch_size == 0)
+    fail("train.batch_size", "0", "train.batch_size + caption_batch_size + gen_batch_size must be positive");
+  if (tr.stage != "omni" && tr.batch_size <= 0)
+    fail("train.batch_size", std::to_string(tr.batch_size), "must be positive (images per micro-batch)");
+  if (!(tr.flow_time == "logit_normal" || tr.flow_time == "uniform"))
+    fail("train.flow_time", "\"" + tr.flow_time + "\"", "must be \"logit_normal\" or \"uniform\"");
+  if (!(tr.flow_time_std > 0.0)) fail("train.flow_time_std", num(tr.flow_time_std), "must be positive");
+  if (!(tr.cfg_dropout >= 0.0 && tr.cfg_dropout <= 1.0)) fail("train.cfg_dropout", num(tr.cfg_dropout), "must be in [0, 1]");
+  if (tr.image_seq_len > t.max_position_embeddings)
+    fail("train.image_seq_len", std::to_string(tr.image_seq_len),
+         "must be at most model.text.max_position_embeddings = " + std::to_string(t.max_position_embeddings));
   if (tr.seq_len < 2 || tr.seq_len > t.max_position_embeddings)
     fail("train.seq_len", std::to_string(tr.seq_len),
          "must be in [2, model.text.max_position_embeddings = " + std::to_string(t.max_position_embeddings) + "]");
@@ -280,7 +313,13 @@ void validate(const Config& c) {
                        {"train.z_coef", tr.z_coef}, {"train.rf_weight", tr.rf_weight}}) {
     if (!(x >= 0.0)) fail(k2, num(x), "must be >= 0");
   }
-  if (c.data.text_train.empty()) fail("data.text_train", "[]", "must name at least one file");
+  if (tr.stage == "omni" && tr.batch_size > 0 && c.data.text_train.empty())
+    fail("data.text_train", "[]", "must name at least one file when train.batch_size > 0");
+  if ((tr.stage != "omni" || tr.caption_batch_size + tr.gen_batch_size > 0) && c.data.image_train.empty())
+    fail("data.image_train", "[]", "must name at least one image-caption source for this stage");
+  if (tr.stage == "omni" && tr.gen_batch_size > 0 && c.data.vqvae.empty())
+    fail("data.vqvae", "\"\"", "must name the VQ-VAE run folder when train.gen_batch_size > 0; hint: train one "
+         "first with train.stage = \"vqvae\"");
 
   const auto& r = c.runtime;
   if (!(r.device == "cpu" || r.device == "cuda" || r.device.rfind("cuda:", 0) == 0))
@@ -420,7 +459,18 @@ Config config_from_spec(const json& spec) {
   return c;
 }
 
-Config load_config_file(const std::string& path) {
+namespace {
+
+// Objects merge key by key (the overlay wins); anything else is replaced.
+void merge_into(json& base, const json& overlay) {
+  for (auto it = overlay.begin(); it != overlay.end(); ++it) {
+    if (it->is_object() && base.contains(it.key()) && base[it.key()].is_object()) merge_into(base[it.key()], *it);
+    else base[it.key()] = *it;
+  }
+}
+
+json read_config_json_depth(const std::string& path, int depth) {
+  if (depth > 8) throw ConfigError("config: \"" + path + "\": \"extends\" nests more than 8 files deep (a cycle?)");
   std::ifstream f(path);
   if (!f) throw ConfigError("config: cannot open file \"" + path + "\"; hint: check the path");
   json j;
@@ -429,6 +479,23 @@ Config load_config_file(const std::string& path) {
   } catch (const json::parse_error& e) {
     throw ConfigError("config: \"" + path + "\" is not valid JSON: " + e.what());
   }
+  if (!j.is_object() || !j.contains("extends")) return j;
+  if (!j["extends"].is_string())
+    throw ConfigError("config: \"" + path + "\": \"extends\" must be a file name, got " + j["extends"].dump());
+  const std::string base_path =
+      (std::filesystem::path(path).parent_path() / j["extends"].get<std::string>()).string();
+  json base = read_config_json_depth(base_path, depth + 1);
+  j.erase("extends");
+  merge_into(base, j);
+  return base;
+}
+
+}  // namespace
+
+json read_config_json(const std::string& path) { return read_config_json_depth(path, 0); }
+
+Config load_config_file(const std::string& path) {
+  json j = read_config_json(path);
   try {
     if (j.is_object() && j.contains("layers")) return config_from_spec(j);
     return parse_config(j);

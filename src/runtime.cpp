@@ -41,6 +41,14 @@ void configure_threads(int64_t intra_op_threads, int64_t blas_threads) {
     fn(static_cast<int>(blas_threads));
 }
 
+void use_one_thread_here() {
+  // LibTorch sets each new thread's OpenMP team size lazily on its first parallel op; do that first, then shrink
+  // this thread's own team size (an OpenMP per-thread setting, unlike torch::set_num_threads which is global).
+  at::internal::lazy_init_num_threads();
+  using OmpSetFn = void (*)(int);
+  if (auto fn = reinterpret_cast<OmpSetFn>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"))) fn(1);
+}
+
 int blas_threads_in_use() {
   if (auto fn = reinterpret_cast<GetThreadsFn>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"))) return fn();
   return -1;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <string>
 
@@ -19,6 +20,33 @@ inline std::string fresh_temp_dir(const std::string& name) {
   std::filesystem::remove_all(d);
   std::filesystem::create_directories(d);
   return d.string();
+}
+
+// Writes an IDX file (uint8 images [N, H, W] or labels [N]) as the MNIST format lays it out.
+inline void write_idx(const std::string& path, const torch::Tensor& t) {
+  std::vector<unsigned char> bytes = {0, 0, 8, static_cast<unsigned char>(t.dim())};
+  for (auto d : t.sizes())
+    for (int s = 24; s >= 0; s -= 8) bytes.push_back(static_cast<unsigned char>((d >> s) & 0xFF));
+  auto c = t.contiguous();
+  bytes.insert(bytes.end(), c.data_ptr<uint8_t>(), c.data_ptr<uint8_t>() + c.numel());
+  std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()),
+                                             static_cast<std::streamsize>(bytes.size()));
+}
+
+// A Fashion-MNIST-like IDX pair "<dir>/<split>-images-idx3-ubyte" / "-labels-idx1-ubyte" of n 28x28 images of
+// `classes` easy classes: class k is a bright band at a class-specific position, plus noise.
+inline std::string write_synthetic_fashion(const std::string& dir, const std::string& split, int64_t n,
+                                           int64_t classes, uint64_t seed) {
+  torch::manual_seed(seed);
+  auto labels = torch::arange(n, torch::kInt64).remainder(classes);
+  auto images = torch::randint(0, 40, {n, 28, 28}, torch::kInt64);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t k = labels[i].item<int64_t>();
+    images[i].narrow(0, 2 + 24 * k / classes, 24 / classes).fill_(230);
+  }
+  write_idx(dir + "/" + split + "-images-idx3-ubyte", images.to(torch::kUInt8));
+  write_idx(dir + "/" + split + "-labels-idx1-ubyte", labels.to(torch::kUInt8));
+  return dir + "/" + split;
 }
 
 inline omnilite::Config load(const std::string& rel) { return omnilite::load_config_file(source_path(rel)); }

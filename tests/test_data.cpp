@@ -41,7 +41,7 @@ TEST_CASE("Fashion-MNIST captions name the class", "[data][idx]") {
   REQUIRE_THROWS_WITH(fashion_caption(10, 0), Catch::Contains("label 10"));
 }
 
-TEST_CASE("documents from .txt (fortune format) and .jsonl; bad lines skipped and counted", "[data][text]") {
+TEST_CASE("documents from .txt (fortune format) and .jsonl, bad lines skipped and counted", "[data][text]") {
   const auto dir = testing::fresh_temp_dir("docs");
   std::ofstream(dir + "/a.txt") << "first line\nsecond line\n%\nanother fortune\n%\n";
   std::ofstream(dir + "/b.jsonl") << "{\"text\": \"json doc\"}\n{not json\n\n{\"txt\": \"wrong key\"}\n"

@@ -39,6 +39,7 @@ Config tiny_training_config(const std::string& dir) {
   c.model.text.vocab_size = 320;
   c.data.tokenizer = model;
   c.data.text_train = {corpus};
+  c.data.text_valid = {corpus};
   c.train.batch_size = 4;
   c.train.seq_len = 32;
   c.train.lr = 3e-3;
@@ -70,7 +71,7 @@ TEST_CASE("warmup + cosine schedule follows its formula", "[train]") {
   CHECK(lr_at(static_cast<int64_t>(mid), 100, 10, 1.0, 0.1) == Approx(0.1 + 0.9 * 0.5 * (1 + std::cos(M_PI * 44.0 / 89.0))));
 }
 
-TEST_CASE("a tiny run learns; resume continues exactly; a corrupted checkpoint is refused", "[train][slow]") {
+TEST_CASE("a tiny run learns, resume continues exactly, a corrupted checkpoint is refused", "[train][slow]") {
   const std::string base = (fs::temp_directory_path() / "omnilite_test_train").string();
   fs::remove_all(base);
   const Config cfg = tiny_training_config(base + "/data");

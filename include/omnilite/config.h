@@ -78,6 +78,7 @@ struct VQVAEOptions {
   int64_t num_downsamples = 3;   // stride-2 stages: 2^3 = 8x downsampling (card: 8x)
   int64_t codebook_size = 1024;  // number of codes of the quantiser
   double commitment_beta = 0.25; // weight of the commitment term (VQ-VAE paper: 0.25)
+  int64_t image_size = 256;      // square image side for the VQ-VAE and generation: latent grid image_size / 2^n
 };
 
 // Token ids the model treats specially. Placeholders are replaced by image features inside the model.
@@ -138,6 +139,22 @@ struct TrainOptions {
   int64_t keep_last = 2;          // checkpoints kept in the run folder
   int64_t max_bad_steps = 5;      // consecutive NaN/Inf losses that stop the run
   uint64_t seed = 1234;           // global seed: initialisation, data order, noise
+  std::string stage = "omni";     // what `omnilite train` trains: "omni" (the model), "vqvae" (the VQ-VAE alone) or
+                                  // "classifier" (the image classifier that judges generated images in eval)
+  int64_t caption_batch_size = 0; // omni: image -> caption samples per micro-batch (image understanding)
+  int64_t gen_batch_size = 0;     // omni: caption -> image samples per micro-batch (rectified-flow generation)
+  int64_t image_seq_len = 0;      // omni: tokens per image-caption row (0 = the shortest that holds every sample)
+  double cfg_dropout = 0.1;       // omni: probability that a generation sample's prompt is dropped (for CFG)
+  std::string flow_time = "logit_normal";  // omni: flow-time distribution, "logit_normal" (SD3) or "uniform"
+  double flow_time_mean = 0.0;    // omni: mean of the logit-normal's underlying normal
+  double flow_time_std = 1.0;     // omni: std of the logit-normal's underlying normal
+  std::vector<std::string> freeze = {};  // parameters to freeze, by name pattern ('*' matches any text), e.g.
+                                         // "vision.*"; omni always freezes vqvae.*
+  bool activation_checkpointing = false; // recompute each decoder layer in backward instead of keeping activations
+  int64_t loader_threads = 1;     // background threads preparing micro-batches ahead (0 = in the step thread)
+  int64_t valid_every = 0;        // steps between validation passes (0 = only at the end)
+  int64_t valid_batches = 4;      // micro-batches per validation pass
+  int64_t vq_restart_every = 50;  // vqvae: codes unused over this many steps restart at encoder outputs (0 = never)
 };
 
 // Where the training data is.
@@ -145,6 +162,16 @@ struct DataOptions {
   std::string tokenizer = "data/generated/tokenizer.model";  // SentencePiece model
   std::vector<std::string> text_train = {"data/generated/text/train.txt"};  // .txt / .jsonl documents
   std::vector<std::string> text_valid = {"data/generated/text/valid.txt"};  // held-out documents
+  // Image-caption sources: an IDX prefix (".../fashion-mnist/train" -> train-images-idx3-ubyte and
+  // train-labels-idx1-ubyte, captions from the class names), a .jsonl of {"image": path, "text": caption
+  // [, "label": k]} or a COCO captions .json ({"images": [{id, file_name}], "annotations": [{image_id, caption}]}).
+  std::vector<std::string> image_train = {"data/generated/fashion-mnist/train"};
+  std::vector<std::string> image_valid = {"data/generated/fashion-mnist/t10k"};  // held-out image-caption sources
+  std::string image_root;         // folder of relative image paths ("" = the folder of the .jsonl / .json file)
+  int64_t max_images = 0;         // images read per source list (0 = all)
+  std::string vqvae;              // omni: VQ-VAE run or checkpoint folder (stage "vqvae") whose frozen encoder
+                                  // supplies the flow targets; required when train.gen_batch_size > 0
+  std::string classifier;         // eval: classifier run or checkpoint folder (stage "classifier") for t2i_accuracy
 };
 
 // A config file: {"model": {...}, "runtime": {...}, "train": {...}, "data": {...}}.
@@ -157,6 +184,9 @@ struct Config {
 
 // Parses and validates a config JSON object. Throws ConfigError.
 Config parse_config(const nlohmann::json& j);
+// Reads a config file as JSON: a file with "extends": "other.json" (a path relative to the file) is that file with
+// this one's keys merged over it, section by section. Throws ConfigError naming the file.
+nlohmann::json read_config_json(const std::string& path);
 // Reads a JSON file (config or design card, detected by its "layers" key) and parses it. Throws ConfigError.
 Config load_config_file(const std::string& path);
 // Builds the model configuration described by the design card (../shared/spec/omni-lite.spec.json); values the

@@ -20,6 +20,9 @@ void configure_threads(int64_t intra_op_threads, int64_t blas_threads);
 
 // Number of OpenBLAS threads in use, or -1 if OpenBLAS is not the loaded BLAS.
 int blas_threads_in_use();
+// For background threads (data loading): LibTorch ops issued from the calling thread run on that thread alone
+// instead of opening an OpenMP team of their own beside the training thread's.
+void use_one_thread_here();
 
 // Peak memory allocated by the CUDA caching allocator on the current device since start, in GiB; -1 in builds
 // without CUDA.

@@ -1,6 +1,9 @@
 // omnilite bench: measured throughput figures (docs/benchmarks.md records them with the machine and command).
 //   matmul  : fp32 GEMM GFLOP/s at N^3, the BLAS check (reference BLAS is ~19x slower than OpenBLAS)
 //   forward : tokens/s of the model's forward (and backward with --backward) on random text, for a config
+//   train   : whole optimizer steps of a config's stage on its data, and the model-FLOPs utilisation
+//             MFU = 6 * N * tokens/s / (fp32 GEMM FLOP/s at 2048^3 measured in the same run), N = matmul parameters
+//             a text token passes through (active backbone + LM head)
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -11,7 +14,9 @@
 #include "omnilite/cli/commands.h"
 #include "omnilite/config.h"
 #include "omnilite/modules/omnilite.h"
+#include "omnilite/param_count.h"
 #include "omnilite/runtime.h"
+#include "omnilite/train/trainer.h"
 
 namespace omnilite::cli {
 namespace {
@@ -26,18 +31,32 @@ void synchronize(const torch::Device& d) {
   if (d.is_cuda()) torch::cuda::synchronize();
 }
 
+// fp32 GEMM FLOP/s at n^3 (one warm-up, then `reps` timed products).
+double matmul_flops(const torch::Device& dev, int64_t n, int64_t reps) {
+  auto a = torch::randn({n, n}, torch::TensorOptions().device(dev)), b = torch::randn_like(a);
+  torch::NoGradGuard ng;
+  auto c = torch::matmul(a, b);
+  synchronize(dev);
+  const auto t0 = Clock::now();
+  for (int64_t i = 0; i < reps; ++i) c = torch::matmul(a, b);
+  synchronize(dev);
+  return 2.0 * static_cast<double>(n * n * n) * static_cast<double>(reps) / seconds_since(t0);
+}
+
 }  // namespace
 
 int run_bench(int argc, char** argv) {
-  cxxopts::Options opts(argv[0], "Measure throughput. WHAT is `matmul` (fp32 GEMM GFLOP/s) or `forward` (model "
-                                 "tokens/s on random text; add --backward for a training-style step).");
+  cxxopts::Options opts(argv[0], "Measure throughput. WHAT is `matmul` (fp32 GEMM GFLOP/s), `forward` (model "
+                                 "tokens/s on random text; add --backward for a training-style step) or `train` (whole "
+                                 "optimizer steps of the config's stage on its data, with the model-FLOPs utilisation "
+                                 "against a 2048^3 fp32 GEMM measured in the same run).");
   opts.positional_help("WHAT");
   opts.add_options()("what", "matmul | forward", cxxopts::value<std::string>())(
       "config", "model config for `forward` (e.g. configs/small.json)", cxxopts::value<std::string>())(
       "size", "matrix side N for `matmul`", cxxopts::value<int64_t>()->default_value("1024"))(
       "batch", "sequences per step for `forward`", cxxopts::value<int64_t>()->default_value("4"))(
       "seq", "tokens per sequence for `forward`", cxxopts::value<int64_t>()->default_value("128"))(
-      "steps", "timed repetitions (after one warm-up)", cxxopts::value<int64_t>()->default_value("5"))(
+      "steps", "timed repetitions (after one warm-up; `train`: after 3 warm-up steps)", cxxopts::value<int64_t>()->default_value("5"))(
       "backward", "also run backward (forward + backward = one training step without the optimizer)")(
       "device", "cpu, cuda or cuda:N (overrides runtime.device)", cxxopts::value<std::string>())(
       "dtype", "fp32 or bf16 (bf16 autocast on CUDA; overrides runtime.dtype)", cxxopts::value<std::string>())(
@@ -48,18 +67,19 @@ int run_bench(int argc, char** argv) {
   auto args = opts.parse(argc, argv);
   if (args.count("help") || !args.count("what")) {
     std::cout << opts.help() << "\nExamples:\n  omnilite bench matmul --size 1024 --blas-threads 2\n"
-                 "  omnilite bench forward --config configs/small.json --backward --threads 2 --blas-threads 1\n";
+                 "  omnilite bench forward --config configs/small.json --backward --threads 2 --blas-threads 1\n"
+                 "  omnilite bench train --config configs/small.json --steps 20\n";
     return args.count("help") ? 0 : 2;
   }
   const std::string what = args["what"].as<std::string>();
-  if (what != "matmul" && what != "forward")
-    throw std::runtime_error("bench: unknown benchmark \"" + what + "\"; expected matmul or forward");
+  if (what != "matmul" && what != "forward" && what != "train")
+    throw std::runtime_error("bench: unknown benchmark \"" + what + "\"; expected matmul, forward or train");
   const int64_t steps = args["steps"].as<int64_t>();
   if (steps < 1) throw std::runtime_error("bench: --steps must be >= 1, got " + std::to_string(steps));
 
   Config cfg;
   if (args.count("config")) cfg = load_config_file(args["config"].as<std::string>());
-  else if (what == "forward") throw std::runtime_error("bench forward: --config FILE is required");
+  else if (what != "matmul") throw std::runtime_error("bench " + what + ": --config FILE is required");
   if (args.count("device")) cfg.runtime.device = args["device"].as<std::string>();
   if (args.count("dtype")) cfg.runtime.dtype = args["dtype"].as<std::string>();
   if (args.count("threads")) cfg.runtime.threads = args["threads"].as<int64_t>();
@@ -73,17 +93,29 @@ int run_bench(int argc, char** argv) {
                            {"blas_threads", blas_threads_in_use()}};
   if (what == "matmul") {
     const int64_t n = args["size"].as<int64_t>();
-    auto a = torch::randn({n, n}, torch::TensorOptions().device(dev)), b = torch::randn_like(a);
-    torch::NoGradGuard ng;
-    auto c = torch::matmul(a, b);
-    synchronize(dev);
-    const auto t0 = Clock::now();
-    for (int64_t i = 0; i < steps; ++i) c = torch::matmul(a, b);
-    synchronize(dev);
-    const double s = seconds_since(t0) / static_cast<double>(steps);
+    const double flops = matmul_flops(dev, n, steps);
     result["size"] = n;
-    result["seconds_per_matmul"] = s;
-    result["gflops"] = 2.0 * n * n * n / s / 1e9;
+    result["seconds_per_matmul"] = 2.0 * static_cast<double>(n * n * n) / flops;
+    result["gflops"] = flops / 1e9;
+  } else if (what == "train") {
+    const double peak = matmul_flops(dev, 2048, 5);
+    const auto r = bench_train_steps(cfg, steps, 3);
+    const auto pc = count_parameters(cfg.model);
+    const int64_t lm_head = cfg.model.text.tie_word_embeddings ? 0 : cfg.model.text.vocab_size * cfg.model.text.hidden_size;
+    const double n_active = static_cast<double>(pc.active_backbone + lm_head);
+    result["config"] = args["config"].as<std::string>();
+    result["stage"] = cfg.train.stage;
+    result["steps"] = steps;
+    result["seconds_per_step"] = r.seconds_per_step;
+    result[cfg.train.stage == "omni" ? "tokens_per_step" : "images_per_step"] = r.units_per_step;
+    result[cfg.train.stage == "omni" ? "tokens_per_second" : "images_per_second"] = r.units_per_s;
+    result["data_wait_frac"] = r.data_wait_frac;
+    result["matmul_2048_gflops"] = peak / 1e9;
+    if (cfg.train.stage == "omni") {
+      result["active_matmul_params"] = n_active;
+      result["model_gflops_per_s"] = 6.0 * n_active * r.units_per_s / 1e9;
+      result["mfu"] = 6.0 * n_active * r.units_per_s / peak;
+    }
   } else {
     const int64_t B = args["batch"].as<int64_t>(), T = args["seq"].as<int64_t>();
     const bool backward = args.count("backward") > 0;

@@ -21,8 +21,11 @@ const std::vector<Subcommand>& subcommands() {
        omnilite::cli::run_info},
       {"bench", "measure throughput: fp32 matmul GFLOP/s, model tokens/s forward or forward+backward",
        omnilite::cli::run_bench},
-      {"train", "pretrain from a config: packed text, CLM + balancing losses, metrics.jsonl, atomic checkpoints",
+      {"train", "train from a config: the model (text, captions, image generation), the VQ-VAE or the judge "
+                "classifier; metrics.jsonl, atomic checkpoints, exact resume",
        omnilite::cli::run_train},
+      {"eval", "caption accuracy, text-to-image accuracy, held-out and unigram perplexity, sample and loss PNGs",
+       omnilite::cli::run_eval},
       {"tokenizer", "train a SentencePiece tokenizer with the image markers reserved, or encode text with one",
        omnilite::cli::run_tokenizer},
   };

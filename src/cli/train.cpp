@@ -39,8 +39,10 @@ void apply_override(nlohmann::json& j, const std::string& assignment) {
 }
 
 int run_train(int argc, char** argv) {
-  cxxopts::Options opts(argv[0], "Pretrain OMNI-LITE from a config on packed text (CLM + load balancing + z-loss), "
-                                 "writing metrics.jsonl and atomic checkpoints into the run folder.");
+  cxxopts::Options opts(argv[0], "Train from a config. train.stage chooses what: \"omni\" (the model: CLM on text and "
+                                 "captions + rectified flow on generated images + MoE balancing), \"vqvae\" (the VQ-VAE "
+                                 "whose frozen encoder supplies the flow targets) or \"classifier\" (the CNN that judges "
+                                 "generated images in eval). Writes metrics.jsonl and atomic checkpoints into the run folder.");
   opts.add_options()("config", "config JSON (e.g. configs/small.json)", cxxopts::value<std::string>())(
       "out", "run folder (metrics.jsonl, config.json, checkpoints/)", cxxopts::value<std::string>()->default_value("runs/default"))(
       "max-steps", "stop after this many steps in total (default train.steps; the LR schedule always spans train.steps)", cxxopts::value<int64_t>())(
@@ -49,15 +51,16 @@ int run_train(int argc, char** argv) {
              "(repeatable)", cxxopts::value<std::vector<std::string>>())("h,help", "show this help");
   auto args = opts.parse(argc, argv);
   if (args.count("help") || !args.count("config")) {
-    std::cout << opts.help() << "\nExample:\n  omnilite train --config configs/small.json --out runs/small --max-steps 200\n"
-                 "  omnilite train --config configs/small.json --out runs/small --resume runs/small --max-steps 400\n";
+    std::cout << opts.help()
+              << "\nExamples:\n  omnilite train --config configs/small-vqvae.json --out runs/quickstart-vqvae\n"
+                 "  omnilite train --config configs/small.json --out runs/small --max-steps 200\n"
+                 "  omnilite train --config configs/small.json --out runs/small --resume runs/small --max-steps 400\n"
+                 "  omnilite train --config configs/small.json --set train.batch_size=8 --set train.freeze='[\"vision.*\"]'\n"
+                 "A config may start with \"extends\": \"base.json\" to change only some keys of another.\n";
     return args.count("help") ? 0 : 2;
   }
   const std::string path = args["config"].as<std::string>();
-  std::ifstream f(path);
-  if (!f) throw ConfigError("config: cannot open file \"" + path + "\"; hint: check the path");
-  auto j = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) throw ConfigError("config: \"" + path + "\" is not valid JSON");
+  auto j = read_config_json(path);
   if (args.count("set"))
     for (const auto& s : args["set"].as<std::vector<std::string>>()) apply_override(j, s);
   const Config cfg = parse_config(j);

@@ -1,6 +1,45 @@
 #include "omnilite/modules/text_decoder.h"
 
 namespace omnilite {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Runs a decoder layer without keeping its activations; backward recomputes the layer with gradients on and
+// back-propagates through the recomputation (parameter gradients accumulate there, the input gradient is
+// returned). The layer is deterministic (no dropout), so the recomputation equals the forward.
+struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
+  // x: [B, T, D] -> {y [B, T, D], router_logits [B*T, E]}
+  static variable_list forward(AutogradContext* ctx, torch::Tensor x, DecoderLayerImpl* layer, torch::Tensor cos,
+                               torch::Tensor sin, torch::Tensor allowed, bool causal) {
+    ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
+    ctx->saved_data["cos"] = cos;
+    ctx->saved_data["sin"] = sin;
+    ctx->saved_data["allowed"] = allowed;
+    ctx->saved_data["causal"] = causal;
+    ctx->save_for_backward({x});
+    auto o = layer->forward(x, RopeTables{cos, sin}, allowed, causal);
+    return {o.y, o.router_logits};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
+    auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
+    const auto& allowed_iv = ctx->saved_data["allowed"];
+    const torch::Tensor allowed = allowed_iv.isTensor() ? allowed_iv.toTensor() : torch::Tensor();
+    torch::AutoGradMode enable(true);
+    auto o = layer->forward(x, RopeTables{ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor()},
+                            allowed, ctx->saved_data["causal"].toBool());
+    variable_list outs, gs;
+    if (grads[0].defined()) { outs.push_back(o.y); gs.push_back(grads[0]); }
+    if (grads[1].defined()) { outs.push_back(o.router_logits); gs.push_back(grads[1]); }
+    if (!outs.empty()) torch::autograd::backward(outs, gs);
+    return {x.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
 
 TextDecoderImpl::TextDecoderImpl(const TextOptions& text, const MoEOptions& moe, const LinearBuilder& builder,
                                  const std::string& path)
@@ -22,9 +61,18 @@ TextDecoderOutput TextDecoderImpl::forward(const torch::Tensor& x, const torch::
   TextDecoderOutput out;
   auto h = x;
   for (const auto& layer : *layers) {
-    auto o = layer->as<DecoderLayerImpl>()->forward(h, rope, allowed, causal);
-    h = o.y;
-    out.router_logits.push_back(o.router_logits);
+    auto* l = layer->as<DecoderLayerImpl>();
+    if (checkpoint_layers && torch::GradMode::is_enabled() && is_training()) {
+      // The recomputation only runs when the function is part of the graph: give it an input that needs grad.
+      if (!h.requires_grad()) h = h.detach().requires_grad_(true);
+      auto o = CheckpointedLayer::apply(h, l, rope.cos, rope.sin, allowed, causal);
+      h = o[0];
+      out.router_logits.push_back(o[1]);
+    } else {
+      auto o = l->forward(h, rope, allowed, causal);
+      h = o.y;
+      out.router_logits.push_back(o.router_logits);
+    }
   }
   out.hidden = norm->forward(h);
   return out;

@@ -119,6 +119,27 @@ VQVAEImpl::VQVAEImpl(const VQVAEOptions& o, int64_t latent_channels) {
   encoder = register_module("encoder", VQEncoder(o, latent_channels));
   quantizer = register_module("quantizer", VectorQuantizer(o.codebook_size, latent_channels));
   decoder = register_module("decoder", VQDecoder(o, latent_channels));
+  latent_mean = register_buffer("latent_mean", torch::zeros({latent_channels}));
+  latent_std = register_buffer("latent_std", torch::ones({latent_channels}));
+}
+
+// [N, C, H, W] -> [N, Cz, h, w]
+torch::Tensor VQVAEImpl::encode_normalized(const torch::Tensor& images) {
+  auto z = quantizer->forward(encoder->forward(images)).z_q.detach();
+  return (z - latent_mean.view({1, -1, 1, 1})) / latent_std.view({1, -1, 1, 1});
+}
+
+// [N, Cz, h, w] -> [N, C, H, W]
+torch::Tensor VQVAEImpl::decode_normalized(const torch::Tensor& z) {
+  auto raw = z * latent_std.view({1, -1, 1, 1}) + latent_mean.view({1, -1, 1, 1});
+  return decoder->forward(quantizer->forward(raw).z_q);
+}
+
+void VQVAEImpl::fit_latent_stats(const torch::Tensor& images) {
+  torch::NoGradGuard ng;
+  auto z = quantizer->forward(encoder->forward(images)).z_q;  // [N, Cz, h, w]
+  latent_mean.copy_(z.mean({0, 2, 3}));
+  latent_std.copy_(z.std({0, 2, 3}).clamp_min(1e-4));
 }
 
 // images: [N, C, H, W] -> recon [N, C, H, W]

@@ -5,18 +5,17 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
 
-#include "omnilite/data/text_dataset.h"
-#include "omnilite/data/tokenizer.h"
 #include "omnilite/io/checkpoint.h"
 #include "omnilite/log.h"
-#include "omnilite/modules/omnilite.h"
 #include "omnilite/runtime.h"
-#include "omnilite/train/losses.h"
 #include "omnilite/train/schedule.h"
+#include "omnilite/train/stage.h"
+#include "stages.h"
 
 namespace omnilite {
 namespace fs = std::filesystem;
@@ -41,38 +40,9 @@ void write_file_synced(const std::string& path, const std::string& text) {
   io::fsync_directory(fs::path(path).parent_path().string());
 }
 
-// Packed text rows, served as micro-batches in a deterministic order: micro-batch m holds global samples
-// m*B .. m*B+B-1, sample k being row perm_{k / R}[k % R] of the epoch permutation for seed and epoch k / R.
-class TextBatches {
- public:
-  TextBatches(torch::Tensor rows, int64_t batch, uint64_t seed) : rows_(std::move(rows)), batch_(batch), seed_(seed) {}
-  // rows [B, T] of micro-batch m
-  torch::Tensor get(int64_t m) {
-    const int64_t R = rows_.size(0);
-    std::vector<int64_t> idx;
-    for (int64_t i = 0; i < batch_; ++i) {
-      const int64_t k = m * batch_ + i, epoch = k / R;
-      if (epoch != cached_epoch_) {
-        perm_ = epoch_permutation(R, seed_, epoch);
-        cached_epoch_ = epoch;
-      }
-      idx.push_back(perm_[static_cast<size_t>(k % R)]);
-    }
-    return rows_.index_select(0, torch::tensor(idx, torch::kInt64));
-  }
-  int64_t rows() const { return rows_.size(0); }
-
- private:
-  torch::Tensor rows_;
-  int64_t batch_;
-  uint64_t seed_;
-  int64_t cached_epoch_ = -1;
-  std::vector<int64_t> perm_;
-};
-
 // AdamW with decay on matrices only: norms, biases (1-d), the token embedding, position tables and the resampler
 // latents take none.
-std::unique_ptr<torch::optim::AdamW> make_optimizer(OmniLiteImpl& model, const TrainOptions& tr) {
+std::unique_ptr<torch::optim::AdamW> make_optimizer(torch::nn::Module& model, const TrainOptions& tr) {
   std::vector<torch::Tensor> decay, no_decay;
   for (const auto& p : model.named_parameters()) {
     if (!p.value().requires_grad()) continue;
@@ -94,7 +64,7 @@ struct Checkpointer {
   std::string dir;      // <run>/checkpoints
   int64_t keep_last;
 
-  std::string write(int64_t step, int64_t micro, OmniLiteImpl& model, torch::optim::AdamW& opt, const Config& cfg) {
+  std::string write(int64_t step, int64_t micro, torch::nn::Module& model, torch::optim::AdamW& opt, const Config& cfg) {
     fs::create_directories(dir);
     const std::string final_dir = dir + "/" + step_name(step);
     const std::string tmp = dir + "/.tmp-" + step_name(step);
@@ -103,7 +73,8 @@ struct Checkpointer {
     io::save_module(model, tmp + "/model.safetensors", {{"step", std::to_string(step)}});
     torch::save(opt, tmp + "/optimizer.pt");
     io::save_safetensors(tmp + "/rng.safetensors", {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}});
-    json state = {{"version", kCheckpointVersion}, {"step", step}, {"micro_batches", micro}, {"config", to_json(cfg)}};
+    json state = {{"version", kCheckpointVersion}, {"stage", cfg.train.stage}, {"step", step},
+                  {"micro_batches", micro}, {"config", to_json(cfg)}};
     write_file_synced(tmp + "/state.json", state.dump(2));
     io::fsync_directory(tmp);
     if (fs::exists(final_dir)) fs::remove_all(final_dir);
@@ -151,32 +122,103 @@ std::string latest_checkpoint(const std::string& dir) {
   return names.back();
 }
 
+bool matches_pattern(const std::string& name, const std::string& pattern) {
+  // Iterative wildcard match: '*' spans any run of characters.
+  size_t n = 0, p = 0, star = std::string::npos, mark = 0;
+  while (n < name.size()) {
+    if (p < pattern.size() && pattern[p] == name[n]) {
+      ++n;
+      ++p;
+    } else if (p < pattern.size() && pattern[p] == '*') {
+      star = p++;
+      mark = n;
+    } else if (star != std::string::npos) {
+      p = star + 1;
+      n = ++mark;
+    } else {
+      return false;
+    }
+  }
+  while (p < pattern.size() && pattern[p] == '*') ++p;
+  return p == pattern.size();
+}
+
+void load_vqvae_weights(torch::nn::Module& vqvae, const std::string& run_or_checkpoint) {
+  const std::string dir = latest_checkpoint(run_or_checkpoint);
+  std::ifstream sf(dir + "/state.json");
+  auto state = json::parse(sf, nullptr, false);
+  if (!state.is_object() || state.value("stage", std::string()) != "vqvae")
+    throw std::runtime_error("data.vqvae: \"" + dir + "\" is not a checkpoint of a train.stage = \"vqvae\" run; hint: "
+                             "train the VQ-VAE first (configs/small-vqvae.json)");
+  io::load_module(vqvae, dir + "/model.safetensors");
+  log::info("vqvae: frozen weights from " + dir);
+}
+
+std::unique_ptr<TrainStage> make_stage(const Config& cfg, torch::Device dev) {
+  if (cfg.train.stage == "vqvae") return make_vqvae_stage(cfg, dev);
+  if (cfg.train.stage == "classifier") return make_classifier_stage(cfg, dev);
+  return make_omni_stage(cfg, dev);
+}
+
+TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t warmup) {
+  const torch::Device dev = apply_runtime(cfg.runtime);
+  torch::manual_seed(cfg.train.seed);
+  auto stage = make_stage(cfg, dev);
+  auto opt = make_optimizer(stage->module(), cfg.train);
+  std::vector<torch::Tensor> params;
+  for (const auto& p : stage->module().parameters())
+    if (p.requires_grad()) params.push_back(p);
+  stage->start(0);
+  TrainBenchResult r;
+  int64_t micro = 0;
+  double units = 0, wait = 0;
+  std::chrono::steady_clock::time_point t0;
+  for (int64_t s = 0; s < warmup + steps; ++s) {
+    if (s == warmup) {
+      if (dev.is_cuda()) torch::cuda::synchronize();
+      t0 = std::chrono::steady_clock::now();
+    }
+    opt->zero_grad();
+    for (int64_t a = 0; a < cfg.train.grad_accum; ++a) {
+      auto m = stage->micro_step(micro++);
+      (m.loss / static_cast<double>(cfg.train.grad_accum)).backward();
+      if (s >= warmup) {
+        units += m.units;
+        wait += m.wait_s;
+      }
+    }
+    if (cfg.train.grad_clip > 0) torch::nn::utils::clip_grad_norm_(params, cfg.train.grad_clip);
+    opt->step();
+  }
+  if (dev.is_cuda()) torch::cuda::synchronize();
+  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.seconds_per_step = total / static_cast<double>(steps);
+  r.units_per_s = units / total;
+  r.units_per_step = units / static_cast<double>(steps);
+  r.data_wait_frac = wait / total;
+  return r;
+}
+
 TrainResult train(const Config& cfg, const TrainRunOptions& run) {
   const auto& tr = cfg.train;
   const int64_t total_steps = run.max_steps >= 0 ? run.max_steps : tr.steps;
   const torch::Device dev = apply_runtime(cfg.runtime);
   torch::manual_seed(tr.seed);
 
-  // setup_data: tokenizer, documents, packed rows. An empty dataset is an error here, before step 1.
-  Tokenizer tok(cfg.data.tokenizer);
-  tok.check_compatible(cfg.model);
-  auto docs = read_documents(cfg.data.text_train);
-  if (docs.skipped > 0) log::warn(log::format("data: skipped %lld malformed text lines", static_cast<long long>(docs.skipped)));
-  if (docs.documents.empty())
-    throw std::runtime_error("data.text_train: no documents in the given files; hint: run scripts/prepare_data.sh");
-  TextBatches batches(pack_sequences(tokenize_documents(docs.documents, tok, cfg.model.tokens.eos_id), tr.seq_len,
-                                     "data.text_train"),
-                      tr.batch_size, tr.seed);
-  log::info(log::format("data: %zu documents -> %lld sequences of %lld tokens", docs.documents.size(),
-                         static_cast<long long>(batches.rows()), static_cast<long long>(tr.seq_len)));
+  // Data and model of the stage; an empty dataset is an error here, before step 1.
+  auto stage = make_stage(cfg, dev);
+  auto& model = stage->module();
+  int64_t frozen = 0;
+  for (auto& p : model.named_parameters())
+    for (const auto& pattern : tr.freeze)
+      if (matches_pattern(p.key(), pattern) && p.value().requires_grad()) {
+        p.value().set_requires_grad(false);
+        frozen += p.value().numel();
+      }
+  if (!tr.freeze.empty()) log::info(log::format("train.freeze: %lld parameters frozen", static_cast<long long>(frozen)));
+  auto opt = make_optimizer(model, tr);
 
-  // setup_model and setup_optimizer
-  OmniLite model(cfg.model);
-  model->to(dev);
-  model->train();
-  auto opt = make_optimizer(*model, tr);
-
-  // setup_run_folder, resume
+  // Run folder and resume.
   fs::create_directories(run.out_dir);
   write_file_synced(run.out_dir + "/config.json", to_json(cfg).dump(2));
   Checkpointer ckpt{run.out_dir + "/checkpoints", tr.keep_last};
@@ -191,7 +233,10 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     auto state = json::parse(sf, nullptr, false);
     if (!state.is_object() || state.value("version", 0) != kCheckpointVersion)
       throw std::runtime_error("checkpoint \"" + dir + "\": state.json is unreadable or of another version");
-    io::load_module(*model, dir + "/model.safetensors");
+    if (state.value("stage", std::string("omni")) != tr.stage)
+      throw std::runtime_error("checkpoint \"" + dir + "\" belongs to train.stage = \"" + state.value("stage", std::string()) +
+                               "\", this run is \"" + tr.stage + "\"");
+    io::load_module(model, dir + "/model.safetensors");
     torch::load(*opt, dir + "/optimizer.pt");
     io::SafetensorsReader rng(dir + "/rng.safetensors");
     rng.verify_checksum();
@@ -205,11 +250,13 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
   const std::string metrics_path = run.out_dir + "/metrics.jsonl";
   truncate_metrics(metrics_path, step);
   std::ofstream metrics(metrics_path, std::ios::app);
+  stage->start(micro);
 
-  const auto& tk = cfg.model.tokens;
   std::vector<torch::Tensor> params;
-  for (const auto& p : model->parameters())
+  for (const auto& p : model.parameters())
     if (p.requires_grad()) params.push_back(p);
+  const auto names = stage->terms();
+  const std::string rate_key = stage->unit() + "_per_s";
   const auto start = std::chrono::steady_clock::now();
   const int64_t first_step = step;
   int64_t bad_in_row = 0;
@@ -217,22 +264,15 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
   while (step < total_steps) {
     const auto t0 = std::chrono::steady_clock::now();
     opt->zero_grad();
-    double clm_sum = 0, aux_sum = 0, z_sum = 0, total_sum = 0, wait_s = 0;
+    std::map<std::string, double> sums;
+    double total_sum = 0, wait_s = 0, units = 0;
     for (int64_t a = 0; a < tr.grad_accum; ++a) {
-      const auto w0 = std::chrono::steady_clock::now();
-      auto tokens = batches.get(micro++).to(dev);
-      wait_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
-      auto out = model->forward({tokens});
-      auto target = tokens.ne(tk.pad_id).logical_and(tokens.ne(tk.image_id)).logical_and(tokens.ne(tk.gen_image_id));
-      auto clm = clm_loss(out.logits, tokens, target);
-      auto aux = load_balancing_loss(out.router_logits, cfg.model.moe.top_k);
-      auto z = router_z_loss(out.router_logits);
-      auto loss = clm + tr.aux_coef * aux + tr.z_coef * z;
-      (loss / static_cast<double>(tr.grad_accum)).backward();
-      clm_sum += clm.item<double>();
-      aux_sum += aux.item<double>();
-      z_sum += z.item<double>();
-      total_sum += loss.item<double>();
+      auto r = stage->micro_step(micro++);
+      (r.loss / static_cast<double>(tr.grad_accum)).backward();
+      for (const auto& [k, v] : r.terms) sums[k] += v;
+      total_sum += r.loss.item<double>();
+      wait_s += r.wait_s;
+      units += r.units;
     }
     const double n = static_cast<double>(tr.grad_accum);
     const double loss_value = total_sum / n;
@@ -258,26 +298,41 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
                                  "; hint: lower train.lr");
     }
     ++step;
+    if (finite) stage->after_step(step);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const double tps = static_cast<double>(tr.grad_accum * tr.batch_size * tr.seq_len) / dt;
     if (first) result.first_loss = loss_value;
     first = false;
     result.last_loss = loss_value;
-    json m = {{"step", step},           {"loss", loss_value},   {"loss_clm", clm_sum / n}, {"loss_rf", 0.0},
-              {"loss_aux", aux_sum / n}, {"loss_z", z_sum / n}, {"lr", lr},                {"grad_norm", grad_norm},
-              {"tokens_per_s", tps},    {"data_wait_frac", wait_s / dt}, {"skipped", !finite}};
+    json m = {{"step", step}, {"loss", loss_value}};
+    for (const auto& k : names) m[k] = sums[k] / n;
+    m["lr"] = lr;
+    m["grad_norm"] = grad_norm;
+    m[rate_key] = units / dt;
+    m["data_wait_frac"] = wait_s / dt;
+    m["skipped"] = !finite;
+    const bool last = step == total_steps;
+    std::string valid_text;
+    if ((tr.valid_every > 0 && step % tr.valid_every == 0) || last) {
+      for (const auto& [k, v] : stage->validate()) {
+        m[k] = v;
+        valid_text += log::format(" | %s %.4f", k.c_str(), v);
+      }
+    }
     metrics << m.dump() << "\n";
     metrics.flush();
-    if (step % tr.log_every == 0 || step == total_steps || step == first_step + 1) {
+    if (step % tr.log_every == 0 || last || step == first_step + 1 || !valid_text.empty()) {
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       const double eta = elapsed / static_cast<double>(step - first_step) * static_cast<double>(total_steps - step);
-      log::info(log::format("step %lld/%lld | loss %.4f | clm %.4f | aux %.3f | z %.3f | lr %.2e | grad %.2f | "
-                            "%.0f tok/s | data wait %.1f%% | ETA %.0fs",
-                            static_cast<long long>(step), static_cast<long long>(total_steps), loss_value, clm_sum / n,
-                            aux_sum / n, z_sum / n, lr, grad_norm, tps, 100.0 * wait_s / dt, eta));
+      std::string line = log::format("step %lld/%lld | loss %.4f", static_cast<long long>(step),
+                                     static_cast<long long>(total_steps), loss_value);
+      for (const auto& k : names) line += log::format(" | %s %.4f", k.c_str() + (k.rfind("loss_", 0) == 0 ? 5 : 0), sums[k] / n);
+      line += log::format(" | lr %.2e | grad %.2f | %.0f %s/s | data wait %.1f%% | ETA %.0fs", lr, grad_norm, units / dt,
+                          stage->unit().c_str(), 100.0 * wait_s / dt, eta);
+      log::info(line + valid_text);
     }
-    if (step % tr.ckpt_every == 0 || step == total_steps) {
-      result.last_checkpoint = ckpt.write(step, micro, *model, *opt, cfg);
+    if (step % tr.ckpt_every == 0 || last) {
+      stage->before_checkpoint();
+      result.last_checkpoint = ckpt.write(step, micro, model, *opt, cfg);
       log::info("checkpoint " + result.last_checkpoint);
     }
   }

@@ -8,5 +8,6 @@ int run_info(int argc, char** argv);
 int run_bench(int argc, char** argv);
 int run_tokenizer(int argc, char** argv);
 int run_train(int argc, char** argv);
+int run_eval(int argc, char** argv);
 
 }  // namespace omnilite::cli

@@ -24,6 +24,9 @@ struct TextDecoderImpl : torch::nn::Module {
                             bool causal);
 
   TextOptions opts;
+  // Activation checkpointing: when true and gradients are on, each layer keeps only its input and recomputes its
+  // activations in backward (memory O(layers) hidden states instead of every intermediate, ~1/3 more compute).
+  bool checkpoint_layers = false;
   TokenEmbedding embed_tokens{nullptr};  // [V, D]
   torch::nn::ModuleList layers;          // num_layers DecoderLayer
   RMSNorm norm{nullptr};                 // final norm

@@ -81,9 +81,20 @@ struct VQVAEImpl : torch::nn::Module {
   VQVAEImpl(const VQVAEOptions& o, int64_t latent_channels);
   // images: [N, C, H, W] -> reconstruction and quantiser output
   VQVAEOutput forward(const torch::Tensor& images);
+  // The flow's data space: quantised latents standardised per channel with latent_mean / latent_std, so that
+  // they match the N(0, I) noise in scale. images: [N, C, H, W] -> [N, latent_channels, H/2^n, W/2^n]
+  torch::Tensor encode_normalized(const torch::Tensor& images);
+  // Inverse of encode_normalized: un-standardise, snap to the nearest code, decode.
+  // z: [N, latent_channels, h, w] -> images [N, C, h*2^n, w*2^n]
+  torch::Tensor decode_normalized(const torch::Tensor& z);
+  // Sets latent_mean / latent_std from quantised latents of `images` [N, C, H, W] (no gradient).
+  void fit_latent_stats(const torch::Tensor& images);
+
   VQEncoder encoder{nullptr};
   VectorQuantizer quantizer{nullptr};
   VQDecoder decoder{nullptr};
+  torch::Tensor latent_mean;  // [latent_channels] buffer, per-channel mean of quantised training latents
+  torch::Tensor latent_std;   // [latent_channels] buffer, per-channel std (1 until fit_latent_stats runs)
 };
 TORCH_MODULE(VQVAE);
 

@@ -1,8 +1,8 @@
 // `omnilite train`: a recipe of setup steps, one per config section, then the step loop.
 //
-// Each optimizer step: grad_accum micro-batches of packed text -> loss = CLM + alpha * aux + beta * z
-// (+ lambda_rf * RF once image-generation data is wired in) -> backward -> clip -> AdamW with the warmup + cosine
-// learning rate. A NaN/Inf loss skips the step; max_bad_steps in a row stop the run with the last checkpoint intact.
+// train.stage chooses the module and its losses (include/omnilite/train/stage.h); each optimizer step: grad_accum
+// micro-batches -> loss (omni: CLM + lambda_rf * RF + alpha * aux + beta * z) -> backward -> clip -> AdamW with the
+// warmup + cosine learning rate. A NaN/Inf loss skips the step; max_bad_steps in a row stop the run with the last checkpoint intact.
 //
 // Run folder: metrics.jsonl (one object per optimizer step), config.json, checkpoints/step_NNNNNNN/ with
 // model.safetensors, optimizer.pt, state.json. A checkpoint is written into a temporary folder and renamed into
@@ -32,6 +32,16 @@ struct TrainResult {
 
 // Runs training; throws std::runtime_error with a clear message on bad input.
 TrainResult train(const Config& cfg, const TrainRunOptions& run);
+
+// Timing of whole optimizer steps of a config's stage on its data (no checkpoints, no metrics file): `warmup`
+// untimed steps, then `steps` timed ones. Used by `omnilite bench train`.
+struct TrainBenchResult {
+  double seconds_per_step = 0;  // mean wall time of a timed step (data wait included)
+  double units_per_s = 0;       // tokens/s (images/s for image stages)
+  double units_per_step = 0;    // tokens (images) per optimizer step
+  double data_wait_frac = 0;    // share of timed step time spent waiting for data
+};
+TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t warmup);
 
 // The newest checkpoint folder under a run folder (or the folder itself if it is a checkpoint); throws if none.
 std::string latest_checkpoint(const std::string& dir);

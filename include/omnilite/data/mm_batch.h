@@ -1,0 +1,77 @@
+// Multimodal training rows and the deterministic sampler that builds micro-batches from image-caption data.
+//
+// Row layouts (L = resampler.num_latents, G = generated latent tokens per image):
+//   image -> caption (understanding): [bos, image_begin, image x L, image_end, caption..., eos]
+//   caption -> image (generation):    [bos, prompt..., image_begin, gen_image x G, image_end, eos]
+// A generation sample's prompt is dropped (empty) with probability train.cfg_dropout, so that the model also learns
+// the unconditional velocity that classifier-free guidance needs. Every draw (sample order, caption variant,
+// prompt drop, noise, flow time) depends only on the seed and the micro-batch index, so a resumed run and any
+// number of loader threads see the same batches.
+#pragma once
+
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "omnilite/config.h"
+#include "omnilite/data/image_dataset.h"
+#include "omnilite/data/tokenizer.h"
+
+namespace omnilite {
+
+std::vector<int64_t> caption_row(const std::vector<int64_t>& caption, int64_t num_latents, const TokenOptions& t);
+std::vector<int64_t> generation_row(const std::vector<int64_t>& prompt, int64_t gen_tokens, const TokenOptions& t);
+// rows -> [n, T] int64 right-padded with pad_id; throws naming the row when one is longer than T.
+torch::Tensor pad_rows(const std::vector<std::vector<int64_t>>& rows, int64_t T, int64_t pad_id);
+// Latent tokens of one generated image: (image_size / 2^n / p)^2.
+int64_t generated_tokens_per_image(const ModelConfig& m);
+
+// Sample k of an endless sequence of epochs, each a fresh permutation of [0, n) (epoch_permutation); thread-safe.
+class EpochSampler {
+ public:
+  EpochSampler(int64_t n, uint64_t seed) : n_(n), seed_(seed) {}
+  int64_t at(int64_t k) const;
+  int64_t size() const { return n_; }
+
+ private:
+  int64_t n_;
+  uint64_t seed_;
+  mutable std::mutex mu_;
+  mutable std::map<int64_t, std::vector<int64_t>> cache_;  // epoch -> permutation (the last two kept)
+};
+
+// A micro-batch of image-caption samples: caption rows first, then generation rows.
+struct MultimodalBatch {
+  torch::Tensor tokens;      // [Bc + Bg, T] int64
+  torch::Tensor images;      // [Bc, C, Sv, Sv] float in [-1, 1] for the understanding rows (undefined if Bc = 0)
+  torch::Tensor gen_images;  // [Bg, C, Sq, Sq] float in [-1, 1], to be encoded by the VQ-VAE (undefined if Bg = 0)
+  torch::Tensor noise;       // [Bg * G, P] x0 ~ N(0, I)
+  torch::Tensor times;       // [Bg * G] flow time of each latent token (one draw per image)
+  torch::Tensor labels;      // [Bc + Bg] int64 class labels (-1 unknown)
+};
+
+class MultimodalSampler {
+ public:
+  // Tokenizes every distinct caption once. T = train.image_seq_len, or the longest row when 0.
+  MultimodalSampler(const ImageCaptionSet& data, const Tokenizer& tok, const ModelConfig& model,
+                    const TrainOptions& train, uint64_t seed);
+  // The micro-batch `micro`; thread-safe and deterministic in (seed, micro).
+  MultimodalBatch get(int64_t micro) const;
+  int64_t seq_len() const { return seq_len_; }
+
+ private:
+  const ImageCaptionSet& data_;
+  ModelConfig model_;
+  int64_t caption_batch_, gen_batch_, seq_len_ = 0;
+  double cfg_dropout_;
+  bool logit_normal_;
+  double time_mean_, time_std_;
+  uint64_t seed_;
+  std::vector<std::vector<std::vector<int64_t>>> caption_ids_;  // [image][variant] -> token ids
+  EpochSampler caption_order_, gen_order_;
+};
+
+}  // namespace omnilite

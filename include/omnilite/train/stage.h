@@ -1,0 +1,58 @@
+// A training stage: what `omnilite train` optimises, chosen by train.stage.
+//   "omni"       the OMNI-LITE model: CLM on packed text and image-caption rows + lambda_rf * rectified flow on
+//                generated-image latents + alpha * load balancing + beta * router z-loss; the VQ-VAE is frozen.
+//   "vqvae"      the VQ-VAE alone: reconstruction MSE + codebook + beta * commitment, dead codes restarted.
+//   "classifier" the CNN that judges generated images in eval (cross-entropy on labelled training images).
+// The trainer (trainer.cpp) owns the loop, the optimizer, checkpoints and metrics; a stage owns data and losses.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "omnilite/config.h"
+
+namespace omnilite {
+
+struct MicroResult {
+  torch::Tensor loss;                   // scalar the trainer back-propagates
+  std::map<std::string, double> terms;  // logged terms of this micro-batch (keys: TrainStage::terms())
+  double units = 0;                     // tokens or images processed (throughput)
+  double wait_s = 0;                    // seconds spent waiting for the data loader
+};
+
+class TrainStage {
+ public:
+  virtual ~TrainStage() = default;
+  // The module whose parameters are optimised and whose state checkpoints hold (model.safetensors).
+  virtual torch::nn::Module& module() = 0;
+  // Names of the logged terms, in display order (e.g. loss_clm, loss_rf, loss_aux, loss_z).
+  virtual std::vector<std::string> terms() const = 0;
+  // "tokens" or "images": the metrics key is <unit>_per_s.
+  virtual std::string unit() const = 0;
+  // Starts the data loaders at micro-batch `first` (0 for a fresh run, the checkpoint's position on resume).
+  virtual void start(int64_t first) = 0;
+  // Forward pass and losses of micro-batch `micro` (the next one after the previous call).
+  virtual MicroResult micro_step(int64_t micro) = 0;
+  // After optimizer step `step` (1-based), e.g. codebook maintenance.
+  virtual void after_step(int64_t step) {}
+  // Before a checkpoint is written, e.g. statistics that inference needs.
+  virtual void before_checkpoint() {}
+  // Held-out metrics (keys start with "valid_"); empty when the stage has no held-out data.
+  virtual std::map<std::string, double> validate() { return {}; }
+};
+
+// The stage of cfg.train.stage on `device`; reads its data and reports an empty dataset before step 1.
+std::unique_ptr<TrainStage> make_stage(const Config& cfg, torch::Device device);
+
+// Weights of a VQ-VAE stage run (run folder or checkpoint folder) into `vqvae`; throws naming the folder.
+void load_vqvae_weights(torch::nn::Module& vqvae, const std::string& run_or_checkpoint);
+
+// True when `name` matches `pattern`, where '*' matches any run of characters (e.g. "text.layers.*.moe.gate.*").
+bool matches_pattern(const std::string& name, const std::string& pattern);
+
+}  // namespace omnilite

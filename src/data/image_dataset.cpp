@@ -1,0 +1,236 @@
+#include "omnilite/data/image_dataset.h"
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <stdexcept>
+
+#include <nlohmann/json.hpp>
+#include <opencv2/imgcodecs.hpp>
+#include <opencv2/imgproc.hpp>
+
+#include "omnilite/data/idx.h"
+#include "omnilite/log.h"
+
+namespace omnilite {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+std::vector<uint8_t> read_bytes(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw std::runtime_error("image \"" + path + "\": cannot open (missing?)");
+  return std::vector<uint8_t>(std::istreambuf_iterator<char>(f), {});
+}
+
+// cv::Mat (any depth-8 layout) -> [S, S, 3] uint8 RGB resized to `size`.
+torch::Tensor mat_to_tensor(const cv::Mat& decoded, int64_t size) {
+  cv::Mat rgb, resized;
+  if (decoded.channels() == 1) cv::cvtColor(decoded, rgb, cv::COLOR_GRAY2RGB);
+  else if (decoded.channels() == 4) cv::cvtColor(decoded, rgb, cv::COLOR_BGRA2RGB);
+  else cv::cvtColor(decoded, rgb, cv::COLOR_BGR2RGB);
+  const int s = static_cast<int>(size);
+  if (rgb.rows != s || rgb.cols != s)
+    cv::resize(rgb, resized, cv::Size(s, s), 0, 0, rgb.rows > s ? cv::INTER_AREA : cv::INTER_LINEAR);
+  else
+    resized = rgb;
+  return torch::from_blob(resized.data, {size, size, 3}, torch::kUInt8).clone();
+}
+
+// cv::Mat (BGR or gray) -> [H, W, 3] uint8 RGB at its own size.
+torch::Tensor mat_to_tensor_native(const cv::Mat& decoded) {
+  cv::Mat rgb;
+  cv::cvtColor(decoded, rgb, decoded.channels() == 1 ? cv::COLOR_GRAY2RGB : cv::COLOR_BGR2RGB);
+  return torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3}, torch::kUInt8).clone();
+}
+
+// Accumulates images while sources are read.
+struct Builder {
+  const ImageLoadOptions& opts;
+  std::vector<torch::Tensor> images;
+  std::vector<std::vector<std::string>> captions;
+  std::vector<int64_t> labels;
+  int64_t skipped = 0;
+
+  bool full() const { return opts.max_images > 0 && static_cast<int64_t>(images.size()) >= opts.max_images; }
+  void add(torch::Tensor img, std::vector<std::string> caps, int64_t label) {
+    images.push_back(std::move(img));
+    captions.push_back(std::move(caps));
+    labels.push_back(label);
+  }
+  void skip(const std::string& where, const std::string& why) {
+    ++skipped;
+    log::warn("image-caption data: skipped " + where + ": " + why);
+  }
+  std::string resolve(const std::string& list_file, const std::string& image) const {
+    if (fs::path(image).is_absolute()) return image;
+    const fs::path root = opts.image_root.empty() ? fs::path(list_file).parent_path() : fs::path(opts.image_root);
+    return (root / image).string();
+  }
+};
+
+void read_idx_source(const std::string& prefix, Builder& b) {
+  auto images = read_idx(prefix + "-images-idx3-ubyte");
+  auto labels = read_idx(prefix + "-labels-idx1-ubyte");
+  if (images.dim() != 3 || labels.dim() != 1 || images.size(0) != labels.size(0))
+    throw std::runtime_error("IDX source \"" + prefix + "\": " + std::to_string(images.size(0)) + " images but " +
+                             std::to_string(labels.size(0)) + " labels; hint: the two files must belong together");
+  const int64_t n = images.size(0), h = images.size(1), w = images.size(2);
+  auto lab = labels.to(torch::kInt64);
+  for (int64_t i = 0; i < n && !b.full(); ++i) {
+    cv::Mat gray(static_cast<int>(h), static_cast<int>(w), CV_8UC1, images[i].data_ptr<uint8_t>());
+    const int64_t label = lab[i].item<int64_t>();
+    if (label < 0 || label >= static_cast<int64_t>(fashion_mnist_classes().size())) {
+      b.skip(prefix + "-labels-idx1-ubyte item " + std::to_string(i), "label " + std::to_string(label) + " is not a class");
+      continue;
+    }
+    std::vector<std::string> caps;
+    for (int64_t v = 0; v < fashion_caption_templates(); ++v) caps.push_back(fashion_caption(label, v));
+    b.add(mat_to_tensor(gray, b.opts.size), std::move(caps), label);
+  }
+}
+
+// Reads and decodes one file (BGR or gray cv::Mat); throws naming the file and the problem.
+cv::Mat decode_mat(const std::string& path) {
+  const auto bytes = read_bytes(path);
+  if (bytes.empty()) throw std::runtime_error("image \"" + path + "\": the file is empty");
+  const bool jpeg = bytes.size() >= 2 && bytes[0] == 0xFF && bytes[1] == 0xD8;
+  const bool png = bytes.size() >= 8 && bytes[0] == 0x89 && bytes[1] == 'P' && bytes[2] == 'N' && bytes[3] == 'G';
+  if (jpeg) {  // a complete JPEG ends with the end-of-image marker FF D9 (trailing zero padding allowed)
+    size_t end = bytes.size();
+    while (end > 2 && bytes[end - 1] == 0) --end;
+    if (end < 4 || bytes[end - 2] != 0xFF || bytes[end - 1] != 0xD9)
+      throw std::runtime_error("image \"" + path + "\": truncated JPEG (no end-of-image marker)");
+  }
+  if (png) {  // a complete PNG ends with the IEND chunk
+    static const uint8_t iend[] = {'I', 'E', 'N', 'D'};
+    if (bytes.size() < 12 || !std::equal(iend, iend + 4, bytes.end() - 8))
+      throw std::runtime_error("image \"" + path + "\": truncated PNG (no IEND chunk)");
+  }
+  cv::Mat m = cv::imdecode(bytes, cv::IMREAD_COLOR);
+  if (m.empty() || m.depth() != CV_8U)
+    throw std::runtime_error("image \"" + path + "\": OpenCV cannot decode it (" + std::to_string(bytes.size()) +
+                             " bytes); hint: use JPEG or PNG files");
+  return m;
+}
+
+void read_jsonl_source(const std::string& path, Builder& b) {
+  std::ifstream f(path);
+  if (!f) throw std::runtime_error("image-caption list \"" + path + "\": cannot open");
+  std::string line;
+  for (int64_t no = 1; !b.full() && std::getline(f, line); ++no) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    const std::string where = path + ":" + std::to_string(no);
+    auto j = json::parse(line, nullptr, false);
+    if (!j.is_object() || !j.contains("image") || !j["image"].is_string() || !j.contains("text") ||
+        !j["text"].is_string()) {
+      b.skip(where, "expected a JSON object {\"image\": path, \"text\": caption}");
+      continue;
+    }
+    const int64_t label = j.contains("label") && j["label"].is_number_integer() ? j["label"].get<int64_t>() : -1;
+    try {
+      b.add(mat_to_tensor(decode_mat(b.resolve(path, j["image"].get<std::string>())), b.opts.size),
+            {j["text"].get<std::string>()}, label);
+    } catch (const std::exception& e) {
+      b.skip(where, e.what());
+    }
+  }
+}
+
+void read_coco_source(const std::string& path, Builder& b) {
+  std::ifstream f(path);
+  if (!f) throw std::runtime_error("COCO captions \"" + path + "\": cannot open");
+  auto j = json::parse(f, nullptr, false);
+  if (!j.is_object() || !j.contains("images") || !j["images"].is_array() || !j.contains("annotations") ||
+      !j["annotations"].is_array())
+    throw std::runtime_error("COCO captions \"" + path + "\": expected {\"images\": [...], \"annotations\": [...]}");
+  std::map<int64_t, std::vector<std::string>> caps;
+  for (const auto& a : j["annotations"]) {
+    if (a.contains("image_id") && a["image_id"].is_number_integer() && a.contains("caption") && a["caption"].is_string())
+      caps[a["image_id"].get<int64_t>()].push_back(a["caption"].get<std::string>());
+    else
+      b.skip(path + " annotation", "expected {\"image_id\": int, \"caption\": str}, got " + a.dump().substr(0, 80));
+  }
+  int64_t k = 0;
+  for (const auto& im : j["images"]) {
+    if (b.full()) break;
+    const std::string where = path + " images[" + std::to_string(k++) + "]";
+    if (!im.contains("id") || !im["id"].is_number_integer() || !im.contains("file_name") || !im["file_name"].is_string()) {
+      b.skip(where, "expected {\"id\": int, \"file_name\": str}");
+      continue;
+    }
+    auto it = caps.find(im["id"].get<int64_t>());
+    if (it == caps.end()) continue;  // an image without captions teaches nothing here
+    try {
+      b.add(mat_to_tensor(decode_mat(b.resolve(path, im["file_name"].get<std::string>())), b.opts.size), it->second, -1);
+    } catch (const std::exception& e) {
+      b.skip(where, e.what());
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor decode_image_file(const std::string& path) { return mat_to_tensor_native(decode_mat(path)); }
+
+ImageCaptionSet read_image_captions(const std::vector<std::string>& sources, const ImageLoadOptions& opts) {
+  Builder b{opts, {}, {}, {}, 0};
+  for (const auto& src : sources) {
+    if (b.full()) break;
+    if (fs::exists(src + "-images-idx3-ubyte")) read_idx_source(src, b);
+    else if (ends_with(src, ".jsonl")) read_jsonl_source(src, b);
+    else if (ends_with(src, ".json")) read_coco_source(src, b);
+    else
+      throw std::runtime_error("image-caption source \"" + src + "\": neither an IDX prefix (" + src +
+                               "-images-idx3-ubyte is missing), a .jsonl list nor a COCO captions .json; hint: run "
+                               "scripts/prepare_data.sh for the embedded Fashion-MNIST");
+  }
+  ImageCaptionSet set;
+  set.skipped = b.skipped;
+  if (b.skipped > 0) log::warn(log::format("image-caption data: %lld entries skipped", static_cast<long long>(b.skipped)));
+  if (b.images.empty()) return set;
+  set.images = torch::stack(b.images);
+  set.captions = std::move(b.captions);
+  set.labels = torch::tensor(b.labels, torch::kInt64);
+  return set;
+}
+
+// [N, S, S, 3] uint8 -> [n, channels, size, size] float in [-1, 1]
+torch::Tensor to_model_images(const torch::Tensor& images, int64_t size, int64_t channels, const torch::Tensor& index) {
+  auto x = (index.defined() ? images.index_select(0, index) : images).permute({0, 3, 1, 2}).to(torch::kFloat32);
+  x = x / 127.5 - 1.0;  // [n, 3, S, S]
+  if (x.size(2) != size || x.size(3) != size)
+    x = torch::nn::functional::interpolate(x, torch::nn::functional::InterpolateFuncOptions()
+                                                  .size(std::vector<int64_t>{size, size})
+                                                  .mode(torch::kBilinear)
+                                                  .align_corners(false));
+  if (channels == 1) return x.mean(1, true);
+  TORCH_CHECK(channels == 3, "to_model_images: channels must be 1 or 3, got ", channels);
+  return x.contiguous();
+}
+
+void write_image_grid(const torch::Tensor& images, int64_t cols, const std::string& path) {
+  TORCH_CHECK(images.dim() == 4 && images.size(0) > 0 && cols > 0, "write_image_grid: expected [N, C, H, W], got ",
+              images.sizes());
+  const int64_t n = images.size(0), c = images.size(1), h = images.size(2), w = images.size(3), pad = 2;
+  const int64_t rows = (n + cols - 1) / cols;
+  auto u8 = ((images.detach().to(torch::kCPU, torch::kFloat32).clamp(-1, 1) + 1.0) * 127.5).round().to(torch::kUInt8);
+  if (c == 1) u8 = u8.expand({n, 3, h, w});
+  auto grid = torch::full({rows * (h + pad) + pad, cols * (w + pad) + pad, 3}, 255, torch::kUInt8);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = i / cols, q = i % cols;
+    grid.narrow(0, pad + r * (h + pad), h).narrow(1, pad + q * (w + pad), w).copy_(u8[i].permute({1, 2, 0}));
+  }
+  grid = grid.flip(2).contiguous();  // RGB -> BGR for OpenCV
+  cv::Mat m(static_cast<int>(grid.size(0)), static_cast<int>(grid.size(1)), CV_8UC3, grid.data_ptr<uint8_t>());
+  const std::string tmp = path + ".tmp.png";
+  if (!cv::imwrite(tmp, m)) throw std::runtime_error("cannot write image \"" + tmp + "\"");
+  fs::rename(tmp, path);
+}
+
+}  // namespace omnilite

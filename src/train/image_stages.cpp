@@ -1,0 +1,214 @@
+// Stages "vqvae" and "classifier": image-only training on the image-caption sources, at model.vqvae.image_size.
+#include <chrono>
+#include <stdexcept>
+
+#include "omnilite/data/image_dataset.h"
+#include "omnilite/data/mm_batch.h"
+#include "omnilite/data/prefetcher.h"
+#include "omnilite/log.h"
+#include "omnilite/modules/image_classifier.h"
+#include "omnilite/modules/vqvae.h"
+#include "stages.h"
+
+namespace omnilite {
+namespace {
+
+struct ImageMicro {
+  torch::Tensor images;  // [B, C, S, S] float in [-1, 1]
+  torch::Tensor labels;  // [B] int64
+};
+
+// Images of the training sources in epoch permutations, batched in background threads.
+class ImageStageBase : public TrainStage {
+ public:
+  ImageStageBase(const Config& cfg, torch::Device dev) : cfg_(cfg), dev_(dev) {
+    ImageLoadOptions io;
+    io.size = cfg.model.vqvae.image_size;
+    io.image_root = cfg.data.image_root;
+    io.max_images = cfg.data.max_images;
+    train_ = read_image_captions(cfg.data.image_train, io);
+    if (train_.size() == 0)
+      throw std::runtime_error("data.image_train: no usable images in the given sources; hint: run "
+                               "scripts/prepare_data.sh");
+    if (!cfg.data.image_valid.empty()) valid_ = read_image_captions(cfg.data.image_valid, io);
+    order_ = std::make_unique<EpochSampler>(train_.size(), cfg.train.seed);
+    log::info(log::format("data: %lld training images, %lld held out, %lldx%lld", static_cast<long long>(train_.size()),
+                          static_cast<long long>(valid_.size()), static_cast<long long>(io.size),
+                          static_cast<long long>(io.size)));
+  }
+  std::string unit() const override { return "images"; }
+  void start(int64_t first) override {
+    loader_ = std::make_unique<Prefetcher<ImageMicro>>(
+        [this](int64_t m) {
+          std::vector<int64_t> idx;
+          for (int64_t i = 0; i < cfg_.train.batch_size; ++i) idx.push_back(order_->at(m * cfg_.train.batch_size + i));
+          return batch(train_, torch::tensor(idx, torch::kInt64));
+        },
+        cfg_.train.loader_threads, 2 * cfg_.train.loader_threads + 1, first);
+  }
+
+ protected:
+  ImageMicro batch(const ImageCaptionSet& set, const torch::Tensor& idx) const {
+    return {to_model_images(set.images, cfg_.model.vqvae.image_size, cfg_.model.vqvae.in_channels, idx),
+            set.labels.index_select(0, idx)};
+  }
+  // The micro-batch on the device and the seconds spent waiting for it.
+  std::pair<ImageMicro, double> next(int64_t micro) {
+    const auto w0 = std::chrono::steady_clock::now();
+    auto b = loader_->get(micro);
+    const double wait = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
+    return {{b.images.to(dev_), b.labels.to(dev_)}, wait};
+  }
+  // Held-out micro-batches in file order: the first valid_batches * batch_size images (all when fewer).
+  template <class F>
+  void for_valid_batches(F&& f) const {
+    const int64_t n = std::min(valid_.size(), cfg_.train.valid_batches * cfg_.train.batch_size);
+    for (int64_t s = 0; s < n; s += cfg_.train.batch_size) {
+      auto b = batch(valid_, torch::arange(s, std::min(n, s + cfg_.train.batch_size), torch::kInt64));
+      f(ImageMicro{b.images.to(dev_), b.labels.to(dev_)});
+    }
+  }
+
+  Config cfg_;
+  torch::Device dev_;
+  ImageCaptionSet train_, valid_;
+  std::unique_ptr<EpochSampler> order_;
+  std::unique_ptr<Prefetcher<ImageMicro>> loader_;
+};
+
+// VQ-VAE: loss = MSE(recon, x) + ||sg(z_e) - e||^2 + beta ||z_e - sg(e)||^2. Codes unused over vq_restart_every
+// steps restart at random encoder outputs of the current batch (a fresh run starts with all codes placed so).
+class VQVAEStage : public ImageStageBase {
+ public:
+  VQVAEStage(const Config& cfg, torch::Device dev) : ImageStageBase(cfg, dev), vq_(cfg.model.vqvae, cfg.model.flow.latent_channels) {
+    vq_->to(dev);
+    vq_->train();
+    usage_ = torch::zeros({cfg.model.vqvae.codebook_size}, torch::kInt64);
+  }
+  torch::nn::Module& module() override { return *vq_; }
+  std::vector<std::string> terms() const override { return {"loss_recon", "loss_codebook", "loss_commit", "codes_used"}; }
+
+  MicroResult micro_step(int64_t micro) override {
+    auto [b, wait] = next(micro);
+    if (micro == 0) restart_codes(b.images, torch::ones_like(usage_).to(torch::kBool));  // data-dependent init
+    auto out = vq_->forward(b.images);
+    auto recon = torch::mse_loss(out.recon, b.images);
+    MicroResult r;
+    r.loss = recon + out.q.codebook_loss + cfg_.model.vqvae.commitment_beta * out.q.commit_loss;
+    auto counts = torch::bincount(out.q.indices.reshape(-1).cpu(), {}, cfg_.model.vqvae.codebook_size);
+    usage_ += counts;
+    r.terms = {{"loss_recon", recon.item<double>()}, {"loss_codebook", out.q.codebook_loss.item<double>()},
+               {"loss_commit", out.q.commit_loss.item<double>()},
+               {"codes_used", counts.gt(0).sum().item<double>() / static_cast<double>(counts.numel())}};
+    r.units = static_cast<double>(b.images.size(0));
+    r.wait_s = wait;
+    last_images_ = b.images;
+    return r;
+  }
+
+  void after_step(int64_t step) override {
+    const int64_t every = cfg_.train.vq_restart_every;
+    if (every <= 0 || step % every != 0) return;
+    auto dead = usage_.eq(0);
+    const int64_t n = dead.sum().item<int64_t>();
+    if (n > 0) {
+      restart_codes(last_images_, dead);
+      log::info(log::format("vqvae: restarted %lld unused codes of %lld", static_cast<long long>(n),
+                            static_cast<long long>(usage_.numel())));
+    }
+    usage_.zero_();
+  }
+
+  void before_checkpoint() override {
+    // Latent statistics over (up to) 1024 training images: the flow works on standardised latents.
+    const int64_t n = std::min<int64_t>(1024, train_.size());
+    torch::NoGradGuard ng;
+    vq_->eval();
+    vq_->fit_latent_stats(batch(train_, torch::arange(n, torch::kInt64)).images.to(dev_));
+    vq_->train();
+  }
+
+  std::map<std::string, double> validate() override {
+    if (valid_.size() == 0) return {};
+    torch::NoGradGuard ng;
+    vq_->eval();
+    double sum = 0, n = 0;
+    for_valid_batches([&](const ImageMicro& b) {
+      sum += torch::mse_loss(vq_->forward(b.images).recon, b.images).item<double>() * b.images.size(0);
+      n += b.images.size(0);
+    });
+    vq_->train();
+    return {{"valid_loss_recon", sum / std::max(1.0, n)}};
+  }
+
+ private:
+  // Codes where `which` is true move to random encoder outputs of `images` (plus a little noise).
+  void restart_codes(const torch::Tensor& images, const torch::Tensor& which) {
+    torch::NoGradGuard ng;
+    auto z = vq_->encoder->forward(images);                                      // [N, C, h, w]
+    auto flat = z.permute({0, 2, 3, 1}).reshape({-1, z.size(1)});               // [M, C]
+    auto idx = which.nonzero().squeeze(1).to(dev_);                              // [k]
+    auto pick = torch::randint(flat.size(0), {idx.size(0)}, torch::TensorOptions().dtype(torch::kInt64)).to(dev_);
+    auto chosen = flat.index_select(0, pick);
+    vq_->quantizer->codebook.index_copy_(0, idx, chosen + 0.01 * chosen.std() * torch::randn_like(chosen));
+  }
+
+  VQVAE vq_;
+  torch::Tensor usage_;        // [K] code uses since the last restart check
+  torch::Tensor last_images_;  // the last micro-batch (restart candidates)
+};
+
+// Classifier: cross-entropy on the labelled training images.
+class ClassifierStage : public ImageStageBase {
+ public:
+  ClassifierStage(const Config& cfg, torch::Device dev) : ImageStageBase(cfg, dev) {
+    const int64_t classes = train_.labels.max().item<int64_t>() + 1;
+    if (train_.labels.min().item<int64_t>() < 0 || classes < 2)
+      throw std::runtime_error("train.stage = \"classifier\" needs labelled images (IDX sources or .jsonl lines with "
+                               "\"label\"); data.image_train has unlabelled ones");
+    net_ = ImageClassifier(cfg.model.vqvae.in_channels, cfg.model.vqvae.image_size, classes);
+    net_->to(dev);
+    net_->train();
+  }
+  torch::nn::Module& module() override { return *net_; }
+  std::vector<std::string> terms() const override { return {"loss_ce", "accuracy"}; }
+
+  MicroResult micro_step(int64_t micro) override {
+    auto [b, wait] = next(micro);
+    auto logits = net_->forward(b.images);
+    MicroResult r;
+    r.loss = torch::cross_entropy_loss(logits, b.labels);
+    r.terms = {{"loss_ce", r.loss.item<double>()},
+               {"accuracy", logits.argmax(1).eq(b.labels).to(torch::kFloat64).mean().item<double>()}};
+    r.units = static_cast<double>(b.images.size(0));
+    r.wait_s = wait;
+    return r;
+  }
+
+  std::map<std::string, double> validate() override {
+    if (valid_.size() == 0) return {};
+    torch::NoGradGuard ng;
+    net_->eval();
+    double correct = 0, n = 0;
+    for_valid_batches([&](const ImageMicro& b) {
+      correct += net_->forward(b.images).argmax(1).eq(b.labels).sum().item<double>();
+      n += b.images.size(0);
+    });
+    net_->train();
+    return {{"valid_accuracy", correct / std::max(1.0, n)}};
+  }
+
+ private:
+  ImageClassifier net_{nullptr};
+};
+
+}  // namespace
+
+std::unique_ptr<TrainStage> make_vqvae_stage(const Config& cfg, torch::Device dev) {
+  return std::make_unique<VQVAEStage>(cfg, dev);
+}
+std::unique_ptr<TrainStage> make_classifier_stage(const Config& cfg, torch::Device dev) {
+  return std::make_unique<ClassifierStage>(cfg, dev);
+}
+
+}  // namespace omnilite

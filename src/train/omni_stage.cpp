@@ -1,0 +1,225 @@
+// Stage "omni": the OMNI-LITE model on packed text and image-caption data (see stage.h for the objective).
+#include <chrono>
+#include <memory>
+#include <stdexcept>
+
+#include "omnilite/data/image_dataset.h"
+#include "omnilite/data/mm_batch.h"
+#include "omnilite/data/prefetcher.h"
+#include "omnilite/data/text_dataset.h"
+#include "omnilite/data/tokenizer.h"
+#include "omnilite/log.h"
+#include "omnilite/modules/omnilite.h"
+#include "omnilite/modules/rfm_head.h"
+#include "omnilite/runtime.h"
+#include "omnilite/train/losses.h"
+#include "omnilite/train/stage.h"
+#include "stages.h"
+
+namespace omnilite {
+namespace {
+
+struct OmniMicro {
+  torch::Tensor text;     // [B, T] packed text rows (undefined when train.batch_size = 0)
+  MultimodalBatch mm;     // image-caption rows (tokens undefined when none)
+};
+
+// Text targets: every real token (never padding or image placeholders).
+torch::Tensor target_mask(const torch::Tensor& tokens, const TokenOptions& tk) {
+  return tokens.ne(tk.pad_id).logical_and(tokens.ne(tk.image_id)).logical_and(tokens.ne(tk.gen_image_id));
+}
+
+class OmniStage : public TrainStage {
+ public:
+  OmniStage(const Config& cfg, torch::Device dev) : cfg_(cfg), dev_(dev), tok_(cfg.data.tokenizer) {
+    const auto& tr = cfg.train;
+    tok_.check_compatible(cfg.model);
+    if (tr.batch_size > 0) {
+      text_ = std::make_unique<TextData>(cfg.data.text_train, "data.text_train", tok_, cfg, tr.seed);
+      if (!cfg.data.text_valid.empty())
+        text_valid_ = std::make_unique<TextData>(cfg.data.text_valid, "data.text_valid", tok_, cfg, tr.seed);
+    }
+    if (tr.caption_batch_size + tr.gen_batch_size > 0) {
+      ImageLoadOptions io;
+      io.size = std::max(cfg.model.vision.image_size, cfg.model.vqvae.image_size);
+      io.image_root = cfg.data.image_root;
+      io.max_images = cfg.data.max_images;
+      images_ = read_image_captions(cfg.data.image_train, io);
+      if (images_.size() == 0)
+        throw std::runtime_error("data.image_train: no usable images in the given sources; hint: run "
+                                 "scripts/prepare_data.sh");
+      mm_ = std::make_unique<MultimodalSampler>(images_, tok_, cfg.model, tr, tr.seed);
+      log::info(log::format("data: %lld images, %lld caption + %lld generation samples per micro-batch, rows of %lld "
+                            "tokens", static_cast<long long>(images_.size()), static_cast<long long>(tr.caption_batch_size),
+                            static_cast<long long>(tr.gen_batch_size), static_cast<long long>(mm_->seq_len())));
+      if (!cfg.data.image_valid.empty()) {
+        images_valid_ = read_image_captions(cfg.data.image_valid, io);
+        if (images_valid_.size() > 0)
+          mm_valid_ = std::make_unique<MultimodalSampler>(images_valid_, tok_, cfg.model, tr, tr.seed + 1);
+      }
+    }
+    model_ = OmniLite(cfg.model);
+    if (tr.gen_batch_size > 0) load_vqvae_weights(*model_->vqvae, cfg.data.vqvae);
+    for (auto& p : model_->vqvae->parameters()) p.set_requires_grad(false);
+    model_->text->checkpoint_layers = tr.activation_checkpointing;
+    model_->to(dev);
+    model_->train();
+  }
+
+  torch::nn::Module& module() override { return *model_; }
+  std::vector<std::string> terms() const override {
+    return {"loss_clm", "loss_rf", "loss_aux", "loss_z", "loss_caption"};
+  }
+  std::string unit() const override { return "tokens"; }
+
+  void start(int64_t first) override {
+    loader_ = std::make_unique<Prefetcher<OmniMicro>>([this](int64_t m) { return make(m, text_.get(), mm_.get()); },
+                                                      cfg_.train.loader_threads, 2 * cfg_.train.loader_threads + 1,
+                                                      first);
+  }
+
+  MicroResult micro_step(int64_t micro) override {
+    const auto w0 = std::chrono::steady_clock::now();
+    auto batch = loader_->get(micro);
+    MicroResult r;
+    r.wait_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
+    auto l = losses(batch);
+    r.loss = l.total;
+    r.terms = {{"loss_clm", l.clm.item<double>()}, {"loss_rf", l.rf.item<double>()},
+               {"loss_aux", l.aux.item<double>()}, {"loss_z", l.z.item<double>()},
+               {"loss_caption", l.clm_mm.item<double>()}};
+    r.units = static_cast<double>((batch.text.defined() ? batch.text.numel() : 0) +
+                                  (batch.mm.tokens.defined() ? batch.mm.tokens.numel() : 0));
+    return r;
+  }
+
+  std::map<std::string, double> validate() override {
+    torch::NoGradGuard ng;
+    model_->eval();
+    std::map<std::string, double> out;
+    double text_sum = 0, cap_sum = 0, rf_sum = 0;
+    const int64_t n = cfg_.train.valid_batches;
+    for (int64_t m = 0; m < n; ++m) {
+      auto b = make(m, text_valid_.get(), mm_valid_.get(), /*ordered=*/true);
+      auto l = losses(b);
+      text_sum += l.clm_text.item<double>();
+      cap_sum += l.clm_mm.item<double>();
+      rf_sum += l.rf.item<double>();
+    }
+    model_->train();
+    if (text_valid_) out["valid_loss_text"] = text_sum / static_cast<double>(n);
+    if (mm_valid_ && cfg_.train.caption_batch_size + cfg_.train.gen_batch_size > 0)
+      out["valid_loss_caption"] = cap_sum / static_cast<double>(n);
+    if (mm_valid_ && cfg_.train.gen_batch_size > 0) out["valid_loss_rf"] = rf_sum / static_cast<double>(n);
+    return out;
+  }
+
+ private:
+  // Packed text of some files; rows served in epoch permutations (or in file order for validation).
+  struct TextData {
+    TextData(const std::vector<std::string>& files, const std::string& what, const Tokenizer& tok, const Config& cfg,
+             uint64_t seed)
+        : rows(load(files, what, tok, cfg)), order(rows.size(0), seed) {}
+    static torch::Tensor load(const std::vector<std::string>& files, const std::string& what, const Tokenizer& tok,
+                              const Config& cfg) {
+      auto docs = read_documents(files);
+      if (docs.skipped > 0)
+        log::warn(log::format("%s: skipped %lld malformed lines", what.c_str(), static_cast<long long>(docs.skipped)));
+      if (docs.documents.empty())
+        throw std::runtime_error(what + ": no documents in the given files; hint: run scripts/prepare_data.sh");
+      auto rows = pack_sequences(tokenize_documents(docs.documents, tok, cfg.model.tokens.eos_id), cfg.train.seq_len, what);
+      log::info(log::format("data: %s: %zu documents -> %lld rows of %lld tokens", what.c_str(), docs.documents.size(),
+                            static_cast<long long>(rows.size(0)), static_cast<long long>(cfg.train.seq_len)));
+      return rows;
+    }
+    // rows [B, T] of micro-batch m
+    torch::Tensor get(int64_t m, int64_t batch, bool ordered) const {
+      std::vector<int64_t> idx;
+      for (int64_t i = 0; i < batch; ++i) {
+        const int64_t k = m * batch + i;
+        idx.push_back(ordered ? k % rows.size(0) : order.at(k));
+      }
+      return rows.index_select(0, torch::tensor(idx, torch::kInt64));
+    }
+    torch::Tensor rows;  // [R, seq_len]
+    EpochSampler order;
+  };
+
+  OmniMicro make(int64_t m, const TextData* text, const MultimodalSampler* mm, bool ordered = false) const {
+    OmniMicro b;
+    if (text && cfg_.train.batch_size > 0) b.text = text->get(m, cfg_.train.batch_size, ordered);
+    if (mm) b.mm = mm->get(m);
+    return b;
+  }
+
+  struct Losses {
+    torch::Tensor total, clm, clm_text, clm_mm, rf, aux, z;
+  };
+
+  Losses losses(const OmniMicro& b) {
+    const auto& tk = cfg_.model.tokens;
+    AutocastGuard autocast(dev_.is_cuda() && cfg_.runtime.dtype == "bf16");
+    auto zero = torch::zeros({}, torch::TensorOptions().device(dev_));
+    Losses l{zero, zero, zero, zero, zero, zero, zero};
+    std::vector<std::vector<torch::Tensor>> routers;
+    double n_text = 0, n_mm = 0;
+    if (b.text.defined()) {
+      auto tokens = b.text.to(dev_);
+      auto out = model_->forward({tokens});
+      auto mask = target_mask(tokens, tk);
+      l.clm_text = clm_loss(out.logits.to(torch::kFloat32), tokens, mask);
+      n_text = mask.narrow(1, 1, mask.size(1) - 1).sum().item<double>();
+      routers.push_back(std::move(out.router_logits));
+    }
+    if (b.mm.tokens.defined()) {
+      OmniInput in;
+      in.tokens = b.mm.tokens.to(dev_);
+      torch::Tensor x0, x1;
+      if (b.mm.images.defined()) in.images = b.mm.images.to(dev_);
+      if (b.mm.gen_images.defined()) {
+        torch::NoGradGuard ng;
+        auto lat = model_->vqvae->encode_normalized(b.mm.gen_images.to(dev_));  // [Bg, C, h, w]
+        x1 = patchify(lat, cfg_.model.flow.patch_size).reshape({-1, cfg_.model.flow_token_dim()});
+        x0 = b.mm.noise.to(dev_);
+        in.gen_times = b.mm.times.to(dev_);
+        in.gen_latents = flow_interpolate(x0, x1, in.gen_times);
+      }
+      auto out = model_->forward(in);
+      auto mask = target_mask(in.tokens, tk);
+      l.clm_mm = clm_loss(out.logits.to(torch::kFloat32), in.tokens, mask);
+      n_mm = mask.narrow(1, 1, mask.size(1) - 1).sum().item<double>();
+      if (x1.defined()) l.rf = rf_loss(out.velocity.to(torch::kFloat32), x0, x1);
+      routers.push_back(std::move(out.router_logits));
+    }
+    // CLM = mean over every target token of the micro-batch (text rows and image-caption rows together).
+    l.clm = (l.clm_text * n_text + l.clm_mm * n_mm) / std::max(1.0, n_text + n_mm);
+    std::vector<torch::Tensor> per_layer;
+    for (size_t i = 0; i < routers.front().size(); ++i) {
+      std::vector<torch::Tensor> parts;
+      for (const auto& r : routers) parts.push_back(r[i].to(torch::kFloat32));
+      per_layer.push_back(torch::cat(parts, 0));
+    }
+    l.aux = load_balancing_loss(per_layer, cfg_.model.moe.top_k);
+    l.z = router_z_loss(per_layer);
+    const auto& tr = cfg_.train;
+    l.total = l.clm + tr.rf_weight * l.rf + tr.aux_coef * l.aux + tr.z_coef * l.z;
+    return l;
+  }
+
+  Config cfg_;
+  torch::Device dev_;
+  Tokenizer tok_;
+  std::unique_ptr<TextData> text_, text_valid_;
+  ImageCaptionSet images_, images_valid_;
+  std::unique_ptr<MultimodalSampler> mm_, mm_valid_;
+  OmniLite model_{nullptr};
+  std::unique_ptr<Prefetcher<OmniMicro>> loader_;
+};
+
+}  // namespace
+
+std::unique_ptr<TrainStage> make_omni_stage(const Config& cfg, torch::Device dev) {
+  return std::make_unique<OmniStage>(cfg, dev);
+}
+
+}  // namespace omnilite

@@ -1,0 +1,188 @@
+// Image-caption data, multimodal rows, the background loader and the generation helpers, against hand-built
+// expectations: pixel round trips through PNG, hand-written row layouts, bad entries counted.
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+
+#include "helpers.h"
+#include "omnilite/data/idx.h"
+#include "omnilite/data/image_dataset.h"
+#include "omnilite/data/mm_batch.h"
+#include "omnilite/data/prefetcher.h"
+#include "omnilite/infer/generate.h"
+#include "omnilite/modules/vqvae.h"
+#include "omnilite/train/stage.h"
+
+using namespace omnilite;
+namespace fs = std::filesystem;
+
+namespace {
+
+// [1, 3, 8, 8] image in [-1, 1] with distinct values per pixel and channel.
+torch::Tensor known_image() {
+  auto u8 = torch::arange(3 * 8 * 8, torch::kInt64).remainder(251).to(torch::kUInt8).view({1, 3, 8, 8});
+  return u8.to(torch::kFloat32) / 127.5 - 1.0;
+}
+
+// write_image_grid with one column puts the image at (2, 2) inside a white border: crop it back.
+torch::Tensor crop_single(const torch::Tensor& hwc) { return hwc.narrow(0, 2, 8).narrow(1, 2, 8); }
+
+}  // namespace
+
+TEST_CASE("PNG round trip: write_image_grid then decode_image_file gives the pixels back", "[data][image]") {
+  const auto dir = testing::fresh_temp_dir("png");
+  write_image_grid(known_image(), 1, dir + "/a.png");
+  auto hwc = decode_image_file(dir + "/a.png");  // [12, 12, 3] RGB
+  REQUIRE(hwc.sizes() == torch::IntArrayRef({12, 12, 3}));
+  auto expected = ((known_image()[0] + 1.0) * 127.5).round().to(torch::kUInt8).permute({1, 2, 0});
+  CHECK(torch::equal(crop_single(hwc), expected));
+  CHECK(hwc[0][0][0].item<uint8_t>() == 255);  // border
+}
+
+TEST_CASE("image-caption .jsonl: good lines load, bad images and lines are skipped and counted", "[data][image]") {
+  const auto dir = testing::fresh_temp_dir("jsonl_images");
+  write_image_grid(known_image(), 1, dir + "/good.png");
+  // truncated PNG: the first half of a good file
+  {
+    std::ifstream in(dir + "/good.png", std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), {});
+    std::ofstream(dir + "/cut.png", std::ios::binary) << bytes.substr(0, bytes.size() / 2);
+    std::ofstream(dir + "/cut.jpg", std::ios::binary) << std::string("\xFF\xD8\xFF\xE0", 4) << "not the rest";
+  }
+  std::ofstream(dir + "/text.png") << "this is not an image";
+  std::ofstream list(dir + "/list.jsonl");
+  list << R"({"image": "good.png", "text": "a known image", "label": 3})" << "\n"
+       << R"({"image": "missing.png", "text": "gone"})" << "\n"
+       << R"({"image": "cut.png", "text": "half"})" << "\n"
+       << R"({"image": "cut.jpg", "text": "half jpeg"})" << "\n"
+       << R"({"image": "text.png", "text": "undecodable"})" << "\n"
+       << "{not json\n"
+       << R"({"text": "no image key"})" << "\n\n";
+  list.close();
+  ImageLoadOptions o;
+  o.size = 12;
+  auto set = read_image_captions({dir + "/list.jsonl"}, o);
+  REQUIRE(set.size() == 1);
+  CHECK(set.skipped == 6);
+  CHECK(set.captions[0] == std::vector<std::string>{"a known image"});
+  CHECK(set.labels[0].item<int64_t>() == 3);
+  CHECK(torch::equal(crop_single(set.images[0]), ((known_image()[0] + 1.0) * 127.5).round().to(torch::kUInt8).permute({1, 2, 0})));
+
+  // Each reason is named in the error of decode_image_file.
+  CHECK_THROWS_WITH(decode_image_file(dir + "/cut.png"), Catch::Contains("cut.png") && Catch::Contains("truncated PNG"));
+  CHECK_THROWS_WITH(decode_image_file(dir + "/cut.jpg"), Catch::Contains("truncated JPEG"));
+  CHECK_THROWS_WITH(decode_image_file(dir + "/text.png"), Catch::Contains("cannot decode"));
+  CHECK_THROWS_WITH(decode_image_file(dir + "/missing.png"), Catch::Contains("missing.png"));
+  CHECK_THROWS_WITH(read_image_captions({dir + "/list.txt"}, o), Catch::Contains("list.txt") && Catch::Contains("IDX prefix"));
+}
+
+TEST_CASE("COCO captions JSON groups the captions of each image", "[data][image]") {
+  const auto dir = testing::fresh_temp_dir("coco");
+  fs::create_directories(dir + "/imgs");
+  write_image_grid(known_image(), 1, dir + "/imgs/1.png");
+  std::ofstream(dir + "/captions.json") << R"({"images": [{"id": 7, "file_name": "1.png"}, {"id": 8, "file_name": "2.png"}],
+    "annotations": [{"image_id": 7, "caption": "first"}, {"image_id": 7, "caption": "second"},
+                    {"image_id": 8, "caption": "image file missing"}]})";
+  ImageLoadOptions o;
+  o.size = 6;
+  o.image_root = dir + "/imgs";
+  auto set = read_image_captions({dir + "/captions.json"}, o);
+  REQUIRE(set.size() == 1);
+  CHECK(set.skipped == 1);
+  CHECK(set.captions[0] == std::vector<std::string>{"first", "second"});
+  CHECK(set.images.sizes() == torch::IntArrayRef({1, 6, 6, 3}));
+  CHECK(set.labels[0].item<int64_t>() == -1);
+}
+
+TEST_CASE("IDX sources give labelled images with the class captions, to_model_images maps bytes to -1..1",
+          "[data][image]") {
+  const auto dir = testing::fresh_temp_dir("idx_source");
+  const auto prefix = testing::write_synthetic_fashion(dir, "train", 12, 4, 1);
+  ImageLoadOptions o;
+  o.size = 28;
+  o.max_images = 10;
+  auto set = read_image_captions({prefix}, o);
+  REQUIRE(set.size() == 10);
+  CHECK(set.labels[5].item<int64_t>() == 1);
+  CHECK(set.captions[5][0] == fashion_caption(1, 0));
+  CHECK(set.captions[5].size() == static_cast<size_t>(fashion_caption_templates()));
+  auto raw = read_idx(prefix + "-images-idx3-ubyte");
+  CHECK(torch::equal(set.images[3].select(2, 1), raw[3]));  // grey replicated into every channel
+
+  auto u8 = torch::tensor({0, 255, 51, 102}, torch::kUInt8).view({1, 2, 2, 1}).expand({1, 2, 2, 3}).contiguous();
+  auto x = to_model_images(u8, 2, 3);
+  REQUIRE(x.sizes() == torch::IntArrayRef({1, 3, 2, 2}));
+  CHECK(x[0][2][0][0].item<float>() == Approx(-1.0));
+  CHECK(x[0][2][0][1].item<float>() == Approx(1.0));
+  CHECK(x[0][0][1][0].item<float>() == Approx(51 / 127.5 - 1.0));
+  CHECK(to_model_images(u8, 2, 1).sizes() == torch::IntArrayRef({1, 1, 2, 2}));
+  CHECK(to_model_images(u8, 4, 3).sizes() == torch::IntArrayRef({1, 3, 4, 4}));
+  CHECK_THROWS_WITH(read_image_captions({dir + "/nothing"}, o), Catch::Contains("nothing"));
+}
+
+TEST_CASE("multimodal rows have the documented layout", "[data][mm]") {
+  TokenOptions t;  // bos 1, eos 2, image 3, begin 4, end 5, gen 6, pad 0
+  CHECK(caption_row({40, 41}, 3, t) == std::vector<int64_t>{1, 4, 3, 3, 3, 5, 40, 41, 2});
+  CHECK(generation_row({40}, 2, t) == std::vector<int64_t>{1, 40, 4, 6, 6, 5, 2});
+  CHECK(generation_row({}, 2, t) == std::vector<int64_t>{1, 4, 6, 6, 5, 2});
+  auto rows = pad_rows({{1, 2}, {3}}, 3, 0);
+  CHECK(torch::equal(rows, torch::tensor({1, 2, 0, 3, 0, 0}, torch::kInt64).view({2, 3})));
+  CHECK_THROWS_WITH(pad_rows({{1, 2, 3, 4}}, 3, 0), Catch::Contains("4 tokens") && Catch::Contains("image_seq_len"));
+  ModelConfig m;
+  m.vqvae.image_size = 256;  // 32x32 latent, 4x4 patches -> 8x8 tokens
+  CHECK(generated_tokens_per_image(m) == 64);
+}
+
+TEST_CASE("the background loader yields exactly make(m) in order, with any number of threads", "[data][loader]") {
+  auto make = [](int64_t m) { return torch::full({3}, static_cast<double>(m * m)); };
+  for (int64_t threads : {0, 1, 3}) {
+    Prefetcher<torch::Tensor> p(make, threads, 4, 5);
+    for (int64_t m = 5; m < 40; ++m) CHECK(torch::equal(p.get(m), make(m)));
+  }
+  Prefetcher<int> bad([](int64_t m) -> int { if (m == 2) throw std::runtime_error("item 2 is broken"); return 0; }, 2, 2, 0);
+  CHECK(bad.get(0) == 0);
+  CHECK(bad.get(1) == 0);
+  CHECK_THROWS_WITH(bad.get(2), Catch::Contains("item 2 is broken"));
+}
+
+TEST_CASE("freeze patterns: '*' matches any run of characters", "[train]") {
+  CHECK(matches_pattern("vision.blocks.0.qkv.weight", "vision.*"));
+  CHECK(matches_pattern("text.layers.3.moe.gate.weight", "text.layers.*.moe.gate.*"));
+  CHECK_FALSE(matches_pattern("text.layers.3.moe.experts.0.w1.weight", "text.layers.*.moe.gate.*"));
+  CHECK(matches_pattern("lm_head.weight", "lm_head.weight"));
+  CHECK_FALSE(matches_pattern("lm_head.weight", "lm_head"));
+  CHECK(matches_pattern("anything", "*"));
+  CHECK(matches_pattern("a.b", "*b"));
+  CHECK_FALSE(matches_pattern("a.bc", "*b"));
+}
+
+TEST_CASE("class names in captions: the first whole-word name, the longer one on a tie", "[eval]") {
+  const auto& names = fashion_mnist_classes();
+  CHECK(find_class_name("a photo of a t-shirt.", names) == 0);
+  CHECK(find_class_name("this is a Shirt", names) == 6);
+  CHECK(find_class_name("an image of a ankle boot.", names) == 9);
+  CHECK(find_class_name("a coat, not a dress", names) == 4);
+  CHECK(find_class_name("two sneakers", names) == -1);  // not a whole word
+  CHECK(find_class_name("", names) == -1);
+}
+
+TEST_CASE("VQ-VAE standardised latents decode like the plain quantised path", "[model][vqvae]") {
+  torch::manual_seed(3);
+  VQVAEOptions o;
+  o.base_channels = 8;
+  o.codebook_size = 16;
+  VQVAE vq(o, 4);
+  auto x = torch::rand({6, 3, 16, 16}) * 2 - 1;
+  vq->fit_latent_stats(x);
+  torch::NoGradGuard ng;
+  auto zq = vq->quantizer->forward(vq->encoder->forward(x)).z_q;
+  // the statistics are those of the quantised latents
+  CHECK(testing::max_rel_err(vq->latent_mean, zq.mean({0, 2, 3})) < 1e-6);
+  auto zn = vq->encode_normalized(x);
+  CHECK(testing::max_rel_err(zn.mean({0, 2, 3}), torch::zeros({4})) < 1e-5);
+  CHECK(testing::max_rel_err(zn.std({0, 2, 3}), torch::ones({4})) < 1e-4);
+  // decoding the standardised latent snaps back to the same codes: identical images
+  CHECK(testing::max_rel_err(vq->decode_normalized(zn), vq->decoder->forward(zq)) < 1e-5);
+}

@@ -1,0 +1,216 @@
+// The three training stages end to end on synthetic labelled images, exact resume of a multimodal run, eval's
+// outputs, and activation checkpointing against plain backward.
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <fstream>
+
+#include "helpers.h"
+#include "omnilite/data/idx.h"
+#include "omnilite/data/tokenizer.h"
+#include "omnilite/eval/evaluate.h"
+#include "omnilite/io/safetensors.h"
+#include "omnilite/modules/omnilite.h"
+#include "omnilite/train/losses.h"
+#include "omnilite/train/trainer.h"
+
+using namespace omnilite;
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+// Synthetic images of 4 classes, a caption corpus, its tokenizer and a tiny multimodal config.
+Config tiny_multimodal_config(const std::string& dir) {
+  fs::create_directories(dir);
+  const auto train_prefix = testing::write_synthetic_fashion(dir, "train", 64, 4, 1);
+  const auto valid_prefix = testing::write_synthetic_fashion(dir, "t10k", 16, 4, 2);
+  const std::string corpus = dir + "/corpus.txt", model = dir + "/tok.model";
+  {
+    std::ofstream f(corpus);
+    for (int d = 0; d < 200; ++d) f << fashion_caption(d % 4, d / 4) << " " << fashion_caption((d + 1) % 4, d) << "\n%\n";
+  }
+  TokenizerTrainOptions o;
+  o.inputs = {corpus};
+  o.vocab_size = 290;  // markers + 256 bytes + the characters and a few words of the captions
+  train_tokenizer(o, model);
+  Config c = testing::load("configs/tiny.json");
+  c.model.text.vocab_size = 320;
+  c.data.tokenizer = model;
+  c.data.text_train = {corpus};
+  c.data.text_valid = {corpus};
+  c.data.image_train = {train_prefix};
+  c.data.image_valid = {valid_prefix};
+  c.train.batch_size = 2;
+  c.train.seq_len = 32;
+  c.train.caption_batch_size = 4;
+  c.train.gen_batch_size = 4;
+  c.train.lr = 3e-3;
+  c.train.warmup_steps = 2;
+  c.train.log_every = 100;
+  c.train.ckpt_every = 4;
+  c.train.keep_last = 5;
+  c.train.steps = 8;
+  c.train.valid_batches = 2;
+  return c;
+}
+
+std::vector<json> metrics_of(const std::string& run) {
+  std::ifstream f(run + "/metrics.jsonl");
+  std::vector<json> out;
+  std::string line;
+  while (std::getline(f, line)) out.push_back(json::parse(line));
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("VQ-VAE, classifier and OMNI-LITE stages train, a multimodal resume is exact, eval reports",
+          "[train][slow][multimodal]") {
+  const auto base = testing::fresh_temp_dir("multimodal");
+  Config cfg = tiny_multimodal_config(base + "/data");
+
+  // Stage 1: the VQ-VAE.
+  Config vq = cfg;
+  vq.train.stage = "vqvae";
+  vq.train.batch_size = 16;
+  vq.train.steps = 6;
+  vq.train.vq_restart_every = 3;
+  TrainRunOptions rv;
+  rv.out_dir = base + "/vq";
+  train(vq, rv);
+  auto mv = metrics_of(rv.out_dir);
+  REQUIRE(mv.size() == 6);
+  CHECK(mv.back()["loss_recon"].get<double>() < mv.front()["loss_recon"].get<double>());
+  CHECK(mv.back().contains("valid_loss_recon"));
+
+  // Stage 2: the judge classifier.
+  Config cl = cfg;
+  cl.train.stage = "classifier";
+  cl.train.batch_size = 16;
+  cl.train.steps = 6;
+  TrainRunOptions rc;
+  rc.out_dir = base + "/cls";
+  train(cl, rc);
+  CHECK(metrics_of(rc.out_dir).back().contains("valid_accuracy"));
+
+  // Stage 3: the model, with the frozen VQ-VAE.
+  cfg.data.vqvae = rv.out_dir;
+  cfg.data.classifier = rc.out_dir;
+  TrainRunOptions a;
+  a.out_dir = base + "/a";
+  train(cfg, a);
+  auto ma = metrics_of(a.out_dir);
+  REQUIRE(ma.size() == 8);
+  for (const char* k : {"loss", "loss_clm", "loss_rf", "loss_aux", "loss_z", "loss_caption", "lr", "grad_norm",
+                        "tokens_per_s", "data_wait_frac"})
+    CHECK(ma[3].contains(k));
+  CHECK(ma.front()["loss_rf"].get<double>() > 0.1);
+  CHECK(ma.back()["loss"].get<double>() < ma.front()["loss"].get<double>());
+  CHECK(ma.back().contains("valid_loss_rf"));
+  // total = CLM + lambda_rf RF + alpha aux + beta z
+  const auto& m = ma[2];
+  CHECK(m["loss"].get<double>() ==
+        Approx(m["loss_clm"].get<double>() + cfg.train.rf_weight * m["loss_rf"].get<double>() +
+               cfg.train.aux_coef * m["loss_aux"].get<double>() + cfg.train.z_coef * m["loss_z"].get<double>()).epsilon(1e-5));
+  // The frozen VQ-VAE is the one of stage 1.
+  io::SafetensorsReader vq_file(latest_checkpoint(rv.out_dir) + "/model.safetensors");
+  io::SafetensorsReader omni_file(latest_checkpoint(a.out_dir) + "/model.safetensors");
+  CHECK(torch::equal(vq_file.load("decoder.conv_out.weight"), omni_file.load("vqvae.decoder.conv_out.weight")));
+
+  // 4 steps, then resume to 8: the same per-step losses, bit for bit (loader thread on).
+  TrainRunOptions b;
+  b.out_dir = base + "/b";
+  b.max_steps = 4;
+  train(cfg, b);
+  b.resume_dir = b.out_dir;
+  b.max_steps = 8;
+  train(cfg, b);
+  auto mb = metrics_of(b.out_dir);
+  REQUIRE(mb.size() == 8);
+  for (size_t i = 0; i < 8; ++i) {
+    INFO("step " << i + 1);
+    CHECK(mb[i]["loss"].get<double>() == ma[i]["loss"].get<double>());
+    CHECK(mb[i]["loss_rf"].get<double>() == ma[i]["loss_rf"].get<double>());
+  }
+
+  // A VQ-VAE folder that is not a VQ-VAE checkpoint is refused by name.
+  Config wrong = cfg;
+  wrong.data.vqvae = rc.out_dir;
+  TrainRunOptions w;
+  w.out_dir = base + "/w";
+  CHECK_THROWS_WITH(train(wrong, w), Catch::Contains("data.vqvae") && Catch::Contains("cls"));
+
+  // Eval writes every figure and both pictures.
+  EvalOptions eo;
+  eo.checkpoint = a.out_dir;
+  eo.caption_images = 8;
+  eo.t2i_per_class = 2;
+  eo.flow_steps = 3;
+  eo.text_rows = 4;
+  auto r = evaluate(eo);
+  for (const char* k : {"caption_accuracy", "t2i_accuracy", "classifier_accuracy", "text_ppl", "unigram_ppl"}) {
+    INFO(k);
+    REQUIRE(r.contains(k));
+  }
+  CHECK(r["caption_accuracy"].get<double>() >= 0.0);
+  CHECK(r["caption_accuracy"].get<double>() <= 1.0);
+  CHECK(r["t2i_images"].get<int64_t>() == 8);
+  CHECK(r["text_ppl"].get<double>() > 1.0);
+  CHECK(fs::exists(a.out_dir + "/eval.json"));
+  CHECK(fs::exists(a.out_dir + "/t2i_grid.png"));
+  CHECK(fs::exists(a.out_dir + "/loss_curves.png"));
+}
+
+TEST_CASE("an empty image dataset is an error before step 1", "[train]") {
+  const auto base = testing::fresh_temp_dir("empty_images");
+  std::ofstream(base + "/empty.jsonl") << "\n";
+  Config c = testing::load("configs/tiny.json");
+  c.train.stage = "vqvae";
+  c.data.image_train = {base + "/empty.jsonl"};
+  TrainRunOptions r;
+  r.out_dir = base + "/run";
+  CHECK_THROWS_WITH(train(c, r), Catch::Contains("data.image_train") && Catch::Contains("no usable images"));
+  CHECK_FALSE(fs::exists(base + "/run/metrics.jsonl"));
+}
+
+TEST_CASE("activation checkpointing gives the gradients of plain backward", "[model][checkpointing]") {
+  Config c = testing::load("configs/tiny.json");
+  torch::manual_seed(11);
+  OmniLite model(c.model);
+  model->train();
+  const auto& t = c.model.tokens;
+  // A mixed row: text, a generated-image block of 3 tokens, text.
+  auto tokens = torch::tensor(std::vector<int64_t>{1, 10, 11, t.image_begin_id, t.gen_image_id, t.gen_image_id,
+                                                  t.gen_image_id, t.image_end_id, 12, 13}).view({1, -1});
+  OmniInput in;
+  in.tokens = tokens;
+  in.gen_latents = torch::randn({3, c.model.flow_token_dim()});
+  in.gen_times = torch::full({3}, 0.3);
+  auto grads = [&](bool ckpt) {
+    model->zero_grad();
+    model->text->checkpoint_layers = ckpt;
+    auto out = model->forward(in);
+    auto loss = clm_loss(out.logits, tokens, tokens.ne(t.gen_image_id)) + out.velocity.pow(2).mean() +
+                0.01 * load_balancing_loss(out.router_logits, c.model.moe.top_k);
+    loss.backward();
+    std::vector<torch::Tensor> g;
+    for (const auto& p : model->parameters())
+      g.push_back(p.grad().defined() ? p.grad().clone() : torch::zeros_like(p));
+    return g;
+  };
+  auto plain = grads(false), ckpt = grads(true);
+  REQUIRE(plain.size() == ckpt.size());
+  double worst = 0;
+  for (size_t i = 0; i < plain.size(); ++i) worst = std::max(worst, testing::max_rel_err(ckpt[i], plain[i]));
+  CHECK(worst < 1e-6);
+  // the layers' gradients are not all zero (the comparison is not vacuous)
+  size_t q = 0;
+  for (const auto& p : model->named_parameters()) {
+    if (p.key() == "text.layers.0.self_attn.q_proj.weight") break;
+    ++q;
+  }
+  REQUIRE(q < plain.size());
+  CHECK(plain[q].abs().sum().item<double>() > 0);
+}
