@@ -168,6 +168,11 @@ template <class V> void visit_fields(V& v, TrainOptions& o) {
   v("flow_time_mean", o.flow_time_mean); v("flow_time_std", o.flow_time_std); v("freeze", o.freeze);
   v("activation_checkpointing", o.activation_checkpointing); v("loader_threads", o.loader_threads);
   v("valid_every", o.valid_every); v("valid_batches", o.valid_batches); v("vq_restart_every", o.vq_restart_every);
+  v("base_checkpoint", o.base_checkpoint);
+}
+template <class V> void visit_fields(V& v, LoRAOptions& o) {
+  v("enabled", o.enabled); v("rank", o.rank); v("alpha", o.alpha); v("dropout", o.dropout);
+  v("target_modules", o.target_modules); v("base_dtype", o.base_dtype); v("full_precision", o.full_precision);
 }
 template <class V> void visit_fields(V& v, DataOptions& o) {
   v("tokenizer", o.tokenizer); v("text_train", o.text_train); v("text_valid", o.text_valid);
@@ -176,7 +181,7 @@ template <class V> void visit_fields(V& v, DataOptions& o) {
 }
 template <class V> void visit_fields(V& v, Config& o) {
   v.section("model", o.model); v.section("runtime", o.runtime); v.section("train", o.train);
-  v.section("data", o.data);
+  v.section("data", o.data); v.section("lora", o.lora);
 }
 
 // Error helpers for validate(): name the key, the value and the rule.
@@ -320,6 +325,15 @@ void validate(const Config& c) {
   if (tr.stage == "omni" && tr.gen_batch_size > 0 && c.data.vqvae.empty())
     fail("data.vqvae", "\"\"", "must name the VQ-VAE run folder when train.gen_batch_size > 0; hint: train one "
          "first with train.stage = \"vqvae\"");
+
+  const auto& lo = c.lora;
+  if (lo.rank <= 0) fail("lora.rank", std::to_string(lo.rank), "must be positive");
+  if (!(lo.alpha > 0.0)) fail("lora.alpha", num(lo.alpha), "must be positive");
+  if (!(lo.dropout >= 0.0 && lo.dropout < 1.0)) fail("lora.dropout", num(lo.dropout), "must be in [0, 1)");
+  if (!(lo.base_dtype == "nf4" || lo.base_dtype == "fp32"))
+    fail("lora.base_dtype", "\"" + lo.base_dtype + "\"", "must be \"nf4\" or \"fp32\"");
+  if (lo.enabled && tr.stage != "omni")
+    fail("lora.enabled", "true", "QLoRA fine-tunes the model: train.stage must be \"omni\"");
 
   const auto& r = c.runtime;
   if (!(r.device == "cpu" || r.device == "cuda" || r.device.rfind("cuda:", 0) == 0))

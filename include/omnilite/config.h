@@ -155,6 +155,8 @@ struct TrainOptions {
   int64_t valid_every = 0;        // steps between validation passes (0 = only at the end)
   int64_t valid_batches = 4;      // micro-batches per validation pass
   int64_t vq_restart_every = 50;  // vqvae: codes unused over this many steps restart at encoder outputs (0 = never)
+  std::string base_checkpoint;    // omni with lora.enabled: the base weights (an `omnilite init` or pretraining
+                                  // checkpoint folder or .safetensors file), quantised tensor by tensor on load
 };
 
 // Where the training data is.
@@ -174,12 +176,28 @@ struct DataOptions {
   std::string classifier;         // eval: classifier run or checkpoint folder (stage "classifier") for t2i_accuracy
 };
 
-// A config file: {"model": {...}, "runtime": {...}, "train": {...}, "data": {...}}.
+// QLoRA fine-tuning: LoRA adapters on some projections, their frozen bases in NF4. Only adapters train.
+struct LoRAOptions {
+  bool enabled = false;      // build adapters (and NF4 bases); every other parameter is frozen
+  int64_t rank = 16;         // r: inner width of each adapter
+  double alpha = 32.0;       // scale of the update: alpha / r
+  double dropout = 0.05;     // dropout on the adapter's input
+  // Projections that get an adapter, by checkpoint path pattern ('*' = any text): attention q/k/v/o and the
+  // experts' w1/w2/w3 of every layer, the resampler's and the vision encoder's projections. The LM head and the
+  // routers (moe.gate) are never builder-made, so they stay in full precision.
+  std::vector<std::string> target_modules = {"text.layers.*.self_attn.*", "text.layers.*.moe.experts.*",
+                                             "resampler.*", "vision.*"};
+  std::string base_dtype = "nf4";  // frozen bases of builder-made projections: "nf4" or "fp32"
+  std::vector<std::string> full_precision = {"flow.*"};  // projections kept out of NF4 (besides in % 64 != 0)
+};
+
+// A config file: {"model": {...}, "runtime": {...}, "train": {...}, "data": {...}, "lora": {...}}.
 struct Config {
   ModelConfig model;
   RuntimeOptions runtime;
   TrainOptions train;
   DataOptions data;
+  LoRAOptions lora;
 };
 
 // Parses and validates a config JSON object. Throws ConfigError.

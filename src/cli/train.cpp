@@ -47,6 +47,7 @@ int run_train(int argc, char** argv) {
       "out", "run folder (metrics.jsonl, config.json, checkpoints/)", cxxopts::value<std::string>()->default_value("runs/default"))(
       "max-steps", "stop after this many steps in total (default train.steps; the LR schedule always spans train.steps)", cxxopts::value<int64_t>())(
       "resume", "run folder or checkpoint folder to continue from exactly", cxxopts::value<std::string>())(
+      "base", "QLoRA base weights (checkpoint folder or .safetensors; sets train.base_checkpoint)", cxxopts::value<std::string>())(
       "set", "override a config value by dotted key, validated like the file: --set train.batch_size=4 "
              "(repeatable)", cxxopts::value<std::vector<std::string>>())("h,help", "show this help");
   auto args = opts.parse(argc, argv);
@@ -63,6 +64,7 @@ int run_train(int argc, char** argv) {
   auto j = read_config_json(path);
   if (args.count("set"))
     for (const auto& s : args["set"].as<std::vector<std::string>>()) apply_override(j, s);
+  if (args.count("base")) j["train"]["base_checkpoint"] = args["base"].as<std::string>();
   const Config cfg = parse_config(j);
   TrainRunOptions run;
   run.out_dir = args["out"].as<std::string>();

@@ -8,7 +8,9 @@
 #include "omnilite/data/prefetcher.h"
 #include "omnilite/data/text_dataset.h"
 #include "omnilite/data/tokenizer.h"
+#include "omnilite/io/adapter.h"
 #include "omnilite/log.h"
+#include "omnilite/modules/qlora_builder.h"
 #include "omnilite/modules/omnilite.h"
 #include "omnilite/modules/rfm_head.h"
 #include "omnilite/runtime.h"
@@ -58,7 +60,17 @@ class OmniStage : public TrainStage {
           mm_valid_ = std::make_unique<MultimodalSampler>(images_valid_, tok_, cfg.model, tr, tr.seed + 1);
       }
     }
-    model_ = OmniLite(cfg.model);
+    model_ = OmniLite(cfg.model, *make_linear_builder(cfg));
+    if (cfg.lora.enabled) {
+      // QLoRA: base weights from a plain checkpoint (NF4 bases quantised tensor by tensor); only adapters train.
+      if (tr.base_checkpoint.empty())
+        throw std::runtime_error("lora.enabled needs base weights: set train.base_checkpoint or pass --base DIR; "
+                                 "hint: `omnilite init --config FILE --out DIR` writes a full-size one");
+      io::load_base_weights(*model_, tr.base_checkpoint);
+      log::info("qlora: base weights from " + tr.base_checkpoint);
+      for (auto& p : model_->named_parameters())
+        p.value().set_requires_grad(p.key().find(".lora_") != std::string::npos);
+    }
     if (tr.gen_batch_size > 0) load_vqvae_weights(*model_->vqvae, cfg.data.vqvae);
     for (auto& p : model_->vqvae->parameters()) p.set_requires_grad(false);
     model_->text->checkpoint_layers = tr.activation_checkpointing;
@@ -67,6 +79,14 @@ class OmniStage : public TrainStage {
   }
 
   torch::nn::Module& module() override { return *model_; }
+  void save_weights(const std::string& dir, int64_t step) override {
+    if (cfg_.lora.enabled) io::save_adapter(*model_, cfg_.lora, dir);
+    else TrainStage::save_weights(dir, step);
+  }
+  void load_weights(const std::string& dir) override {
+    if (cfg_.lora.enabled) io::load_adapter(*model_, dir);
+    else TrainStage::load_weights(dir);
+  }
   std::vector<std::string> terms() const override {
     return {"loss_clm", "loss_rf", "loss_aux", "loss_z", "loss_caption"};
   }

@@ -12,6 +12,7 @@
 
 #include "omnilite/io/checkpoint.h"
 #include "omnilite/log.h"
+#include "omnilite/pattern.h"
 #include "omnilite/runtime.h"
 #include "omnilite/train/schedule.h"
 #include "omnilite/train/stage.h"
@@ -64,13 +65,13 @@ struct Checkpointer {
   std::string dir;      // <run>/checkpoints
   int64_t keep_last;
 
-  std::string write(int64_t step, int64_t micro, torch::nn::Module& model, torch::optim::AdamW& opt, const Config& cfg) {
+  std::string write(int64_t step, int64_t micro, TrainStage& stage, torch::optim::AdamW& opt, const Config& cfg) {
     fs::create_directories(dir);
     const std::string final_dir = dir + "/" + step_name(step);
     const std::string tmp = dir + "/.tmp-" + step_name(step);
     fs::remove_all(tmp);
     fs::create_directories(tmp);
-    io::save_module(model, tmp + "/model.safetensors", {{"step", std::to_string(step)}});
+    stage.save_weights(tmp, step);
     torch::save(opt, tmp + "/optimizer.pt");
     io::save_safetensors(tmp + "/rng.safetensors", {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}});
     json state = {{"version", kCheckpointVersion}, {"stage", cfg.train.stage}, {"step", step},
@@ -122,27 +123,6 @@ std::string latest_checkpoint(const std::string& dir) {
   return names.back();
 }
 
-bool matches_pattern(const std::string& name, const std::string& pattern) {
-  // Iterative wildcard match: '*' spans any run of characters.
-  size_t n = 0, p = 0, star = std::string::npos, mark = 0;
-  while (n < name.size()) {
-    if (p < pattern.size() && pattern[p] == name[n]) {
-      ++n;
-      ++p;
-    } else if (p < pattern.size() && pattern[p] == '*') {
-      star = p++;
-      mark = n;
-    } else if (star != std::string::npos) {
-      p = star + 1;
-      n = ++mark;
-    } else {
-      return false;
-    }
-  }
-  while (p < pattern.size() && pattern[p] == '*') ++p;
-  return p == pattern.size();
-}
-
 void load_vqvae_weights(torch::nn::Module& vqvae, const std::string& run_or_checkpoint) {
   const std::string dir = latest_checkpoint(run_or_checkpoint);
   std::ifstream sf(dir + "/state.json");
@@ -153,6 +133,12 @@ void load_vqvae_weights(torch::nn::Module& vqvae, const std::string& run_or_chec
   io::load_module(vqvae, dir + "/model.safetensors");
   log::info("vqvae: frozen weights from " + dir);
 }
+
+void TrainStage::save_weights(const std::string& dir, int64_t step) {
+  io::save_module(module(), dir + "/model.safetensors", {{"step", std::to_string(step)}});
+}
+
+void TrainStage::load_weights(const std::string& dir) { io::load_module(module(), dir + "/model.safetensors"); }
 
 std::unique_ptr<TrainStage> make_stage(const Config& cfg, torch::Device dev) {
   if (cfg.train.stage == "vqvae") return make_vqvae_stage(cfg, dev);
@@ -226,7 +212,7 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
   TrainResult result;
   if (!run.resume_dir.empty()) {
     const std::string dir = latest_checkpoint(run.resume_dir);
-    for (const char* f : {"model.safetensors", "optimizer.pt", "rng.safetensors", "state.json"})
+    for (const char* f : {"optimizer.pt", "rng.safetensors", "state.json"})
       if (!fs::exists(dir + "/" + f))
         throw std::runtime_error("checkpoint \"" + dir + "\" is incomplete: " + f + " is missing");
     std::ifstream sf(dir + "/state.json");
@@ -236,7 +222,7 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     if (state.value("stage", std::string("omni")) != tr.stage)
       throw std::runtime_error("checkpoint \"" + dir + "\" belongs to train.stage = \"" + state.value("stage", std::string()) +
                                "\", this run is \"" + tr.stage + "\"");
-    io::load_module(model, dir + "/model.safetensors");
+    stage->load_weights(dir);
     torch::load(*opt, dir + "/optimizer.pt");
     io::SafetensorsReader rng(dir + "/rng.safetensors");
     rng.verify_checksum();
@@ -332,7 +318,7 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     }
     if (step % tr.ckpt_every == 0 || last) {
       stage->before_checkpoint();
-      result.last_checkpoint = ckpt.write(step, micro, model, *opt, cfg);
+      result.last_checkpoint = ckpt.write(step, micro, *stage, *opt, cfg);
       log::info("checkpoint " + result.last_checkpoint);
     }
   }

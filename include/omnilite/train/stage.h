@@ -15,6 +15,7 @@
 #include <torch/torch.h>
 
 #include "omnilite/config.h"
+#include "omnilite/pattern.h"
 
 namespace omnilite {
 
@@ -42,6 +43,10 @@ class TrainStage {
   virtual void after_step(int64_t step) {}
   // Before a checkpoint is written, e.g. statistics that inference needs.
   virtual void before_checkpoint() {}
+  // Writes the trained weights into checkpoint folder `dir` (default: model.safetensors of module(); QLoRA runs
+  // write the adapters in PEFT's layout) and reads them back on resume.
+  virtual void save_weights(const std::string& dir, int64_t step);
+  virtual void load_weights(const std::string& dir);
   // Held-out metrics (keys start with "valid_"); empty when the stage has no held-out data.
   virtual std::map<std::string, double> validate() { return {}; }
 };
@@ -51,8 +56,5 @@ std::unique_ptr<TrainStage> make_stage(const Config& cfg, torch::Device device);
 
 // Weights of a VQ-VAE stage run (run folder or checkpoint folder) into `vqvae`; throws naming the folder.
 void load_vqvae_weights(torch::nn::Module& vqvae, const std::string& run_or_checkpoint);
-
-// True when `name` matches `pattern`, where '*' matches any run of characters (e.g. "text.layers.*.moe.gate.*").
-bool matches_pattern(const std::string& name, const std::string& pattern);
 
 }  // namespace omnilite

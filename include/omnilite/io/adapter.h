@@ -1,0 +1,29 @@
+// QLoRA weights on disk.
+//
+// Adapters use PEFT's layout, so that PEFT (and anything reading it) loads them as they are:
+//   adapter_model.safetensors  "base_model.model.<module path>.lora_A.weight" [r, in] and ".lora_B.weight" [out, r]
+//   adapter_config.json        {"peft_type": "LORA", "r", "lora_alpha", "lora_dropout", "target_modules" (a regular
+//                              expression matched against full module paths), "bias": "none", ...}
+// Base weights come from plain checkpoints (the names of a model without adapters, e.g. `omnilite init` or a
+// pretraining run); a projection that is LoRA-wrapped finds its weight under "<path>.base_layer", and an NF4 base
+// quantises the tensor as it is read, so the full-precision model never exists in memory at once.
+#pragma once
+
+#include <string>
+
+#include <torch/torch.h>
+
+#include "omnilite/config.h"
+
+namespace omnilite::io {
+
+// Writes the lora_A / lora_B weights of `model` into `dir` (created if needed; each file atomically).
+void save_adapter(const torch::nn::Module& model, const LoRAOptions& opts, const std::string& dir);
+// Loads adapter_model.safetensors of `dir` into `model`; throws naming a missing, unexpected or mis-shaped tensor.
+void load_adapter(torch::nn::Module& model, const std::string& dir);
+// Loads a plain checkpoint (a .safetensors file, or a folder holding model.safetensors) into a model that may hold
+// LoRA and NF4 projections. Every tensor of the model except the adapters must be covered; throws naming a
+// missing, unexpected or mis-shaped tensor.
+void load_base_weights(torch::nn::Module& model, const std::string& path);
+
+}  // namespace omnilite::io

@@ -1,0 +1,33 @@
+// LoRA adapter over any linear variant (Hu et al. 2021; PEFT's layout): y = base(x) + (alpha / r) B A dropout(x).
+//
+// Registered names follow PEFT's in-memory model, so adapter files map one to one: the frozen base is "base_layer"
+// (a PlainLinear or an Nf4Linear), A is "lora_A" (weight [r, in], Kaiming-uniform as nn.Linear initialises it)
+// and B is "lora_B" (weight [out, r], zeros: a fresh adapter leaves the base's output unchanged).
+#pragma once
+
+#include <memory>
+
+#include <torch/torch.h>
+
+#include "omnilite/modules/linear.h"
+
+namespace omnilite {
+
+struct LoRALinearImpl : LinearBaseImpl {
+  LoRALinearImpl(std::shared_ptr<LinearBaseImpl> base, int64_t rank, double alpha, double dropout);
+  // x: [..., in] -> [..., out]
+  torch::Tensor forward(const torch::Tensor& x) override;
+  int64_t in_features() const override { return base_layer->in_features(); }
+  int64_t out_features() const override { return base_layer->out_features(); }
+  // The adapter's update (alpha / r) B A: [out, in].
+  torch::Tensor delta_weight() const;
+
+  std::shared_ptr<LinearBaseImpl> base_layer;  // frozen base projection
+  torch::nn::Linear lora_A{nullptr};           // in -> r, no bias
+  torch::nn::Linear lora_B{nullptr};           // r -> out, no bias, zeros
+  torch::nn::Dropout dropout{nullptr};         // on the adapter's input only
+  double scaling;                              // alpha / r
+};
+TORCH_MODULE(LoRALinear);
+
+}  // namespace omnilite

@@ -1,0 +1,41 @@
+// Frozen linear layer with NF4 weights (QLoRA's base layer): y = x dequant(W)^T + b.
+//
+// The weight lives only in its quantised form (include/omnilite/quant/nf4.h), as buffers named
+// weight_packed, weight_absmax_q, weight_absmax_scale and weight_absmax_mean (plus "bias" when built with one), so
+// it never receives a gradient or optimizer state. forward dequantises row chunks of at most kChunkElements values
+// and multiplies them at the input's dtype (fp32 on CPU, bf16 under CUDA autocast); backward does the same for the
+// input gradient instead of keeping a full-precision copy of W.
+#pragma once
+
+#include <torch/torch.h>
+
+#include "omnilite/modules/linear.h"
+#include "omnilite/quant/nf4.h"
+
+namespace omnilite {
+
+struct Nf4LinearImpl : LinearBaseImpl {
+  static constexpr int64_t kChunkElements = int64_t{1} << 22;  // 4M weights (16 MiB fp32) dequantised at a time
+
+  Nf4LinearImpl(int64_t in_features, int64_t out_features, bool bias);
+  // x: [..., in] -> [..., out]
+  torch::Tensor forward(const torch::Tensor& x) override;
+  int64_t in_features() const override { return in_; }
+  int64_t out_features() const override { return out_; }
+  // Quantises w [out, in] into the buffers (and copies b when given).
+  void set_weight(const torch::Tensor& w, const torch::Tensor& b = {});
+  // The quantised weight as a Nf4Tensor view of the buffers.
+  quant::Nf4Tensor weight_nf4() const;
+  // dequant(W) [out, in] in `dtype`.
+  torch::Tensor dequantized_weight(torch::ScalarType dtype = torch::kFloat32) const;
+
+  int64_t in_, out_;
+  torch::Tensor weight_packed;        // [out * in / 2] uint8
+  torch::Tensor weight_absmax_q;      // [out * in / 64] int8
+  torch::Tensor weight_absmax_scale;  // [ceil(out * in / 64 / 256)] float32
+  torch::Tensor weight_absmax_mean;   // [] float32
+  torch::Tensor bias;                 // [out] float32 buffer (frozen), undefined without bias
+};
+TORCH_MODULE(Nf4Linear);
+
+}  // namespace omnilite

@@ -1,0 +1,46 @@
+// NF4 quantisation (QLoRA, Dettmers et al. 2023), laid out as bitsandbytes and torchao define it.
+//
+// A weight is flattened and cut into blocks of 64 values. Each block is scaled by its absmax into [-1, 1] and each
+// value is mapped to the nearest of the 16 NF4 codes (the quantiles of N(0, 1), normalised to [-1, 1], with an
+// exact 0); two 4-bit code indices share a byte, the first value in the high nibble.
+// Double quantisation: the per-block absmax values (fp32), minus their mean, are quantised again to signed 8 bits
+// in blocks of 256 with one fp32 scale per block, so a weight costs 4 + 8/64 + 32/(64*256) = 4.127 bits.
+#pragma once
+
+#include <array>
+#include <cstdint>
+
+#include <torch/torch.h>
+
+namespace omnilite::quant {
+
+constexpr int64_t kNf4BlockSize = 64;       // values per absmax block
+constexpr int64_t kAbsmaxBlockSize = 256;   // absmax values per double-quantisation block
+
+// The 16 NF4 code values, ascending (index = the 4-bit code).
+const std::array<float, 16>& nf4_code_values();
+
+// A quantised tensor. numel must be a multiple of 64 (every linear layer of OMNI-LITE is).
+struct Nf4Tensor {
+  torch::Tensor packed;         // [numel / 2] uint8: code of value 2i in the high nibble, 2i+1 in the low nibble
+  torch::Tensor absmax_q;       // [numel / 64] int8: (absmax - absmax_mean) / absmax_scale[block / 256], rounded
+  torch::Tensor absmax_scale;   // [ceil(numel / 64 / 256)] float32: max |absmax - mean| / 127 per 256-block
+  torch::Tensor absmax_mean;    // [] float32: mean of the block absmax values
+  std::vector<int64_t> shape;   // shape of the original tensor
+  int64_t numel() const;
+};
+
+// Nearest NF4 code index of every value in [-1, 1]: [n] float -> [n] uint8 (ties go to the lower code).
+torch::Tensor nf4_nearest_codes(const torch::Tensor& normalised);
+
+// w: any float tensor with numel % 64 == 0 -> NF4 (computed in fp32 on w's device).
+Nf4Tensor nf4_quantize(const torch::Tensor& w);
+// The block absmax values as recovered from double quantisation: [numel / 64] float32.
+torch::Tensor nf4_absmax(const Nf4Tensor& q);
+// Full tensor in `dtype` (shape = q.shape).
+torch::Tensor nf4_dequantize(const Nf4Tensor& q, torch::ScalarType dtype = torch::kFloat32);
+// Rows [row0, row0 + rows) of a 2-d quantised matrix [out, in] (in % 64 == 0), without touching the others:
+// -> [rows, in] in `dtype`.
+torch::Tensor nf4_dequantize_rows(const Nf4Tensor& q, int64_t row0, int64_t rows, torch::ScalarType dtype);
+
+}  // namespace omnilite::quant

@@ -1,0 +1,147 @@
+#include "omnilite/io/adapter.h"
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <stdexcept>
+
+#include <nlohmann/json.hpp>
+
+#include "omnilite/io/checkpoint.h"
+#include "omnilite/io/safetensors.h"
+#include "omnilite/modules/nf4_linear.h"
+#include "omnilite/pattern.h"
+
+namespace omnilite::io {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+const std::string kPeftPrefix = "base_model.model.";
+
+bool is_adapter_key(const std::string& k) {
+  return k.find(".lora_A.") != std::string::npos || k.find(".lora_B.") != std::string::npos;
+}
+
+}  // namespace
+
+void save_adapter(const torch::nn::Module& model, const LoRAOptions& o, const std::string& dir) {
+  fs::create_directories(dir);
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  for (const auto& p : model.named_parameters())
+    if (is_adapter_key(p.key())) tensors.emplace_back(kPeftPrefix + p.key(), p.value().detach().cpu());
+  if (tensors.empty()) throw std::runtime_error("save_adapter: the model has no LoRA adapters");
+  save_safetensors(dir + "/adapter_model.safetensors", tensors, {{"format", "pt"}});
+  std::string regex;
+  for (const auto& t : o.target_modules) regex += (regex.empty() ? "" : "|") + pattern_to_regex(t);
+  json cfg = {{"peft_type", "LORA"},
+              {"task_type", "CAUSAL_LM"},
+              {"r", o.rank},
+              {"lora_alpha", o.alpha},
+              {"lora_dropout", o.dropout},
+              {"target_modules", "(" + regex + ")"},
+              {"bias", "none"},
+              {"fan_in_fan_out", false},
+              {"inference_mode", false},
+              {"base_model_name_or_path", "omni-lite"},
+              {"omnilite_target_patterns", o.target_modules},
+              {"omnilite_base_dtype", o.base_dtype}};
+  const std::string path = dir + "/adapter_config.json";
+  {
+    std::ofstream f(path + ".tmp");
+    f << cfg.dump(2) << "\n";
+    if (!f) throw std::runtime_error("cannot write \"" + path + ".tmp\"");
+  }
+  fs::rename(path + ".tmp", path);
+  fsync_directory(dir);
+}
+
+void load_adapter(torch::nn::Module& model, const std::string& dir) {
+  const std::string path = dir + "/adapter_model.safetensors";
+  SafetensorsReader r(path);
+  r.verify_checksum();
+  std::set<std::string> expected;
+  torch::NoGradGuard ng;
+  for (auto& p : model.named_parameters()) {
+    if (!is_adapter_key(p.key())) continue;
+    const std::string name = kPeftPrefix + p.key();
+    expected.insert(name);
+    if (!r.contains(name))
+      throw std::runtime_error("adapter \"" + path + "\": missing tensor \"" + name + "\"; hint: the adapter was "
+                               "trained with other lora.target_modules or another model config");
+    auto t = r.load(name);
+    if (t.sizes() != p.value().sizes())
+      throw std::runtime_error("adapter \"" + path + "\": tensor \"" + name + "\" has shape " + c10::str(t.sizes()) +
+                               ", the model expects " + c10::str(p.value().sizes()) + "; hint: another lora.rank?");
+    p.value().copy_(t);
+  }
+  for (const auto& [name, e] : r.tensors())
+    if (!expected.count(name))
+      throw std::runtime_error("adapter \"" + path + "\": unexpected tensor \"" + name + "\" that the model does not "
+                               "have; hint: the adapter was trained with other lora.target_modules");
+}
+
+void load_base_weights(torch::nn::Module& model, const std::string& path_in) {
+  const std::string path = fs::is_directory(path_in) ? path_in + "/model.safetensors" : path_in;
+  if (!fs::exists(path)) throw std::runtime_error("base checkpoint \"" + path + "\" does not exist");
+  SafetensorsReader r(path);
+  r.verify_checksum();
+  std::map<std::string, torch::Tensor> state;
+  for (auto& [k, t] : state_tensors(model)) state[k] = t;
+  std::map<std::string, std::shared_ptr<torch::nn::Module>> modules;
+  for (const auto& m : model.named_modules()) modules[m.key()] = m.value();
+  std::set<std::string> covered;
+  torch::NoGradGuard ng;
+  auto copy_checked = [&](const std::string& file_name, const std::string& key) {
+    auto& dst = state.at(key);
+    const auto& e = r.tensors().at(file_name);
+    if (e.shape != dst.sizes().vec())
+      throw std::runtime_error("base checkpoint \"" + path + "\": tensor \"" + file_name + "\" has shape " +
+                               c10::str(c10::IntArrayRef(e.shape)) + ", the model expects " + c10::str(dst.sizes()) +
+                               "; hint: the checkpoint was written for another config");
+    dst.copy_(r.load(file_name));
+    covered.insert(key);
+  };
+  for (const auto& [name, entry] : r.tensors()) {
+    if (state.count(name)) {
+      copy_checked(name, name);
+      continue;
+    }
+    const auto dot = name.rfind('.');
+    const std::string prefix = dot == std::string::npos ? "" : name.substr(0, dot), leaf = name.substr(dot + 1);
+    const std::string wrapped = prefix + ".base_layer";
+    const std::string owner = modules.count(wrapped) ? wrapped : prefix;
+    auto it = modules.find(owner);
+    auto* nf4 = it == modules.end() ? nullptr : dynamic_cast<Nf4LinearImpl*>(it->second.get());
+    if (nf4 && leaf == "weight") {
+      if (entry.shape != std::vector<int64_t>{nf4->out_, nf4->in_})
+        throw std::runtime_error("base checkpoint \"" + path + "\": tensor \"" + name + "\" has shape " +
+                                 c10::str(c10::IntArrayRef(entry.shape)) + ", the model expects [" +
+                                 std::to_string(nf4->out_) + ", " + std::to_string(nf4->in_) +
+                                 "]; hint: the checkpoint was written for another config");
+      nf4->set_weight(r.load(name).to(torch::kFloat32));  // quantised here; the fp32 copy dies with this scope
+      for (const char* b : {"weight_packed", "weight_absmax_q", "weight_absmax_scale", "weight_absmax_mean"})
+        covered.insert(owner + "." + b);
+    } else if (state.count(owner + "." + leaf)) {
+      copy_checked(name, owner + "." + leaf);
+    } else {
+      throw std::runtime_error("base checkpoint \"" + path + "\": unexpected tensor \"" + name +
+                               "\" that the model does not have; hint: the checkpoint was written for another config");
+    }
+  }
+  for (const auto& [key, t] : state) {
+    if (covered.count(key) || is_adapter_key(key)) continue;
+    // Name the tensor as the checkpoint would: NF4 buffers come from "<path>.weight", wrapped bases from "<path>".
+    std::string shown = key;
+    const auto w = shown.find(".weight_");
+    if (w != std::string::npos) shown = shown.substr(0, w) + ".weight";
+    const auto bl = shown.find(".base_layer.");
+    if (bl != std::string::npos) shown.erase(bl, std::string(".base_layer").size());
+    throw std::runtime_error("base checkpoint \"" + path + "\": missing tensor \"" + shown + "\" (model key \"" + key +
+                             "\"); hint: the checkpoint was written for another config");
+  }
+}
+
+}  // namespace omnilite::io

@@ -1,0 +1,87 @@
+#include "omnilite/modules/nf4_linear.h"
+
+namespace omnilite {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// y = x W^T with W dequantised chunk by chunk in forward and again in backward (nothing but x's shape is saved).
+struct Nf4Matmul : torch::autograd::Function<Nf4Matmul> {
+  // x: [N, in] -> [N, out]
+  static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, Nf4LinearImpl* layer) {
+    ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
+    const auto q = layer->weight_nf4();
+    const int64_t out = layer->out_, rows = std::max<int64_t>(1, Nf4LinearImpl::kChunkElements / layer->in_);
+    std::vector<torch::Tensor> parts;
+    for (int64_t r = 0; r < out; r += rows) {
+      const int64_t n = std::min(rows, out - r);
+      parts.push_back(torch::matmul(x, quant::nf4_dequantize_rows(q, r, n, x.scalar_type()).t()));  // [N, n]
+    }
+    return parts.size() == 1 ? parts[0] : torch::cat(parts, 1);
+  }
+  // grad_y: [N, out] -> grad_x: [N, in]
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto* layer = reinterpret_cast<Nf4LinearImpl*>(ctx->saved_data["layer"].toInt());
+    const auto& g = grads[0];
+    const auto q = layer->weight_nf4();
+    const int64_t out = layer->out_, rows = std::max<int64_t>(1, Nf4LinearImpl::kChunkElements / layer->in_);
+    torch::Tensor gx;
+    for (int64_t r = 0; r < out; r += rows) {
+      const int64_t n = std::min(rows, out - r);
+      auto part = torch::matmul(g.narrow(1, r, n), quant::nf4_dequantize_rows(q, r, n, g.scalar_type()));  // [N, in]
+      gx = gx.defined() ? gx + part : part;
+    }
+    return {gx, torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+Nf4LinearImpl::Nf4LinearImpl(int64_t in, int64_t out, bool with_bias) : in_(in), out_(out) {
+  TORCH_CHECK(in > 0 && out > 0 && in % quant::kNf4BlockSize == 0, "Nf4Linear: in_features must be a positive "
+              "multiple of ", quant::kNf4BlockSize, ", got in=", in, ", out=", out,
+              "; hint: keep this projection in full precision");
+  const int64_t n = in * out, nb = n / quant::kNf4BlockSize;
+  weight_packed = register_buffer("weight_packed", torch::zeros({n / 2}, torch::kUInt8));
+  weight_absmax_q = register_buffer("weight_absmax_q", torch::zeros({nb}, torch::kInt8));
+  weight_absmax_scale = register_buffer("weight_absmax_scale",
+                                        torch::zeros({(nb + quant::kAbsmaxBlockSize - 1) / quant::kAbsmaxBlockSize}));
+  weight_absmax_mean = register_buffer("weight_absmax_mean", torch::zeros({}));
+  if (with_bias) bias = register_buffer("bias", torch::zeros({out}));
+}
+
+void Nf4LinearImpl::set_weight(const torch::Tensor& w, const torch::Tensor& b) {
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == out_ && w.size(1) == in_, "Nf4Linear: expected a weight [", out_, ", ",
+              in_, "], got ", w.sizes());
+  auto q = quant::nf4_quantize(w);
+  torch::NoGradGuard ng;
+  weight_packed.copy_(q.packed);
+  weight_absmax_q.copy_(q.absmax_q);
+  weight_absmax_scale.copy_(q.absmax_scale);
+  weight_absmax_mean.copy_(q.absmax_mean);
+  if (b.defined()) {
+    TORCH_CHECK(bias.defined() && b.numel() == out_, "Nf4Linear: bias of ", b.numel(), " values for ", out_, " outputs");
+    bias.copy_(b);
+  }
+}
+
+quant::Nf4Tensor Nf4LinearImpl::weight_nf4() const {
+  return {weight_packed, weight_absmax_q, weight_absmax_scale, weight_absmax_mean, {out_, in_}};
+}
+
+torch::Tensor Nf4LinearImpl::dequantized_weight(torch::ScalarType dtype) const {
+  return quant::nf4_dequantize(weight_nf4(), dtype);
+}
+
+// x: [..., in] -> [..., out]
+torch::Tensor Nf4LinearImpl::forward(const torch::Tensor& x) {
+  auto flat = x.reshape({-1, in_});  // [N, in]
+  auto y = Nf4Matmul::apply(flat, this);
+  if (bias.defined()) y = y + bias.to(y.scalar_type());
+  auto sizes = x.sizes().vec();
+  sizes.back() = out_;
+  return y.view(sizes);
+}
+
+}  // namespace omnilite

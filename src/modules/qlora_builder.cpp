@@ -1,0 +1,25 @@
+#include "omnilite/modules/qlora_builder.h"
+
+#include "omnilite/modules/lora_linear.h"
+#include "omnilite/modules/nf4_linear.h"
+#include "omnilite/pattern.h"
+#include "omnilite/quant/nf4.h"
+
+namespace omnilite {
+
+std::shared_ptr<LinearBaseImpl> QLoRABuilder::make(const std::string& path, int64_t in, int64_t out, bool bias) const {
+  const bool nf4 = opts.base_dtype == "nf4" && in % quant::kNf4BlockSize == 0 && !matches_any(path, opts.full_precision);
+  std::shared_ptr<LinearBaseImpl> base;
+  if (nf4) base = std::make_shared<Nf4LinearImpl>(in, out, bias);
+  else base = std::make_shared<PlainLinearImpl>(in, out, bias);
+  for (auto& p : base->parameters()) p.set_requires_grad(false);
+  if (!matches_any(path, opts.target_modules)) return base;
+  return std::make_shared<LoRALinearImpl>(std::move(base), opts.rank, opts.alpha, opts.dropout);
+}
+
+std::unique_ptr<LinearBuilder> make_linear_builder(const Config& cfg) {
+  if (cfg.lora.enabled) return std::make_unique<QLoRABuilder>(cfg.lora);
+  return std::make_unique<LinearBuilder>();
+}
+
+}  // namespace omnilite

@@ -1,0 +1,99 @@
+#include "omnilite/quant/nf4.h"
+
+namespace omnilite::quant {
+
+const std::array<float, 16>& nf4_code_values() {
+  static const std::array<float, 16> v = {
+      -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
+      -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
+      0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+      0.7229568362236023f, 1.0f};
+  return v;
+}
+
+int64_t Nf4Tensor::numel() const {
+  int64_t n = 1;
+  for (auto d : shape) n *= d;
+  return n;
+}
+
+namespace {
+
+torch::Tensor code_table(const torch::Device& dev) {
+  const auto& v = nf4_code_values();
+  return torch::tensor(std::vector<float>(v.begin(), v.end()), torch::TensorOptions().device(dev));
+}
+
+}  // namespace
+
+// [n] in [-1, 1] -> [n] uint8
+torch::Tensor nf4_nearest_codes(const torch::Tensor& x) {
+  const auto codes = code_table(x.device());                          // [16] ascending
+  auto mid = (codes.narrow(0, 1, 15) + codes.narrow(0, 0, 15)) / 2;   // [15] decision boundaries
+  // index = number of boundaries strictly below x: a value exactly on a boundary goes to the lower code
+  return torch::searchsorted(mid, x.contiguous(), /*out_int32=*/false, /*right=*/false).to(torch::kUInt8);
+}
+
+Nf4Tensor nf4_quantize(const torch::Tensor& w) {
+  const int64_t n = w.numel();
+  TORCH_CHECK(n % kNf4BlockSize == 0 && n > 0, "nf4_quantize: ", n, " values (shape ", w.sizes(),
+              ") is not a multiple of the block size ", kNf4BlockSize);
+  torch::NoGradGuard ng;
+  auto blocks = w.detach().to(torch::kFloat32).reshape({-1, kNf4BlockSize});   // [nb, 64]
+  auto absmax = blocks.abs().amax(1);                                            // [nb]
+  auto normalised = blocks / absmax.clamp_min(1e-12).unsqueeze(1);               // [nb, 64] in [-1, 1]
+  auto idx = nf4_nearest_codes(normalised.reshape(-1));                          // [n]
+  auto pairs = idx.view({-1, 2});
+  Nf4Tensor q;
+  q.packed = (pairs.select(1, 0).to(torch::kInt32) * 16 + pairs.select(1, 1).to(torch::kInt32)).to(torch::kUInt8);
+  // Double quantisation of absmax.
+  const int64_t nb = absmax.numel(), ns = (nb + kAbsmaxBlockSize - 1) / kAbsmaxBlockSize;
+  q.absmax_mean = absmax.mean();
+  auto centred = absmax - q.absmax_mean;                                         // [nb]
+  auto padded = torch::zeros({ns * kAbsmaxBlockSize}, centred.options());
+  padded.narrow(0, 0, nb).copy_(centred);
+  q.absmax_scale = padded.view({ns, kAbsmaxBlockSize}).abs().amax(1) / 127.0;   // [ns]
+  auto scale = q.absmax_scale.clamp_min(1e-20).repeat_interleave(kAbsmaxBlockSize).narrow(0, 0, nb);
+  q.absmax_q = (centred / scale).round().clamp(-127, 127).to(torch::kInt8);
+  q.shape = w.sizes().vec();
+  return q;
+}
+
+torch::Tensor nf4_absmax(const Nf4Tensor& q) {
+  const int64_t nb = q.absmax_q.numel();
+  auto scale = q.absmax_scale.repeat_interleave(kAbsmaxBlockSize).narrow(0, 0, nb);
+  return q.absmax_q.to(torch::kFloat32) * scale + q.absmax_mean;
+}
+
+namespace {
+
+// packed [m] bytes of 2m values with their absmax [2m / 64] -> [2m] float32
+torch::Tensor decode(const torch::Tensor& packed, const torch::Tensor& absmax) {
+  const auto codes = code_table(packed.device());
+  auto hi = packed.to(torch::kInt64).div(16, "floor"), lo = packed.to(torch::kInt64).remainder(16);
+  auto idx = torch::stack({hi, lo}, 1).reshape(-1);                            // [2m]
+  auto vals = codes.index_select(0, idx).view({-1, kNf4BlockSize});             // [2m / 64, 64]
+  return (vals * absmax.unsqueeze(1)).reshape(-1);
+}
+
+}  // namespace
+
+torch::Tensor nf4_dequantize(const Nf4Tensor& q, torch::ScalarType dtype) {
+  return decode(q.packed, nf4_absmax(q)).view(q.shape).to(dtype);
+}
+
+torch::Tensor nf4_dequantize_rows(const Nf4Tensor& q, int64_t row0, int64_t rows, torch::ScalarType dtype) {
+  TORCH_CHECK(q.shape.size() == 2 && q.shape[1] % kNf4BlockSize == 0, "nf4_dequantize_rows: expected a [out, in] "
+              "matrix with in a multiple of 64, got ", c10::IntArrayRef(q.shape));
+  const int64_t in = q.shape[1], bpr = in / kNf4BlockSize;  // absmax blocks per row
+  auto packed = q.packed.narrow(0, row0 * in / 2, rows * in / 2);
+  // absmax of the needed blocks only
+  const int64_t b0 = row0 * bpr, nb = rows * bpr;
+  auto scale_idx = torch::arange(b0, b0 + nb, torch::TensorOptions().dtype(torch::kInt64).device(q.absmax_q.device()))
+                       .div(kAbsmaxBlockSize, "floor");
+  auto absmax = q.absmax_q.narrow(0, b0, nb).to(torch::kFloat32) * q.absmax_scale.index_select(0, scale_idx) +
+                q.absmax_mean;
+  return decode(packed, absmax).view({rows, in}).to(dtype);
+}
+
+}  // namespace omnilite::quant

@@ -1,0 +1,290 @@
+// QLoRA: NF4 codes and blocks against the published table and naive loops, Nf4Linear against the dequantised
+// matmul, LoRA against its formula, gradients reaching adapters only, PEFT adapter files, base-checkpoint loading
+// and its errors, and a tiny QLoRA run whose loss falls.
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "helpers.h"
+#include "omnilite/data/tokenizer.h"
+#include "omnilite/io/adapter.h"
+#include "omnilite/io/checkpoint.h"
+#include "omnilite/modules/lora_linear.h"
+#include "omnilite/modules/nf4_linear.h"
+#include "omnilite/modules/omnilite.h"
+#include "omnilite/modules/qlora_builder.h"
+#include "omnilite/quant/nf4.h"
+#include "omnilite/train/trainer.h"
+
+using namespace omnilite;
+namespace fs = std::filesystem;
+
+namespace {
+
+// The NF4 table as the QLoRA paper / bitsandbytes publish it.
+const double kTable[16] = {-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                           -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                           0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                           0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0};
+
+int naive_nearest(double x) {
+  int best = 0;
+  for (int k = 1; k < 16; ++k)
+    if (std::abs(x - kTable[k]) < std::abs(x - kTable[best])) best = k;
+  return best;
+}
+
+Config qlora_tiny(const std::string& base_dtype) {
+  Config c = testing::load("configs/tiny.json");
+  c.lora.enabled = true;
+  c.lora.rank = 4;
+  c.lora.alpha = 8;
+  c.lora.dropout = 0.0;
+  c.lora.base_dtype = base_dtype;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("NF4: the 16 codes and nearest-code mapping", "[qlora][nf4]") {
+  const auto& v = quant::nf4_code_values();
+  for (int k = 0; k < 16; ++k) CHECK(v[static_cast<size_t>(k)] == static_cast<float>(kTable[k]));
+  auto x = torch::rand({20000}) * 2 - 1;
+  x.narrow(0, 0, 16).copy_(torch::tensor(std::vector<float>(v.begin(), v.end())));  // the codes map to themselves
+  auto idx = quant::nf4_nearest_codes(x);
+  int64_t wrong = 0;
+  for (int64_t i = 0; i < x.numel(); ++i) wrong += idx[i].item<uint8_t>() != naive_nearest(x[i].item<float>());
+  CHECK(wrong == 0);
+}
+
+TEST_CASE("NF4 round trip: per-value error within half the code gap, absmax within half a step", "[qlora][nf4]") {
+  torch::manual_seed(5);
+  auto w = torch::randn({96, 256}) * 0.05;
+  w[3][7] = 0.9;  // an outlier block
+  auto q = quant::nf4_quantize(w);
+  REQUIRE(q.packed.numel() == w.numel() / 2);
+  REQUIRE(q.absmax_q.numel() == w.numel() / 64);
+  // Double-quantised absmax: within half a quantisation step of its 256-block.
+  auto true_absmax = w.reshape({-1, 64}).abs().amax(1);
+  auto dq_absmax = quant::nf4_absmax(q);
+  auto step = q.absmax_scale.repeat_interleave(256).narrow(0, 0, true_absmax.numel());
+  CHECK(((dq_absmax - true_absmax).abs() - step / 2).max().item<double>() <= 1e-7);
+  // Values: |w - dq| <= absmax * max half gap between codes + |absmax error|.
+  double max_half_gap = 0;
+  for (int k = 1; k < 16; ++k) max_half_gap = std::max(max_half_gap, (kTable[k] - kTable[k - 1]) / 2);
+  auto dq = quant::nf4_dequantize(q);
+  auto err = (dq - w).abs().reshape({-1, 64}).amax(1);
+  auto bound = true_absmax * max_half_gap + (dq_absmax - true_absmax).abs() + 1e-6;
+  CHECK((err - bound).max().item<double>() <= 0);
+  // Row slices equal the full dequantisation.
+  CHECK(torch::equal(quant::nf4_dequantize_rows(q, 10, 7, torch::kFloat32), dq.narrow(0, 10, 7)));
+  // 4 + 8/64 + 32/(64*256) bits per weight for a large matrix
+  auto big = quant::nf4_quantize(torch::randn({2048, 768}));
+  const double bits = 8.0 * (big.packed.numel() + big.absmax_q.numel() + 4.0 * big.absmax_scale.numel() + 4) / (2048.0 * 768);
+  CHECK(bits == Approx(4.0 + 8.0 / 64 + 32.0 / (64 * 256)).epsilon(1e-4));
+}
+
+TEST_CASE("Nf4Linear equals the dequantised matmul, forward and backward, across row chunks", "[qlora][nf4]") {
+  torch::manual_seed(6);
+  // 8192 x 1024 = 8M weights: two chunks of 4M.
+  Nf4Linear lin(1024, 8192, true);
+  auto w = torch::randn({8192, 1024}) * 0.02, b = torch::randn({8192});
+  lin->set_weight(w, b);
+  auto x = torch::randn({3, 1024}, torch::requires_grad());
+  auto y = lin->forward(x);
+  auto wd = lin->dequantized_weight();
+  auto ref = torch::matmul(x.detach().to(torch::kFloat64), wd.to(torch::kFloat64).t()) + b.to(torch::kFloat64);
+  CHECK(testing::max_rel_err(y, ref) < 1e-5);
+  auto g = torch::randn({3, 8192});
+  y.backward(g);
+  CHECK(testing::max_rel_err(x.grad(), torch::matmul(g.to(torch::kFloat64), wd.to(torch::kFloat64))) < 1e-5);
+  CHECK(lin->parameters().empty());  // nothing to train, nothing for the optimizer
+}
+
+TEST_CASE("LoRALinear: B = 0 gives the base, otherwise base + alpha/r B A x", "[qlora][lora]") {
+  torch::manual_seed(7);
+  auto base = std::make_shared<PlainLinearImpl>(64, 32, true);
+  LoRALinear lora(base, 4, 8.0, 0.0);
+  auto x = torch::randn({5, 64});
+  CHECK(torch::equal(lora->forward(x), base->forward(x)));
+  {
+    torch::NoGradGuard ng;
+    lora->lora_B->weight.normal_();
+  }
+  auto expect = base->forward(x).to(torch::kFloat64) +
+                (8.0 / 4.0) * torch::matmul(torch::matmul(x.to(torch::kFloat64), lora->lora_A->weight.to(torch::kFloat64).t()),
+                                            lora->lora_B->weight.to(torch::kFloat64).t());
+  CHECK(testing::max_rel_err(lora->forward(x), expect) < 1e-5);
+  CHECK(lora->lora_A->weight.sizes() == torch::IntArrayRef({4, 64}));
+  // A is Kaiming-uniform with a = sqrt(5): bound 1 / sqrt(in)
+  CHECK(lora->lora_A->weight.abs().max().item<double>() <= 1.0 / std::sqrt(64.0));
+  CHECK_FALSE(base->weight.requires_grad());
+}
+
+TEST_CASE("QLoRA model: only adapters get gradients, PEFT adapter files round trip", "[qlora]") {
+  torch::manual_seed(8);
+  Config c = qlora_tiny("nf4");
+  auto builder = make_linear_builder(c);
+  OmniLite model(c.model, *builder);
+  for (auto& p : model->named_parameters()) p.value().set_requires_grad(p.key().find(".lora_") != std::string::npos);
+  {  // non-zero B so that A gets gradients too
+    torch::NoGradGuard ng;
+    for (auto& p : model->named_parameters())
+      if (p.key().find(".lora_B.") != std::string::npos) p.value().normal_(0, 0.01);
+  }
+  auto tokens = torch::randint(7, 64, {2, 12}, torch::kInt64);
+  auto out = model->forward({tokens});
+  out.logits.square().mean().backward();
+  int64_t adapters = 0;
+  for (auto& p : model->named_parameters()) {
+    const bool is_adapter = p.key().find(".lora_") != std::string::npos;
+    INFO(p.key());
+    if (is_adapter) {
+      ++adapters;
+      // text-only input: the text adapters get gradients (vision and resampler ones have no input here)
+      if (p.key().rfind("text.", 0) == 0) REQUIRE(p.value().grad().defined());
+    } else {
+      CHECK_FALSE(p.value().grad().defined());
+    }
+  }
+  CHECK(adapters > 0);
+  // The q_proj base is NF4 and wrapped; names follow PEFT.
+  auto named = model->named_parameters();
+  CHECK(named.contains("text.layers.0.self_attn.q_proj.lora_A.weight"));
+  auto buffers = model->named_buffers();
+  CHECK(buffers.contains("text.layers.0.self_attn.q_proj.base_layer.weight_packed"));
+
+  const auto dir = testing::fresh_temp_dir("adapter");
+  io::save_adapter(*model, c.lora, dir);
+  io::SafetensorsReader r(dir + "/adapter_model.safetensors");
+  CHECK(r.contains("base_model.model.text.layers.0.self_attn.q_proj.lora_A.weight"));
+  CHECK(r.contains("base_model.model.text.layers.1.moe.experts.3.w2.lora_B.weight"));
+  std::ifstream f(dir + "/adapter_config.json");
+  auto cfg = nlohmann::json::parse(f);
+  CHECK(cfg["r"] == 4);
+  CHECK(cfg["lora_alpha"].get<double>() == 8.0);
+  CHECK(cfg["peft_type"] == "LORA");
+  torch::manual_seed(9);
+  OmniLite other(c.model, *builder);
+  io::load_adapter(*other, dir);
+  CHECK(torch::equal(other->named_parameters()["text.layers.1.moe.experts.3.w2.lora_B.weight"],
+                     named["text.layers.1.moe.experts.3.w2.lora_B.weight"]));
+  Config c8 = c;
+  c8.lora.rank = 8;
+  OmniLite wrong_rank(c8.model, *make_linear_builder(c8));
+  CHECK_THROWS_WITH(io::load_adapter(*wrong_rank, dir), Catch::Contains("has shape") && Catch::Contains("lora.rank"));
+}
+
+TEST_CASE("base checkpoints load into QLoRA models quantised, bad ones are refused by name", "[qlora]") {
+  torch::manual_seed(10);
+  const auto dir = testing::fresh_temp_dir("qlora_base");
+  Config plain_cfg = testing::load("configs/tiny.json");
+  OmniLite plain(plain_cfg.model);
+  io::save_module(*plain, dir + "/model.safetensors");
+  auto tokens = torch::randint(7, 64, {2, 10}, torch::kInt64);
+  torch::NoGradGuard ng;
+  auto ref = plain->forward({tokens}).logits;
+
+  // fp32 bases with fresh adapters (B = 0): the same logits.
+  OmniLite full(qlora_tiny("fp32").model, *make_linear_builder(qlora_tiny("fp32")));
+  io::load_base_weights(*full, dir);
+  CHECK(testing::max_rel_err(full->forward({tokens}).logits, ref) < 1e-6);
+  // NF4 bases: the logits of the dequantised weights, close to the original ones.
+  OmniLite nf4(qlora_tiny("nf4").model, *make_linear_builder(qlora_tiny("nf4")));
+  io::load_base_weights(*nf4, dir);
+  auto nf4_logits = nf4->forward({tokens}).logits;
+  // Parity: the plain model with each NF4 base's dequantised weight gives the same logits.
+  OmniLite deq(plain_cfg.model);
+  io::load_module(*deq, dir + "/model.safetensors");
+  auto deq_params = deq->named_parameters();
+  int64_t replaced = 0;
+  for (const auto& m : nf4->named_modules())
+    if (auto* q = dynamic_cast<Nf4LinearImpl*>(m.value().get())) {
+      std::string path = m.key();
+      const auto bl = path.find(".base_layer");
+      if (bl != std::string::npos) path.erase(bl);
+      deq_params[path + ".weight"].copy_(q->dequantized_weight());
+      ++replaced;
+    }
+  CHECK(replaced > 10);
+  CHECK(testing::max_rel_err(nf4_logits, deq->forward({tokens}).logits) < 1e-5);
+  const double err = testing::max_rel_err(nf4_logits, ref);
+  INFO("NF4 vs original logits error " << err);
+  CHECK(err > 0);
+  CHECK(err < 0.2);
+
+  // Missing, extra and mis-shaped tensors are named.
+  auto tensors = io::state_tensors(*plain);
+  auto write_variant = [&](const std::string& name, auto&& edit) {
+    auto t = tensors;
+    edit(t);
+    io::save_safetensors(dir + "/" + name, t);
+    return dir + "/" + name;
+  };
+  auto missing = write_variant("missing.safetensors", [](auto& t) {
+    t.erase(std::remove_if(t.begin(), t.end(), [](auto& p) { return p.first == "text.layers.1.self_attn.k_proj.weight"; }), t.end());
+  });
+  CHECK_THROWS_WITH(io::load_base_weights(*nf4, missing), Catch::Contains("missing tensor \"text.layers.1.self_attn.k_proj.weight\""));
+  auto extra = write_variant("extra.safetensors", [](auto& t) { t.emplace_back("text.layers.9.extra.weight", torch::zeros({2})); });
+  CHECK_THROWS_WITH(io::load_base_weights(*nf4, extra), Catch::Contains("unexpected tensor \"text.layers.9.extra.weight\""));
+  auto shaped = write_variant("shaped.safetensors", [](auto& t) {
+    for (auto& p : t)
+      if (p.first == "text.layers.0.moe.experts.2.w1.weight") p.second = torch::zeros({8, 64});
+  });
+  CHECK_THROWS_WITH(io::load_base_weights(*nf4, shaped), Catch::Contains("text.layers.0.moe.experts.2.w1.weight") &&
+                                                             Catch::Contains("has shape"));
+}
+
+TEST_CASE("a tiny QLoRA run learns with adapters only", "[qlora][train][slow]") {
+  const auto base = testing::fresh_temp_dir("qlora_run");
+  const std::string corpus = base + "/corpus.txt", tok = base + "/tok.model";
+  {
+    std::ofstream f(corpus);
+    const char* words[] = {"red", "green", "blue", "coat", "shirt", "boot", "bag", "dress", "the", "a"};
+    for (int d = 0; d < 300; ++d) {
+      for (int w = 0; w < 12; ++w) f << words[(d * 7 + w * 3) % 10] << (w == 11 ? ".\n" : " ");
+      f << "%\n";
+    }
+  }
+  TokenizerTrainOptions o;
+  o.inputs = {corpus};
+  o.vocab_size = 280;
+  train_tokenizer(o, tok);
+  Config c = qlora_tiny("nf4");
+  c.model.text.vocab_size = 320;
+  c.lora.rank = 8;
+  c.data.tokenizer = tok;
+  c.data.text_train = {corpus};
+  c.data.text_valid = {corpus};
+  c.train.batch_size = 4;
+  c.train.seq_len = 32;
+  c.train.lr = 1e-2;
+  c.train.warmup_steps = 2;
+  c.train.steps = 24;
+  c.train.log_every = 100;
+  c.train.ckpt_every = 24;
+  {
+    torch::manual_seed(1);
+    Config plain = c;
+    plain.lora.enabled = false;
+    OmniLite m(plain.model);
+    io::save_module(*m, base + "/base.safetensors");
+  }
+  c.train.base_checkpoint = base + "/base.safetensors";
+  TrainRunOptions r;
+  r.out_dir = base + "/run";
+  const auto res = train(c, r);
+  INFO("loss " << res.first_loss << " -> " << res.last_loss);
+  // The base (embedding, LM head included) is random and frozen: the adapters alone bring the loss down.
+  CHECK(res.last_loss < res.first_loss - 0.3);
+  const auto ck = latest_checkpoint(r.out_dir);
+  CHECK(fs::exists(ck + "/adapter_model.safetensors"));
+  CHECK(fs::exists(ck + "/adapter_config.json"));
+  CHECK_FALSE(fs::exists(ck + "/model.safetensors"));
+  // Without base weights the run is refused before step 1.
+  c.train.base_checkpoint.clear();
+  CHECK_THROWS_WITH(train(c, r), Catch::Contains("train.base_checkpoint"));
+}
