@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include "omnilite/config.h"
+#include "omnilite/data/tokenizer.h"
 
 namespace testing {
 
@@ -47,6 +48,27 @@ inline std::string write_synthetic_fashion(const std::string& dir, const std::st
   write_idx(dir + "/" + split + "-images-idx3-ubyte", images.to(torch::kUInt8));
   write_idx(dir + "/" + split + "-labels-idx1-ubyte", labels.to(torch::kUInt8));
   return dir + "/" + split;
+}
+
+// A corpus of 300 short documents over ten words ("<dir>/corpus.txt") and its SentencePiece model (280 pieces,
+// "<dir>/tok.model"), trained once per folder. Returns {corpus, model}.
+inline std::pair<std::string, std::string> word_corpus_and_tokenizer(const std::string& dir) {
+  const std::string corpus = dir + "/corpus.txt", model = dir + "/tok.model";
+  if (std::filesystem::exists(model)) return {corpus, model};
+  std::filesystem::create_directories(dir);
+  {
+    std::ofstream f(corpus);
+    const char* words[] = {"red", "green", "blue", "coat", "shirt", "boot", "bag", "dress", "the", "a"};
+    for (int d = 0; d < 300; ++d) {
+      for (int w = 0; w < 12; ++w) f << words[(d * 7 + w * 3) % 10] << (w == 11 ? ".\n" : " ");
+      f << "%\n";
+    }
+  }
+  omnilite::TokenizerTrainOptions o;
+  o.inputs = {corpus};
+  o.vocab_size = 280;  // markers + 256 bytes + the few words
+  omnilite::train_tokenizer(o, model);
+  return {corpus, model};
 }
 
 inline omnilite::Config load(const std::string& rel) { return omnilite::load_config_file(source_path(rel)); }

@@ -240,19 +240,7 @@ TEST_CASE("base checkpoints load into QLoRA models quantised, bad ones are refus
 
 TEST_CASE("a tiny QLoRA run learns with adapters only", "[qlora][train][slow]") {
   const auto base = testing::fresh_temp_dir("qlora_run");
-  const std::string corpus = base + "/corpus.txt", tok = base + "/tok.model";
-  {
-    std::ofstream f(corpus);
-    const char* words[] = {"red", "green", "blue", "coat", "shirt", "boot", "bag", "dress", "the", "a"};
-    for (int d = 0; d < 300; ++d) {
-      for (int w = 0; w < 12; ++w) f << words[(d * 7 + w * 3) % 10] << (w == 11 ? ".\n" : " ");
-      f << "%\n";
-    }
-  }
-  TokenizerTrainOptions o;
-  o.inputs = {corpus};
-  o.vocab_size = 280;
-  train_tokenizer(o, tok);
+  const auto [corpus, tok] = testing::word_corpus_and_tokenizer(base + "/data");
   Config c = qlora_tiny("nf4");
   c.model.text.vocab_size = 320;
   c.lora.rank = 8;

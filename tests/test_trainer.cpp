@@ -18,23 +18,7 @@ namespace {
 
 // A tiny corpus, its tokenizer (280 pieces) and a tiny config that trains on it.
 Config tiny_training_config(const std::string& dir) {
-  static bool made = false;
-  const std::string corpus = dir + "/corpus.txt", model = dir + "/tok.model";
-  if (!made || !fs::exists(model)) {
-    fs::create_directories(dir);
-    std::ofstream f(corpus);
-    const char* words[] = {"red", "green", "blue", "coat", "shirt", "boot", "bag", "dress", "the", "a"};
-    for (int d = 0; d < 300; ++d) {
-      for (int w = 0; w < 12; ++w) f << words[(d * 7 + w * 3) % 10] << (w == 11 ? ".\n" : " ");
-      f << "%\n";
-    }
-    f.close();
-    TokenizerTrainOptions o;
-    o.inputs = {corpus};
-    o.vocab_size = 280;  // markers + 256 bytes + the few words
-    train_tokenizer(o, model);
-    made = true;
-  }
+  const auto [corpus, model] = testing::word_corpus_and_tokenizer(dir);
   Config c = testing::load("configs/tiny.json");
   c.model.text.vocab_size = 320;
   c.data.tokenizer = model;

@@ -200,6 +200,22 @@ ImageCaptionSet read_image_captions(const std::vector<std::string>& sources, con
   return set;
 }
 
+ImageLoadOptions image_load_options(const DataOptions& data, int64_t size) {
+  ImageLoadOptions io;
+  io.size = size;
+  io.image_root = data.image_root;
+  io.max_images = data.max_images;
+  return io;
+}
+
+ImageCaptionSet read_training_images(const DataOptions& data, int64_t size) {
+  auto set = read_image_captions(data.image_train, image_load_options(data, size));
+  if (set.size() == 0)
+    throw std::runtime_error("data.image_train: no usable images in the given sources; hint: run "
+                             "scripts/prepare_data.sh");
+  return set;
+}
+
 // [N, S, S, 3] uint8 -> [n, channels, size, size] float in [-1, 1]
 torch::Tensor to_model_images(const torch::Tensor& images, int64_t size, int64_t channels, const torch::Tensor& index) {
   auto x = (index.defined() ? images.index_select(0, index) : images).permute({0, 3, 1, 2}).to(torch::kFloat32);

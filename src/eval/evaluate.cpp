@@ -106,9 +106,7 @@ json evaluate(const EvalOptions& o) {
   }
 
   // Captioning.
-  ImageLoadOptions io;
-  io.size = std::max(cfg.model.vision.image_size, cfg.model.vqvae.image_size);
-  io.image_root = cfg.data.image_root;
+  auto io = image_load_options(cfg.data, std::max(cfg.model.vision.image_size, cfg.model.vqvae.image_size));
   io.max_images = o.caption_images;
   if (!cfg.data.image_valid.empty() && o.caption_images > 0) {
     t0 = std::chrono::steady_clock::now();

@@ -22,14 +22,8 @@ struct ImageMicro {
 class ImageStageBase : public TrainStage {
  public:
   ImageStageBase(const Config& cfg, torch::Device dev) : cfg_(cfg), dev_(dev) {
-    ImageLoadOptions io;
-    io.size = cfg.model.vqvae.image_size;
-    io.image_root = cfg.data.image_root;
-    io.max_images = cfg.data.max_images;
-    train_ = read_image_captions(cfg.data.image_train, io);
-    if (train_.size() == 0)
-      throw std::runtime_error("data.image_train: no usable images in the given sources; hint: run "
-                               "scripts/prepare_data.sh");
+    const auto io = image_load_options(cfg.data, cfg.model.vqvae.image_size);
+    train_ = read_training_images(cfg.data, io.size);
     if (!cfg.data.image_valid.empty()) valid_ = read_image_captions(cfg.data.image_valid, io);
     order_ = std::make_unique<EpochSampler>(train_.size(), cfg.train.seed);
     log::info(log::format("data: %lld training images, %lld held out, %lldx%lld", static_cast<long long>(train_.size()),

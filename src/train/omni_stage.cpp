@@ -42,14 +42,8 @@ class OmniStage : public TrainStage {
         text_valid_ = std::make_unique<TextData>(cfg.data.text_valid, "data.text_valid", tok_, cfg, tr.seed);
     }
     if (tr.caption_batch_size + tr.gen_batch_size > 0) {
-      ImageLoadOptions io;
-      io.size = std::max(cfg.model.vision.image_size, cfg.model.vqvae.image_size);
-      io.image_root = cfg.data.image_root;
-      io.max_images = cfg.data.max_images;
-      images_ = read_image_captions(cfg.data.image_train, io);
-      if (images_.size() == 0)
-        throw std::runtime_error("data.image_train: no usable images in the given sources; hint: run "
-                                 "scripts/prepare_data.sh");
+      const auto io = image_load_options(cfg.data, std::max(cfg.model.vision.image_size, cfg.model.vqvae.image_size));
+      images_ = read_training_images(cfg.data, io.size);
       mm_ = std::make_unique<MultimodalSampler>(images_, tok_, cfg.model, tr, tr.seed);
       log::info(log::format("data: %lld images, %lld caption + %lld generation samples per micro-batch, rows of %lld "
                             "tokens", static_cast<long long>(images_.size()), static_cast<long long>(tr.caption_batch_size),

@@ -11,6 +11,8 @@
 
 #include <torch/torch.h>
 
+#include "omnilite/config.h"
+
 namespace omnilite {
 
 struct ImageLoadOptions {
@@ -30,6 +32,11 @@ struct ImageCaptionSet {
 // Reads every source (see DataOptions::image_train for the kinds). Throws naming a source that cannot be opened or
 // whose kind is unknown; bad entries inside a source are skipped and counted.
 ImageCaptionSet read_image_captions(const std::vector<std::string>& sources, const ImageLoadOptions& opts);
+
+// The load options a config asks for: images resized to `size`, data.image_root, data.max_images.
+ImageLoadOptions image_load_options(const DataOptions& data, int64_t size);
+// The training images of a config (data.image_train) at `size`; throws before step 1 when none is usable.
+ImageCaptionSet read_training_images(const DataOptions& data, int64_t size);
 
 // Decodes one image file with OpenCV into [H, W, 3] uint8 RGB. Throws naming the file when it is missing, empty,
 // a truncated JPEG/PNG or undecodable.
