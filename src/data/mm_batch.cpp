@@ -104,7 +104,7 @@ MultimodalBatch MultimodalSampler::get(int64_t micro) const {
   std::mt19937_64 rng(mix(seed_ ^ mix(static_cast<uint64_t>(micro))));
   auto gen = at::make_generator<at::CPUGeneratorImpl>(rng());
   std::vector<std::vector<int64_t>> rows;
-  std::vector<int64_t> cap_idx, gen_idx, labels;
+  std::vector<int64_t> cap_idx, gen_idx;
   const auto& tk = model_.tokens;
   auto pick = [&](int64_t img) -> const std::vector<int64_t>& {
     const auto& v = caption_ids_[static_cast<size_t>(img)];
@@ -125,16 +125,12 @@ MultimodalBatch MultimodalSampler::get(int64_t micro) const {
   }
   MultimodalBatch b;
   b.tokens = pad_rows(rows, seq_len_, tk.pad_id);
-  auto lab = data_.labels;
-  for (auto i : cap_idx) labels.push_back(lab[i].item<int64_t>());
-  for (auto i : gen_idx) labels.push_back(lab[i].item<int64_t>());
-  b.labels = torch::tensor(labels, torch::kInt64);
+  const auto cap_t = torch::tensor(cap_idx, torch::kInt64), gen_t = torch::tensor(gen_idx, torch::kInt64);
+  b.labels = data_.labels.index_select(0, torch::cat({cap_t, gen_t}));  // one gather, no per-sample item()
   if (!cap_idx.empty())
-    b.images = to_model_images(data_.images, model_.vision.image_size, model_.vision.in_channels,
-                               torch::tensor(cap_idx, torch::kInt64));
+    b.images = to_model_images(data_.images, model_.vision.image_size, model_.vision.in_channels, cap_t);
   if (!gen_idx.empty()) {
-    b.gen_images = to_model_images(data_.images, model_.vqvae.image_size, model_.vqvae.in_channels,
-                                   torch::tensor(gen_idx, torch::kInt64));
+    b.gen_images = to_model_images(data_.images, model_.vqvae.image_size, model_.vqvae.in_channels, gen_t);
     const int64_t P = model_.flow_token_dim();
     b.noise = torch::randn({gen_batch_ * G, P}, gen);
     auto z = torch::randn({gen_batch_}, gen) * time_std_ + time_mean_;
