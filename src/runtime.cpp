@@ -9,7 +9,9 @@
 #include <c10/cuda/CUDAFunctions.h>
 #endif
 
+#include <fstream>
 #include <stdexcept>
+#include <string>
 #include <thread>
 
 namespace omnilite {
@@ -63,6 +65,23 @@ double cuda_peak_allocated_gib() {
   return -1.0;
 #endif
 }
+
+namespace {
+
+// A "Vm...:  N kB" line of /proc/self/status in bytes, or -1.
+double proc_status_kb(const char* key) {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  const std::string k = std::string(key) + ":";
+  while (std::getline(f, line))
+    if (line.rfind(k, 0) == 0) return 1024.0 * std::stod(line.substr(k.size()));
+  return -1.0;
+}
+
+}  // namespace
+
+double resident_bytes() { return proc_status_kb("VmRSS"); }
+double peak_resident_bytes() { return proc_status_kb("VmHWM"); }
 
 torch::Device apply_runtime(const RuntimeOptions& rt) {
   configure_threads(rt.threads, rt.blas_threads);

@@ -79,6 +79,22 @@ TEST_CASE("NF4 round trip: per-value error within half the code gap, absmax with
   auto err = (dq - w).abs().reshape({-1, 64}).amax(1);
   auto bound = true_absmax * max_half_gap + (dq_absmax - true_absmax).abs() + 1e-6;
   CHECK((err - bound).max().item<double>() <= 0);
+  // The dequantisation equals a scalar decoding of the stored bytes: high nibble first, absmax = q * scale + mean.
+  {
+    auto packed = q.packed.contiguous();
+    auto aq = q.absmax_q.contiguous();
+    const auto* pb = packed.data_ptr<uint8_t>();
+    const auto* pa = aq.data_ptr<int8_t>();
+    auto flat = dq.reshape(-1);
+    double worst = 0;
+    for (int64_t i = 0; i < w.numel(); ++i) {
+      const int64_t block = i / 64;
+      const double absmax = pa[block] * q.absmax_scale[block / 256].item<double>() + q.absmax_mean.item<double>();
+      const int code = i % 2 == 0 ? pb[i / 2] >> 4 : pb[i / 2] & 15;
+      worst = std::max(worst, std::abs(flat[i].item<double>() - kTable[code] * absmax));
+    }
+    CHECK(worst < 1e-6);
+  }
   // Row slices equal the full dequantisation.
   CHECK(torch::equal(quant::nf4_dequantize_rows(q, 10, 7, torch::kFloat32), dq.narrow(0, 10, 7)));
   // 4 + 8/64 + 32/(64*256) bits per weight for a large matrix

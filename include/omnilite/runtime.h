@@ -28,6 +28,11 @@ void use_one_thread_here();
 // without CUDA.
 double cuda_peak_allocated_gib();
 
+// Resident memory of this process now (VmRSS) and its peak so far (VmHWM, what /usr/bin/time -v reports as the
+// maximum resident set size), in bytes; -1 where /proc is not available.
+double resident_bytes();
+double peak_resident_bytes();
+
 // Applies runtime.threads/blas_threads and the seed; returns the device.
 torch::Device apply_runtime(const RuntimeOptions& rt);
 

@@ -1,6 +1,8 @@
 // omnilite bench: measured throughput figures (docs/benchmarks.md records them with the machine and command).
 //   matmul  : fp32 GEMM GFLOP/s at N^3, the BLAS check (reference BLAS is ~19x slower than OpenBLAS)
 //   forward : tokens/s of the model's forward (and backward with --backward) on random text, for a config
+//   nf4     : an NF4 projection (dequantise + matmul; default the expert shape 512 x 2048 -> 768) against the fp32
+//             projection of the same shape
 //   train   : whole optimizer steps of a config's stage on its data, and the model-FLOPs utilisation
 //             MFU = 6 * N * tokens/s / (fp32 GEMM FLOP/s at 2048^3 measured in the same run), N = matmul parameters
 //             a text token passes through (active backbone + LM head)
@@ -13,6 +15,7 @@
 
 #include "omnilite/cli/commands.h"
 #include "omnilite/config.h"
+#include "omnilite/modules/nf4_linear.h"
 #include "omnilite/modules/omnilite.h"
 #include "omnilite/param_count.h"
 #include "omnilite/runtime.h"
@@ -43,20 +46,56 @@ double matmul_flops(const torch::Device& dev, int64_t n, int64_t reps) {
   return 2.0 * static_cast<double>(n * n * n) * static_cast<double>(reps) / seconds_since(t0);
 }
 
+// Mean seconds of fn() over `reps` calls after one warm-up.
+template <class Fn>
+double time_per_call(const torch::Device& dev, int64_t reps, Fn fn) {
+  fn();
+  synchronize(dev);
+  const auto t0 = Clock::now();
+  for (int64_t i = 0; i < reps; ++i) fn();
+  synchronize(dev);
+  return seconds_since(t0) / static_cast<double>(reps);
+}
+
+// NF4 projection (dequantise + matmul) vs the fp32 projection of the same shape, no gradients.
+nlohmann::json bench_nf4(const torch::Device& dev, int64_t tokens, int64_t in, int64_t out, int64_t reps) {
+  torch::NoGradGuard ng;
+  auto w = torch::randn({out, in}, torch::TensorOptions().device(dev)) * 0.02;
+  auto x = torch::randn({tokens, in}, torch::TensorOptions().device(dev));
+  Nf4Linear nf4(in, out, false);
+  nf4->to(dev);
+  nf4->set_weight(w);
+  const double t_fp32 = time_per_call(dev, reps, [&] { return torch::nn::functional::linear(x, w); });
+  const double t_nf4 = time_per_call(dev, reps, [&] { return nf4->forward(x); });
+  const double t_deq = time_per_call(dev, reps, [&] { return nf4->dequantized_weight(); });
+  const double flops = 2.0 * static_cast<double>(tokens * in * out);
+  return {{"shape", std::to_string(tokens) + " x " + std::to_string(in) + " -> " + std::to_string(out)},
+          {"fp32_ms", 1e3 * t_fp32},
+          {"nf4_ms", 1e3 * t_nf4},
+          {"dequantize_ms", 1e3 * t_deq},
+          {"fp32_gflops", flops / t_fp32 / 1e9},
+          {"nf4_gflops", flops / t_nf4 / 1e9},
+          {"nf4_speed_vs_fp32", t_fp32 / t_nf4}};
+}
+
 }  // namespace
 
 int run_bench(int argc, char** argv) {
   cxxopts::Options opts(argv[0], "Measure throughput. WHAT is `matmul` (fp32 GEMM GFLOP/s), `forward` (model "
                                  "tokens/s on random text; add --backward for a training-style step) or `train` (whole "
                                  "optimizer steps of the config's stage on its data, with the model-FLOPs utilisation "
-                                 "against a 2048^3 fp32 GEMM measured in the same run).");
+                                 "against a 2048^3 fp32 GEMM measured in the same run) or `nf4` (an NF4 projection, "
+                                 "dequantisation included, against the fp32 one of the same shape).");
   opts.positional_help("WHAT");
-  opts.add_options()("what", "matmul | forward", cxxopts::value<std::string>())(
+  opts.add_options()("what", "matmul | forward | train | nf4", cxxopts::value<std::string>())(
       "config", "model config for `forward` (e.g. configs/small.json)", cxxopts::value<std::string>())(
       "size", "matrix side N for `matmul`", cxxopts::value<int64_t>()->default_value("1024"))(
       "batch", "sequences per step for `forward`", cxxopts::value<int64_t>()->default_value("4"))(
       "seq", "tokens per sequence for `forward`", cxxopts::value<int64_t>()->default_value("128"))(
       "steps", "timed repetitions (after one warm-up; `train`: after 3 warm-up steps)", cxxopts::value<int64_t>()->default_value("5"))(
+      "tokens", "rows of x for `nf4`", cxxopts::value<int64_t>()->default_value("512"))(
+      "in", "input features for `nf4` (a multiple of 64)", cxxopts::value<int64_t>()->default_value("2048"))(
+      "out", "output features for `nf4`", cxxopts::value<int64_t>()->default_value("768"))(
       "backward", "also run backward (forward + backward = one training step without the optimizer)")(
       "device", "cpu, cuda or cuda:N (overrides runtime.device)", cxxopts::value<std::string>())(
       "dtype", "fp32 or bf16 (bf16 autocast on CUDA; overrides runtime.dtype)", cxxopts::value<std::string>())(
@@ -68,18 +107,19 @@ int run_bench(int argc, char** argv) {
   if (args.count("help") || !args.count("what")) {
     std::cout << opts.help() << "\nExamples:\n  omnilite bench matmul --size 1024 --blas-threads 2\n"
                  "  omnilite bench forward --config configs/small.json --backward --threads 2 --blas-threads 1\n"
-                 "  omnilite bench train --config configs/small.json --steps 20\n";
+                 "  omnilite bench train --config configs/small.json --steps 20\n"
+                 "  omnilite bench nf4 --tokens 512 --in 2048 --out 768 --steps 50\n";
     return args.count("help") ? 0 : 2;
   }
   const std::string what = args["what"].as<std::string>();
-  if (what != "matmul" && what != "forward" && what != "train")
-    throw std::runtime_error("bench: unknown benchmark \"" + what + "\"; expected matmul, forward or train");
+  if (what != "matmul" && what != "forward" && what != "train" && what != "nf4")
+    throw std::runtime_error("bench: unknown benchmark \"" + what + "\"; expected matmul, forward, train or nf4");
   const int64_t steps = args["steps"].as<int64_t>();
   if (steps < 1) throw std::runtime_error("bench: --steps must be >= 1, got " + std::to_string(steps));
 
   Config cfg;
   if (args.count("config")) cfg = load_config_file(args["config"].as<std::string>());
-  else if (what != "matmul") throw std::runtime_error("bench " + what + ": --config FILE is required");
+  else if (what != "matmul" && what != "nf4") throw std::runtime_error("bench " + what + ": --config FILE is required");
   if (args.count("device")) cfg.runtime.device = args["device"].as<std::string>();
   if (args.count("dtype")) cfg.runtime.dtype = args["dtype"].as<std::string>();
   if (args.count("threads")) cfg.runtime.threads = args["threads"].as<int64_t>();
@@ -97,6 +137,11 @@ int run_bench(int argc, char** argv) {
     result["size"] = n;
     result["seconds_per_matmul"] = 2.0 * static_cast<double>(n * n * n) / flops;
     result["gflops"] = flops / 1e9;
+  } else if (what == "nf4") {
+    const int64_t tokens = args["tokens"].as<int64_t>();
+    if (tokens < 1) throw std::runtime_error("bench nf4: --tokens must be >= 1, got " + std::to_string(tokens));
+    const auto r = bench_nf4(dev, tokens, args["in"].as<int64_t>(), args["out"].as<int64_t>(), steps);
+    result.update(r);
   } else if (what == "train") {
     const double peak = matmul_flops(dev, 2048, 5);
     const auto r = bench_train_steps(cfg, steps, 3);

@@ -1,4 +1,5 @@
 // omnilite info: the parameter table of a config (or the design card), counted analytically.
+// omnilite memory: the training-memory estimate of a config (include/omnilite/train/memory_estimate.h).
 #include <cstdio>
 #include <iostream>
 
@@ -8,6 +9,8 @@
 #include "omnilite/cli/commands.h"
 #include "omnilite/config.h"
 #include "omnilite/param_count.h"
+#include "omnilite/runtime.h"
+#include "omnilite/train/memory_estimate.h"
 
 namespace omnilite::cli {
 namespace {
@@ -85,6 +88,68 @@ int run_info(int argc, char** argv) {
               gib(r.bytes_nf4).c_str());
   std::printf("  (NF4: %s linear weights at %.3f bits incl. double-quantised absmax; the other %s in bf16)\n",
               with_commas(r.nf4_params).c_str(), kNf4BitsPerParam, with_commas(r.total - r.nf4_params).c_str());
+  return 0;
+}
+
+int run_memory(int argc, char** argv) {
+  const double process = resident_bytes();  // LibTorch, BLAS and this program, before any model exists
+  cxxopts::Options opts(argv[0], "Estimate the memory of training a config's omni model: NF4 weights and their "
+                                 "constants, full-precision tensors, LoRA parameters, gradients, AdamW moments, and "
+                                 "activations of one micro-batch (train.batch_size x train.seq_len plus image rows) with "
+                                 "and without activation checkpointing. Only the small non-projection tensors are "
+                                 "allocated.");
+  opts.add_options()("config", "config JSON (e.g. configs/qlora-omni-lite.json)", cxxopts::value<std::string>())(
+      "json", "print one JSON object")("h,help", "show this help");
+  auto args = opts.parse(argc, argv);
+  if (args.count("help") || !args.count("config")) {
+    std::cout << opts.help() << "\nExample:\n  omnilite memory --config configs/qlora-omni-lite.json\n"
+                 "Compare with the peak resident memory of a run: /usr/bin/time -v omnilite train ... (see "
+                 "scripts/bench_qlora.sh).\n";
+    return args.count("help") ? 0 : 2;
+  }
+  const std::string path = args["config"].as<std::string>();
+  const Config cfg = load_config_file(path);
+  auto e = estimate_training_memory(cfg);
+  e.process_bytes = process > 0 ? process : 0;
+  const double with = e.total(true), without = e.total(false);
+  if (args.count("json")) {
+    nlohmann::json j = {{"config", path},
+                        {"lora", cfg.lora.enabled},
+                        {"tokens_per_micro_batch", e.tokens},
+                        {"params", {{"nf4", e.nf4_params}, {"full", e.full_params}, {"lora", e.lora_params},
+                                    {"trainable", e.trainable_params}}},
+                        {"bytes", {{"nf4_codes", e.nf4_code_bytes}, {"nf4_constants", e.nf4_const_bytes},
+                                   {"full_precision", e.full_bytes}, {"lora", e.lora_bytes}, {"gradients", e.grad_bytes},
+                                   {"adamw", e.adam_bytes}, {"activations_one_layer", e.act_layer_bytes},
+                                   {"activations_checkpointed", e.act_checkpointed}, {"activations_full", e.act_full},
+                                   {"process", e.process_bytes}, {"total_checkpointed", with}, {"total_full", without}}},
+                        {"activation_checkpointing", e.checkpointing}};
+    std::cout << j.dump(2) << "\n";
+    return 0;
+  }
+  const auto& tr = cfg.train;
+  std::printf("OMNI-LITE training memory estimate (%s)\n", path.c_str());
+  std::printf("  %s; micro-batch: %lld text rows x %lld + %lld image rows = %lld tokens; activation checkpointing %s\n\n",
+              cfg.lora.enabled ? ("QLoRA, base " + cfg.lora.base_dtype + ", rank " + std::to_string(cfg.lora.rank)).c_str()
+                               : "full training (no LoRA)",
+              static_cast<long long>(tr.batch_size), static_cast<long long>(tr.seq_len),
+              static_cast<long long>(tr.caption_batch_size + tr.gen_batch_size), static_cast<long long>(e.tokens),
+              e.checkpointing ? "on" : "off");
+  auto row = [](const char* what, int64_t n, double bytes) {
+    std::printf("  %-40s %16s %12s\n", what, n >= 0 ? with_commas(n).c_str() : "", gib(bytes).c_str());
+  };
+  row("NF4 weights: 4-bit codes", e.nf4_params, e.nf4_code_bytes);
+  row("NF4 constants: absmax codes, scales", -1, e.nf4_const_bytes);
+  row("full-precision tensors (fp32)", e.full_params, e.full_bytes);
+  row("LoRA adapters (fp32)", e.lora_params, e.lora_bytes);
+  row("gradients (trainable values)", e.trainable_params, e.grad_bytes);
+  row("AdamW moments", -1, e.adam_bytes);
+  row("activations, one decoder layer", -1, e.act_layer_bytes);
+  row("activations with checkpointing", -1, e.act_checkpointed);
+  row("activations without checkpointing", -1, e.act_full);
+  row("process (LibTorch, BLAS; measured now)", -1, e.process_bytes);
+  std::printf("\n  %-40s %16s %12s\n  %-40s %16s %12s\n", "total with activation checkpointing", "", gib(with).c_str(),
+              "total without", "", gib(without).c_str());
   return 0;
 }
 

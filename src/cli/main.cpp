@@ -26,6 +26,12 @@ const std::vector<Subcommand>& subcommands() {
        omnilite::cli::run_train},
       {"eval", "caption accuracy, text-to-image accuracy, held-out and unigram perplexity, sample and loss PNGs",
        omnilite::cli::run_eval},
+      {"init", "write a full-size randomly initialised checkpoint piece by piece (a QLoRA base)",
+       omnilite::cli::run_init},
+      {"export", "merge QLoRA adapters into their dequantised NF4 base, or re-store a checkpoint's weights",
+       omnilite::cli::run_export},
+      {"memory", "estimate training memory: NF4 weights, LoRA, gradients, AdamW, activations with/without "
+                 "checkpointing", omnilite::cli::run_memory},
       {"tokenizer", "train a SentencePiece tokenizer with the image markers reserved, or encode text with one",
        omnilite::cli::run_tokenizer},
   };

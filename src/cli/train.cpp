@@ -8,6 +8,7 @@
 #include "omnilite/cli/commands.h"
 #include "omnilite/config.h"
 #include "omnilite/log.h"
+#include "omnilite/runtime.h"
 #include "omnilite/train/trainer.h"
 
 namespace omnilite::cli {
@@ -71,8 +72,11 @@ int run_train(int argc, char** argv) {
   if (args.count("resume")) run.resume_dir = args["resume"].as<std::string>();
   if (args.count("max-steps")) run.max_steps = args["max-steps"].as<int64_t>();
   const auto r = train(cfg, run);
-  log::info(log::format("done: %lld steps, loss %.4f -> %.4f, last checkpoint %s",
-                        static_cast<long long>(r.steps_done), r.first_loss, r.last_loss, r.last_checkpoint.c_str()));
+  log::info(log::format("done: %lld steps, loss %.4f -> %.4f, last checkpoint %s, peak resident memory %.2f GiB",
+                        static_cast<long long>(r.steps_done), r.first_loss, r.last_loss, r.last_checkpoint.c_str(),
+                        peak_resident_bytes() / (1024.0 * 1024.0 * 1024.0)));
+  if (cfg.runtime.device.rfind("cuda", 0) == 0)
+    log::info(log::format("peak allocated CUDA memory %.2f GiB", cuda_peak_allocated_gib()));
   return 0;
 }
 

@@ -33,13 +33,6 @@ std::string run_folder_of(const std::string& checkpoint_dir) {
 
 namespace {
 
-json read_state(const std::string& dir) {
-  std::ifstream f(dir + "/state.json");
-  auto state = json::parse(f, nullptr, false);
-  if (!state.is_object() || !state.contains("config"))
-    throw std::runtime_error("checkpoint \"" + dir + "\": state.json is missing or unreadable");
-  return state;
-}
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -78,7 +71,7 @@ void text_perplexity(OmniLiteImpl& model, const Config& cfg, const Tokenizer& to
 
 json evaluate(const EvalOptions& o) {
   const std::string dir = latest_checkpoint(o.checkpoint);
-  const json state = read_state(dir);
+  const json state = io::read_checkpoint_state(dir);
   if (state.value("stage", std::string("omni")) != "omni")
     throw std::runtime_error("checkpoint \"" + dir + "\" is a train.stage = \"" + state.value("stage", std::string()) +
                              "\" checkpoint; eval measures OMNI-LITE (stage \"omni\") checkpoints");
@@ -152,7 +145,7 @@ json evaluate(const EvalOptions& o) {
   if (o.t2i_per_class > 0 && !cls_dir.empty()) {
     t0 = std::chrono::steady_clock::now();
     const std::string cdir = latest_checkpoint(cls_dir);
-    const json cstate = read_state(cdir);
+    const json cstate = io::read_checkpoint_state(cdir);
     if (cstate.value("stage", std::string()) != "classifier")
       throw std::runtime_error("classifier \"" + cdir + "\" is not a train.stage = \"classifier\" checkpoint");
     io::SafetensorsReader r(cdir + "/model.safetensors");

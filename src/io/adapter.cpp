@@ -10,6 +10,7 @@
 
 #include "omnilite/io/checkpoint.h"
 #include "omnilite/io/safetensors.h"
+#include "omnilite/modules/lora_linear.h"
 #include "omnilite/modules/nf4_linear.h"
 #include "omnilite/pattern.h"
 
@@ -142,6 +143,67 @@ void load_base_weights(torch::nn::Module& model, const std::string& path_in) {
     throw std::runtime_error("base checkpoint \"" + path + "\": missing tensor \"" + shown + "\" (model key \"" + key +
                              "\"); hint: the checkpoint was written for another config");
   }
+}
+
+namespace {
+
+// The plain weight [out, in] a projection computes with, in fp32.
+torch::Tensor effective_weight(const torch::nn::Module& m) {
+  if (const auto* lora = dynamic_cast<const LoRALinearImpl*>(&m))
+    return effective_weight(*lora->base_layer) + lora->delta_weight().to(torch::kFloat32);
+  if (const auto* nf4 = dynamic_cast<const Nf4LinearImpl*>(&m)) return nf4->dequantized_weight(torch::kFloat32);
+  if (const auto* plain = dynamic_cast<const PlainLinearImpl*>(&m)) return plain->weight.detach().to(torch::kFloat32);
+  throw std::runtime_error("write_merged_weights: unexpected projection type");
+}
+
+// One tensor of the merged file: its name and how to produce it.
+struct MergedTensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  torch::ScalarType dtype;
+  std::function<torch::Tensor()> make;
+};
+
+}  // namespace
+
+int64_t write_merged_weights(const torch::nn::Module& model, const std::string& path, torch::ScalarType dtype,
+                             const std::map<std::string, std::string>& metadata) {
+  std::map<std::string, const torch::nn::Module*> modules;
+  for (const auto& m : model.named_modules()) modules[m.key()] = m.value().get();
+  // The outermost projection owning a key: "a.b.base_layer.weight_packed" -> ("a.b", "weight_packed").
+  auto owner_of = [](const std::string& key) {
+    const auto dot = key.rfind('.');
+    std::string owner = key.substr(0, dot), leaf = key.substr(dot + 1);
+    const std::string bl = ".base_layer";
+    if (owner.size() > bl.size() && owner.compare(owner.size() - bl.size(), bl.size(), bl) == 0)
+      owner.resize(owner.size() - bl.size());
+    return std::make_pair(owner, leaf);
+  };
+  torch::NoGradGuard ng;
+  std::vector<MergedTensor> out;
+  for (const auto& [key, t] : state_tensors(model)) {
+    if (is_adapter_key(key)) continue;
+    const auto [owner, leaf] = owner_of(key);
+    auto it = modules.find(owner);
+    const bool projection = it != modules.end() && dynamic_cast<const LinearBaseImpl*>(it->second) != nullptr;
+    if (projection && (leaf == "weight" || leaf == "weight_packed")) {
+      const auto* m = dynamic_cast<const LinearBaseImpl*>(it->second);
+      out.push_back({owner + ".weight", {m->out_features(), m->in_features()}, dtype,
+                     [m] { return effective_weight(*m); }});
+    } else if (projection && leaf.rfind("weight_", 0) == 0) {
+      continue;  // the NF4 constants are folded into the weight above
+    } else {
+      const std::string name = projection ? owner + "." + leaf : key;
+      auto v = t.detach();
+      out.push_back({name, v.sizes().vec(), v.is_floating_point() ? dtype : v.scalar_type(), [v] { return v; }});
+    }
+  }
+  std::vector<TensorSpec> specs;
+  for (const auto& m : out) specs.push_back({m.name, m.dtype, m.shape});
+  SafetensorsWriter w(path, specs, metadata);
+  for (const auto& m : out) w.write(m.name, m.make().to(m.dtype).cpu().contiguous());
+  w.commit();
+  return static_cast<int64_t>(out.size());
 }
 
 }  // namespace omnilite::io

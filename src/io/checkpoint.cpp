@@ -1,5 +1,10 @@
 #include "omnilite/io/checkpoint.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
 #include <set>
 #include <stdexcept>
 
@@ -44,6 +49,34 @@ void load_module(torch::nn::Module& m, const std::string& path, bool verify) {
                                "\" that the model does not have; hint: the checkpoint was written for another config");
   torch::NoGradGuard ng;
   for (auto& [name, t] : tensors) t.copy_(r.load(name));
+}
+
+nlohmann::json read_checkpoint_state(const std::string& dir) {
+  std::ifstream f(dir + "/state.json");
+  if (!f)
+    throw std::runtime_error("checkpoint \"" + dir + "\": state.json is missing; hint: pass a run folder, a "
+                             "checkpoints/step_N folder or a folder written by `omnilite init` or `omnilite export`");
+  auto state = nlohmann::json::parse(f, nullptr, false);
+  if (!state.is_object() || !state.contains("config") || state.value("version", 0) != kCheckpointVersion)
+    throw std::runtime_error("checkpoint \"" + dir + "\": state.json is unreadable, lacks the config or is of "
+                             "another version (this build reads version " + std::to_string(kCheckpointVersion) + ")");
+  return state;
+}
+
+void write_file_synced(const std::string& path, const std::string& text) {
+  {
+    std::ofstream f(path, std::ios::binary | std::ios::trunc);
+    if (!f) throw std::runtime_error("cannot write \"" + path + "\"");
+    f << text;
+    f.flush();
+    if (!f) throw std::runtime_error("cannot write \"" + path + "\" (disk full?)");
+  }
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+  fsync_directory(std::filesystem::path(path).parent_path().string());
 }
 
 }  // namespace omnilite::io

@@ -30,6 +30,26 @@ OmniLiteImpl::OmniLiteImpl(const ModelConfig& c, const LinearBuilder& builder) :
   vqvae = register_module("vqvae", VQVAE(c.vqvae, c.flow.latent_channels));
 }
 
+std::vector<ModelPart> model_parts(const ModelConfig& c, const LinearBuilder& builder) {
+  const int64_t D = c.text.hidden_size;
+  std::vector<ModelPart> parts;
+  parts.push_back({"vision", [&c, &builder] { return VisionEncoder(c.vision, builder, "vision").ptr(); }});
+  parts.push_back({"resampler", [&c, &builder, D] {
+                     return PerceiverResampler(c.vision.width, D, c.resampler, builder, "resampler").ptr();
+                   }});
+  parts.push_back({"text.embed_tokens", [&c, D] { return TokenEmbedding(c.text.vocab_size, D).ptr(); }});
+  for (int64_t i = 0; i < c.text.num_layers; ++i) {
+    const std::string path = "text.layers." + std::to_string(i);
+    parts.push_back({path, [&c, &builder, path] { return DecoderLayer(c.text, c.moe, builder, path).ptr(); }});
+  }
+  parts.push_back({"text.norm", [&c, D] { return RMSNorm(D, c.text.rms_norm_eps).ptr(); }});
+  if (!c.text.tie_word_embeddings)
+    parts.push_back({"lm_head", [&c, D] { return LMHead(D, c.text.vocab_size, TokenEmbedding(nullptr)).ptr(); }});
+  parts.push_back({"flow", [&c, &builder, D] { return RFMHead(D, c.flow, c.flow_token_dim(), builder, "flow").ptr(); }});
+  parts.push_back({"vqvae", [&c] { return VQVAE(c.vqvae, c.flow.latent_channels).ptr(); }});
+  return parts;
+}
+
 // images: [N, C, H, W] -> [N, L, D]
 torch::Tensor OmniLiteImpl::encode_images(const torch::Tensor& images) {
   return resampler->forward(vision->forward(images));

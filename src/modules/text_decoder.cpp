@@ -11,8 +11,11 @@ using torch::autograd::variable_list;
 // returned). The layer is deterministic (no dropout), so the recomputation equals the forward.
 struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
   // x: [B, T, D] -> {y [B, T, D], router_logits [B*T, E]}
+  // `allowed` comes by pointer: LibTorch 1.13 records every tensor argument as an input and fails on an undefined
+  // one (text-only batches have no mask).
   static variable_list forward(AutogradContext* ctx, torch::Tensor x, DecoderLayerImpl* layer, torch::Tensor cos,
-                               torch::Tensor sin, torch::Tensor allowed, bool causal) {
+                               torch::Tensor sin, const torch::Tensor* allowed_ptr, bool causal) {
+    const torch::Tensor& allowed = *allowed_ptr;
     ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
     ctx->saved_data["cos"] = cos;
     ctx->saved_data["sin"] = sin;
@@ -35,7 +38,7 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
     if (grads[0].defined()) { outs.push_back(o.y); gs.push_back(grads[0]); }
     if (grads[1].defined()) { outs.push_back(o.router_logits); gs.push_back(grads[1]); }
     if (!outs.empty()) torch::autograd::backward(outs, gs);
-    return {x.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {x.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};  // per input
   }
 };
 
@@ -65,7 +68,7 @@ TextDecoderOutput TextDecoderImpl::forward(const torch::Tensor& x, const torch::
     if (checkpoint_layers && torch::GradMode::is_enabled() && is_training()) {
       // The recomputation only runs when the function is part of the graph: give it an input that needs grad.
       if (!h.requires_grad()) h = h.detach().requires_grad_(true);
-      auto o = CheckpointedLayer::apply(h, l, rope.cos, rope.sin, allowed, causal);
+      auto o = CheckpointedLayer::apply(h, l, rope.cos, rope.sin, &allowed, causal);
       h = o[0];
       out.router_logits.push_back(o[1]);
     } else {

@@ -1,5 +1,7 @@
 #include "omnilite/quant/nf4.h"
 
+#include <ATen/Parallel.h>
+
 namespace omnilite::quant {
 
 const std::array<float, 16>& nf4_code_values() {
@@ -67,12 +69,36 @@ torch::Tensor nf4_absmax(const Nf4Tensor& q) {
 
 namespace {
 
-// packed [m] bytes of 2m values with their absmax [2m / 64] -> [2m] float32
+// packed [m] bytes of 2m values with their absmax [2m / 64] -> [2m] float32.
+// On CPU a direct loop (one pass over the bytes, 16-entry table, blocks split across intra-op threads); elsewhere
+// one gather from a [256, 2] table of code pairs.
 torch::Tensor decode(const torch::Tensor& packed, const torch::Tensor& absmax) {
+  const int64_t m = packed.numel(), nb = absmax.numel();
+  TORCH_CHECK(2 * m == nb * kNf4BlockSize, "nf4 decode: ", m, " bytes do not match ", nb, " absmax blocks");
+  if (packed.device().is_cpu()) {
+    auto p = packed.contiguous();
+    auto a = absmax.to(torch::kFloat32).contiguous();
+    auto out = torch::empty({2 * m}, torch::kFloat32);
+    const uint8_t* pp = p.data_ptr<uint8_t>();
+    const float* ap = a.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const float* lut = nf4_code_values().data();
+    at::parallel_for(0, nb, 256, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const float s = ap[b];
+        const uint8_t* in = pp + b * (kNf4BlockSize / 2);
+        float* o = op + b * kNf4BlockSize;
+        for (int64_t j = 0; j < kNf4BlockSize / 2; ++j) {
+          o[2 * j] = lut[in[j] >> 4] * s;
+          o[2 * j + 1] = lut[in[j] & 15] * s;
+        }
+      }
+    });
+    return out;
+  }
   const auto codes = code_table(packed.device());
-  auto hi = packed.to(torch::kInt64).div(16, "floor"), lo = packed.to(torch::kInt64).remainder(16);
-  auto idx = torch::stack({hi, lo}, 1).reshape(-1);                            // [2m]
-  auto vals = codes.index_select(0, idx).view({-1, kNf4BlockSize});             // [2m / 64, 64]
+  auto pairs = torch::stack({codes.repeat_interleave(16), codes.repeat({16})}, 1);  // [256, 2]: (hi, lo) per byte
+  auto vals = pairs.index_select(0, packed.to(torch::kInt64)).view({-1, kNf4BlockSize});  // [2m / 64, 64]
   return (vals * absmax.unsqueeze(1)).reshape(-1);
 }
 

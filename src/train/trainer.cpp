@@ -24,7 +24,6 @@ using nlohmann::json;
 
 namespace {
 
-constexpr int kCheckpointVersion = 1;
 
 std::string step_name(int64_t step) {
   char buf[32];
@@ -32,14 +31,6 @@ std::string step_name(int64_t step) {
   return buf;
 }
 
-void write_file_synced(const std::string& path, const std::string& text) {
-  {
-    std::ofstream f(path, std::ios::binary | std::ios::trunc);
-    if (!f) throw std::runtime_error("cannot write \"" + path + "\"");
-    f << text;
-  }
-  io::fsync_directory(fs::path(path).parent_path().string());
-}
 
 // AdamW with decay on matrices only: norms, biases (1-d), the token embedding, position tables and the resampler
 // latents take none.
@@ -74,9 +65,9 @@ struct Checkpointer {
     stage.save_weights(tmp, step);
     torch::save(opt, tmp + "/optimizer.pt");
     io::save_safetensors(tmp + "/rng.safetensors", {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}});
-    json state = {{"version", kCheckpointVersion}, {"stage", cfg.train.stage}, {"step", step},
+    json state = {{"version", io::kCheckpointVersion}, {"stage", cfg.train.stage}, {"step", step},
                   {"micro_batches", micro}, {"config", to_json(cfg)}};
-    write_file_synced(tmp + "/state.json", state.dump(2));
+    io::write_file_synced(tmp + "/state.json", state.dump(2));
     io::fsync_directory(tmp);
     if (fs::exists(final_dir)) fs::remove_all(final_dir);
     fs::rename(tmp, final_dir);
@@ -105,7 +96,7 @@ void truncate_metrics(const std::string& path, int64_t step) {
     if (j.is_object() && j.value("step", int64_t{0}) <= step) kept += line + "\n";
   }
   in.close();
-  write_file_synced(path, kept);
+  io::write_file_synced(path, kept);
 }
 
 }  // namespace
@@ -206,7 +197,7 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
 
   // Run folder and resume.
   fs::create_directories(run.out_dir);
-  write_file_synced(run.out_dir + "/config.json", to_json(cfg).dump(2));
+  io::write_file_synced(run.out_dir + "/config.json", to_json(cfg).dump(2));
   Checkpointer ckpt{run.out_dir + "/checkpoints", tr.keep_last};
   int64_t step = 0, micro = 0;
   TrainResult result;
@@ -215,10 +206,7 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     for (const char* f : {"optimizer.pt", "rng.safetensors", "state.json"})
       if (!fs::exists(dir + "/" + f))
         throw std::runtime_error("checkpoint \"" + dir + "\" is incomplete: " + f + " is missing");
-    std::ifstream sf(dir + "/state.json");
-    auto state = json::parse(sf, nullptr, false);
-    if (!state.is_object() || state.value("version", 0) != kCheckpointVersion)
-      throw std::runtime_error("checkpoint \"" + dir + "\": state.json is unreadable or of another version");
+    const auto state = io::read_checkpoint_state(dir);
     if (state.value("stage", std::string("omni")) != tr.stage)
       throw std::runtime_error("checkpoint \"" + dir + "\" belongs to train.stage = \"" + state.value("stage", std::string()) +
                                "\", this run is \"" + tr.stage + "\"");

@@ -2,6 +2,10 @@
 // and returns the process exit code.
 #pragma once
 
+#include <string>
+
+#include <torch/torch.h>
+
 namespace omnilite::cli {
 
 int run_info(int argc, char** argv);
@@ -9,5 +13,10 @@ int run_bench(int argc, char** argv);
 int run_tokenizer(int argc, char** argv);
 int run_train(int argc, char** argv);
 int run_eval(int argc, char** argv);
+int run_init(int argc, char** argv);
+int run_export(int argc, char** argv);
+int run_memory(int argc, char** argv);
 
+// "bf16" / "fp32" -> ScalarType; throws naming the flag and the value otherwise.
+torch::ScalarType parse_storage_dtype(const std::string& flag, const std::string& value);
 }  // namespace omnilite::cli

@@ -9,6 +9,7 @@
 // quantises the tensor as it is read, so the full-precision model never exists in memory at once.
 #pragma once
 
+#include <map>
 #include <string>
 
 #include <torch/torch.h>
@@ -25,5 +26,13 @@ void load_adapter(torch::nn::Module& model, const std::string& dir);
 // LoRA and NF4 projections. Every tensor of the model except the adapters must be covered; throws naming a
 // missing, unexpected or mis-shaped tensor.
 void load_base_weights(torch::nn::Module& model, const std::string& path);
+
+// Writes the plain model that `model` (with LoRA and/or NF4 projections) computes, as one safetensors file at
+// `path`: each LoRA projection's weight becomes base + (alpha / r) B A, with the base dequantised from NF4 exactly
+// as training saw it; each NF4 weight its dequantisation; every other tensor as it is. Names are the plain model's
+// ("<path>.weight", without base_layer, lora_A/B or the NF4 buffers), floating tensors are stored as `dtype`, and
+// tensors are produced one at a time (memory: the model plus one merged matrix). Returns the tensors written.
+int64_t write_merged_weights(const torch::nn::Module& model, const std::string& path, torch::ScalarType dtype,
+                             const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace omnilite::io

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include "omnilite/io/safetensors.h"
@@ -23,5 +24,13 @@ void save_module(const torch::nn::Module& m, const std::string& path,
 // Copies every tensor of the file into `m` (converted to each parameter's dtype and device). Throws naming the
 // file and the tensor for a missing, unexpected or mis-shaped one; checks the CRC first when `verify`.
 void load_module(torch::nn::Module& m, const std::string& path, bool verify = true);
+
+// Checkpoint folders hold state.json: {"version", "stage", "step", "config", ...}; version of the layout:
+constexpr int kCheckpointVersion = 1;
+// state.json of a checkpoint folder; throws naming the folder when it is missing, unreadable, lacks the config or
+// is of another version.
+nlohmann::json read_checkpoint_state(const std::string& dir);
+// Writes `path` (e.g. a state.json) durably: the file, then its folder, fsynced.
+void write_file_synced(const std::string& path, const std::string& text);
 
 }  // namespace omnilite::io

@@ -54,6 +54,9 @@ class SafetensorsReader {
   const std::string& path() const { return path_; }
 
  private:
+  // Drops the mapped pages of [p, p + n) from the resident set (see load()).
+  void release(const uint8_t* p, size_t n) const;
+
   std::string path_;
   const uint8_t* map_ = nullptr;
   size_t size_ = 0;

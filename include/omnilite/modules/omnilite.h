@@ -9,6 +9,9 @@
 // Module names (the checkpoint keys): vision, resampler, text, lm_head, flow, vqvae.
 #pragma once
 
+#include <functional>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include <torch/torch.h>
@@ -60,5 +63,17 @@ struct OmniLiteImpl : torch::nn::Module {
   VQVAE vqvae{nullptr};                   // image <-> latent (trained in its own stage)
 };
 TORCH_MODULE(OmniLite);
+
+// One top-level piece of the model, constructed on its own: its tensors are those of the whole model under
+// "prefix." (e.g. "text.layers.7"). Used to write a full-size checkpoint piece by piece (`omnilite init`).
+struct ModelPart {
+  std::string prefix;                                        // checkpoint-key prefix of the piece
+  std::function<std::shared_ptr<torch::nn::Module>()> make;  // builds the piece with its own initialisation
+};
+// The pieces in the whole model's registration order: vision, resampler, text.embed_tokens, text.layers.0 ..
+// text.layers.{L-1}, text.norm, lm_head (absent when tied), flow, vqvae. Together they hold exactly the tensors of
+// OmniLite(cfg, builder) (a test checks names, shapes and dtypes), and no piece is larger than one ViT or decoder
+// layer or the embedding table. The parts refer to `cfg` and `builder`, which must outlive them.
+std::vector<ModelPart> model_parts(const ModelConfig& cfg, const LinearBuilder& builder);
 
 }  // namespace omnilite

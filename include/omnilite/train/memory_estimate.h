@@ -1,0 +1,58 @@
+// `omnilite memory`: what training a config's omni model holds in memory, from its shapes alone.
+//
+// Weights: NF4 codes (4 bits) and their double-quantised constants (8-bit absmax per 64 values, an fp32 scale per
+// 256 absmax values, one mean) for the projections the QLoRA builder quantises; every other tensor at 4 bytes (the
+// model is kept in fp32; CUDA autocast computes in bf16 from fp32 weights). LoRA parameters, their gradients and
+// AdamW's two moments (4 bytes each) for what trains. Activations of one micro-batch (train.batch_size text rows of
+// train.seq_len, plus the image-caption rows), counted as the tensors autograd keeps for backward:
+//   - per decoder layer: norm inputs/outputs, q/k/v before and after RoPE, attention probabilities [H, T, T] (the
+//     LibTorch 1.13 path materialises them), the attention output, router logits and probabilities, the top-k
+//     gathered expert inputs and SwiGLU intermediates, and for each LoRA projection its dropout output and mask and
+//     its rank-r activation;
+//   - with activation checkpointing: each layer's input plus one layer's activations twice (recomputation and its
+//     backward's temporaries); without: every layer's activations;
+//   - the LM head: logits, their log-softmax and its gradient (3 x rows x T x V);
+//   - the ViT and resampler for caption images (not checkpointed).
+// The process itself (LibTorch, OpenBLAS, the CLI) is added as measured at the start of `omnilite memory`.
+// docs/benchmarks.md compares the estimate with the peak resident memory measured by /usr/bin/time.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "omnilite/config.h"
+
+namespace omnilite {
+
+struct MemoryEstimate {
+  int64_t nf4_params = 0;        // weights stored as NF4
+  int64_t full_params = 0;       // weights and buffers held at 4 bytes (embeddings, LM head, norms, routers, ...)
+  int64_t lora_params = 0;       // LoRA A and B values
+  int64_t trainable_params = 0;  // values that get gradients and AdamW state
+  double nf4_code_bytes = 0;     // 4-bit codes
+  double nf4_const_bytes = 0;    // absmax codes, scales and means
+  double full_bytes = 0;         // full_params * 4
+  double lora_bytes = 0;         // lora_params * 4
+  double grad_bytes = 0;         // trainable_params * 4
+  double adam_bytes = 0;         // trainable_params * 8 (two moments)
+  int64_t tokens = 0;            // tokens of one micro-batch
+  double act_layer_bytes = 0;    // activations of one decoder layer
+  double act_checkpointed = 0;   // all activations with activation checkpointing
+  double act_full = 0;           // all activations without
+  double process_bytes = 0;      // resident memory of the process before any model exists (set by the caller)
+  bool checkpointing = false;    // train.activation_checkpointing of the config
+
+  double state_bytes() const {   // weights + adapters + gradients + optimizer
+    return nf4_code_bytes + nf4_const_bytes + full_bytes + lora_bytes + grad_bytes + adam_bytes;
+  }
+  double total(bool with_checkpointing) const {
+    return state_bytes() + (with_checkpointing ? act_checkpointed : act_full) + process_bytes;
+  }
+};
+
+// Estimates the omni stage of `cfg` (lora on or off). Builds the model with placeholder projections to enumerate
+// what the builder makes, so it allocates only the non-projection tensors (~0.6 GB for the full model).
+MemoryEstimate estimate_training_memory(const Config& cfg);
+
+}  // namespace omnilite

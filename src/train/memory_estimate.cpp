@@ -1,0 +1,130 @@
+#include "omnilite/train/memory_estimate.h"
+
+#include <map>
+#include <memory>
+#include <set>
+
+#include "omnilite/data/mm_batch.h"
+#include "omnilite/io/checkpoint.h"
+#include "omnilite/modules/omnilite.h"
+#include "omnilite/modules/qlora_builder.h"
+#include "omnilite/pattern.h"
+#include "omnilite/quant/nf4.h"
+
+namespace omnilite {
+namespace {
+
+struct Projection {
+  int64_t in = 0, out = 0;
+  bool bias = false, nf4 = false, lora = false;
+};
+
+// Records every projection the blocks ask for (with the variant the config's builder would make) and hands back a
+// 1 x 1 placeholder, so the model's other tensors can be enumerated without allocating the projections.
+struct RecordingBuilder : LinearBuilder {
+  explicit RecordingBuilder(const Config& cfg) : cfg(cfg) {}
+  std::shared_ptr<LinearBaseImpl> make(const std::string& path, int64_t in, int64_t out, bool bias) const override {
+    const auto& l = cfg.lora;
+    Projection p{in, out, bias, false, false};
+    if (l.enabled) {
+      p.nf4 = l.base_dtype == "nf4" && in % quant::kNf4BlockSize == 0 && !matches_any(path, l.full_precision);
+      p.lora = matches_any(path, l.target_modules);
+    }
+    seen[path] = p;
+    return std::make_shared<PlainLinearImpl>(1, 1, false);
+  }
+  const Config& cfg;
+  mutable std::map<std::string, Projection> seen;
+};
+
+
+}  // namespace
+
+MemoryEstimate estimate_training_memory(const Config& cfg) {
+  const auto& m = cfg.model;
+  const auto& tr = cfg.train;
+  MemoryEstimate e;
+  e.checkpointing = tr.activation_checkpointing;
+  RecordingBuilder rec(cfg);
+  OmniLite model(m, rec);
+
+  // Weights.
+  auto trainable_full = [&](const std::string& name) {
+    if (cfg.lora.enabled || name.rfind("vqvae.", 0) == 0) return false;  // omni always freezes the VQ-VAE
+    return !matches_any(name, tr.freeze);
+  };
+  for (const auto& [path, p] : rec.seen) {
+    const int64_t n = p.in * p.out;
+    if (p.nf4) {
+      const int64_t nb = n / quant::kNf4BlockSize;
+      e.nf4_params += n;
+      e.nf4_code_bytes += static_cast<double>(n) / 2;
+      e.nf4_const_bytes += static_cast<double>(nb) + 4.0 * static_cast<double>((nb + quant::kAbsmaxBlockSize - 1) /
+                                                                             quant::kAbsmaxBlockSize) + 4.0;
+      if (p.bias) e.full_params += p.out;
+    } else {
+      e.full_params += n + (p.bias ? p.out : 0);
+      if (trainable_full(path + ".weight")) e.trainable_params += n + (p.bias ? p.out : 0);
+    }
+    if (p.lora) e.lora_params += cfg.lora.rank * (p.in + p.out);
+  }
+  std::set<std::string> placeholders;
+  for (const auto& [path, p] : rec.seen) placeholders.insert(path);
+  for (const auto& [name, t] : io::state_tensors(*model)) {
+    const auto dot = name.rfind('.');
+    if (dot != std::string::npos && placeholders.count(name.substr(0, dot))) continue;
+    e.full_params += t.numel();
+    if (t.requires_grad() && trainable_full(name)) e.trainable_params += t.numel();
+  }
+  e.trainable_params += e.lora_params;
+  e.full_bytes = 4.0 * static_cast<double>(e.full_params);
+  e.lora_bytes = 4.0 * static_cast<double>(e.lora_params);
+  e.grad_bytes = 4.0 * static_cast<double>(e.trainable_params);
+  e.adam_bytes = 8.0 * static_cast<double>(e.trainable_params);
+
+  // Activations (floats), one micro-batch.
+  const auto& t = m.text;
+  const int64_t D = t.hidden_size, H = t.num_heads, Hk = t.num_kv_heads, Dh = t.head_dim;
+  const int64_t E = m.moe.num_experts, K = m.moe.top_k, F = m.moe.expert_hidden, V = t.vocab_size;
+  const int64_t mm_rows = tr.caption_batch_size + tr.gen_batch_size;
+  const int64_t mm_len = tr.image_seq_len > 0
+                             ? tr.image_seq_len
+                             : std::max(m.resampler.num_latents, generated_tokens_per_image(m)) + 32;
+  const double N = static_cast<double>(tr.batch_size * tr.seq_len + mm_rows * mm_len);
+  const double TT = static_cast<double>(tr.batch_size * tr.seq_len * tr.seq_len + mm_rows * mm_len * mm_len);
+  e.tokens = static_cast<int64_t>(N);
+  // LoRA extras of one layer: dropout output and mask (when dropout > 0) plus the rank-r activation, per projection.
+  double lora_layer = 0;
+  const double drop = cfg.lora.dropout > 0 ? 2.0 : 0.0;
+  for (const auto& [path, p] : rec.seen) {
+    if (!p.lora || path.rfind("text.layers.0.", 0) != 0) continue;
+    const bool expert = path.find(".experts.") != std::string::npos;
+    const double rows = expert ? N * static_cast<double>(K) / static_cast<double>(E) : N;  // tokens an expert sees
+    lora_layer += rows * (drop * static_cast<double>(p.in) + static_cast<double>(cfg.lora.rank));
+  }
+  const double attn = N * D * 3                      // residual input, norm output, attention output projection in
+                      + N * (H + 2 * Hk) * Dh        // q, k, v
+                      + N * (H + Hk) * Dh            // q, k after RoPE
+                      + 2.0 * H * TT                 // scores and probabilities [H, T, T] per row
+                      + N * H * Dh;                  // attention output before o_proj
+  const double moe = N * D * 2                       // residual, norm output
+                     + 2.0 * N * E                   // router logits, probabilities
+                     + N * K * D * 3                 // gathered inputs, expert outputs, weighted outputs
+                     + N * K * F * 4;                // w1, w3, silu(w1), product
+  const double layer = attn + moe + lora_layer;
+  const double head = N * D * 2 + 3.0 * N * V;       // final norm in/out; logits, log-softmax, gradient
+  double vision = 0;
+  if (tr.caption_batch_size > 0) {
+    const auto& v = m.vision;
+    const double P = static_cast<double>((v.image_size / v.patch_size) * (v.image_size / v.patch_size));
+    const double block = P * v.width * 8 + 2.0 * v.num_heads * P * P + P * v.mlp_dim * 3;
+    vision = static_cast<double>(tr.caption_batch_size) * (v.depth * block + P * v.width * 2);
+  }
+  const double L = static_cast<double>(t.num_layers);
+  e.act_layer_bytes = 4.0 * layer;
+  e.act_checkpointed = 4.0 * (L * N * D + 2.0 * layer + head + vision);
+  e.act_full = 4.0 * (L * layer + head + vision);
+  return e;
+}
+
+}  // namespace omnilite
