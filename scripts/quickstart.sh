@@ -10,13 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 start=$(date +%s)
-./scripts/prepare_data.sh
-tok=data/generated/tokenizer.model
-if [[ ! -s $tok ]]; then
-  ./build/omnilite tokenizer train --input data/generated/text/train.txt,data/generated/text/captions.txt \
-    --vocab-size 4096 --out "$tok"
-fi
-./build/omnilite tokenizer encode --model "$tok" --text "a photo of a ankle boot."
+source scripts/lib/data.sh
+ensure_data_and_tokenizer
+./build/omnilite tokenizer encode --model data/generated/tokenizer.model --text "a photo of a ankle boot."
 ./build/omnilite info --config configs/omni-lite.json
 
 stage() {  # stage CONFIG RUN_FOLDER

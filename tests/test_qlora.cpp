@@ -79,6 +79,19 @@ TEST_CASE("NF4 round trip: per-value error within half the code gap, absmax with
   auto err = (dq - w).abs().reshape({-1, 64}).amax(1);
   auto bound = true_absmax * max_half_gap + (dq_absmax - true_absmax).abs() + 1e-6;
   CHECK((err - bound).max().item<double>() <= 0);
+  // Every stored code is the nearest code of w / absmax (the naive scan above, in double).
+  {
+    auto packed = q.packed.contiguous();
+    const auto* pb = packed.data_ptr<uint8_t>();
+    auto flat = w.reshape(-1).to(torch::kFloat64);
+    auto am = true_absmax.to(torch::kFloat64);
+    int64_t wrong = 0;
+    for (int64_t i = 0; i < w.numel(); ++i) {
+      const int code = i % 2 == 0 ? pb[i / 2] >> 4 : pb[i / 2] & 15;
+      wrong += code != naive_nearest(flat[i].item<double>() / am[i / 64].item<double>());
+    }
+    CHECK(wrong == 0);
+  }
   // The dequantisation equals a scalar decoding of the stored bytes: high nibble first, absmax = q * scale + mean.
   {
     auto packed = q.packed.contiguous();

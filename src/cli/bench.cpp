@@ -92,7 +92,7 @@ int run_bench(int argc, char** argv) {
       "size", "matrix side N for `matmul`", cxxopts::value<int64_t>()->default_value("1024"))(
       "batch", "sequences per step for `forward`", cxxopts::value<int64_t>()->default_value("4"))(
       "seq", "tokens per sequence for `forward`", cxxopts::value<int64_t>()->default_value("128"))(
-      "steps", "timed repetitions (after one warm-up; `train`: after 3 warm-up steps)", cxxopts::value<int64_t>()->default_value("5"))(
+      "steps", "timed repetitions (after one warm-up; `train`: after --warmup steps)", cxxopts::value<int64_t>()->default_value("5"))(
       "tokens", "rows of x for `nf4`", cxxopts::value<int64_t>()->default_value("512"))(
       "in", "input features for `nf4` (a multiple of 64)", cxxopts::value<int64_t>()->default_value("2048"))(
       "out", "output features for `nf4`", cxxopts::value<int64_t>()->default_value("768"))(
@@ -101,6 +101,10 @@ int run_bench(int argc, char** argv) {
       "dtype", "fp32 or bf16 (bf16 autocast on CUDA; overrides runtime.dtype)", cxxopts::value<std::string>())(
       "threads", "LibTorch intra-op threads, 0 = all cores (overrides runtime.threads)", cxxopts::value<int64_t>())(
       "blas-threads", "OpenBLAS threads (overrides runtime.blas_threads)", cxxopts::value<int64_t>())(
+      "base", "QLoRA base checkpoint for `train` with a lora config (sets train.base_checkpoint)",
+      cxxopts::value<std::string>())(
+      "warmup", "untimed optimizer steps before the timed ones for `train`", cxxopts::value<int64_t>()->default_value("3"))(
+      "profile", "`train`: write the timed steps' LibTorch ops as a Chrome trace to this file", cxxopts::value<std::string>())(
       "json", "print one JSON object")("h,help", "show this help");
   opts.parse_positional({"what"});
   auto args = opts.parse(argc, argv);
@@ -124,6 +128,7 @@ int run_bench(int argc, char** argv) {
   if (args.count("dtype")) cfg.runtime.dtype = args["dtype"].as<std::string>();
   if (args.count("threads")) cfg.runtime.threads = args["threads"].as<int64_t>();
   if (args.count("blas-threads")) cfg.runtime.blas_threads = args["blas-threads"].as<int64_t>();
+  if (args.count("base")) cfg.train.base_checkpoint = args["base"].as<std::string>();
   validate(cfg);
   const torch::Device dev = apply_runtime(cfg.runtime);
 
@@ -144,7 +149,8 @@ int run_bench(int argc, char** argv) {
     result.update(r);
   } else if (what == "train") {
     const double peak = matmul_flops(dev, 2048, 5);
-    const auto r = bench_train_steps(cfg, steps, 3);
+    const auto r = bench_train_steps(cfg, steps, args["warmup"].as<int64_t>(),
+                                     args.count("profile") ? args["profile"].as<std::string>() : "");
     const auto pc = count_parameters(cfg.model);
     const int64_t lm_head = cfg.model.text.tie_word_embeddings ? 0 : cfg.model.text.vocab_size * cfg.model.text.hidden_size;
     const double n_active = static_cast<double>(pc.active_backbone + lm_head);

@@ -1,4 +1,6 @@
 // omnilite: command-line entry point. `omnilite SUBCOMMAND [options]`; `omnilite SUBCOMMAND --help` for each.
+#include <malloc.h>
+
 #include <cstring>
 #include <exception>
 #include <iostream>
@@ -48,6 +50,12 @@ void print_usage(std::ostream& os) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // glibc serves allocations above its mmap threshold (at most 32 MiB by default) with fresh mmap()s and returns them
+  // on free, so every large activation ([T, T] attention scores, logits) is paid again in page faults each step
+  // (a fifth of the CPU time of a full-size QLoRA step, measured: docs/benchmarks.md). Keep blocks up to 1 GiB in
+  // the heap and do not trim it eagerly: freed activations are reused by the next step.
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
     print_usage(std::cout);
     return argc < 2 ? 2 : 0;

@@ -54,13 +54,18 @@ torch::Tensor attention_core(const torch::Tensor& q, const torch::Tensor& k, con
                                             /*enable_gqa=*/true);
   }
 #endif
+  // The [.., T, S] tensors dominate on CPU: the scale goes on q (T x Dh values, not T x S) and the mask is added in
+  // place as 0 / -inf, so scores, probabilities and the output are the only T x S allocations.
   const double scale = 1.0 / std::sqrt(static_cast<double>(Dh));
-  auto qg = q.reshape({B, Hkv, G * T, Dh});                        // group g of KV head j: rows g*T .. g*T+T-1
-  auto scores = torch::matmul(qg, k.transpose(-1, -2)) * scale;    // [B, Hkv, G*T, S]
+  auto qg = (q * scale).reshape({B, Hkv, G * T, Dh});              // group g of KV head j: rows g*T .. g*T+T-1
+  auto scores = torch::matmul(qg, k.transpose(-1, -2));            // [B, Hkv, G*T, S]
   scores = scores.view({B, Hkv, G, T, S});
   auto mask = combined_mask(allowed, causal, T, S, q.device());
-  if (mask.defined())
-    scores = scores.masked_fill(mask.logical_not().unsqueeze(1), -std::numeric_limits<double>::infinity());
+  if (mask.defined()) {
+    auto bias = torch::zeros(mask.sizes(), q.options()).masked_fill_(mask.logical_not(),
+                                                                     -std::numeric_limits<double>::infinity());
+    scores.add_(bias.unsqueeze(1));  // [B|1, 1, 1, T, S] broadcast over heads and groups
+  }
   const auto acc = q.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
   auto probs = torch::softmax(scores.to(acc), -1).to(q.scalar_type());  // [B, Hkv, G, T, S]
   auto out = torch::matmul(probs.view({B, Hkv, G * T, S}), v);          // [B, Hkv, G*T, Dh]

@@ -10,6 +10,13 @@
 
 #include <nlohmann/json.hpp>
 
+#if __has_include(<torch/csrc/autograd/profiler_legacy.h>)
+#include <torch/csrc/autograd/profiler_legacy.h>
+#define OMNILITE_HAS_LEGACY_PROFILER 1
+#else
+#define OMNILITE_HAS_LEGACY_PROFILER 0
+#endif
+
 #include "omnilite/io/checkpoint.h"
 #include "omnilite/log.h"
 #include "omnilite/pattern.h"
@@ -99,6 +106,24 @@ void truncate_metrics(const std::string& path, int64_t step) {
   io::write_file_synced(path, kept);
 }
 
+// Records every LibTorch op of its lifetime into a Chrome trace file (LibTorch's legacy profiler, present in 1.13
+// and 2.x; builds without its header refuse --profile).
+class ProfileGuard {
+ public:
+  explicit ProfileGuard(const std::string& path) {
+#if OMNILITE_HAS_LEGACY_PROFILER
+    rec_ = std::make_unique<torch::autograd::profiler::RecordProfile>(path);
+#else
+    throw std::runtime_error("--profile \"" + path + "\": this LibTorch build has no legacy profiler header");
+#endif
+  }
+
+ private:
+#if OMNILITE_HAS_LEGACY_PROFILER
+  std::unique_ptr<torch::autograd::profiler::RecordProfile> rec_;
+#endif
+};
+
 }  // namespace
 
 std::string latest_checkpoint(const std::string& dir) {
@@ -137,7 +162,7 @@ std::unique_ptr<TrainStage> make_stage(const Config& cfg, torch::Device dev) {
   return make_omni_stage(cfg, dev);
 }
 
-TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t warmup) {
+TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t warmup, const std::string& profile) {
   const torch::Device dev = apply_runtime(cfg.runtime);
   torch::manual_seed(cfg.train.seed);
   auto stage = make_stage(cfg, dev);
@@ -150,9 +175,11 @@ TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t war
   int64_t micro = 0;
   double units = 0, wait = 0;
   std::chrono::steady_clock::time_point t0;
+  std::unique_ptr<ProfileGuard> profiler;
   for (int64_t s = 0; s < warmup + steps; ++s) {
     if (s == warmup) {
       if (dev.is_cuda()) torch::cuda::synchronize();
+      if (!profile.empty()) profiler = std::make_unique<ProfileGuard>(profile);
       t0 = std::chrono::steady_clock::now();
     }
     opt->zero_grad();
@@ -169,6 +196,7 @@ TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t war
   }
   if (dev.is_cuda()) torch::cuda::synchronize();
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  profiler.reset();  // writes the trace
   r.seconds_per_step = total / static_cast<double>(steps);
   r.units_per_s = units / total;
   r.units_per_step = units / static_cast<double>(steps);

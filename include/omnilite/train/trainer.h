@@ -34,14 +34,15 @@ struct TrainResult {
 TrainResult train(const Config& cfg, const TrainRunOptions& run);
 
 // Timing of whole optimizer steps of a config's stage on its data (no checkpoints, no metrics file): `warmup`
-// untimed steps, then `steps` timed ones. Used by `omnilite bench train`.
+// untimed steps, then `steps` timed ones. Used by `omnilite bench train`. With `profile` set, the timed steps'
+// LibTorch ops are written to that path as a Chrome trace (chrome://tracing, Perfetto).
 struct TrainBenchResult {
   double seconds_per_step = 0;  // mean wall time of a timed step (data wait included)
   double units_per_s = 0;       // tokens/s (images/s for image stages)
   double units_per_step = 0;    // tokens (images) per optimizer step
   double data_wait_frac = 0;    // share of timed step time spent waiting for data
 };
-TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t warmup);
+TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t warmup, const std::string& profile = "");
 
 // The newest checkpoint folder under a run folder (or the folder itself if it is a checkpoint); throws if none.
 std::string latest_checkpoint(const std::string& dir);
