@@ -6,16 +6,16 @@
 #      peak resident memory of the process, seconds per step (metrics.jsonl)
 #   4. omnilite bench nf4: the NF4 expert projection against fp32
 # Runs on the embedded data, so it works on a fresh machine after ./scripts/setup.sh. Needs ~5 GB of disk for $INIT.
-# Env: INIT (default runs/init-bf16), OUT (default runs/qlora-bench), THREADS / BLAS_THREADS (default 1 / 2: the
-#      GEMM-bound full model runs faster with OpenBLAS's pool than with LibTorch's; see docs/benchmarks.md),
-#      CONFIG (default configs/qlora-omni-lite.json).
+# Env: INIT (default runs/init-bf16), OUT (default runs/qlora-bench), CONFIG (default configs/qlora-omni-lite.json),
+#      THREADS / BLAS_THREADS (default: the config's runtime.threads / runtime.blas_threads, 1 / all cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 INIT=${INIT:-runs/init-bf16}
 OUT=${OUT:-runs/qlora-bench}
 CONFIG=${CONFIG:-configs/qlora-omni-lite.json}
-THREADS=${THREADS:-1}
-BLAS_THREADS=${BLAS_THREADS:-2}
+threads=()
+[[ -n ${THREADS:-} ]] && threads+=(--set runtime.threads="$THREADS")
+[[ -n ${BLAS_THREADS:-} ]] && threads+=(--set runtime.blas_threads="$BLAS_THREADS")
 [[ -x build/omnilite ]] || { echo "bench_qlora: build/omnilite is missing; run ./scripts/setup.sh first" >&2; exit 1; }
 [[ -x /usr/bin/time ]] || { echo "bench_qlora: /usr/bin/time is missing; run ./scripts/setup.sh (package time)" >&2; exit 1; }
 source scripts/lib/data.sh
@@ -30,7 +30,7 @@ fi
 rm -rf "$OUT"
 mkdir -p "$(dirname "$OUT")"
 /usr/bin/time -v ./build/omnilite train --config "$CONFIG" --base "$INIT" --out "$OUT" --max-steps 2 \
-  --set runtime.threads="$THREADS" --set runtime.blas_threads="$BLAS_THREADS" --set train.valid_batches=1 \
+  "${threads[@]}" --set train.valid_batches=1 \
   2> "$OUT.time.log" || { cat "$OUT.time.log" >&2; exit 1; }
 grep -E "\[info\] (qlora|step|done)" "$OUT.time.log" || true
 # json_field FILE KEY: the first numeric value of "KEY" in FILE (the files are one-line JSON objects per line).
@@ -39,7 +39,7 @@ peak_kb=$(awk '/Maximum resident/ {print $6}' "$OUT.time.log")
 ./build/omnilite memory --config "$CONFIG" --json | tr -d '\n' > "$OUT.memory.json"
 ./build/omnilite bench nf4 --steps 30 --json > "$OUT.nf4.json"
 echo
-echo "QLoRA benchmark ($CONFIG: full model, seq 512, batch 1, activation checkpointing; threads $THREADS + BLAS $BLAS_THREADS)"
+echo "QLoRA benchmark ($CONFIG: full model, seq 512, batch 1, activation checkpointing; ${threads[*]:-config threads})"
 awk -v kb="$peak_kb" -v est="$(json_field "$OUT.memory.json" total_checkpointed)" 'BEGIN {
   printf "  peak resident memory (/usr/bin/time -v): %.2f GiB   estimate: %.2f GiB   goal: <= 6 GiB\n", kb / 1048576, est / 2^30 }'
 while read -r line; do

@@ -341,7 +341,7 @@ void validate(const Config& c) {
   if (!(r.dtype == "fp32" || r.dtype == "bf16"))
     fail("runtime.dtype", "\"" + r.dtype + "\"", "must be \"fp32\" or \"bf16\"");
   if (r.threads < 0) fail("runtime.threads", std::to_string(r.threads), "must be >= 0 (0 = all cores)");
-  if (r.blas_threads < 1) fail("runtime.blas_threads", std::to_string(r.blas_threads), "must be >= 1");
+  if (r.blas_threads < 0) fail("runtime.blas_threads", std::to_string(r.blas_threads), "must be >= 0 (0 = all cores)");
 }
 
 Config parse_config(const json& j) {

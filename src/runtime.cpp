@@ -40,7 +40,7 @@ void configure_threads(int64_t intra_op_threads, int64_t blas_threads) {
   const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
   torch::set_num_threads(static_cast<int>(intra_op_threads > 0 ? intra_op_threads : cores));
   if (auto fn = reinterpret_cast<SetThreadsFn>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")))
-    fn(static_cast<int>(blas_threads));
+    fn(static_cast<int>(blas_threads > 0 ? blas_threads : cores));
 }
 
 void use_one_thread_here() {
@@ -102,6 +102,10 @@ AutocastGuard::~AutocastGuard() {
   at::autocast::set_autocast_enabled(at::kCUDA, previous_);
   if (!previous_) at::autocast::clear_cache();
 }
+c10::optional<torch::ScalarType> cuda_autocast_dtype() {
+  if (!at::autocast::is_autocast_enabled(at::kCUDA)) return c10::nullopt;
+  return at::autocast::get_autocast_dtype(at::kCUDA);
+}
 #else
 AutocastGuard::AutocastGuard(bool enabled) : enabled_(enabled) {
   if (!enabled_) return;
@@ -113,6 +117,10 @@ AutocastGuard::~AutocastGuard() {
   if (!enabled_) return;
   at::autocast::set_enabled(previous_);
   if (!previous_) at::autocast::clear_cache();
+}
+c10::optional<torch::ScalarType> cuda_autocast_dtype() {
+  if (!at::autocast::is_enabled()) return c10::nullopt;
+  return at::autocast::get_autocast_gpu_dtype();
 }
 #endif
 

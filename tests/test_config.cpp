@@ -95,7 +95,7 @@ TEST_CASE("config errors name the key, the value and the rule", "[config][errors
       {{{"model", {{"tokens", {{"image_id", 32000}}}}}}, {"model.tokens.image_id = 32000", "vocab_size = 32000"}},
       {{{"runtime", {{"device", "tpu"}}}}, {"runtime.device = \"tpu\"", "cuda:N"}},
       {{{"runtime", {{"dtype", "fp8"}}}}, {"runtime.dtype = \"fp8\""}},
-      {{{"runtime", {{"blas_threads", 0}}}}, {"runtime.blas_threads = 0"}},
+      {{{"runtime", {{"blas_threads", -1}}}}, {"runtime.blas_threads = -1", "0 = all cores"}},
       {{{"model", {{"text", 5}}}}, {"model.text must be an object"}},
   };
   for (const auto& c : cases) {

@@ -113,7 +113,8 @@ struct RuntimeOptions {
   std::string device = "cpu";    // "cpu", "cuda" or "cuda:N"
   std::string dtype = "fp32";    // compute dtype on CUDA with autocast: "fp32" or "bf16" (CPU always runs fp32)
   int64_t threads = 0;           // LibTorch intra-op threads; 0 = number of cores
-  int64_t blas_threads = 1;      // OpenBLAS threads; 1 avoids two spinning pools fighting over the same cores
+  int64_t blas_threads = 1;      // OpenBLAS threads, 0 = number of cores; never give both pools all cores: two
+                                 // spinning pools fight over them (see docs/benchmarks.md for the measured split)
   uint64_t seed = 1234;          // seed for parameter initialisation and sampling
 };
 

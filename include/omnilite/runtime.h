@@ -42,6 +42,10 @@ namespace omnilite {
 
 // Enables bf16 autocast on CUDA for its lifetime when `enabled` (runtime.dtype == "bf16" on a CUDA device);
 // does nothing otherwise. Restores the previous state on destruction.
+// The compute dtype of CUDA autocast when it is on (bf16 under AutocastGuard), nullopt when off. Custom autograd
+// functions (Nf4Linear's matmul) are not cast by autocast itself and ask here.
+c10::optional<torch::ScalarType> cuda_autocast_dtype();
+
 class AutocastGuard {
  public:
   AutocastGuard(bool enabled);

@@ -1,5 +1,7 @@
 #include "omnilite/modules/nf4_linear.h"
 
+#include "omnilite/runtime.h"
+
 namespace omnilite {
 namespace {
 
@@ -77,6 +79,10 @@ torch::Tensor Nf4LinearImpl::dequantized_weight(torch::ScalarType dtype) const {
 // x: [..., in] -> [..., out]
 torch::Tensor Nf4LinearImpl::forward(const torch::Tensor& x) {
   auto flat = x.reshape({-1, in_});  // [N, in]
+  if (flat.is_cuda()) {
+    // Under CUDA autocast the weight is dequantised straight to the autocast dtype (bf16) and multiplied there.
+    if (const auto dt = cuda_autocast_dtype()) flat = flat.to(*dt);
+  }
   auto y = Nf4Matmul::apply(flat, this);
   if (bias.defined()) y = y + bias.to(y.scalar_type());
   auto sizes = x.sizes().vec();
