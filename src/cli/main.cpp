@@ -34,6 +34,10 @@ const std::vector<Subcommand>& subcommands() {
        omnilite::cli::run_export},
       {"memory", "estimate training memory: NF4 weights, LoRA, gradients, AdamW, activations with/without "
                  "checkpointing", omnilite::cli::run_memory},
+      {"generate", "continue a text prompt (KV-cached; temperature, top-k, top-p, seed), streamed to stdout",
+       omnilite::cli::run_generate},
+      {"caption", "describe an image file (ViT + resampler, greedy KV-cached decoding)", omnilite::cli::run_caption},
+      {"score", "per-token log-probabilities of a text or token ids (--json)", omnilite::cli::run_score},
       {"tokenizer", "train a SentencePiece tokenizer with the image markers reserved, or encode text with one",
        omnilite::cli::run_tokenizer},
   };

@@ -70,23 +70,16 @@ void text_perplexity(OmniLiteImpl& model, const Config& cfg, const Tokenizer& to
 }  // namespace
 
 json evaluate(const EvalOptions& o) {
-  const std::string dir = latest_checkpoint(o.checkpoint);
-  const json state = io::read_checkpoint_state(dir);
-  if (state.value("stage", std::string("omni")) != "omni")
-    throw std::runtime_error("checkpoint \"" + dir + "\" is a train.stage = \"" + state.value("stage", std::string()) +
-                             "\" checkpoint; eval measures OMNI-LITE (stage \"omni\") checkpoints");
-  Config cfg = parse_config(state["config"]);
-  if (!o.device.empty()) cfg.runtime.device = o.device;
-  const torch::Device dev = apply_runtime(cfg.runtime);
-  OmniLite model(cfg.model);
-  io::load_module(*model, dir + "/model.safetensors");
-  model->to(dev);
-  model->eval();
+  auto loaded = load_omni_checkpoint(o.checkpoint, o.device);
+  const std::string& dir = loaded.dir;
+  const Config& cfg = loaded.cfg;
+  OmniLite model = loaded.model;
+  const torch::Device dev = model->text->embed_tokens->weight.device();
   Tokenizer tok(cfg.data.tokenizer);
   tok.check_compatible(cfg.model);
   const std::string out_dir = o.out_dir.empty() ? run_folder_of(dir) : o.out_dir;
   fs::create_directories(out_dir);
-  json out = {{"checkpoint", dir}, {"step", state.value("step", int64_t{0})}};
+  json out = {{"checkpoint", dir}, {"step", loaded.step}};
   const auto& classes = fashion_mnist_classes();
 
   // Text.

@@ -2,8 +2,13 @@
 
 #include <algorithm>
 #include <cctype>
+#include <limits>
+#include <stdexcept>
 
 #include "omnilite/data/mm_batch.h"
+#include "omnilite/io/checkpoint.h"
+#include "omnilite/runtime.h"
+#include "omnilite/train/trainer.h"
 #include "omnilite/modules/rfm_head.h"
 
 namespace omnilite {
@@ -18,15 +23,17 @@ torch::Tensor greedy_generate(OmniLiteImpl& model, const torch::Tensor& prefix, 
   auto imgs = images.defined() ? images.to(dev) : images;
   auto done = torch::zeros({prefix.size(0)}, torch::TensorOptions().dtype(torch::kBool).device(dev));
   std::vector<torch::Tensor> out;
+  KVCache cache;
   for (int64_t i = 0; i < max_new; ++i) {
     OmniInput in;
-    in.tokens = tokens;
-    in.images = imgs;
+    in.tokens = tokens;  // the prefix first, then one token per row
+    in.images = i == 0 ? imgs : torch::Tensor();
+    in.cache = &cache;
     auto logits = model.forward(in).logits.select(1, tokens.size(1) - 1);  // [N, V]
     auto next = logits.argmax(1).masked_fill(done, tk.pad_id);           // [N]
     out.push_back(next);
     done = done.logical_or(next.eq(tk.eos_id));
-    tokens = torch::cat({tokens, next.unsqueeze(1)}, 1);
+    tokens = next.unsqueeze(1);
     if (done.all().item<bool>()) break;
   }
   auto gen = torch::stack(out, 1).cpu();
@@ -106,6 +113,97 @@ int64_t find_class_name(const std::string& text, const std::vector<std::string>&
     }
   }
   return best;
+}
+
+// logits: [V] -> one id
+int64_t sample_next(const torch::Tensor& logits, const TextSampling& o, at::Generator& gen) {
+  auto l = logits.to(torch::kFloat32).cpu();
+  if (o.temperature <= 0 || o.top_k == 1) return l.argmax().item<int64_t>();
+  l = l / o.temperature;
+  if (o.top_k > 0 && o.top_k < l.numel()) {
+    const double kth = std::get<0>(l.topk(o.top_k)).min().item<double>();
+    l = l.masked_fill(l.lt(kth), -std::numeric_limits<double>::infinity());
+  }
+  auto probs = torch::softmax(l, 0);
+  if (o.top_p < 1.0) {
+    // Nucleus: the most probable ids whose mass reaches top_p (the first always kept).
+    auto sorted = probs.sort(0, /*descending=*/true);
+    auto p = std::get<0>(sorted), idx = std::get<1>(sorted);
+    auto before = p.cumsum(0) - p;  // mass of the ids ranked above each one
+    auto drop = before.ge(o.top_p);
+    probs = probs.index_put({idx.masked_select(drop)}, torch::zeros({}, probs.options()));
+    probs = probs / probs.sum();
+  }
+  return torch::multinomial(probs, 1, /*replacement=*/false, gen).item<int64_t>();
+}
+
+std::vector<int64_t> generate_text(OmniLiteImpl& model, const std::vector<int64_t>& prompt, int64_t max_new,
+                                   const TextSampling& o, const std::function<void(int64_t)>& on_token) {
+  torch::NoGradGuard ng;
+  TORCH_CHECK(!prompt.empty(), "generate: the prompt has no tokens");
+  const int64_t limit = model.cfg.text.max_position_embeddings;
+  if (static_cast<int64_t>(prompt.size()) >= limit)
+    throw std::runtime_error("generate: the prompt has " + std::to_string(prompt.size()) + " tokens, at least "
+                             "model.text.max_position_embeddings = " + std::to_string(limit) + "; hint: shorten it");
+  const auto dev = model.text->embed_tokens->weight.device();
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  KVCache cache;
+  auto tokens = torch::tensor(prompt, torch::kInt64).view({1, -1}).to(dev);
+  std::vector<int64_t> out;
+  for (int64_t i = 0; i < max_new && cache.length() + tokens.size(1) <= limit; ++i) {
+    OmniInput in;
+    in.tokens = tokens;
+    in.cache = &cache;
+    auto logits = model.forward(in).logits[0][tokens.size(1) - 1];  // [V]
+    const int64_t next = sample_next(logits, o, gen);
+    out.push_back(next);
+    if (on_token) on_token(next);
+    if (next == model.cfg.tokens.eos_id) break;
+    tokens = torch::full({1, 1}, next, torch::TensorOptions().dtype(torch::kInt64).device(dev));
+  }
+  return out;
+}
+
+std::vector<double> score_tokens(OmniLiteImpl& model, const std::vector<int64_t>& ids) {
+  torch::NoGradGuard ng;
+  if (ids.size() < 2) throw std::runtime_error("score: need at least 2 tokens, got " + std::to_string(ids.size()));
+  const int64_t limit = model.cfg.text.max_position_embeddings;
+  if (static_cast<int64_t>(ids.size()) > limit)
+    throw std::runtime_error("score: " + std::to_string(ids.size()) + " tokens exceed model.text."
+                             "max_position_embeddings = " + std::to_string(limit) + "; hint: shorten the text");
+  for (auto id : ids)
+    if (id < 0 || id >= model.cfg.text.vocab_size)
+      throw std::runtime_error("score: token id " + std::to_string(id) + " is outside the vocabulary [0, " +
+                               std::to_string(model.cfg.text.vocab_size) + ")");
+  const auto dev = model.text->embed_tokens->weight.device();
+  auto t = torch::tensor(ids, torch::kInt64).view({1, -1}).to(dev);
+  auto logits = model.forward({t}).logits[0].to(torch::kFloat64).cpu();  // [T, V]
+  auto lp = torch::log_softmax(logits.narrow(0, 0, t.size(1) - 1), -1)
+                .gather(1, t[0].cpu().narrow(0, 1, t.size(1) - 1).unsqueeze(1))
+                .squeeze(1)
+                .contiguous();
+  return std::vector<double>(lp.data_ptr<double>(), lp.data_ptr<double>() + lp.numel());
+}
+
+LoadedModel load_omni_checkpoint(const std::string& run_or_dir, const std::string& device) {
+  LoadedModel m;
+  m.dir = latest_checkpoint(run_or_dir);
+  const auto state = io::read_checkpoint_state(m.dir);
+  if (state.value("stage", std::string("omni")) != "omni")
+    throw std::runtime_error("checkpoint \"" + m.dir + "\" is a train.stage = \"" + state.value("stage", std::string()) +
+                             "\" checkpoint; an OMNI-LITE (stage \"omni\") checkpoint is needed");
+  m.cfg = parse_config(state["config"]);
+  if (m.cfg.lora.enabled)
+    throw std::runtime_error("checkpoint \"" + m.dir + "\" holds QLoRA adapters only; hint: merge them first with "
+                             "`omnilite export --checkpoint BASE --adapter " + run_or_dir + " --merge --out DIR`");
+  if (!device.empty()) m.cfg.runtime.device = device;
+  m.step = state.value("step", int64_t{0});
+  const torch::Device dev = apply_runtime(m.cfg.runtime);
+  m.model = OmniLite(m.cfg.model);
+  io::load_module(*m.model, m.dir + "/model.safetensors");
+  m.model->to(dev);
+  m.model->eval();
+  return m;
 }
 
 }  // namespace omnilite

@@ -96,13 +96,23 @@ GQAttentionImpl::GQAttentionImpl(const TextOptions& o, const LinearBuilder& buil
 
 // x: [B, T, D] -> [B, T, D]
 torch::Tensor GQAttentionImpl::forward(const torch::Tensor& x, const RopeTables& rope, const torch::Tensor& allowed,
-                                       bool causal) {
+                                       bool causal, LayerKV* cache, bool append) {
   const int64_t B = x.size(0), T = x.size(1), Dh = opts.head_dim;
   auto q = q_proj->forward(x).view({B, T, opts.num_heads, Dh}).transpose(1, 2);     // [B, H, T, Dh]
   auto k = k_proj->forward(x).view({B, T, opts.num_kv_heads, Dh}).transpose(1, 2);  // [B, Hkv, T, Dh]
   auto v = v_proj->forward(x).view({B, T, opts.num_kv_heads, Dh}).transpose(1, 2);  // [B, Hkv, T, Dh]
   q = apply_rope(q, rope);
   k = apply_rope(k, rope);
+  if (cache) {
+    if (cache->k.defined()) {
+      k = torch::cat({cache->k, k}, 2);  // [B, Hkv, S, Dh]
+      v = torch::cat({cache->v, v}, 2);
+    }
+    if (append) {
+      cache->k = k;
+      cache->v = v;
+    }
+  }
   auto out = attention_core(q, k, v, allowed, causal);                            // [B, H, T, Dh]
   return o_proj->forward(out.transpose(1, 2).reshape({B, T, opts.num_heads * Dh}));  // [B, T, D]
 }

@@ -13,8 +13,9 @@ DecoderLayerImpl::DecoderLayerImpl(const TextOptions& text, const MoEOptions& mo
 
 // x: [B, T, D] -> [B, T, D]
 DecoderLayerOutput DecoderLayerImpl::forward(const torch::Tensor& x, const RopeTables& rope,
-                                             const torch::Tensor& allowed, bool causal) {
-  auto h = x + self_attn->forward(input_layernorm->forward(x), rope, allowed, causal);
+                                             const torch::Tensor& allowed, bool causal, LayerKV* cache,
+                                             bool append) {
+  auto h = x + self_attn->forward(input_layernorm->forward(x), rope, allowed, causal, cache, append);
   auto m = moe->forward(post_attention_layernorm->forward(h));
   return {h + m.y, m.router_logits};
 }

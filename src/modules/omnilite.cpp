@@ -99,8 +99,11 @@ OmniOutput OmniLiteImpl::forward(const OmniInput& in) {
     causal = false;
   }
 
-  auto positions = torch::arange(T, in.tokens.options());
-  auto dec = text->forward(x, positions, allowed, causal);
+  const int64_t past = in.cache ? in.cache->length() : 0;
+  if (past > 0 && allowed.defined())  // the new tokens see every cached position
+    allowed = torch::cat({torch::ones({allowed.size(0), 1, T, past}, allowed.options()), allowed}, 3);
+  auto positions = torch::arange(past, past + T, in.tokens.options());
+  auto dec = text->forward(x, positions, allowed, causal, in.cache);
   OmniOutput out;
   out.hidden = dec.hidden;
   out.router_logits = std::move(dec.router_logits);

@@ -56,23 +56,25 @@ TextDecoderImpl::TextDecoderImpl(const TextOptions& text, const MoEOptions& moe,
 
 // x: [B, T, D] -> hidden [B, T, D]
 TextDecoderOutput TextDecoderImpl::forward(const torch::Tensor& x, const torch::Tensor& positions,
-                                           const torch::Tensor& allowed, bool causal) {
-  TORCH_CHECK(x.size(1) <= opts.max_position_embeddings, "TextDecoder: sequence of ", x.size(1),
+                                           const torch::Tensor& allowed, bool causal, KVCache* cache) {
+  const int64_t past = cache ? cache->length() : 0;
+  if (cache && cache->layers.empty()) cache->layers.resize(layers->size());
+  TORCH_CHECK(past + x.size(1) <= opts.max_position_embeddings, "TextDecoder: sequence of ", past + x.size(1),
               " tokens exceeds model.text.max_position_embeddings = ", opts.max_position_embeddings,
               "; hint: shorten the input or raise the limit in the config");
   auto rope = rope_tables(positions, opts.rope_dim, opts.rope_theta, x.scalar_type());
   TextDecoderOutput out;
   auto h = x;
-  for (const auto& layer : *layers) {
-    auto* l = layer->as<DecoderLayerImpl>();
-    if (checkpoint_layers && torch::GradMode::is_enabled() && is_training()) {
+  for (size_t i = 0; i < layers->size(); ++i) {
+    auto* l = layers[i]->as<DecoderLayerImpl>();
+    if (checkpoint_layers && torch::GradMode::is_enabled() && is_training() && !cache) {
       // The recomputation only runs when the function is part of the graph: give it an input that needs grad.
       if (!h.requires_grad()) h = h.detach().requires_grad_(true);
       auto o = CheckpointedLayer::apply(h, l, rope.cos, rope.sin, &allowed, causal);
       h = o[0];
       out.router_logits.push_back(o[1]);
     } else {
-      auto o = l->forward(h, rope, allowed, causal);
+      auto o = l->forward(h, rope, allowed, causal, cache ? &cache->layers[i] : nullptr, cache ? cache->append : true);
       h = o.y;
       out.router_logits.push_back(o.router_logits);
     }

@@ -11,6 +11,7 @@
 #include <torch/torch.h>
 
 #include "omnilite/config.h"
+#include "omnilite/modules/kv_cache.h"
 #include "omnilite/modules/linear.h"
 #include "omnilite/modules/rope.h"
 
@@ -30,8 +31,11 @@ torch::Tensor attention_reference(const torch::Tensor& q, const torch::Tensor& k
 // Text self-attention: q/k/v/o projections (no bias, Mixtral), RoPE on q and k, GQA core.
 struct GQAttentionImpl : torch::nn::Module {
   GQAttentionImpl(const TextOptions& opts, const LinearBuilder& builder, const std::string& path);
-  // x: [B, T, D], rope: tables for the T positions, allowed/causal: as attention_core -> [B, T, D]
-  torch::Tensor forward(const torch::Tensor& x, const RopeTables& rope, const torch::Tensor& allowed, bool causal);
+  // x: [B, T, D], rope: tables for the T positions, allowed/causal: as attention_core (with a cache: over the
+  // S = cached + T keys) -> [B, T, D]. With `cache`, the keys/values of x follow the cached ones (and are stored
+  // there when `append`).
+  torch::Tensor forward(const torch::Tensor& x, const RopeTables& rope, const torch::Tensor& allowed, bool causal,
+                        LayerKV* cache = nullptr, bool append = true);
 
   TextOptions opts;
   std::shared_ptr<LinearBaseImpl> q_proj;  // D -> H*Dh

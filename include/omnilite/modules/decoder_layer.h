@@ -19,7 +19,7 @@ struct DecoderLayerImpl : torch::nn::Module {
                    const std::string& path);
   // x: [B, T, D], rope tables for T positions, allowed/causal as attention_core -> y: [B, T, D]
   DecoderLayerOutput forward(const torch::Tensor& x, const RopeTables& rope, const torch::Tensor& allowed,
-                             bool causal);
+                             bool causal, LayerKV* cache = nullptr, bool append = true);
 
   RMSNorm input_layernorm{nullptr};           // before attention
   GQAttention self_attn{nullptr};             // grouped-query attention with RoPE

@@ -17,6 +17,7 @@
 #include <torch/torch.h>
 
 #include "omnilite/config.h"
+#include "omnilite/modules/kv_cache.h"
 #include "omnilite/modules/lm_head.h"
 #include "omnilite/modules/perceiver_resampler.h"
 #include "omnilite/modules/rfm_head.h"
@@ -32,6 +33,8 @@ struct OmniInput {
   torch::Tensor gen_latents = {};  // [n_gen, P] noisy latent tokens, one per gen_image_id token; undefined when none
   torch::Tensor gen_times = {};    // [n_gen] flow time of each generated token's image, in [0, 1]
   bool compute_logits = true; // false skips the LM head (e.g. flow-only steps)
+  KVCache* cache = nullptr;   // inference: tokens continue the cached positions (see kv_cache.h); every row of the
+                              // batch shares the cache's length
 };
 
 struct OmniOutput {

@@ -1,0 +1,179 @@
+// omnilite generate / score / caption: inference from a checkpoint (KV-cached sampling; per-token log-probabilities).
+// Text prompts are encoded with the checkpoint's tokenizer (data.tokenizer) and preceded by eos, the document
+// separator the model was trained with, so a prompt reads as the start of a document.
+#include <cmath>
+#include <iostream>
+#include <memory>
+#include <sstream>
+
+#include <cxxopts.hpp>
+#include <nlohmann/json.hpp>
+
+#include "omnilite/cli/commands.h"
+#include "omnilite/data/image_dataset.h"
+#include "omnilite/data/mm_batch.h"
+#include "omnilite/data/tokenizer.h"
+#include "omnilite/infer/generate.h"
+#include "omnilite/log.h"
+
+namespace omnilite::cli {
+namespace {
+
+std::vector<int64_t> encode_prompt(const Tokenizer& tok, const Config& cfg, const std::string& text,
+                                   const std::string& flag) {
+  if (text.find_first_not_of(" \t\r\n") == std::string::npos)
+    throw std::runtime_error(flag + " is empty; hint: give some text, e.g. " + flag + " \"Once upon a time\"");
+  std::vector<int64_t> ids{cfg.model.tokens.eos_id};
+  const auto body = tok.encode(text);
+  ids.insert(ids.end(), body.begin(), body.end());
+  return ids;
+}
+
+std::vector<int64_t> parse_ids(const std::string& list) {
+  std::vector<int64_t> ids;
+  std::stringstream ss(list);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    try {
+      size_t used = 0;
+      ids.push_back(std::stoll(item, &used));
+      if (used != item.size()) throw std::invalid_argument(item);
+    } catch (const std::exception&) {
+      throw std::runtime_error("--tokens \"" + list + "\": \"" + item + "\" is not an integer id; expected e.g. 2,15,7");
+    }
+  }
+  return ids;
+}
+
+}  // namespace
+
+int run_generate(int argc, char** argv) {
+  cxxopts::Options opts(argv[0], "Continue a text prompt with a checkpoint and stream the text to stdout. Decoding "
+                                 "keeps a KV cache of the 8 key/value heads, so each new token costs one position.");
+  opts.add_options()("checkpoint", "run folder (newest checkpoint), checkpoint, init or export folder",
+                     cxxopts::value<std::string>())("prompt", "text to continue", cxxopts::value<std::string>())(
+      "max-new-tokens", "most tokens to generate (stops earlier at eos)", cxxopts::value<int64_t>()->default_value("64"))(
+      "temperature", "sampling temperature; 0 = greedy", cxxopts::value<double>()->default_value("0.8"))(
+      "top-k", "sample among the k most probable tokens (0 = all)", cxxopts::value<int64_t>()->default_value("0"))(
+      "top-p", "sample among the most probable tokens whose mass reaches p (1 = all)", cxxopts::value<double>()->default_value("1.0"))(
+      "seed", "sampling seed: the same seed gives the same text", cxxopts::value<uint64_t>()->default_value("0"))(
+      "device", "cpu, cuda or cuda:N (default: the checkpoint's runtime.device)", cxxopts::value<std::string>())(
+      "h,help", "show this help");
+  auto args = opts.parse(argc, argv);
+  if (args.count("help") || !args.count("checkpoint") || !args.count("prompt")) {
+    std::cout << opts.help() << "\nExample:\n  omnilite generate --checkpoint runs/quickstart --prompt \"The meaning of "
+                 "life\" --max-new-tokens 40 --temperature 0.7 --top-p 0.9 --seed 1\n";
+    return args.count("help") ? 0 : 2;
+  }
+  TextSampling s;
+  s.temperature = args["temperature"].as<double>();
+  s.top_k = args["top-k"].as<int64_t>();
+  s.top_p = args["top-p"].as<double>();
+  s.seed = args["seed"].as<uint64_t>();
+  const int64_t max_new = args["max-new-tokens"].as<int64_t>();
+  if (s.temperature < 0) throw std::runtime_error("--temperature must be >= 0, got " + std::to_string(s.temperature));
+  if (s.top_k < 0) throw std::runtime_error("--top-k must be >= 0, got " + std::to_string(s.top_k));
+  if (!(s.top_p > 0 && s.top_p <= 1)) throw std::runtime_error("--top-p must be in (0, 1], got " + std::to_string(s.top_p));
+  if (max_new < 1) throw std::runtime_error("--max-new-tokens must be >= 1, got " + std::to_string(max_new));
+  auto m = load_omni_checkpoint(args["checkpoint"].as<std::string>(),
+                                args.count("device") ? args["device"].as<std::string>() : "");
+  Tokenizer tok(m.cfg.data.tokenizer);
+  tok.check_compatible(m.cfg.model);
+  const auto prompt = encode_prompt(tok, m.cfg, args["prompt"].as<std::string>(), "--prompt");
+  std::vector<int64_t> generated;
+  std::string shown;
+  const int64_t eos = m.cfg.model.tokens.eos_id;
+  generate_text(*m.model, prompt, max_new, s, [&](int64_t id) {
+    if (id == eos) return;
+    generated.push_back(id);
+    // Decode everything so far and print what is new (pieces join with spaces and bytes only as a whole).
+    const std::string text = tok.decode(generated);
+    if (text.size() > shown.size() && text.compare(0, shown.size(), shown) == 0) {
+      std::cout << text.substr(shown.size()) << std::flush;
+      shown = text;
+    }
+  });
+  std::cout << "\n";
+  return 0;
+}
+
+int run_score(int argc, char** argv) {
+  cxxopts::Options opts(argv[0], "Per-token log-probabilities of a text or of token ids under a checkpoint: "
+                                 "logprobs[i] = log p(tokens[i+1] | tokens[0..i]).");
+  opts.add_options()("checkpoint", "run folder (newest checkpoint), checkpoint, init or export folder",
+                     cxxopts::value<std::string>())(
+      "text", "text to score (encoded with the checkpoint's tokenizer, preceded by eos)", cxxopts::value<std::string>())(
+      "tokens", "comma-separated token ids to score as they are, e.g. 2,15,7", cxxopts::value<std::string>())(
+      "json", "print {\"tokens\": [...], \"logprobs\": [...]}")(
+      "device", "cpu, cuda or cuda:N (default: the checkpoint's runtime.device)", cxxopts::value<std::string>())(
+      "h,help", "show this help");
+  auto args = opts.parse(argc, argv);
+  if (args.count("help") || !args.count("checkpoint") || args.count("text") + args.count("tokens") != 1) {
+    std::cout << opts.help() << "\nGive exactly one of --text or --tokens. Example:\n"
+                 "  omnilite score --checkpoint runs/quickstart --text \"a photo of a sandal.\" --json\n";
+    return args.count("help") ? 0 : 2;
+  }
+  auto m = load_omni_checkpoint(args["checkpoint"].as<std::string>(),
+                                args.count("device") ? args["device"].as<std::string>() : "");
+  std::vector<int64_t> ids;
+  std::unique_ptr<Tokenizer> tok;
+  if (args.count("text")) {
+    tok = std::make_unique<Tokenizer>(m.cfg.data.tokenizer);
+    ids = encode_prompt(*tok, m.cfg, args["text"].as<std::string>(), "--text");
+  } else {
+    ids = parse_ids(args["tokens"].as<std::string>());
+  }
+  const auto lp = score_tokens(*m.model, ids);
+  if (args.count("json")) {
+    std::cout << nlohmann::json({{"tokens", ids}, {"logprobs", lp}}).dump() << "\n";
+    return 0;
+  }
+  double sum = 0;
+  for (size_t i = 0; i < lp.size(); ++i) {
+    sum += lp[i];
+    std::cout << ids[i + 1] << "\t" << (tok ? tok->decode({ids[i + 1]}) : "") << "\t" << lp[i] << "\n";
+  }
+  std::cout << "total log-probability " << sum << " over " << lp.size() << " tokens, perplexity "
+            << std::exp(-sum / static_cast<double>(lp.size())) << "\n";
+  return 0;
+}
+
+int run_caption(int argc, char** argv) {
+  cxxopts::Options opts(argv[0], "Describe an image: the ViT and the resampler turn it into 64 tokens of the text "
+                                 "space, then the model continues [bos, image_begin, image..., image_end] greedily "
+                                 "(KV-cached) until eos.");
+  opts.add_options()("checkpoint", "run folder (newest checkpoint), checkpoint or export folder",
+                     cxxopts::value<std::string>())("image", "image file (PNG, JPEG, ... as OpenCV reads it)",
+                                                    cxxopts::value<std::string>())(
+      "max-new-tokens", "longest caption", cxxopts::value<int64_t>()->default_value("32"))(
+      "device", "cpu, cuda or cuda:N (default: the checkpoint's runtime.device)", cxxopts::value<std::string>())(
+      "h,help", "show this help");
+  auto args = opts.parse(argc, argv);
+  if (args.count("help") || !args.count("checkpoint") || !args.count("image")) {
+    std::cout << opts.help() << "\nExample:\n  omnilite caption --checkpoint runs/quickstart --image shoe.png\n";
+    return args.count("help") ? 0 : 2;
+  }
+  const int64_t max_new = args["max-new-tokens"].as<int64_t>();
+  if (max_new < 1) throw std::runtime_error("--max-new-tokens must be >= 1, got " + std::to_string(max_new));
+  auto pixels = decode_image_file(args["image"].as<std::string>());  // [H, W, 3] uint8; throws naming the file
+  const int64_t H = pixels.size(0), W = pixels.size(1), side = std::min(H, W);
+  pixels = pixels.narrow(0, (H - side) / 2, side).narrow(1, (W - side) / 2, side);  // centre square
+  auto m = load_omni_checkpoint(args["checkpoint"].as<std::string>(),
+                                args.count("device") ? args["device"].as<std::string>() : "");
+  Tokenizer tok(m.cfg.data.tokenizer);
+  const auto& mc = m.cfg.model;
+  auto images = to_model_images(pixels.unsqueeze(0).contiguous(), mc.vision.image_size, mc.vision.in_channels);
+  auto row = caption_row({}, mc.resampler.num_latents, mc.tokens);
+  row.pop_back();  // without eos: the caption follows
+  auto gen = greedy_generate(*m.model, torch::tensor(row, torch::kInt64).view({1, -1}), images, max_new);
+  std::vector<int64_t> ids;
+  for (int64_t k = 0; k < gen.size(1); ++k) {
+    const int64_t id = gen[0][k].item<int64_t>();
+    if (id == mc.tokens.eos_id || id == mc.tokens.pad_id) break;
+    ids.push_back(id);
+  }
+  std::cout << tok.decode(ids) << "\n";
+  return 0;
+}
+
+}  // namespace omnilite::cli
