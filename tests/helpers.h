@@ -73,6 +73,17 @@ inline std::pair<std::string, std::string> word_corpus_and_tokenizer(const std::
 
 inline omnilite::Config load(const std::string& rel) { return omnilite::load_config_file(source_path(rel)); }
 
+// configs/tiny.json with QLoRA on: rank 4, alpha 8, no dropout, the given base dtype.
+inline omnilite::Config tiny_qlora(const std::string& base_dtype = "nf4") {
+  omnilite::Config c = load("configs/tiny.json");
+  c.lora.enabled = true;
+  c.lora.rank = 4;
+  c.lora.alpha = 8;
+  c.lora.dropout = 0.0;
+  c.lora.base_dtype = base_dtype;
+  return c;
+}
+
 // max |a - b| / max(1, max |b|): the normalised error the tests report.
 inline double max_rel_err(const torch::Tensor& a, const torch::Tensor& b) {
   auto bd = b.to(torch::kFloat64);

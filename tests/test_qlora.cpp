@@ -37,15 +37,6 @@ int naive_nearest(double x) {
   return best;
 }
 
-Config qlora_tiny(const std::string& base_dtype) {
-  Config c = testing::load("configs/tiny.json");
-  c.lora.enabled = true;
-  c.lora.rank = 4;
-  c.lora.alpha = 8;
-  c.lora.dropout = 0.0;
-  c.lora.base_dtype = base_dtype;
-  return c;
-}
 
 }  // namespace
 
@@ -155,7 +146,7 @@ TEST_CASE("LoRALinear: B = 0 gives the base, otherwise base + alpha/r B A x", "[
 
 TEST_CASE("QLoRA model: only adapters get gradients, PEFT adapter files round trip", "[qlora]") {
   torch::manual_seed(8);
-  Config c = qlora_tiny("nf4");
+  Config c = testing::tiny_qlora("nf4");
   auto builder = make_linear_builder(c);
   OmniLite model(c.model, *builder);
   for (auto& p : model->named_parameters()) p.value().set_requires_grad(p.key().find(".lora_") != std::string::npos);
@@ -218,11 +209,11 @@ TEST_CASE("base checkpoints load into QLoRA models quantised, bad ones are refus
   auto ref = plain->forward({tokens}).logits;
 
   // fp32 bases with fresh adapters (B = 0): the same logits.
-  OmniLite full(qlora_tiny("fp32").model, *make_linear_builder(qlora_tiny("fp32")));
+  OmniLite full(testing::tiny_qlora("fp32").model, *make_linear_builder(testing::tiny_qlora("fp32")));
   io::load_base_weights(*full, dir);
   CHECK(testing::max_rel_err(full->forward({tokens}).logits, ref) < 1e-6);
   // NF4 bases: the logits of the dequantised weights, close to the original ones.
-  OmniLite nf4(qlora_tiny("nf4").model, *make_linear_builder(qlora_tiny("nf4")));
+  OmniLite nf4(testing::tiny_qlora("nf4").model, *make_linear_builder(testing::tiny_qlora("nf4")));
   io::load_base_weights(*nf4, dir);
   auto nf4_logits = nf4->forward({tokens}).logits;
   // Parity: the plain model with each NF4 base's dequantised weight gives the same logits.
@@ -270,7 +261,7 @@ TEST_CASE("base checkpoints load into QLoRA models quantised, bad ones are refus
 TEST_CASE("a tiny QLoRA run learns with adapters only", "[qlora][train][slow]") {
   const auto base = testing::fresh_temp_dir("qlora_run");
   const auto [corpus, tok] = testing::word_corpus_and_tokenizer(base + "/data");
-  Config c = qlora_tiny("nf4");
+  Config c = testing::tiny_qlora("nf4");
   c.model.text.vocab_size = 320;
   c.lora.rank = 8;
   c.data.tokenizer = tok;

@@ -21,18 +21,6 @@
 using namespace omnilite;
 namespace fs = std::filesystem;
 
-namespace {
-
-Config tiny_qlora() {
-  Config c = testing::load("configs/tiny.json");
-  c.lora.enabled = true;
-  c.lora.rank = 4;
-  c.lora.alpha = 8;
-  c.lora.dropout = 0.0;
-  return c;
-}
-
-}  // namespace
 
 TEST_CASE("model_parts hold exactly the tensors of the whole model", "[qlora][init]") {
   for (bool tied : {false, true}) {
@@ -104,7 +92,7 @@ TEST_CASE("merged QLoRA weights give the adapter model's logits", "[qlora][expor
   OmniLite plain(plain_cfg.model);
   io::save_module(*plain, dir + "/base.safetensors");
   for (const std::string base_dtype : {"nf4", "fp32"}) {
-    Config c = tiny_qlora();
+    Config c = testing::tiny_qlora();
     c.lora.base_dtype = base_dtype;
     OmniLite q(c.model, *make_linear_builder(c));
     io::load_base_weights(*q, dir + "/base.safetensors");
@@ -145,7 +133,7 @@ TEST_CASE("merged QLoRA weights give the adapter model's logits", "[qlora][expor
 }
 
 TEST_CASE("memory estimate counts what a constructed QLoRA model holds", "[qlora][memory]") {
-  Config c = tiny_qlora();
+  Config c = testing::tiny_qlora();
   c.train.batch_size = 2;
   c.train.seq_len = 16;
   c.model.text.num_layers = 6;  // enough layers for checkpointing to pay (it keeps two layers' activations)
