@@ -206,4 +206,50 @@ LoadedModel load_omni_checkpoint(const std::string& run_or_dir, const std::strin
   return m;
 }
 
+// prompt -> [1, C, h, w]
+torch::Tensor imagine_latents(OmniLiteImpl& model, const std::vector<int64_t>& prompt, const SampleOptions& o) {
+  torch::NoGradGuard ng;
+  const auto& cfg = model.cfg;
+  const auto dev = model.text->embed_tokens->weight.device();
+  const int64_t G = generated_tokens_per_image(cfg), P = cfg.flow_token_dim();
+  const int64_t side = cfg.vqvae.image_size / cfg.vq_downsample();
+  // The prefix [bos, prompt..., image_begin] of each row runs once; its keys and values serve every step.
+  auto prefill = [&](const std::vector<int64_t>& p) {
+    auto row = generation_row(p, G, cfg.tokens);
+    row.resize(row.size() - 2 - static_cast<size_t>(G));  // without the block, image_end and eos
+    KVCache cache;
+    OmniInput in;
+    in.tokens = torch::tensor(row, torch::kInt64).view({1, -1}).to(dev);
+    in.compute_logits = false;
+    in.cache = &cache;
+    model.forward(in);
+    cache.append = false;  // the generated block is attended to at each step, never stored
+    return cache;
+  };
+  KVCache cond = prefill(prompt), uncond = prefill({});
+  auto block = torch::full({1, G}, cfg.tokens.gen_image_id, torch::TensorOptions().dtype(torch::kInt64).device(dev));
+  auto velocity_at = [&](KVCache& cache, const torch::Tensor& x, double t) {
+    OmniInput in;
+    in.tokens = block;
+    in.gen_latents = x;
+    in.gen_times = torch::full({G}, t, x.options());
+    in.compute_logits = false;
+    in.cache = &cache;
+    return model.forward(in).velocity.to(torch::kFloat32);
+  };
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  auto x = torch::randn({G, P}, gen).to(dev);  // x0 ~ N(0, I) at t = 0, drawn as sample_latents draws it
+  const double dt = 1.0 / static_cast<double>(o.steps);
+  for (int64_t s = 0; s < o.steps; ++s) {
+    const double t = s * dt;
+    auto v = velocity_at(cond, x, t);
+    if (o.cfg_scale != 1.0) {
+      auto vu = velocity_at(uncond, x, t);
+      v = vu + o.cfg_scale * (v - vu);
+    }
+    x = x + dt * v;
+  }
+  return unpatchify(x.view({1, G, P}), cfg.flow.latent_channels, side, side, cfg.flow.patch_size);
+}
+
 }  // namespace omnilite

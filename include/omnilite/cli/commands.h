@@ -19,6 +19,7 @@ int run_memory(int argc, char** argv);
 int run_generate(int argc, char** argv);
 int run_score(int argc, char** argv);
 int run_caption(int argc, char** argv);
+int run_imagine(int argc, char** argv);
 
 // "bf16" / "fp32" -> ScalarType; throws naming the flag and the value otherwise.
 torch::ScalarType parse_storage_dtype(const std::string& flag, const std::string& value);

@@ -34,6 +34,11 @@ struct SampleOptions {
 torch::Tensor sample_latents(OmniLiteImpl& model, const std::vector<std::vector<int64_t>>& prompts,
                              const SampleOptions& opts);
 
+// One prompt -> standardised latents [1, C, h, w], as sample_latents({prompt}) computes them (same noise for the
+// same seed), but the prompt's and the empty prompt's prefixes run once and their KV caches serve every Euler step:
+// each step costs the G generated tokens only.
+torch::Tensor imagine_latents(OmniLiteImpl& model, const std::vector<int64_t>& prompt, const SampleOptions& opts);
+
 struct TextSampling {
   double temperature = 0.8;  // logits / temperature before sampling; 0 = greedy (argmax)
   int64_t top_k = 0;         // keep the k most probable ids (0 = all; 1 = greedy)
