@@ -5,8 +5,10 @@
 #include <cmath>
 
 #include "helpers.h"
+#include "omnilite/data/mm_batch.h"
 #include "omnilite/infer/generate.h"
 #include "omnilite/modules/omnilite.h"
+#include "omnilite/modules/rfm_head.h"
 
 using namespace omnilite;
 
@@ -149,4 +151,39 @@ TEST_CASE("imagine with the prompt cached equals sampling without a cache", "[in
   REQUIRE(got.sizes() == ref.sizes());
   CHECK(testing::max_rel_err(got, ref) < 1e-4);
   CHECK(ref.abs().sum().item<double>() > 0);
+}
+
+TEST_CASE("one Euler step with guidance matches x1 = x0 + v_u + W (v_c - v_u), computed by hand", "[infer][flow]") {
+  Config c = testing::load("configs/tiny.json");
+  torch::manual_seed(35);
+  OmniLite model(c.model);
+  model->eval();
+  const auto& tk = c.model.tokens;
+  const int64_t G = generated_tokens_per_image(c.model), P = c.model.flow_token_dim();
+  const int64_t side = c.model.vqvae.image_size / c.model.vq_downsample();
+  const std::vector<int64_t> prompt{30, 31};
+  for (double w : {1.0, 2.0}) {
+    SampleOptions o;
+    o.steps = 1;
+    o.cfg_scale = w;
+    o.seed = 9;
+    auto got = imagine_latents(*model, prompt, o);
+    // By hand: the same noise, both rows in full, velocities at t = 0.
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(9);
+    auto x0 = torch::randn({G, P}, gen);
+    auto v = [&](std::vector<int64_t> row) {
+      for (int64_t i = 0; i < G; ++i) row.push_back(tk.gen_image_id);
+      OmniInput in;
+      in.tokens = torch::tensor(row, torch::kInt64).view({1, -1});
+      in.gen_latents = x0;
+      in.gen_times = torch::zeros({G});
+      torch::NoGradGuard ng;
+      return model->forward(in).velocity;
+    };
+    auto vc = v({tk.bos_id, 30, 31, tk.image_begin_id}), vu = v({tk.bos_id, tk.image_begin_id});
+    auto x1 = w == 1.0 ? x0 + vc : x0 + vu + w * (vc - vu);  // W = 1 is the conditional velocity alone
+    auto ref = unpatchify(x1.view({1, G, P}), c.model.flow.latent_channels, side, side, c.model.flow.patch_size);
+    INFO("W = " << w);
+    CHECK(testing::max_rel_err(got, ref) < 1e-4);
+  }
 }
