@@ -166,13 +166,7 @@ int run_caption(int argc, char** argv) {
   auto row = caption_row({}, mc.resampler.num_latents, mc.tokens);
   row.pop_back();  // without eos: the caption follows
   auto gen = greedy_generate(*m.model, torch::tensor(row, torch::kInt64).view({1, -1}), images, max_new);
-  std::vector<int64_t> ids;
-  for (int64_t k = 0; k < gen.size(1); ++k) {
-    const int64_t id = gen[0][k].item<int64_t>();
-    if (id == mc.tokens.eos_id || id == mc.tokens.pad_id) break;
-    ids.push_back(id);
-  }
-  std::cout << tok.decode(ids) << "\n";
+  std::cout << tok.decode(ids_before_eos(gen[0], mc.tokens)) << "\n";
   return 0;
 }
 

@@ -111,13 +111,7 @@ json evaluate(const EvalOptions& o) {
                                static_cast<int64_t>(prefix_row.size()), cfg.model.tokens.pad_id);
         auto gen = greedy_generate(*model, prefix, images, o.max_caption_tokens);
         for (int64_t i = 0; i < n; ++i) {
-          std::vector<int64_t> ids;
-          for (int64_t k = 0; k < gen.size(1); ++k) {
-            const int64_t id = gen[i][k].item<int64_t>();
-            if (id == cfg.model.tokens.eos_id || id == cfg.model.tokens.pad_id) break;
-            ids.push_back(id);
-          }
-          const std::string caption = tok.decode(ids);
+          const std::string caption = tok.decode(ids_before_eos(gen[i], cfg.model.tokens));
           const int64_t label = valid.labels[s + i].item<int64_t>();
           const bool hit = find_class_name(caption, classes) == label;
           hits += hit;

@@ -42,6 +42,17 @@ torch::Tensor greedy_generate(OmniLiteImpl& model, const torch::Tensor& prefix, 
   return gen;
 }
 
+std::vector<int64_t> ids_before_eos(const torch::Tensor& row, const TokenOptions& t) {
+  auto r = row.to(torch::kCPU, torch::kInt64).contiguous();
+  std::vector<int64_t> ids;
+  for (int64_t k = 0; k < r.numel(); ++k) {
+    const int64_t id = r.data_ptr<int64_t>()[k];
+    if (id == t.eos_id || id == t.pad_id) break;
+    ids.push_back(id);
+  }
+  return ids;
+}
+
 namespace {
 
 // Velocities [N*G, P] of the generated tokens of rows [N, T] at state x [N*G, P] and time t.

@@ -23,6 +23,9 @@ namespace omnilite {
 torch::Tensor greedy_generate(OmniLiteImpl& model, const torch::Tensor& prefix, const torch::Tensor& images,
                               int64_t max_new);
 
+// The ids of one generated row [max_new] before its first eos or pad.
+std::vector<int64_t> ids_before_eos(const torch::Tensor& row, const TokenOptions& t);
+
 struct SampleOptions {
   int64_t steps = 25;       // Euler steps from t = 0 (noise) to t = 1
   double cfg_scale = 3.0;   // classifier-free guidance weight w (1 = off)
