@@ -29,6 +29,12 @@ std::vector<int64_t> encode_prompt(const Tokenizer& tok, const Config& cfg, cons
   return ids;
 }
 
+// The checkpoint of --checkpoint on --device (or the checkpoint's own device).
+LoadedModel load_from_args(const cxxopts::ParseResult& args) {
+  return load_omni_checkpoint(args["checkpoint"].as<std::string>(),
+                              args.count("device") ? args["device"].as<std::string>() : "");
+}
+
 std::vector<int64_t> parse_ids(const std::string& list) {
   std::vector<int64_t> ids;
   std::stringstream ss(list);
@@ -75,8 +81,7 @@ int run_generate(int argc, char** argv) {
   if (s.top_k < 0) throw std::runtime_error("--top-k must be >= 0, got " + std::to_string(s.top_k));
   if (!(s.top_p > 0 && s.top_p <= 1)) throw std::runtime_error("--top-p must be in (0, 1], got " + std::to_string(s.top_p));
   if (max_new < 1) throw std::runtime_error("--max-new-tokens must be >= 1, got " + std::to_string(max_new));
-  auto m = load_omni_checkpoint(args["checkpoint"].as<std::string>(),
-                                args.count("device") ? args["device"].as<std::string>() : "");
+  auto m = load_from_args(args);
   Tokenizer tok(m.cfg.data.tokenizer);
   tok.check_compatible(m.cfg.model);
   const auto prompt = encode_prompt(tok, m.cfg, args["prompt"].as<std::string>(), "--prompt");
@@ -113,8 +118,7 @@ int run_score(int argc, char** argv) {
                  "  omnilite score --checkpoint runs/quickstart --text \"a photo of a sandal.\" --json\n";
     return args.count("help") ? 0 : 2;
   }
-  auto m = load_omni_checkpoint(args["checkpoint"].as<std::string>(),
-                                args.count("device") ? args["device"].as<std::string>() : "");
+  auto m = load_from_args(args);
   std::vector<int64_t> ids;
   std::unique_ptr<Tokenizer> tok;
   if (args.count("text")) {
@@ -158,8 +162,7 @@ int run_caption(int argc, char** argv) {
   auto pixels = decode_image_file(args["image"].as<std::string>());  // [H, W, 3] uint8; throws naming the file
   const int64_t H = pixels.size(0), W = pixels.size(1), side = std::min(H, W);
   pixels = pixels.narrow(0, (H - side) / 2, side).narrow(1, (W - side) / 2, side);  // centre square
-  auto m = load_omni_checkpoint(args["checkpoint"].as<std::string>(),
-                                args.count("device") ? args["device"].as<std::string>() : "");
+  auto m = load_from_args(args);
   Tokenizer tok(m.cfg.data.tokenizer);
   const auto& mc = m.cfg.model;
   auto images = to_model_images(pixels.unsqueeze(0).contiguous(), mc.vision.image_size, mc.vision.in_channels);
@@ -198,8 +201,7 @@ int run_imagine(int argc, char** argv) {
   const std::string out = args["out"].as<std::string>(), text = args["prompt"].as<std::string>();
   if (text.find_first_not_of(" \t\r\n") == std::string::npos)
     throw std::runtime_error("--prompt is empty; hint: e.g. --prompt \"a photo of a sneaker.\"");
-  auto m = load_omni_checkpoint(args["checkpoint"].as<std::string>(),
-                                args.count("device") ? args["device"].as<std::string>() : "");
+  auto m = load_from_args(args);
   Tokenizer tok(m.cfg.data.tokenizer);
   const auto prompt = tok.encode(text);
   const int64_t limit = m.cfg.model.text.max_position_embeddings;

@@ -55,10 +55,13 @@ std::vector<int64_t> ids_before_eos(const torch::Tensor& row, const TokenOptions
 
 namespace {
 
-// Velocities [N*G, P] of the generated tokens of rows [N, T] at state x [N*G, P] and time t.
-torch::Tensor velocity(OmniLiteImpl& model, const torch::Tensor& rows, const torch::Tensor& x, double t) {
+// Velocities [N*G, P] of the generated tokens of rows [N, T] at state x [N*G, P] and time t (rows continue `cache`
+// when given).
+torch::Tensor velocity(OmniLiteImpl& model, const torch::Tensor& rows, const torch::Tensor& x, double t,
+                       KVCache* cache = nullptr) {
   OmniInput in;
   in.tokens = rows;
+  in.cache = cache;
   in.gen_latents = x;
   in.gen_times = torch::full({x.size(0)}, t, x.options());
   in.compute_logits = false;
@@ -239,23 +242,14 @@ torch::Tensor imagine_latents(OmniLiteImpl& model, const std::vector<int64_t>& p
   };
   KVCache cond = prefill(prompt), uncond = prefill({});
   auto block = torch::full({1, G}, cfg.tokens.gen_image_id, torch::TensorOptions().dtype(torch::kInt64).device(dev));
-  auto velocity_at = [&](KVCache& cache, const torch::Tensor& x, double t) {
-    OmniInput in;
-    in.tokens = block;
-    in.gen_latents = x;
-    in.gen_times = torch::full({G}, t, x.options());
-    in.compute_logits = false;
-    in.cache = &cache;
-    return model.forward(in).velocity.to(torch::kFloat32);
-  };
   auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   auto x = torch::randn({G, P}, gen).to(dev);  // x0 ~ N(0, I) at t = 0, drawn as sample_latents draws it
   const double dt = 1.0 / static_cast<double>(o.steps);
   for (int64_t s = 0; s < o.steps; ++s) {
     const double t = s * dt;
-    auto v = velocity_at(cond, x, t);
+    auto v = velocity(model, block, x, t, &cond);
     if (o.cfg_scale != 1.0) {
-      auto vu = velocity_at(uncond, x, t);
+      auto vu = velocity(model, block, x, t, &uncond);
       v = vu + o.cfg_scale * (v - vu);
     }
     x = x + dt * v;
