@@ -6,6 +6,9 @@
 //   train   : whole optimizer steps of a config's stage on its data, and the model-FLOPs utilisation
 //             MFU = 6 * N * tokens/s / (fp32 GEMM FLOP/s at 2048^3 measured in the same run), N = matmul parameters
 //             a text token passes through (active backbone + LM head)
+//   decode  : batch-1 decoding with the KV cache (tokens/s) against the memory-bandwidth bound: bytes of weights a
+//             token reads (attention, router, top_k of num_experts experts, final norm, LM head, one embedding row,
+//             plus the KV cache) / bandwidth of a large copy measured in the same run; and prompt tokens/s
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -15,7 +18,9 @@
 
 #include "omnilite/cli/commands.h"
 #include "omnilite/config.h"
+#include "omnilite/modules/kv_cache.h"
 #include "omnilite/modules/nf4_linear.h"
+#include "omnilite/modules/qlora_builder.h"
 #include "omnilite/modules/omnilite.h"
 #include "omnilite/param_count.h"
 #include "omnilite/runtime.h"
@@ -78,6 +83,114 @@ nlohmann::json bench_nf4(const torch::Device& dev, int64_t tokens, int64_t in, i
           {"nf4_speed_vs_fp32", t_fp32 / t_nf4}};
 }
 
+// Bytes per second of dst.copy_(src) over `bytes` of fp32 (read + write counted), best of `reps`.
+double copy_bandwidth(const torch::Device& dev, int64_t bytes, int64_t reps) {
+  auto src = torch::rand({bytes / 4}, torch::TensorOptions().device(dev)), dst = torch::empty_like(src);
+  dst.copy_(src);
+  double best = 1e30;
+  for (int64_t i = 0; i < reps; ++i) {
+    synchronize(dev);
+    const auto t0 = Clock::now();
+    dst.copy_(src);
+    synchronize(dev);
+    best = std::min(best, seconds_since(t0));
+  }
+  return 2.0 * static_cast<double>(bytes) / best;
+}
+
+// Bytes of model state one decoded token reads: every text tensor once, except the experts (top_k of num_experts
+// per layer on average) and the embedding table (one row); the image side is not used by text decoding.
+double weight_bytes_per_token(const OmniLiteImpl& model, const ModelConfig& c) {
+  double bytes = 0;
+  const double expert_frac = static_cast<double>(c.moe.top_k) / static_cast<double>(c.moe.num_experts);
+  auto add = [&](const std::string& name, const torch::Tensor& t) {
+    const double b = static_cast<double>(t.nbytes());
+    if (name.rfind("text.embed_tokens.", 0) == 0) bytes += b / static_cast<double>(c.text.vocab_size);
+    else if (name.find(".moe.experts.") != std::string::npos) bytes += b * expert_frac;
+    else if (name.rfind("text.", 0) == 0 || name.rfind("lm_head.", 0) == 0) bytes += b;
+  };
+  for (const auto& p : model.named_parameters()) add(p.key(), p.value());
+  for (const auto& p : model.named_buffers()) add(p.key(), p.value());
+  return bytes;
+}
+
+// The full text path with `weights` = fp32 | bf16 | nf4 (NF4 bases as QLoRA builds them, no adapters), random.
+OmniLite decode_model(const Config& cfg, const std::string& weights, const torch::Device& dev) {
+  if (weights != "fp32" && weights != "bf16" && weights != "nf4")
+    throw std::runtime_error("bench decode: --weights \"" + weights + "\": expected nf4, bf16 or fp32");
+  if (weights != "nf4") {
+    OmniLite m(cfg.model);
+    m->to(dev, weights == "bf16" ? torch::kBFloat16 : torch::kFloat32);
+    return m;
+  }
+  LoRAOptions lo;
+  lo.enabled = true;
+  lo.target_modules = {};  // NF4 bases only
+  OmniLite m(cfg.model, QLoRABuilder(lo));
+  torch::NoGradGuard ng;
+  for (const auto& mod : m->modules(/*include_self=*/false))
+    if (auto* q = dynamic_cast<Nf4LinearImpl*>(mod.get())) {  // random codes and block scales around 0.02
+      q->weight_packed.random_(0, 256);
+      q->weight_absmax_q.random_(-127, 128);
+      q->weight_absmax_scale.fill_(1e-4);
+      q->weight_absmax_mean.fill_(0.02);
+    }
+  m->to(dev);
+  return m;
+}
+
+nlohmann::json bench_decode(const Config& cfg, const torch::Device& dev, const std::string& weights, int64_t prompt,
+                            int64_t new_tokens) {
+  if (prompt < 1 || new_tokens < 1 || prompt + new_tokens > cfg.model.text.max_position_embeddings)
+    throw std::runtime_error("bench decode: --prompt " + std::to_string(prompt) + " + --new-tokens " +
+                             std::to_string(new_tokens) + " must be >= 1 each and fit max_position_embeddings = " +
+                             std::to_string(cfg.model.text.max_position_embeddings));
+  const auto t_build = Clock::now();
+  OmniLite model = decode_model(cfg, weights, dev);
+  model->eval();
+  const double build_s = seconds_since(t_build);
+  AutocastGuard autocast(dev.is_cuda() && weights == "nf4");  // NF4 dequantises to bf16 under CUDA autocast
+  torch::NoGradGuard ng;
+  const auto iopts = torch::TensorOptions().dtype(torch::kInt64).device(dev);
+  auto ids = torch::randint(16, cfg.model.text.vocab_size, {1, prompt}, iopts);
+  KVCache cache;
+  OmniInput in;
+  in.cache = &cache;
+  in.tokens = ids;
+  synchronize(dev);
+  auto t0 = Clock::now();
+  auto next = model->forward(in).logits.select(1, prompt - 1).argmax(-1).view({1, 1});
+  synchronize(dev);
+  const double prefill_s = seconds_since(t0);
+  in.tokens = next;  // one warm-up decode step, then the timed ones
+  in.tokens = model->forward(in).logits.select(1, 0).argmax(-1).view({1, 1});
+  synchronize(dev);
+  t0 = Clock::now();
+  for (int64_t i = 0; i < new_tokens; ++i) in.tokens = model->forward(in).logits.select(1, 0).argmax(-1).view({1, 1});
+  synchronize(dev);
+  const double decode_s = seconds_since(t0) / static_cast<double>(new_tokens);
+  const double peak_rss = peak_resident_bytes();  // before the copy's buffers exist
+  const double bandwidth = copy_bandwidth(dev, int64_t{1} << 30, 5);
+  const double w_bytes = weight_bytes_per_token(*model, cfg.model);
+  const double kv_bytes = static_cast<double>(cache.bytes());  // read once per token at the end of the run
+  const double bound = bandwidth / (w_bytes + kv_bytes);
+  nlohmann::json r = {{"weights", weights},
+                      {"build_seconds", build_s},
+                      {"prompt_tokens", prompt},
+                      {"prompt_tokens_per_second", static_cast<double>(prompt) / prefill_s},
+                      {"decoded_tokens", new_tokens},
+                      {"decode_ms_per_token", 1e3 * decode_s},
+                      {"decode_tokens_per_second", 1.0 / decode_s},
+                      {"weight_mb_per_token", w_bytes / 1e6},
+                      {"kv_cache_mb", kv_bytes / 1e6},
+                      {"copy_bandwidth_gb_per_s", bandwidth / 1e9},
+                      {"bandwidth_bound_tokens_per_second", bound},
+                      {"fraction_of_bound", (1.0 / decode_s) / bound}};
+  if (dev.is_cuda()) r["peak_allocated_gib"] = cuda_peak_allocated_gib();
+  else r["peak_rss_gib"] = peak_rss / double(1u << 30);
+  return r;
+}
+
 }  // namespace
 
 int run_bench(int argc, char** argv) {
@@ -85,9 +198,10 @@ int run_bench(int argc, char** argv) {
                                  "tokens/s on random text; add --backward for a training-style step) or `train` (whole "
                                  "optimizer steps of the config's stage on its data, with the model-FLOPs utilisation "
                                  "against a 2048^3 fp32 GEMM measured in the same run) or `nf4` (an NF4 projection, "
-                                 "dequantisation included, against the fp32 one of the same shape).");
+                                 "dequantisation included, against the fp32 one of the same shape) or `decode` (batch-1 "
+                                 "KV-cached decoding against the memory-bandwidth bound, and prompt tokens/s).");
   opts.positional_help("WHAT");
-  opts.add_options()("what", "matmul | forward | train | nf4", cxxopts::value<std::string>())(
+  opts.add_options()("what", "matmul | forward | train | nf4 | decode", cxxopts::value<std::string>())(
       "config", "model config for `forward` (e.g. configs/small.json)", cxxopts::value<std::string>())(
       "size", "matrix side N for `matmul`", cxxopts::value<int64_t>()->default_value("1024"))(
       "batch", "sequences per step for `forward`", cxxopts::value<int64_t>()->default_value("4"))(
@@ -96,6 +210,9 @@ int run_bench(int argc, char** argv) {
       "tokens", "rows of x for `nf4`", cxxopts::value<int64_t>()->default_value("512"))(
       "in", "input features for `nf4` (a multiple of 64)", cxxopts::value<int64_t>()->default_value("2048"))(
       "out", "output features for `nf4`", cxxopts::value<int64_t>()->default_value("768"))(
+      "weights", "`decode`: nf4, bf16 or fp32 weights", cxxopts::value<std::string>()->default_value("nf4"))(
+      "prompt", "`decode`: prompt tokens processed before decoding", cxxopts::value<int64_t>()->default_value("512"))(
+      "new-tokens", "`decode`: timed decoded tokens (after one warm-up)", cxxopts::value<int64_t>()->default_value("32"))(
       "backward", "also run backward (forward + backward = one training step without the optimizer)")(
       "device", "cpu, cuda or cuda:N (overrides runtime.device)", cxxopts::value<std::string>())(
       "dtype", "fp32 or bf16 (bf16 autocast on CUDA; overrides runtime.dtype)", cxxopts::value<std::string>())(
@@ -112,12 +229,13 @@ int run_bench(int argc, char** argv) {
     std::cout << opts.help() << "\nExamples:\n  omnilite bench matmul --size 1024 --blas-threads 2\n"
                  "  omnilite bench forward --config configs/small.json --backward --threads 2 --blas-threads 1\n"
                  "  omnilite bench train --config configs/small.json --steps 20\n"
-                 "  omnilite bench nf4 --tokens 512 --in 2048 --out 768 --steps 50\n";
+                 "  omnilite bench nf4 --tokens 512 --in 2048 --out 768 --steps 50\n"
+                 "  omnilite bench decode --config configs/omni-lite.json --weights nf4 --prompt 512 --new-tokens 32\n";
     return args.count("help") ? 0 : 2;
   }
   const std::string what = args["what"].as<std::string>();
-  if (what != "matmul" && what != "forward" && what != "train" && what != "nf4")
-    throw std::runtime_error("bench: unknown benchmark \"" + what + "\"; expected matmul, forward, train or nf4");
+  if (what != "matmul" && what != "forward" && what != "train" && what != "nf4" && what != "decode")
+    throw std::runtime_error("bench: unknown benchmark \"" + what + "\"; expected matmul, forward, train, nf4 or decode");
   const int64_t steps = args["steps"].as<int64_t>();
   if (steps < 1) throw std::runtime_error("bench: --steps must be >= 1, got " + std::to_string(steps));
 
@@ -147,6 +265,10 @@ int run_bench(int argc, char** argv) {
     if (tokens < 1) throw std::runtime_error("bench nf4: --tokens must be >= 1, got " + std::to_string(tokens));
     const auto r = bench_nf4(dev, tokens, args["in"].as<int64_t>(), args["out"].as<int64_t>(), steps);
     result.update(r);
+  } else if (what == "decode") {
+    result["config"] = args["config"].as<std::string>();
+    result.update(bench_decode(cfg, dev, args["weights"].as<std::string>(), args["prompt"].as<int64_t>(),
+                               args["new-tokens"].as<int64_t>()));
   } else if (what == "train") {
     const double peak = matmul_flops(dev, 2048, 5);
     const auto r = bench_train_steps(cfg, steps, args["warmup"].as<int64_t>(),

@@ -1,10 +1,12 @@
 // omnilite export: checkpoints for inference and other tools.
 //   --adapter DIR --merge : a QLoRA adapter merged into its dequantised NF4 base -> plain full-precision weights
 //   (no adapter)          : the checkpoint's weights re-stored as --dtype (e.g. a bf16 init -> fp32)
-// The output folder holds model.safetensors and state.json (config without the lora section), so `eval`, `train
-// --base` and later exports read it like any checkpoint.
+//   --format omnilite     : model.safetensors + state.json (config without the lora section), read by every command
+//   --format hf           : the Hugging Face folder of io/hf_export.h (Mixtral names, shards, config.json, tokenizer),
+//                           which --checkpoint of every command also reads
 #include <filesystem>
 #include <iostream>
+#include <tuple>
 
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
@@ -13,6 +15,8 @@
 #include "omnilite/config.h"
 #include "omnilite/io/adapter.h"
 #include "omnilite/io/checkpoint.h"
+#include "omnilite/io/hf_export.h"
+#include "omnilite/io/weights_reader.h"
 #include "omnilite/io/safetensors.h"
 #include "omnilite/log.h"
 #include "omnilite/modules/omnilite.h"
@@ -26,15 +30,23 @@ using nlohmann::json;
 
 namespace {
 
-// The weights file of a checkpoint argument: a .safetensors file, a checkpoint folder or a run folder (newest).
-std::string weights_file(const std::string& arg, const std::string& flag) {
-  if (fs::is_regular_file(arg)) return arg;
+// The weights of a checkpoint argument: a .safetensors file, a folder holding weights (checkpoint, init or export
+// folder) or a run folder (its newest checkpoint).
+std::string weights_source(const std::string& arg, const std::string& flag) {
   if (!fs::exists(arg)) throw std::runtime_error(flag + " \"" + arg + "\" does not exist");
-  const std::string dir = fs::exists(arg + "/model.safetensors") ? arg : latest_checkpoint(arg);
-  if (!fs::exists(dir + "/model.safetensors"))
+  if (fs::is_regular_file(arg) || io::has_weights(arg)) return arg;
+  const std::string dir = latest_checkpoint(arg);
+  if (!io::has_weights(dir))
     throw std::runtime_error(flag + " \"" + arg + "\": no model.safetensors in \"" + dir + "\"; hint: a QLoRA run's "
                              "checkpoints hold adapters only: pass the run as --adapter and its base as --checkpoint");
-  return dir + "/model.safetensors";
+  return dir;
+}
+
+// The folder whose state (state.json or an export's config.json) describes `source`.
+std::string state_dir(const std::string& source) {
+  if (!fs::is_regular_file(source)) return source;
+  const std::string dir = fs::path(source).parent_path().string();
+  return dir.empty() ? "." : dir;
 }
 
 void write_state(const std::string& out, Config cfg, int64_t step, const json& provenance) {
@@ -45,35 +57,83 @@ void write_state(const std::string& out, Config cfg, int64_t step, const json& p
   io::write_file_synced(out + "/state.json", state.dump(2));
 }
 
+// Stores the weights of `source` as `dtype` with their OMNI-LITE names in out/model.safetensors.
+int64_t restore_plain(const std::string& source, const std::string& out, torch::ScalarType dtype) {
+  io::WeightsReader r(source);
+  r.verify_checksum();
+  std::vector<io::TensorSpec> specs;
+  for (const auto& [name, e] : r.tensors())
+    specs.push_back({name, c10::isFloatingType(e.dtype) ? dtype : e.dtype, e.shape});
+  io::SafetensorsWriter w(out + "/model.safetensors", specs, {{"format", "pt"}});
+  for (const auto& s : specs) w.write(s.name, r.load(s.name).to(s.dtype));
+  w.commit();
+  return static_cast<int64_t>(specs.size());
+}
+
+// Merges the adapters of `adir` into the base `source` and writes out_file; returns (config, step, tensors).
+std::tuple<Config, int64_t, int64_t> merge_adapter(const std::string& source, const std::string& adir,
+                                                   const std::string& out_file, torch::ScalarType dtype) {
+  const auto state = io::read_checkpoint_state(adir);
+  const Config cfg = parse_config(state["config"]);
+  if (!cfg.lora.enabled) throw std::runtime_error("--adapter \"" + adir + "\": its config has lora.enabled = false");
+  apply_runtime(cfg.runtime);
+  OmniLite model(cfg.model, *make_linear_builder(cfg));
+  io::load_base_weights(*model, source);
+  io::load_adapter(*model, adir);
+  model->eval();
+  const int64_t n = io::write_merged_weights(*model, out_file, dtype, {{"format", "pt"}});
+  return {cfg, state.value("step", int64_t{0}), n};
+}
+
 }  // namespace
 
 int run_export(int argc, char** argv) {
-  cxxopts::Options opts(argv[0], "Export a checkpoint. With --adapter DIR --merge: the QLoRA adapters of a fine-tuning "
-                                 "run are merged into the dequantised NF4 base (W = dequant(W_nf4) + alpha/r B A, the "
-                                 "weights training saw) and written as plain weights. Without --adapter: the "
-                                 "checkpoint's weights re-stored as --dtype. The output folder is a checkpoint that "
-                                 "eval, train --base and export read.");
-  opts.add_options()("checkpoint", "base checkpoint: run folder (newest checkpoint), checkpoint folder, init folder or "
-                                   ".safetensors file", cxxopts::value<std::string>())(
+  cxxopts::Options opts(argv[0], "Export a checkpoint. --format omnilite (default) writes model.safetensors + "
+                                 "state.json, a checkpoint every command reads. --format hf writes a Hugging Face "
+                                 "folder: the text backbone under Mixtral's names and config keys (transformers loads "
+                                 "it as MixtralForCausalLM), the vision encoder, resampler, flow head and VQ-VAE under "
+                                 "their own prefixes, safetensors shards with an index, config.json and the tokenizer; "
+                                 "--checkpoint reads such a folder back. With --adapter DIR --merge, the QLoRA adapters "
+                                 "of a fine-tuning run are merged into the dequantised NF4 base first (W = "
+                                 "dequant(W_nf4) + alpha/r B A, the weights training saw).");
+  opts.add_options()("checkpoint", "base checkpoint: run folder (newest checkpoint), checkpoint, init or export folder, "
+                                   "or a .safetensors file", cxxopts::value<std::string>())(
       "adapter", "QLoRA run folder or checkpoint folder holding adapter_model.safetensors", cxxopts::value<std::string>())(
       "merge", "merge the adapters into the base (required with --adapter)")(
-      "out", "output folder (model.safetensors + state.json; files are replaced atomically)", cxxopts::value<std::string>())(
+      "format", "omnilite or hf", cxxopts::value<std::string>()->default_value("omnilite"))(
+      "out", "output folder (files are replaced only once the new ones are complete)", cxxopts::value<std::string>())(
       "dtype", "storage type of floating tensors: fp32 or bf16", cxxopts::value<std::string>()->default_value("fp32"))(
+      "max-shard-size", "--format hf: largest shard, e.g. 5GB, 500MB (decimal units, as transformers)",
+      cxxopts::value<std::string>()->default_value("5GB"))(
       "h,help", "show this help");
   auto args = opts.parse(argc, argv);
   if (args.count("help") || !args.count("checkpoint") || !args.count("out")) {
     std::cout << opts.help()
-              << "\nExamples:\n  omnilite export --checkpoint runs/init-bf16 --adapter runs/qlora --merge --out runs/merged\n"
-                 "  omnilite export --checkpoint runs/init-bf16 --out runs/init-fp32 --dtype fp32\n";
+              << "\nExamples:\n  omnilite export --checkpoint runs/quickstart --format hf --out exports/quickstart-hf\n"
+                 "  omnilite export --checkpoint runs/init-bf16 --adapter runs/qlora --merge --format hf --dtype bf16 "
+                 "--out exports/qlora-hf\n"
+                 "  omnilite export --checkpoint exports/quickstart-hf --out runs/imported   (back to --format omnilite)\n"
+                 "  omnilite export --checkpoint runs/init-bf16 --out runs/init-fp32 --dtype fp32\n"
+                 "See docs/export.md for the key map and loading the export in transformers.\n";
     return args.count("help") ? 0 : 2;
   }
-  const std::string base_arg = args["checkpoint"].as<std::string>(), out = args["out"].as<std::string>();
+  const std::string out = args["out"].as<std::string>(), format = args["format"].as<std::string>();
+  if (format != "omnilite" && format != "hf")
+    throw std::runtime_error("--format \"" + format + "\": expected omnilite or hf");
   const auto dtype = parse_storage_dtype("--dtype", args["dtype"].as<std::string>());
-  const std::string base_file = weights_file(base_arg, "--checkpoint");
+  const uint64_t shard_bytes = io::parse_byte_size("--max-shard-size", args["max-shard-size"].as<std::string>());
+  const std::string source = weights_source(args["checkpoint"].as<std::string>(), "--checkpoint");
   fs::create_directories(out);
-  if (fs::exists(out + "/model.safetensors") && fs::equivalent(out + "/model.safetensors", base_file))
+  if (fs::equivalent(out, state_dir(source)))
     throw std::runtime_error("--out \"" + out + "\" is the checkpoint being read; hint: choose another folder");
+  if (format == "hf" ? fs::exists(out + "/state.json") : io::is_hf_export(out))
+    throw std::runtime_error("--out \"" + out + "\" holds a checkpoint of the other format (" +
+                             (format == "hf" ? "omnilite" : "hf") + "); hint: choose another folder");
 
+  Config cfg;
+  int64_t step = 0;
+  std::string weights = source, merged_tmp;
+  json provenance = {{"base", source}, {"merged", false}};
   if (args.count("adapter")) {
     if (!args.count("merge"))
       throw std::runtime_error("--adapter without --merge: the adapter folder already is the PEFT export; hint: add "
@@ -82,36 +142,43 @@ int run_export(int argc, char** argv) {
     if (!fs::exists(adir + "/adapter_model.safetensors"))
       throw std::runtime_error("--adapter \"" + adir + "\" holds no adapter_model.safetensors; hint: pass the run "
                                "folder or a checkpoint of a lora.enabled run");
-    const auto state = io::read_checkpoint_state(adir);
-    const Config cfg = parse_config(state["config"]);
-    if (!cfg.lora.enabled)
-      throw std::runtime_error("--adapter \"" + adir + "\": its config has lora.enabled = false");
-    apply_runtime(cfg.runtime);
-    OmniLite model(cfg.model, *make_linear_builder(cfg));
-    io::load_base_weights(*model, base_file);
-    io::load_adapter(*model, adir);
-    model->eval();
-    const int64_t n = io::write_merged_weights(*model, out + "/model.safetensors", dtype,
-                                               {{"format", "pt"}, {"omnilite.merged_adapter", adir}});
-    write_state(out, cfg, state.value("step", int64_t{0}), {{"base", base_file}, {"adapter", adir}, {"merged", true}});
-    log::info(log::format("export: %lld tensors merged from %s + %s -> %s/model.safetensors", static_cast<long long>(n),
-                          base_file.c_str(), adir.c_str(), out.c_str()));
+    // The hf format converts the merged file, written next to the output and removed afterwards.
+    merged_tmp = format == "hf" ? out + "/.merged.tmp" : "";
+    if (!merged_tmp.empty()) fs::create_directories(merged_tmp);
+    const std::string merged_file = (merged_tmp.empty() ? out : merged_tmp) + "/model.safetensors";
+    int64_t n = 0;
+    std::tie(cfg, step, n) = merge_adapter(source, adir, merged_file, dtype);
+    weights = merged_file;
+    provenance = {{"base", source}, {"adapter", adir}, {"merged", true}};
+    log::info(log::format("export: %lld tensors merged from %s + %s", static_cast<long long>(n), source.c_str(),
+                          adir.c_str()));
+  } else {
+    const auto state = io::read_checkpoint_state(state_dir(source));
+    cfg = parse_config(state["config"]);
+    step = state.value("step", int64_t{0});
+  }
+
+  if (format == "hf") {
+    io::HfExportOptions o;
+    o.out_dir = out;
+    o.dtype = dtype;
+    o.max_shard_bytes = shard_bytes;
+    if (fs::exists(cfg.data.tokenizer)) {
+      o.tokenizer = cfg.data.tokenizer;
+    } else {
+      log::warn("export: the checkpoint's tokenizer \"" + cfg.data.tokenizer + "\" does not exist; the export has none "
+                "(hint: run from the folder the model was trained in)");
+    }
+    const auto res = io::write_hf_export(weights, cfg, step, o);
+    if (!merged_tmp.empty()) fs::remove_all(merged_tmp);
+    log::info(log::format("export: %lld tensors, %.2f GB in %zu shard(s) -> %s (Hugging Face format, Mixtral names)",
+                          static_cast<long long>(res.tensors), res.bytes / 1e9, res.shards.size(), out.c_str()));
     return 0;
   }
-  // Plain re-store, tensor by tensor.
-  const std::string cdir = fs::path(base_file).parent_path().string();
-  const auto state = io::read_checkpoint_state(cdir.empty() ? "." : cdir);
-  const Config cfg = parse_config(state["config"]);
-  io::SafetensorsReader r(base_file);
-  r.verify_checksum();
-  std::vector<io::TensorSpec> specs;
-  for (const auto& [name, e] : r.tensors())
-    specs.push_back({name, c10::isFloatingType(e.dtype) ? dtype : e.dtype, e.shape});
-  io::SafetensorsWriter w(out + "/model.safetensors", specs, {{"format", "pt"}});
-  for (const auto& s : specs) w.write(s.name, r.load(s.name).to(s.dtype));
-  w.commit();
-  write_state(out, cfg, state.value("step", int64_t{0}), {{"base", base_file}, {"merged", false}});
-  log::info(log::format("export: %lld tensors -> %s/model.safetensors", static_cast<long long>(specs.size()), out.c_str()));
+  const int64_t n = args.count("adapter") ? 0 : restore_plain(source, out, dtype);
+  write_state(out, cfg, step, provenance);
+  if (!args.count("adapter"))
+    log::info(log::format("export: %lld tensors -> %s/model.safetensors", static_cast<long long>(n), out.c_str()));
   return 0;
 }
 

@@ -214,7 +214,7 @@ LoadedModel load_omni_checkpoint(const std::string& run_or_dir, const std::strin
   m.step = state.value("step", int64_t{0});
   const torch::Device dev = apply_runtime(m.cfg.runtime);
   m.model = OmniLite(m.cfg.model);
-  io::load_module(*m.model, m.dir + "/model.safetensors");
+  io::load_module(*m.model, m.dir);
   m.model->to(dev);
   m.model->eval();
   return m;

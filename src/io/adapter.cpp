@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "omnilite/io/checkpoint.h"
+#include "omnilite/io/weights_reader.h"
 #include "omnilite/io/safetensors.h"
 #include "omnilite/modules/lora_linear.h"
 #include "omnilite/modules/nf4_linear.h"
@@ -85,9 +86,10 @@ void load_adapter(torch::nn::Module& model, const std::string& dir) {
 }
 
 void load_base_weights(torch::nn::Module& model, const std::string& path_in) {
-  const std::string path = fs::is_directory(path_in) ? path_in + "/model.safetensors" : path_in;
-  if (!fs::exists(path)) throw std::runtime_error("base checkpoint \"" + path + "\" does not exist");
-  SafetensorsReader r(path);
+  const std::string& path = path_in;
+  if (!has_weights(path))
+    throw std::runtime_error("base checkpoint \"" + path + "\" does not exist or holds no model.safetensors");
+  WeightsReader r(path);
   r.verify_checksum();
   std::map<std::string, torch::Tensor> state;
   for (auto& [k, t] : state_tensors(model)) state[k] = t;

@@ -8,6 +8,9 @@
 #include <set>
 #include <stdexcept>
 
+#include "omnilite/io/hf_export.h"
+#include "omnilite/io/weights_reader.h"
+
 namespace omnilite::io {
 
 std::vector<std::pair<std::string, torch::Tensor>> state_tensors(const torch::nn::Module& m) {
@@ -28,7 +31,7 @@ void save_module(const torch::nn::Module& m, const std::string& path, const std:
 }
 
 void load_module(torch::nn::Module& m, const std::string& path, bool verify) {
-  SafetensorsReader r(path);
+  WeightsReader r(path);
   if (verify) r.verify_checksum();
   auto tensors = state_tensors(m);
   std::set<std::string> expected;
@@ -52,6 +55,7 @@ void load_module(torch::nn::Module& m, const std::string& path, bool verify) {
 }
 
 nlohmann::json read_checkpoint_state(const std::string& dir) {
+  if (!std::filesystem::exists(dir + "/state.json") && is_hf_export(dir)) return hf_export_state(dir);
   std::ifstream f(dir + "/state.json");
   if (!f)
     throw std::runtime_error("checkpoint \"" + dir + "\": state.json is missing; hint: pass a run folder, a "

@@ -18,6 +18,7 @@
 #endif
 
 #include "omnilite/io/checkpoint.h"
+#include "omnilite/io/hf_export.h"
 #include "omnilite/log.h"
 #include "omnilite/pattern.h"
 #include "omnilite/runtime.h"
@@ -127,7 +128,7 @@ class ProfileGuard {
 }  // namespace
 
 std::string latest_checkpoint(const std::string& dir) {
-  if (fs::exists(dir + "/state.json")) return dir;
+  if (fs::exists(dir + "/state.json") || io::is_hf_export(dir)) return dir;
   const std::string ck = fs::exists(dir + "/checkpoints") ? dir + "/checkpoints" : dir;
   std::vector<std::string> names;
   if (fs::is_directory(ck))

@@ -21,13 +21,15 @@ void save_module(const torch::nn::Module& m, const std::string& path,
                  const std::map<std::string, std::string>& metadata = {},
                  c10::optional<torch::ScalarType> dtype = c10::nullopt);
 
-// Copies every tensor of the file into `m` (converted to each parameter's dtype and device). Throws naming the
-// file and the tensor for a missing, unexpected or mis-shaped one; checks the CRC first when `verify`.
+// Copies every tensor of `path` (a .safetensors file, a checkpoint folder or a sharded / Hugging Face export folder:
+// see WeightsReader) into `m`, converted to each parameter's dtype and device. Throws naming the checkpoint and the
+// tensor for a missing, unexpected or mis-shaped one; checks the CRC first when `verify`.
 void load_module(torch::nn::Module& m, const std::string& path, bool verify = true);
 
 // Checkpoint folders hold state.json: {"version", "stage", "step", "config", ...}; version of the layout:
 constexpr int kCheckpointVersion = 1;
-// state.json of a checkpoint folder; throws naming the folder when it is missing, unreadable, lacks the config or
+// state.json of a checkpoint folder (for an `export --format hf` folder, the "omnilite" section of its config.json,
+// with data.tokenizer pointing at the folder's tokenizer.model); throws naming the folder when it is missing, unreadable, lacks the config or
 // is of another version.
 nlohmann::json read_checkpoint_state(const std::string& dir);
 // Writes `path` (e.g. a state.json) durably: the file, then its folder, fsynced.

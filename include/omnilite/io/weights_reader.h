@@ -1,0 +1,51 @@
+// The weights of a checkpoint, wherever they are stored: one .safetensors file, a checkpoint folder holding
+// model.safetensors, or a sharded folder (model.safetensors.index.json naming each tensor's shard, as transformers
+// writes it). Files with Hugging Face names (an `omnilite export --format hf`) are read under their OMNI-LITE names
+// through the key map, so every loader sees one namespace.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "omnilite/io/safetensors.h"
+
+namespace omnilite::io {
+
+class WeightsReader {
+ public:
+  // Opens and validates the file(s); throws naming the path and the problem (missing shard, tensor in two shards,
+  // index that disagrees with a shard, name outside the key map).
+  explicit WeightsReader(const std::string& path);
+
+  // Tensors by OMNI-LITE name.
+  const std::map<std::string, TensorEntry>& tensors() const { return tensors_; }
+  bool contains(const std::string& name) const { return tensors_.count(name) > 0; }
+  // A CPU copy of the named tensor; throws naming it if absent.
+  torch::Tensor load(const std::string& name) const;
+  // Checks every file's CRC (see SafetensorsReader::verify_checksum).
+  void verify_checksum() const;
+  // What was opened (for messages): the file, or the folder.
+  const std::string& path() const { return path_; }
+  // Whether the stored names were Hugging Face names.
+  bool hf_names() const { return hf_names_; }
+
+ private:
+  struct Where {
+    size_t file;         // index into files_
+    std::string stored;  // name in that file
+  };
+  std::string path_;
+  bool hf_names_ = false;
+  std::vector<std::unique_ptr<SafetensorsReader>> files_;
+  std::map<std::string, Where> where_;
+  std::map<std::string, TensorEntry> tensors_;
+};
+
+// True when `path` is a weights file or a folder holding model.safetensors or model.safetensors.index.json.
+bool has_weights(const std::string& path);
+
+}  // namespace omnilite::io
