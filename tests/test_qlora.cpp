@@ -107,21 +107,53 @@ TEST_CASE("NF4 round trip: per-value error within half the code gap, absmax with
   CHECK(bits == Approx(4.0 + 8.0 / 64 + 32.0 / (64 * 256)).epsilon(1e-4));
 }
 
-TEST_CASE("Nf4Linear equals the dequantised matmul, forward and backward, across row chunks", "[qlora][nf4]") {
+TEST_CASE("Nf4Linear equals the dequantised matmul, forward and backward, few rows and across row chunks",
+          "[qlora][nf4]") {
   torch::manual_seed(6);
   // 8192 x 1024 = 8M weights: two chunks of 4M.
   Nf4Linear lin(1024, 8192, true);
   auto w = torch::randn({8192, 1024}) * 0.02, b = torch::randn({8192});
   lin->set_weight(w, b);
-  auto x = torch::randn({3, 1024}, torch::requires_grad());
-  auto y = lin->forward(x);
-  auto wd = lin->dequantized_weight();
-  auto ref = torch::matmul(x.detach().to(torch::kFloat64), wd.to(torch::kFloat64).t()) + b.to(torch::kFloat64);
-  CHECK(testing::max_rel_err(y, ref) < 1e-5);
-  auto g = torch::randn({3, 8192});
-  y.backward(g);
-  CHECK(testing::max_rel_err(x.grad(), torch::matmul(g.to(torch::kFloat64), wd.to(torch::kFloat64))) < 1e-5);
+  auto wd = lin->dequantized_weight().to(torch::kFloat64);
+  for (int64_t rows : {3, 16}) {  // 3: straight from the codes (decoding path); 16: chunked dequantisation
+    INFO("rows " << rows);
+    auto x = torch::randn({rows, 1024}, torch::requires_grad());
+    auto y = lin->forward(x);
+    auto ref = torch::matmul(x.detach().to(torch::kFloat64), wd.t()) + b.to(torch::kFloat64);
+    CHECK(testing::max_rel_err(y, ref) < 1e-5);
+    auto g = torch::randn({rows, 8192});
+    y.backward(g);
+    CHECK(testing::max_rel_err(x.grad(), torch::matmul(g.to(torch::kFloat64), wd)) < 1e-5);
+  }
   CHECK(lin->parameters().empty());  // nothing to train, nothing for the optimizer
+}
+
+TEST_CASE("NF4 few-row product (SIMD and scalar) equals a naive decode of the stored bytes", "[qlora][nf4]") {
+  torch::manual_seed(12);
+  const int64_t out = 37, in = 192;  // 3 blocks per row, an odd number of rows
+  auto q = quant::nf4_quantize(torch::randn({out, in}) * 0.05);
+  // Naive decode in float64: absmax from its double quantisation, then table[code] * absmax per value.
+  auto W = torch::empty({out, in}, torch::kFloat64);
+  const auto* p = q.packed.data_ptr<uint8_t>();
+  const auto* aq = q.absmax_q.data_ptr<int8_t>();
+  const auto* sc = q.absmax_scale.data_ptr<float>();
+  const double mean = q.absmax_mean.item<float>();
+  for (int64_t i = 0; i < out * in; ++i) {
+    const int64_t blk = i / 64;
+    const double absmax = static_cast<double>(aq[blk]) * sc[blk / 256] + mean;
+    const int code = i % 2 == 0 ? p[i / 2] >> 4 : p[i / 2] & 15;
+    W.view(-1)[i] = kTable[code] * absmax;
+  }
+  for (int64_t rows = 1; rows <= quant::kNf4FewRows; ++rows)
+    for (bool simd : {true, false}) {
+      INFO("rows " << rows << " simd " << simd);
+      auto x = torch::randn({rows, in});
+      auto y = quant::nf4_matmul_few_rows_cpu(x, q, simd);
+      REQUIRE(y.sizes() == torch::IntArrayRef({rows, out}));
+      CHECK(testing::max_rel_err(y, torch::matmul(x.to(torch::kFloat64), W.t())) < 1e-5);
+    }
+  CHECK_THROWS_WITH(quant::nf4_matmul_few_rows_cpu(torch::randn({quant::kNf4FewRows + 1, in}), q),
+                    Catch::Contains("N <= 8"));
 }
 
 TEST_CASE("LoRALinear: B = 0 gives the base, otherwise base + alpha/r B A x", "[qlora][lora]") {

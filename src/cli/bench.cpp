@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <thread>
 
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
@@ -83,19 +84,29 @@ nlohmann::json bench_nf4(const torch::Device& dev, int64_t tokens, int64_t in, i
           {"nf4_speed_vs_fp32", t_fp32 / t_nf4}};
 }
 
-// Bytes per second of dst.copy_(src) over `bytes` of fp32 (read + write counted), best of `reps`.
-double copy_bandwidth(const torch::Device& dev, int64_t bytes, int64_t reps) {
+// Memory bandwidth over `bytes` of fp32, best of `reps`: {copy (dst.copy_(src), read + write counted), read only
+// (a sum)}.
+std::pair<double, double> memory_bandwidth(const torch::Device& dev, int64_t bytes, int64_t reps) {
+  // All cores copy, whatever the run's thread split: the bound is the machine's, not one thread's.
+  const int threads = torch::get_num_threads();
+  torch::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
   auto src = torch::rand({bytes / 4}, torch::TensorOptions().device(dev)), dst = torch::empty_like(src);
   dst.copy_(src);
-  double best = 1e30;
-  for (int64_t i = 0; i < reps; ++i) {
-    synchronize(dev);
-    const auto t0 = Clock::now();
-    dst.copy_(src);
-    synchronize(dev);
-    best = std::min(best, seconds_since(t0));
-  }
-  return 2.0 * static_cast<double>(bytes) / best;
+  auto best_of = [&](auto fn) {
+    double best = 1e30;
+    for (int64_t i = 0; i < reps; ++i) {
+      synchronize(dev);
+      const auto t0 = Clock::now();
+      fn();
+      synchronize(dev);
+      best = std::min(best, seconds_since(t0));
+    }
+    return best;
+  };
+  const double copy_s = best_of([&] { dst.copy_(src); });
+  const double read_s = best_of([&] { src.sum(); });
+  torch::set_num_threads(threads);
+  return {2.0 * static_cast<double>(bytes) / copy_s, static_cast<double>(bytes) / read_s};
 }
 
 // Bytes of model state one decoded token reads: every text tensor once, except the experts (top_k of num_experts
@@ -170,7 +181,7 @@ nlohmann::json bench_decode(const Config& cfg, const torch::Device& dev, const s
   synchronize(dev);
   const double decode_s = seconds_since(t0) / static_cast<double>(new_tokens);
   const double peak_rss = peak_resident_bytes();  // before the copy's buffers exist
-  const double bandwidth = copy_bandwidth(dev, int64_t{1} << 30, 5);
+  const auto [bandwidth, read_bandwidth] = memory_bandwidth(dev, int64_t{1} << 30, 5);
   const double w_bytes = weight_bytes_per_token(*model, cfg.model);
   const double kv_bytes = static_cast<double>(cache.bytes());  // read once per token at the end of the run
   const double bound = bandwidth / (w_bytes + kv_bytes);
@@ -184,6 +195,7 @@ nlohmann::json bench_decode(const Config& cfg, const torch::Device& dev, const s
                       {"weight_mb_per_token", w_bytes / 1e6},
                       {"kv_cache_mb", kv_bytes / 1e6},
                       {"copy_bandwidth_gb_per_s", bandwidth / 1e9},
+                      {"read_bandwidth_gb_per_s", read_bandwidth / 1e9},
                       {"bandwidth_bound_tokens_per_second", bound},
                       {"fraction_of_bound", (1.0 / decode_s) / bound}};
   if (dev.is_cuda()) r["peak_allocated_gib"] = cuda_peak_allocated_gib();

@@ -14,6 +14,9 @@ struct Nf4Matmul : torch::autograd::Function<Nf4Matmul> {
   static torch::Tensor forward(AutogradContext* ctx, torch::Tensor x, Nf4LinearImpl* layer) {
     ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
     const auto q = layer->weight_nf4();
+    // Decoding (a few rows on the CPU): products straight from the codes, W never materialised.
+    if (x.device().is_cpu() && x.size(0) <= quant::kNf4FewRows && x.scalar_type() == torch::kFloat32)
+      return quant::nf4_matmul_few_rows_cpu(x, q);
     const int64_t out = layer->out_, rows = std::max<int64_t>(1, Nf4LinearImpl::kChunkElements / layer->in_);
     std::vector<torch::Tensor> parts;
     for (int64_t r = 0; r < out; r += rows) {

@@ -1,5 +1,9 @@
 #include "omnilite/quant/nf4.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -167,6 +171,112 @@ torch::Tensor nf4_dequantize_rows(const Nf4Tensor& q, int64_t row0, int64_t rows
   auto absmax = q.absmax_q.narrow(0, b0, nb).to(torch::kFloat32) * q.absmax_scale.index_select(0, scale_idx) +
                 q.absmax_mean;
   return decode(packed, absmax).view({rows, in}).to(dtype);
+}
+
+namespace {
+
+// One output row o of y = x W^T over rows [0, N) of x, split into even (xe) and odd (xo) columns: [N, in / 2] each.
+// Portable version.
+void few_rows_scalar(const uint8_t* packed, const float* absmax, const float* xe, const float* xo, int64_t N,
+                     int64_t in, int64_t o, float* acc) {
+  const float* code = nf4_code_values().data();
+  const int64_t half = in / 2, bpr = in / kNf4BlockSize;
+  for (int64_t r = 0; r < N; ++r) acc[r] = 0.f;
+  for (int64_t b = 0; b < bpr; ++b) {
+    const uint8_t* p = packed + o * half + b * (kNf4BlockSize / 2);
+    const float s = absmax[o * bpr + b];
+    for (int64_t r = 0; r < N; ++r) {
+      const float* e = xe + r * half + b * (kNf4BlockSize / 2);
+      const float* d = xo + r * half + b * (kNf4BlockSize / 2);
+      float a = 0.f;
+      for (int64_t j = 0; j < kNf4BlockSize / 2; ++j) a += code[p[j] >> 4] * e[j] + code[p[j] & 15] * d[j];
+      acc[r] += s * a;
+    }
+  }
+}
+
+#if defined(__x86_64__)
+// table[idx] for 8 indices in [0, 16) with the table in two registers: permute each half, blend on index bit 3.
+__attribute__((target("avx2,fma"))) inline __m256 lookup16(__m256 lo8, __m256 hi8, __m256i idx) {
+  const __m256 a = _mm256_permutevar8x32_ps(lo8, idx), b = _mm256_permutevar8x32_ps(hi8, idx);
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  // bit 3 -> sign bit
+}
+
+// The same with AVX2: 8 bytes -> 8 high and 8 low code indices (int32 lanes), looked up in the 16-entry table held in
+// two registers (permutevar8x32 on each half, blended by index bit 3), multiplied with the even / odd columns of x.
+__attribute__((target("avx2,fma"))) void few_rows_avx2(const uint8_t* packed, const float* absmax, const float* xe,
+                                                        const float* xo, int64_t N, int64_t in, int64_t o, float* acc) {
+  const float* code = nf4_code_values().data();
+  const __m256 lo8 = _mm256_loadu_ps(code), hi8 = _mm256_loadu_ps(code + 8);
+  const __m256i mask15 = _mm256_set1_epi32(15);
+  const int64_t half = in / 2, bpr = in / kNf4BlockSize;
+  __m256 total[kNf4FewRows];
+  for (int64_t r = 0; r < N; ++r) total[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < bpr; ++b) {
+    const uint8_t* p = packed + o * half + b * (kNf4BlockSize / 2);
+    __m256 block[kNf4FewRows];
+    for (int64_t r = 0; r < N; ++r) block[r] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < kNf4BlockSize / 2; j += 8) {
+      const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j)));
+      const __m256 vh = lookup16(lo8, hi8, _mm256_srli_epi32(bytes, 4));
+      const __m256 vl = lookup16(lo8, hi8, _mm256_and_si256(bytes, mask15));
+      const int64_t col = b * (kNf4BlockSize / 2) + j;
+      for (int64_t r = 0; r < N; ++r) {
+        block[r] = _mm256_fmadd_ps(vh, _mm256_loadu_ps(xe + r * half + col), block[r]);
+        block[r] = _mm256_fmadd_ps(vl, _mm256_loadu_ps(xo + r * half + col), block[r]);
+      }
+    }
+    const __m256 s = _mm256_set1_ps(absmax[o * bpr + b]);
+    for (int64_t r = 0; r < N; ++r) total[r] = _mm256_fmadd_ps(block[r], s, total[r]);
+  }
+  for (int64_t r = 0; r < N; ++r) {
+    alignas(32) float v[8];
+    _mm256_store_ps(v, total[r]);
+    acc[r] = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+  }
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+}  // namespace
+
+torch::Tensor nf4_matmul_few_rows_cpu(const torch::Tensor& x, const Nf4Tensor& q, bool simd) {
+  TORCH_CHECK(q.shape.size() == 2 && q.shape[1] % kNf4BlockSize == 0 && x.dim() == 2 && x.size(1) == q.shape[1] &&
+                  x.size(0) <= kNf4FewRows && x.device().is_cpu() && q.packed.device().is_cpu(),
+              "nf4_matmul_few_rows_cpu: expected CPU x [N <= ", kNf4FewRows, ", ", q.shape.size() == 2 ? q.shape[1] : 0,
+              "] for a [out, in] matrix, got x ", x.sizes());
+  const int64_t N = x.size(0), out = q.shape[0], in = q.shape[1];
+  auto xf = x.to(torch::kFloat32).contiguous().view({N, in / 2, 2});
+  auto xe = xf.select(2, 0).contiguous(), xo = xf.select(2, 1).contiguous();  // [N, in / 2] each
+  auto absmax = nf4_absmax(q).contiguous();                                   // [out * in / 64]
+  auto packed = q.packed.contiguous();
+  auto y = torch::empty({out, N}, torch::kFloat32);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float *ap = absmax.data_ptr<float>(), *ep = xe.data_ptr<float>(), *op = xo.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+#if defined(__x86_64__)
+  const bool avx2 = simd && cpu_has_avx2_fma();
+#else
+  const bool avx2 = false;
+  (void)simd;
+#endif
+  at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+#if defined(__x86_64__)
+      if (avx2) {
+        few_rows_avx2(pp, ap, ep, op, N, in, o, yp + o * N);
+        continue;
+      }
+#endif
+      few_rows_scalar(pp, ap, ep, op, N, in, o, yp + o * N);
+    }
+  });
+  (void)avx2;
+  return y.t().contiguous();  // [N, out]
 }
 
 }  // namespace omnilite::quant

@@ -43,4 +43,13 @@ torch::Tensor nf4_dequantize(const Nf4Tensor& q, torch::ScalarType dtype = torch
 // -> [rows, in] in `dtype`.
 torch::Tensor nf4_dequantize_rows(const Nf4Tensor& q, int64_t row0, int64_t rows, torch::ScalarType dtype);
 
+// Rows of x at most this many take nf4_matmul_few_rows_cpu in Nf4Linear's CPU forward (decoding).
+constexpr int64_t kNf4FewRows = 8;
+// y = x W^T straight from the codes on the CPU, without materialising W: per 64-block, sum(code[c_i] * x_i) is
+// scaled by the block's absmax once (AVX2 + FMA where the CPU has them, a scalar loop otherwise). Reads each packed
+// byte once for all rows, so batch-1 decoding reads 4.1 bits per weight instead of writing and re-reading an fp32
+// copy. x: [N, in] float32 CPU, N <= kNf4FewRows, q a 2-d [out, in] matrix -> [N, out] float32. `simd` = false
+// forces the scalar loop (tests compare both).
+torch::Tensor nf4_matmul_few_rows_cpu(const torch::Tensor& x, const Nf4Tensor& q, bool simd = true);
+
 }  // namespace omnilite::quant
