@@ -3,7 +3,8 @@
 # Debian packages), a SentencePiece tokenizer, the full model's parameter table, then the three training stages of
 # the small model on 2 CPU cores -- the VQ-VAE (its frozen encoder supplies the flow targets), the classifier that
 # judges generated images, and OMNI-LITE itself (text + image captioning + text-to-image generation) -- and the
-# evaluation: runs/quickstart/eval.json, t2i_grid.png (generated images, one row per class), loss_curves.png.
+# evaluation: runs/quickstart/eval.json and the PNG reports (docs/evaluation.md): t2i_grid.png (generated images,
+# one row per class), captions.png, recon_grid.png, expert_load.png, loss_curves.png, train_stats.png.
 # A stage whose run folder already holds checkpoints resumes from the newest one, so an interrupted quickstart
 # continues where it stopped.
 set -euo pipefail

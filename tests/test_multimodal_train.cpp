@@ -142,25 +142,54 @@ TEST_CASE("VQ-VAE, classifier and OMNI-LITE stages train, a multimodal resume is
   w.out_dir = base + "/w";
   CHECK_THROWS_WITH(train(wrong, w), Catch::Contains("data.vqvae") && Catch::Contains("cls"));
 
-  // Eval writes every figure and both pictures.
+  // Eval writes every figure and every picture.
   EvalOptions eo;
   eo.checkpoint = a.out_dir;
   eo.caption_images = 8;
   eo.t2i_per_class = 2;
   eo.flow_steps = 3;
   eo.text_rows = 4;
+  eo.recon_images = 8;
+  eo.moe_rows = 4;
+  eo.seed = 5;
   auto r = evaluate(eo);
-  for (const char* k : {"caption_accuracy", "t2i_accuracy", "classifier_accuracy", "text_ppl", "unigram_ppl"}) {
+  for (const char* k : {"caption_accuracy", "caption_bleu4", "t2i_accuracy", "classifier_accuracy", "t2i_frechet",
+                        "t2i_frechet_floor", "text_ppl", "unigram_ppl", "text_tokens", "recon_psnr_db",
+                        "codebook_perplexity", "codebook_dead", "moe", "config_hash", "seed", "step"}) {
     INFO(k);
     REQUIRE(r.contains(k));
   }
   CHECK(r["caption_accuracy"].get<double>() >= 0.0);
   CHECK(r["caption_accuracy"].get<double>() <= 1.0);
+  CHECK(r["caption_bleu4"].get<double>() >= 0.0);
+  CHECK(r["caption_bleu4"].get<double>() <= 1.0);
   CHECK(r["t2i_images"].get<int64_t>() == 8);
+  CHECK(r["t2i_frechet"].get<double>() >= -1e-9);
   CHECK(r["text_ppl"].get<double>() > 1.0);
+  CHECK(r["seed"].get<uint64_t>() == 5);
+  CHECK(r["step"].get<int64_t>() == 8);
+  CHECK(r["codebook_perplexity"].get<double>() >= 1.0);
+  CHECK(r["codebook_perplexity"].get<double>() <= static_cast<double>(cfg.model.vqvae.codebook_size));
+  const auto& text_layers = r["moe"]["text"]["layers"];
+  REQUIRE(text_layers.size() == static_cast<size_t>(cfg.model.text.num_layers));
+  int64_t slots = 0;
+  for (const auto& c : text_layers[0]["tokens_per_expert"]) slots += c.get<int64_t>();
+  CHECK(slots == text_layers[0]["tokens"].get<int64_t>() * cfg.model.moe.top_k);
+  // Image tokens: num_latents per captioned image.
+  CHECK(r["moe"]["image"]["layers"][0]["tokens"].get<int64_t>() == 4 * cfg.model.resampler.num_latents);
   CHECK(fs::exists(a.out_dir + "/eval.json"));
-  CHECK(fs::exists(a.out_dir + "/t2i_grid.png"));
-  CHECK(fs::exists(a.out_dir + "/loss_curves.png"));
+  for (const char* png : {"t2i_grid.png", "loss_curves.png", "train_stats.png", "captions.png", "recon_grid.png",
+                          "expert_load.png"}) {
+    INFO(png);
+    CHECK(fs::file_size(a.out_dir + "/" + png) > 1000);
+  }
+  // Only the asked tasks run.
+  eo.tasks = {"ppl"};
+  eo.out_dir = base + "/eval-ppl";
+  auto p = evaluate(eo);
+  CHECK(p.contains("text_ppl"));
+  CHECK_FALSE(p.contains("moe"));
+  CHECK(p["text_ppl"].get<double>() == r["text_ppl"].get<double>());
 }
 
 TEST_CASE("an empty image dataset is an error before step 1", "[train]") {

@@ -26,8 +26,9 @@ const std::vector<Subcommand>& subcommands() {
       {"train", "train from a config: the model (text, captions, image generation), the VQ-VAE or the judge "
                 "classifier; metrics.jsonl, atomic checkpoints, exact resume",
        omnilite::cli::run_train},
-      {"eval", "caption accuracy, text-to-image accuracy, held-out and unigram perplexity, sample and loss PNGs",
+      {"eval", "evaluation tasks ppl, caption (accuracy, BLEU-4), t2i (accuracy, Frechet), recon, moe; PNG reports",
        omnilite::cli::run_eval},
+      {"compare", "several runs' eval.json side by side and their training curves in one PNG", omnilite::cli::run_compare},
       {"init", "write a full-size randomly initialised checkpoint piece by piece (a QLoRA base)",
        omnilite::cli::run_init},
       {"export", "merge QLoRA adapters into their dequantised NF4 base, or re-store a checkpoint's weights",

@@ -11,12 +11,14 @@ ImageClassifierImpl::ImageClassifierImpl(int64_t in_channels, int64_t size, int6
 }
 
 // [N, C, S, S] -> [N, num_classes]
-torch::Tensor ImageClassifierImpl::forward(const torch::Tensor& images) {
+torch::Tensor ImageClassifierImpl::forward(const torch::Tensor& images) { return fc2->forward(features(images)); }
+
+torch::Tensor ImageClassifierImpl::features(const torch::Tensor& images) {
   TORCH_CHECK(images.dim() == 4 && images.size(2) == image_size && images.size(3) == image_size,
               "ImageClassifier: expected images [N, C, ", image_size, ", ", image_size, "], got ", images.sizes());
   auto x = torch::max_pool2d(torch::relu(conv1->forward(images)), 2);  // [N, 32, S/2, S/2]
   x = torch::max_pool2d(torch::relu(conv2->forward(x)), 2);            // [N, 64, S/4, S/4]
-  return fc2->forward(torch::relu(fc1->forward(x.flatten(1))));
+  return torch::relu(fc1->forward(x.flatten(1)));  // [N, 128]
 }
 
 }  // namespace omnilite

@@ -13,6 +13,7 @@ int run_bench(int argc, char** argv);
 int run_tokenizer(int argc, char** argv);
 int run_train(int argc, char** argv);
 int run_eval(int argc, char** argv);
+int run_compare(int argc, char** argv);
 int run_init(int argc, char** argv);
 int run_export(int argc, char** argv);
 int run_memory(int argc, char** argv);

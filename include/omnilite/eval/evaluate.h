@@ -1,23 +1,31 @@
-// `omnilite eval`: the quality figures of an OMNI-LITE checkpoint.
-//   caption_accuracy    held-out labelled images (data.image_valid) captioned greedily; a hit when the first class
-//                       name in the caption is the image's class (chance 1/classes)
-//   t2i_accuracy        images generated from "a photo of a <class>." (rectified flow + CFG, decoded by the VQ-VAE)
-//                       judged by the classifier of data.classifier; classifier_accuracy is its own held-out score
-//   text_ppl            exp(mean next-token cross-entropy) on held-out text (data.text_valid, packed rows)
-//   unigram_ppl         the same tokens under add-one-smoothed unigram frequencies of the training text
-// It also writes a PNG grid of generated images (one row per class) and, when the run folder has metrics.jsonl, a
-// PNG of the loss curves.
+// `omnilite eval`: the quality figures of an OMNI-LITE checkpoint, by task (docs/evaluation.md explains each):
+//   ppl      text_ppl = exp(mean next-token cross-entropy) on held-out text (data.text_valid, packed rows), beside
+//            unigram_ppl (add-one-smoothed unigram frequencies of the training text) and text_tokens
+//   caption  caption_accuracy (first class name in the greedy caption = the image's class; chance 1/classes) and
+//            caption_bleu4 against each image's reference captions; captions.png
+//   t2i      images generated from "a photo of a <class>." judged by the classifier of data.classifier
+//            (t2i_accuracy; classifier_accuracy is its own held-out score) and t2i_frechet, the Fréchet distance of
+//            the classifier's features of generated and real held-out images, beside t2i_frechet_floor between two
+//            halves of the real ones; t2i_grid.png
+//   recon    VQ-VAE reconstruction PSNR of held-out images and codebook usage (perplexity, used and dead codes);
+//            recon_grid.png (originals above reconstructions)
+//   moe      per-layer expert load on held-out text tokens and image tokens (tokens per expert, coefficient of
+//            variation, balancing-loss value, top-k set repeats between adjacent tokens); expert_load.png
+// Every run also writes loss_curves.png and train_stats.png when the run folder has metrics.jsonl, and eval.json
+// with the checkpoint's step, the config hash and the seed.
 #pragma once
 
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
+#include <torch/torch.h>
 
 namespace omnilite {
 
 struct EvalOptions {
   std::string checkpoint;          // run folder (newest checkpoint) or checkpoint folder of an omni run
+  std::vector<std::string> tasks = {"ppl", "caption", "t2i", "recon", "moe"};  // what to measure
   std::string classifier;          // classifier run/checkpoint ("" = data.classifier of the checkpoint's config)
   std::string device;              // "" = runtime.device of the checkpoint's config
   int64_t caption_images = 500;    // held-out images captioned
@@ -26,17 +34,34 @@ struct EvalOptions {
   int64_t flow_steps = 25;         // Euler steps of the sampler
   double cfg_scale = 3.0;          // classifier-free guidance weight
   int64_t text_rows = 64;          // held-out text rows (of train.seq_len tokens) for text_ppl
+  int64_t recon_images = 500;      // held-out images reconstructed by the VQ-VAE
+  int64_t moe_rows = 16;           // held-out text rows and caption rows (with images) routed for `moe`
   std::string out_dir;             // where eval.json and the PNGs go ("" = the run folder)
   uint64_t seed = 0;               // sampling seed
 };
 
-// Runs every measurement whose data is configured; throws with a clear message for a missing checkpoint or data.
+// Runs the tasks whose data is configured; throws with a clear message for a missing checkpoint or data, or an
+// unknown task.
 nlohmann::json evaluate(const EvalOptions& opts);
+// "ppl,moe" or "all" -> the task list; throws naming an unknown task.
+std::vector<std::string> parse_eval_tasks(const std::string& list);
 
 // The run folder of a checkpoint folder (".../run/checkpoints/step_N" -> ".../run").
 std::string run_folder_of(const std::string& checkpoint_dir);
 
-// Draws the given metrics.jsonl keys against step into a PNG (atomically). Keys absent from the file are skipped.
+// Reports (PNG, drawn with OpenCV, written atomically). Keys absent from metrics.jsonl are skipped.
+// The given metrics.jsonl keys against step: raw per step (thin) and EMA-smoothed (thick).
 void write_loss_curves(const std::string& metrics_jsonl, const std::vector<std::string>& keys, const std::string& png);
+// Learning rate, gradient norm and tokens/s against step, one panel each.
+void write_training_stats(const std::string& metrics_jsonl, const std::string& png);
+// Several runs' curves of each key in one panel per key (labels name the runs).
+void write_run_comparison(const std::vector<std::string>& metrics_files, const std::vector<std::string>& labels,
+                          const std::vector<std::string>& keys, const std::string& png);
+// values [R, C] as a colour map (e.g. layer x expert load); col_label is printed under the map.
+void write_heatmap(const torch::Tensor& values, const std::string& title, const std::string& row_label,
+                   const std::string& col_label, const std::string& png);
+// images [N, C, H, W] in [-1, 1] enlarged 4x in a grid of `cols` columns, each with its caption under it.
+void write_captioned_grid(const torch::Tensor& images, const std::vector<std::string>& captions, int64_t cols,
+                          const std::string& png);
 
 }  // namespace omnilite

@@ -13,6 +13,8 @@ struct ImageClassifierImpl : torch::nn::Module {
   ImageClassifierImpl(int64_t in_channels, int64_t image_size, int64_t num_classes);
   // images: [N, C, S, S] in [-1, 1] -> logits [N, num_classes]
   torch::Tensor forward(const torch::Tensor& images);
+  // images: [N, C, S, S] -> the 128 features after fc1 and ReLU (eval's Fréchet distance uses them)
+  torch::Tensor features(const torch::Tensor& images);
   int64_t image_size;
   torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
   torch::nn::Linear fc1{nullptr}, fc2{nullptr};
