@@ -10,6 +10,7 @@
 #include "omnilite/data/idx.h"
 #include "omnilite/data/image_dataset.h"
 #include "omnilite/data/mm_batch.h"
+#include "omnilite/data/pnm.h"
 #include "omnilite/data/prefetcher.h"
 #include "omnilite/infer/generate.h"
 #include "omnilite/modules/vqvae.h"
@@ -31,7 +32,45 @@ torch::Tensor crop_single(const torch::Tensor& hwc) { return hwc.narrow(0, 2, 8)
 
 }  // namespace
 
+TEST_CASE("PPM round trip and hand-written PGM/PPM files decode to their pixels (any build)", "[data][image][pnm]") {
+  const auto dir = testing::fresh_temp_dir("pnm");
+  write_image_grid(known_image(), 1, dir + "/a.ppm");
+  auto hwc = decode_image_file(dir + "/a.ppm");
+  REQUIRE(hwc.sizes() == torch::IntArrayRef({12, 12, 3}));
+  auto expected = ((known_image()[0] + 1.0) * 127.5).round().to(torch::kUInt8).permute({1, 2, 0});
+  CHECK(torch::equal(crop_single(hwc), expected));
+  // Binary PGM (P5) with a comment, 2 x 2: gray replicated to RGB.
+  std::ofstream(dir + "/g.pgm", std::ios::binary) << "P5\n# made by hand\n2 2\n255\n" << std::string("\x00\x40\x80\xff", 4);
+  auto g = read_pnm(dir + "/g.pgm");
+  REQUIRE(g.sizes() == torch::IntArrayRef({2, 2, 3}));
+  CHECK(g[0][1][0].item<uint8_t>() == 0x40);
+  CHECK(g[1][1][2].item<uint8_t>() == 0xff);
+  // ASCII PPM (P3) with maxval 15: values scaled to 255 (15 -> 255, 5 -> 85).
+  std::ofstream(dir + "/c.ppm") << "P3 1 1 15\n15 5 0\n";
+  auto c = read_pnm(dir + "/c.ppm");
+  CHECK(c[0][0][0].item<uint8_t>() == 255);
+  CHECK(c[0][0][1].item<uint8_t>() == 85);
+  CHECK(c[0][0][2].item<uint8_t>() == 0);
+  // Errors name the file and the problem.
+  std::ofstream(dir + "/cut.pgm", std::ios::binary) << "P5 4 4 255\n" << std::string("\x01\x02", 2);
+  CHECK_THROWS_WITH(read_pnm(dir + "/cut.pgm"), Catch::Contains("cut.pgm") && Catch::Contains("truncated: 2 of 16"));
+  std::ofstream(dir + "/deep.pgm") << "P2 1 1 65535\n7\n";
+  CHECK_THROWS_WITH(read_pnm(dir + "/deep.pgm"), Catch::Contains("maxval 65535"));
+  std::ofstream(dir + "/x.ppm") << "P7 nonsense";
+  CHECK_THROWS_WITH(read_pnm(dir + "/x.ppm"), Catch::Contains("not a PNM file"));
+  // The torch-only resize: area averaging of 2 x 2 blocks, by hand.
+  auto big = torch::tensor({0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140, 150}, torch::kUInt8)
+                 .view({4, 4, 1}).expand({4, 4, 3}).contiguous();
+  auto small = resize_rgb(big, 2);
+  CHECK(small[0][0][0].item<uint8_t>() == 25);   // (0 + 10 + 40 + 50) / 4
+  CHECK(small[1][1][1].item<uint8_t>() == 125);  // (100 + 110 + 140 + 150) / 4
+}
+
 TEST_CASE("PNG round trip: write_image_grid then decode_image_file gives the pixels back", "[data][image]") {
+  if (!have_opencv()) {
+    WARN("skipped: this build has no OpenCV (OMNILITE_WITH_OPENCV=OFF)");
+    return;
+  }
   const auto dir = testing::fresh_temp_dir("png");
   write_image_grid(known_image(), 1, dir + "/a.png");
   auto hwc = decode_image_file(dir + "/a.png");  // [12, 12, 3] RGB
@@ -42,6 +81,10 @@ TEST_CASE("PNG round trip: write_image_grid then decode_image_file gives the pix
 }
 
 TEST_CASE("image-caption .jsonl: good lines load, bad images and lines are skipped and counted", "[data][image]") {
+  if (!have_opencv()) {
+    WARN("skipped: this build has no OpenCV (OMNILITE_WITH_OPENCV=OFF) to write and read PNG/JPEG");
+    return;
+  }
   const auto dir = testing::fresh_temp_dir("jsonl_images");
   write_image_grid(known_image(), 1, dir + "/good.png");
   // truncated PNG: the first half of a good file
@@ -81,8 +124,8 @@ TEST_CASE("image-caption .jsonl: good lines load, bad images and lines are skipp
 TEST_CASE("COCO captions JSON groups the captions of each image", "[data][image]") {
   const auto dir = testing::fresh_temp_dir("coco");
   fs::create_directories(dir + "/imgs");
-  write_image_grid(known_image(), 1, dir + "/imgs/1.png");
-  std::ofstream(dir + "/captions.json") << R"({"images": [{"id": 7, "file_name": "1.png"}, {"id": 8, "file_name": "2.png"}],
+  write_image_grid(known_image(), 1, dir + "/imgs/1.ppm");  // PPM: read by builds with and without OpenCV
+  std::ofstream(dir + "/captions.json") << R"({"images": [{"id": 7, "file_name": "1.ppm"}, {"id": 8, "file_name": "2.ppm"}],
     "annotations": [{"image_id": 7, "caption": "first"}, {"image_id": 7, "caption": "second"},
                     {"image_id": 8, "caption": "image file missing"}]})";
   ImageLoadOptions o;

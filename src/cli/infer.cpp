@@ -147,7 +147,7 @@ int run_caption(int argc, char** argv) {
                                  "space, then the model continues [bos, image_begin, image..., image_end] greedily "
                                  "(KV-cached) until eos.");
   opts.add_options()("checkpoint", "run folder (newest checkpoint), checkpoint or export folder",
-                     cxxopts::value<std::string>())("image", "image file (PNG, JPEG, ... as OpenCV reads it)",
+                     cxxopts::value<std::string>())("image", "image file: PNG, JPEG, ... as OpenCV reads it, or PGM/PPM (also without OpenCV)",
                                                     cxxopts::value<std::string>())(
       "max-new-tokens", "longest caption", cxxopts::value<int64_t>()->default_value("32"))(
       "device", "cpu, cuda or cuda:N (default: the checkpoint's runtime.device)", cxxopts::value<std::string>())(
@@ -177,11 +177,11 @@ int run_imagine(int argc, char** argv) {
   cxxopts::Options opts(argv[0], "Generate an image from a text prompt: rectified flow from noise (t = 0) to data "
                                  "(t = 1) with Euler steps, classifier-free guidance v = v_uncond + W (v_cond - "
                                  "v_uncond), the prompt's KV cache reused at every step, decoded by the VQ-VAE and "
-                                 "written as a PNG.");
+                                 "written as a PNG (or PPM for a .ppm path).");
   opts.add_options()("checkpoint", "run folder (newest checkpoint), checkpoint or export folder",
                      cxxopts::value<std::string>())("prompt", "what to draw, e.g. \"a photo of a sneaker.\"",
                                                     cxxopts::value<std::string>())(
-      "out", "PNG file to write (atomically)", cxxopts::value<std::string>())(
+      "out", "picture to write (atomically): .png (OpenCV builds) or .ppm", cxxopts::value<std::string>())(
       "steps", "Euler steps", cxxopts::value<int64_t>()->default_value("25"))(
       "cfg", "guidance weight W (1 = no guidance)", cxxopts::value<double>()->default_value("3.0"))(
       "seed", "noise seed: the same seed gives the same image", cxxopts::value<uint64_t>()->default_value("0"))(

@@ -6,10 +6,13 @@
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
+#if OMNILITE_HAVE_OPENCV
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
+#endif
 
 #include "omnilite/data/idx.h"
+#include "omnilite/data/pnm.h"
 #include "omnilite/log.h"
 
 namespace omnilite {
@@ -28,25 +31,19 @@ std::vector<uint8_t> read_bytes(const std::string& path) {
   return std::vector<uint8_t>(std::istreambuf_iterator<char>(f), {});
 }
 
-// cv::Mat (any depth-8 layout) -> [S, S, 3] uint8 RGB resized to `size`.
-torch::Tensor mat_to_tensor(const cv::Mat& decoded, int64_t size) {
-  cv::Mat rgb, resized;
-  if (decoded.channels() == 1) cv::cvtColor(decoded, rgb, cv::COLOR_GRAY2RGB);
-  else if (decoded.channels() == 4) cv::cvtColor(decoded, rgb, cv::COLOR_BGRA2RGB);
-  else cv::cvtColor(decoded, rgb, cv::COLOR_BGR2RGB);
+// [H, W, 3] uint8 RGB -> [size, size, 3]: OpenCV's area (shrinking) / bilinear (enlarging) resize, or the torch one
+// of a build without OpenCV.
+torch::Tensor sized(const torch::Tensor& rgb, int64_t size) {
+#if OMNILITE_HAVE_OPENCV
+  if (rgb.size(0) == size && rgb.size(1) == size) return rgb.contiguous();
+  auto c = rgb.contiguous();
+  cv::Mat m(static_cast<int>(c.size(0)), static_cast<int>(c.size(1)), CV_8UC3, c.data_ptr<uint8_t>()), resized;
   const int s = static_cast<int>(size);
-  if (rgb.rows != s || rgb.cols != s)
-    cv::resize(rgb, resized, cv::Size(s, s), 0, 0, rgb.rows > s ? cv::INTER_AREA : cv::INTER_LINEAR);
-  else
-    resized = rgb;
+  cv::resize(m, resized, cv::Size(s, s), 0, 0, m.rows > s ? cv::INTER_AREA : cv::INTER_LINEAR);
   return torch::from_blob(resized.data, {size, size, 3}, torch::kUInt8).clone();
-}
-
-// cv::Mat (BGR or gray) -> [H, W, 3] uint8 RGB at its own size.
-torch::Tensor mat_to_tensor_native(const cv::Mat& decoded) {
-  cv::Mat rgb;
-  cv::cvtColor(decoded, rgb, decoded.channels() == 1 ? cv::COLOR_GRAY2RGB : cv::COLOR_BGR2RGB);
-  return torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3}, torch::kUInt8).clone();
+#else
+  return resize_rgb(rgb, size);
+#endif
 }
 
 // Accumulates images while sources are read.
@@ -83,7 +80,6 @@ void read_idx_source(const std::string& prefix, Builder& b) {
   const int64_t n = images.size(0), h = images.size(1), w = images.size(2);
   auto lab = labels.to(torch::kInt64);
   for (int64_t i = 0; i < n && !b.full(); ++i) {
-    cv::Mat gray(static_cast<int>(h), static_cast<int>(w), CV_8UC1, images[i].data_ptr<uint8_t>());
     const int64_t label = lab[i].item<int64_t>();
     if (label < 0 || label >= static_cast<int64_t>(fashion_mnist_classes().size())) {
       b.skip(prefix + "-labels-idx1-ubyte item " + std::to_string(i), "label " + std::to_string(label) + " is not a class");
@@ -91,14 +87,17 @@ void read_idx_source(const std::string& prefix, Builder& b) {
     }
     std::vector<std::string> caps;
     for (int64_t v = 0; v < fashion_caption_templates(); ++v) caps.push_back(fashion_caption(label, v));
-    b.add(mat_to_tensor(gray, b.opts.size), std::move(caps), label);
+    b.add(sized(images[i].unsqueeze(2).expand({h, w, 3}), b.opts.size), std::move(caps), label);
   }
 }
 
-// Reads and decodes one file (BGR or gray cv::Mat); throws naming the file and the problem.
-cv::Mat decode_mat(const std::string& path) {
+// Reads and decodes one file to [H, W, 3] uint8 RGB at its own size: PNM files directly, anything else through
+// OpenCV; throws naming the file and the problem.
+torch::Tensor decode_native(const std::string& path) {
+  if (is_pnm_path(path)) return read_pnm(path);
   const auto bytes = read_bytes(path);
   if (bytes.empty()) throw std::runtime_error("image \"" + path + "\": the file is empty");
+#if OMNILITE_HAVE_OPENCV
   const bool jpeg = bytes.size() >= 2 && bytes[0] == 0xFF && bytes[1] == 0xD8;
   const bool png = bytes.size() >= 8 && bytes[0] == 0x89 && bytes[1] == 'P' && bytes[2] == 'N' && bytes[3] == 'G';
   if (jpeg) {  // a complete JPEG ends with the end-of-image marker FF D9 (trailing zero padding allowed)
@@ -116,7 +115,13 @@ cv::Mat decode_mat(const std::string& path) {
   if (m.empty() || m.depth() != CV_8U)
     throw std::runtime_error("image \"" + path + "\": OpenCV cannot decode it (" + std::to_string(bytes.size()) +
                              " bytes); hint: use JPEG or PNG files");
-  return m;
+  cv::Mat rgb;
+  cv::cvtColor(m, rgb, cv::COLOR_BGR2RGB);
+  return torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3}, torch::kUInt8).clone();
+#else
+  throw std::runtime_error("image \"" + path + "\": this build has no OpenCV (OMNILITE_WITH_OPENCV=OFF), so only "
+                           "PGM/PPM images are read; hint: convert the images to .ppm or rebuild with OpenCV");
+#endif
 }
 
 void read_jsonl_source(const std::string& path, Builder& b) {
@@ -134,7 +139,7 @@ void read_jsonl_source(const std::string& path, Builder& b) {
     }
     const int64_t label = j.contains("label") && j["label"].is_number_integer() ? j["label"].get<int64_t>() : -1;
     try {
-      b.add(mat_to_tensor(decode_mat(b.resolve(path, j["image"].get<std::string>())), b.opts.size),
+      b.add(sized(decode_native(b.resolve(path, j["image"].get<std::string>())), b.opts.size),
             {j["text"].get<std::string>()}, label);
     } catch (const std::exception& e) {
       b.skip(where, e.what());
@@ -167,7 +172,7 @@ void read_coco_source(const std::string& path, Builder& b) {
     auto it = caps.find(im["id"].get<int64_t>());
     if (it == caps.end()) continue;  // an image without captions teaches nothing here
     try {
-      b.add(mat_to_tensor(decode_mat(b.resolve(path, im["file_name"].get<std::string>())), b.opts.size), it->second, -1);
+      b.add(sized(decode_native(b.resolve(path, im["file_name"].get<std::string>())), b.opts.size), it->second, -1);
     } catch (const std::exception& e) {
       b.skip(where, e.what());
     }
@@ -176,7 +181,10 @@ void read_coco_source(const std::string& path, Builder& b) {
 
 }  // namespace
 
-torch::Tensor decode_image_file(const std::string& path) { return mat_to_tensor_native(decode_mat(path)); }
+torch::Tensor decode_image_file(const std::string& path) { return decode_native(path); }
+
+bool have_opencv() { return OMNILITE_HAVE_OPENCV != 0; }
+const char* picture_extension() { return have_opencv() ? ".png" : ".ppm"; }
 
 ImageCaptionSet read_image_captions(const std::vector<std::string>& sources, const ImageLoadOptions& opts) {
   Builder b{opts, {}, {}, {}, 0};
@@ -242,11 +250,20 @@ void write_image_grid(const torch::Tensor& images, int64_t cols, const std::stri
     const int64_t r = i / cols, q = i % cols;
     grid.narrow(0, pad + r * (h + pad), h).narrow(1, pad + q * (w + pad), w).copy_(u8[i].permute({1, 2, 0}));
   }
+  if (is_pnm_path(path)) {
+    write_ppm(path, grid);
+    return;
+  }
+#if OMNILITE_HAVE_OPENCV
   grid = grid.flip(2).contiguous();  // RGB -> BGR for OpenCV
   cv::Mat m(static_cast<int>(grid.size(0)), static_cast<int>(grid.size(1)), CV_8UC3, grid.data_ptr<uint8_t>());
   const std::string tmp = path + ".tmp.png";
   if (!cv::imwrite(tmp, m)) throw std::runtime_error("cannot write image \"" + tmp + "\"");
   fs::rename(tmp, path);
+#else
+  throw std::runtime_error("cannot write \"" + path + "\": this build has no OpenCV (OMNILITE_WITH_OPENCV=OFF) and "
+                           "writes PPM pictures only; hint: name the file .ppm");
+#endif
 }
 
 }  // namespace omnilite

@@ -126,12 +126,14 @@ void caption_task(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, 
   out["caption_bleu_brevity_penalty"] = bleu.brevity_penalty;
   out["caption_images"] = valid.size();
   out["caption_examples"] = examples;
-  const int64_t n_shown = static_cast<int64_t>(shown.size());
-  const std::string png = out_dir + "/captions.png";
-  write_captioned_grid(to_model_images(valid.images, cfg.model.vqvae.image_size, 3,
-                                       torch::arange(n_shown, torch::kInt64)),
-                       shown, 5, png);
-  out["captions_png"] = png;
+  if (have_opencv()) {
+    const int64_t n_shown = static_cast<int64_t>(shown.size());
+    const std::string png = out_dir + "/captions.png";
+    write_captioned_grid(to_model_images(valid.images, cfg.model.vqvae.image_size, 3,
+                                         torch::arange(n_shown, torch::kInt64)),
+                         shown, 5, png);
+    out["captions_png"] = png;
+  }
   log::info(log::format("eval: caption_accuracy %.3f, BLEU-4 %.3f on %lld held-out images (%.0fs)",
                         out.value("caption_accuracy", -1.0), bleu.bleu, static_cast<long long>(valid.size()),
                         seconds_since(t0)));
@@ -194,7 +196,7 @@ void t2i_task(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, cons
   const int64_t cols = std::min<int64_t>(o.t2i_per_class, 10);
   std::vector<torch::Tensor> shown;
   for (int64_t c = 0; c < C; ++c) shown.push_back(images.narrow(0, c * o.t2i_per_class, cols));
-  const std::string grid = out_dir + "/t2i_grid.png";
+  const std::string grid = out_dir + "/t2i_grid" + picture_extension();
   write_image_grid(torch::cat(shown, 0), cols, grid);
   out["t2i_grid"] = grid;
   log::info(log::format("eval: t2i_accuracy %.3f on %lld generated images (classifier held-out accuracy %.3f), "
@@ -229,7 +231,7 @@ void recon_task(OmniLiteImpl& model, const Config& cfg, const EvalOptions& o, co
   out["codebook_size"] = cfg.model.vqvae.codebook_size;
   out["recon_images"] = held.size();
   const int64_t k = std::min<int64_t>(10, held.size());
-  const std::string grid = out_dir + "/recon_grid.png";
+  const std::string grid = out_dir + "/recon_grid" + picture_extension();
   write_image_grid(torch::cat({x.narrow(0, 0, k), y.narrow(0, 0, k)}), k, grid);
   out["recon_grid"] = grid;
   log::info(log::format("eval: recon PSNR %.2f dB on %lld held-out images, codebook perplexity %.1f, %lld of %lld "
@@ -327,6 +329,7 @@ void moe_task(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, cons
   }
   if (heats.empty()) return;
   out["moe"] = moe;
+  if (!have_opencv()) return;  // no heatmap without OpenCV
   // One heatmap: the parts side by side, a blank column between them.
   std::vector<torch::Tensor> cols;
   for (size_t i = 0; i < heats.size(); ++i) {
@@ -399,7 +402,8 @@ json evaluate(const EvalOptions& o) {
   if (wants("moe")) moe_task(*model, cfg, tok, o, out_dir, out);
 
   const std::string metrics = run_folder_of(dir) + "/metrics.jsonl";
-  if (fs::exists(metrics)) {
+  if (!have_opencv()) log::info("eval: built without OpenCV: the plots (loss curves, heatmap, captions) are skipped");
+  if (fs::exists(metrics) && have_opencv()) {
     const std::string curves = out_dir + "/loss_curves.png", stats = out_dir + "/train_stats.png";
     write_loss_curves(metrics, {"loss", "loss_clm", "loss_rf", "loss_caption", "loss_aux", "valid_loss_text"}, curves);
     write_training_stats(metrics, stats);

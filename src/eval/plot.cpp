@@ -7,13 +7,16 @@
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
+#if OMNILITE_HAVE_OPENCV
 #include <opencv2/imgcodecs.hpp>
 #include <opencv2/imgproc.hpp>
+#endif
 
 #include "omnilite/eval/evaluate.h"
 
 namespace omnilite {
 
+#if OMNILITE_HAVE_OPENCV
 namespace {
 
 using Series = std::vector<cv::Point2d>;
@@ -208,5 +211,28 @@ void write_captioned_grid(const torch::Tensor& images, const std::vector<std::st
   }
   write_png(img, png);
 }
+
+#else  // a build without OpenCV draws nothing; evaluate() checks have_opencv() and skips the reports
+
+namespace {
+[[noreturn]] void no_opencv(const std::string& png) {
+  throw std::runtime_error("cannot draw \"" + png + "\": this build has no OpenCV (OMNILITE_WITH_OPENCV=OFF)");
+}
+}  // namespace
+
+void write_loss_curves(const std::string&, const std::vector<std::string>&, const std::string& png) { no_opencv(png); }
+void write_training_stats(const std::string&, const std::string& png) { no_opencv(png); }
+void write_run_comparison(const std::vector<std::string>&, const std::vector<std::string>&,
+                          const std::vector<std::string>&, const std::string& png) {
+  no_opencv(png);
+}
+void write_heatmap(const torch::Tensor&, const std::string&, const std::string&, const std::string&,
+                   const std::string& png) {
+  no_opencv(png);
+}
+void write_captioned_grid(const torch::Tensor&, const std::vector<std::string>&, int64_t, const std::string& png) {
+  no_opencv(png);
+}
+#endif
 
 }  // namespace omnilite

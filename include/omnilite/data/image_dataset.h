@@ -47,7 +47,14 @@ torch::Tensor decode_image_file(const std::string& path);
 torch::Tensor to_model_images(const torch::Tensor& images, int64_t size, int64_t channels,
                               const torch::Tensor& index = {});
 
-// Writes [N, C, H, W] images in [-1, 1] as a grid PNG with `cols` columns (atomically: temporary file + rename).
+// Writes [N, C, H, W] images in [-1, 1] as a grid with `cols` columns (atomically: temporary file + rename): PPM for a
+// .ppm/.pgm/.pnm path, otherwise through OpenCV (PNG, JPEG, ...; an error naming the path in a build without it).
 void write_image_grid(const torch::Tensor& images, int64_t cols, const std::string& path);
+
+// Whether this build has OpenCV (CMake option OMNILITE_WITH_OPENCV): without it, images are read from Fashion-MNIST
+// IDX and PGM/PPM files only, pictures are written as PPM and the drawn reports (plots, heatmaps) are skipped.
+bool have_opencv();
+// ".png" with OpenCV, ".ppm" without: the extension of the pictures eval writes.
+const char* picture_extension();
 
 }  // namespace omnilite
