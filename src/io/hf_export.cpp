@@ -235,14 +235,14 @@ HfExportResult write_hf_export(const std::string& src, const Config& cfg, int64_
 
   // Tensors in OMNI-LITE name order, greedily packed into shards of at most max_shard_bytes.
   struct Item {
-    std::string name, hf;
+    std::string name;  // OMNI-LITE name; spec.name is the Hugging Face one
     TensorSpec spec;
     uint64_t bytes;
   };
   std::vector<std::vector<Item>> shards(1);
   uint64_t in_shard = 0, total = 0;
   for (const auto& [name, e] : r.tensors()) {
-    Item it{name, to_hf_name(name), {to_hf_name(name), c10::isFloatingType(e.dtype) ? o.dtype : e.dtype, e.shape}, 0};
+    Item it{name, {to_hf_name(name), c10::isFloatingType(e.dtype) ? o.dtype : e.dtype, e.shape}, 0};
     it.bytes = c10::elementSize(it.spec.dtype);
     for (auto d : e.shape) it.bytes *= static_cast<uint64_t>(d);
     if (!shards.back().empty() && in_shard + it.bytes > o.max_shard_bytes) {
@@ -267,8 +267,8 @@ HfExportResult write_hf_export(const std::string& src, const Config& cfg, int64_
     for (const auto& it : shards[k]) specs.push_back(it.spec);
     SafetensorsWriter w(stage + "/" + file, specs, {{"format", "pt"}});
     for (const auto& it : shards[k]) {
-      w.write(it.hf, r.load(it.name).to(it.spec.dtype));
-      weight_map[it.hf] = file;
+      w.write(it.spec.name, r.load(it.name).to(it.spec.dtype));
+      weight_map[it.spec.name] = file;
       ++res.tensors;
     }
     w.commit();

@@ -275,7 +275,6 @@ torch::Tensor nf4_matmul_few_rows_cpu(const torch::Tensor& x, const Nf4Tensor& q
       few_rows_scalar(pp, ap, ep, op, N, in, o, yp + o * N);
     }
   });
-  (void)avx2;
   return y.t().contiguous();  // [N, out]
 }
 
