@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(libtorch-dev nlohmann-json3-dev libopencv-dev libspdlog-dev catch2 libcxxopts-dev libsentencepiece-dev
-      libopenblas0-pthread ccache cmake g++ make pkg-config time)
+      libgloo-dev libopenblas0-pthread ccache cmake g++ make pkg-config time)
 
 source scripts/lib/packages.sh
 ensure_packages "${PKGS[@]}"

@@ -168,7 +168,7 @@ template <class V> void visit_fields(V& v, TrainOptions& o) {
   v("flow_time_mean", o.flow_time_mean); v("flow_time_std", o.flow_time_std); v("freeze", o.freeze);
   v("activation_checkpointing", o.activation_checkpointing); v("loader_threads", o.loader_threads);
   v("valid_every", o.valid_every); v("valid_batches", o.valid_batches); v("vq_restart_every", o.vq_restart_every);
-  v("base_checkpoint", o.base_checkpoint);
+  v("base_checkpoint", o.base_checkpoint); v("dist_timeout_s", o.dist_timeout_s); v("bucket_mb", o.bucket_mb);
 }
 template <class V> void visit_fields(V& v, LoRAOptions& o) {
   v("enabled", o.enabled); v("rank", o.rank); v("alpha", o.alpha); v("dropout", o.dropout);
@@ -301,6 +301,8 @@ void validate(const Config& c) {
   if (!(tr.flow_time == "logit_normal" || tr.flow_time == "uniform"))
     fail("train.flow_time", "\"" + tr.flow_time + "\"", "must be \"logit_normal\" or \"uniform\"");
   if (!(tr.flow_time_std > 0.0)) fail("train.flow_time_std", num(tr.flow_time_std), "must be positive");
+  if (!(tr.dist_timeout_s > 0.0)) fail("train.dist_timeout_s", num(tr.dist_timeout_s), "must be positive (seconds)");
+  if (!(tr.bucket_mb > 0.0)) fail("train.bucket_mb", num(tr.bucket_mb), "must be positive (MiB)");
   if (!(tr.cfg_dropout >= 0.0 && tr.cfg_dropout <= 1.0)) fail("train.cfg_dropout", num(tr.cfg_dropout), "must be in [0, 1]");
   if (tr.image_seq_len > t.max_position_embeddings)
     fail("train.image_seq_len", std::to_string(tr.image_seq_len),

@@ -9,8 +9,19 @@
 
 namespace omnilite::log {
 
-void info(const std::string& msg) { spdlog::info("{}", msg); }
-void warn(const std::string& msg) { spdlog::warn("{}", msg); }
+namespace {
+long long g_rank = 0;  // this process's data-parallel rank
+}  // namespace
+
+void set_rank(long long rank) { g_rank = rank; }
+
+void info(const std::string& msg) {
+  if (g_rank == 0) spdlog::info("{}", msg);
+}
+void warn(const std::string& msg) {
+  if (g_rank == 0) spdlog::warn("{}", msg);
+  else spdlog::warn("rank {}: {}", g_rank, msg);
+}
 
 std::string format(const char* fmt, ...) {
   va_list args;

@@ -158,6 +158,9 @@ struct TrainOptions {
   int64_t vq_restart_every = 50;  // vqvae: codes unused over this many steps restart at encoder outputs (0 = never)
   std::string base_checkpoint;    // omni with lora.enabled: the base weights (an `omnilite init` or pretraining
                                   // checkpoint folder or .safetensors file), quantised tensor by tensor on load
+  double dist_timeout_s = 600;    // data-parallel runs: a rendezvous or collective that waits longer (a rank died or
+                                  // hangs) stops every rank with an error
+  double bucket_mb = 25;          // data-parallel runs: MiB of gradients per all-reduce bucket
 };
 
 // Where the training data is.

@@ -9,6 +9,8 @@ namespace omnilite::log {
 
 void info(const std::string& msg);
 void warn(const std::string& msg);
+// In data-parallel runs: rank 0 logs as usual; any other rank logs only warnings, prefixed "rank N: ".
+void set_rank(long long rank);
 std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
 }  // namespace omnilite::log

@@ -67,11 +67,13 @@ uint64_t mix(uint64_t x) {
 }  // namespace
 
 MultimodalSampler::MultimodalSampler(const ImageCaptionSet& data, const Tokenizer& tok, const ModelConfig& model,
-                                     const TrainOptions& train, uint64_t seed)
+                                     const TrainOptions& train, uint64_t seed, int64_t rank, int64_t world)
     : data_(data),
       model_(model),
       caption_batch_(train.caption_batch_size),
       gen_batch_(train.gen_batch_size),
+      rank_(rank),
+      world_(world),
       cfg_dropout_(train.cfg_dropout),
       logit_normal_(train.flow_time == "logit_normal"),
       time_mean_(train.flow_time_mean),
@@ -101,27 +103,39 @@ MultimodalSampler::MultimodalSampler(const ImageCaptionSet& data, const Tokenize
 }
 
 MultimodalBatch MultimodalSampler::get(int64_t micro) const {
-  std::mt19937_64 rng(mix(seed_ ^ mix(static_cast<uint64_t>(micro))));
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(rng());
+  // The generator of global item `index` (micro-batch times global batch plus position) of stream 1 (captions) or
+  // 2 (generation): independent of how micro-batches and ranks split the stream.
+  auto item_rng = [&](uint64_t stream, int64_t index) {
+    return std::mt19937_64(mix(seed_ ^ mix(stream ^ mix(static_cast<uint64_t>(index)))));
+  };
   std::vector<std::vector<int64_t>> rows;
   std::vector<int64_t> cap_idx, gen_idx;
   const auto& tk = model_.tokens;
-  auto pick = [&](int64_t img) -> const std::vector<int64_t>& {
+  auto pick = [&](int64_t img, std::mt19937_64& rng) -> const std::vector<int64_t>& {
     const auto& v = caption_ids_[static_cast<size_t>(img)];
     return v[static_cast<size_t>(rng() % v.size())];
   };
   for (int64_t i = 0; i < caption_batch_; ++i) {
-    const int64_t img = caption_order_.at(micro * caption_batch_ + i);
+    const int64_t k = micro * caption_batch_ * world_ + rank_ + world_ * i;  // global item index
+    const int64_t img = caption_order_.at(k);
+    auto rng = item_rng(1, k);
     cap_idx.push_back(img);
-    rows.push_back(caption_row(pick(img), model_.resampler.num_latents, tk));
+    rows.push_back(caption_row(pick(img, rng), model_.resampler.num_latents, tk));
   }
-  const int64_t G = generated_tokens_per_image(model_);
+  const int64_t G = generated_tokens_per_image(model_), P = model_.flow_token_dim();
   std::uniform_real_distribution<double> u(0.0, 1.0);
+  std::vector<torch::Tensor> noise, times;
   for (int64_t i = 0; i < gen_batch_; ++i) {
-    const int64_t img = gen_order_.at(micro * gen_batch_ + i);
+    const int64_t k = micro * gen_batch_ * world_ + rank_ + world_ * i;
+    const int64_t img = gen_order_.at(k);
+    auto rng = item_rng(2, k);
     gen_idx.push_back(img);
-    const auto& prompt = pick(img);
+    const auto& prompt = pick(img, rng);
     rows.push_back(generation_row(u(rng) < cfg_dropout_ ? std::vector<int64_t>{} : prompt, G, tk));
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(rng());
+    noise.push_back(torch::randn({G, P}, gen));
+    auto t = logit_normal_ ? torch::sigmoid(torch::randn({1}, gen) * time_std_ + time_mean_) : torch::rand({1}, gen);
+    times.push_back(t.expand({G}));
   }
   MultimodalBatch b;
   b.tokens = pad_rows(rows, seq_len_, tk.pad_id);
@@ -131,11 +145,8 @@ MultimodalBatch MultimodalSampler::get(int64_t micro) const {
     b.images = to_model_images(data_.images, model_.vision.image_size, model_.vision.in_channels, cap_t);
   if (!gen_idx.empty()) {
     b.gen_images = to_model_images(data_.images, model_.vqvae.image_size, model_.vqvae.in_channels, gen_t);
-    const int64_t P = model_.flow_token_dim();
-    b.noise = torch::randn({gen_batch_ * G, P}, gen);
-    auto z = torch::randn({gen_batch_}, gen) * time_std_ + time_mean_;
-    auto t = logit_normal_ ? torch::sigmoid(z) : torch::rand({gen_batch_}, gen);
-    b.times = t.repeat_interleave(G);
+    b.noise = torch::cat(noise, 0);
+    b.times = torch::cat(times, 0);
   }
   return b;
 }

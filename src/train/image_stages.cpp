@@ -21,7 +21,8 @@ struct ImageMicro {
 // Images of the training sources in epoch permutations, batched in background threads.
 class ImageStageBase : public TrainStage {
  public:
-  ImageStageBase(const Config& cfg, torch::Device dev) : cfg_(cfg), dev_(dev) {
+  ImageStageBase(const Config& cfg, torch::Device dev, std::shared_ptr<Dist> dist)
+      : cfg_(cfg), dev_(dev), dist_(std::move(dist)) {
     const auto io = image_load_options(cfg.data, cfg.model.vqvae.image_size);
     train_ = read_training_images(cfg.data, io.size);
     if (!cfg.data.image_valid.empty()) valid_ = read_image_captions(cfg.data.image_valid, io);
@@ -34,8 +35,10 @@ class ImageStageBase : public TrainStage {
   void start(int64_t first) override {
     loader_ = std::make_unique<Prefetcher<ImageMicro>>(
         [this](int64_t m) {
+          // this rank's items rank, rank + W, ... of the global micro-batch of W * batch_size images
+          const int64_t b = cfg_.train.batch_size, W = dist_->world();
           std::vector<int64_t> idx;
-          for (int64_t i = 0; i < cfg_.train.batch_size; ++i) idx.push_back(order_->at(m * cfg_.train.batch_size + i));
+          for (int64_t i = 0; i < b; ++i) idx.push_back(order_->at(m * b * W + dist_->rank() + W * i));
           return batch(train_, torch::tensor(idx, torch::kInt64));
         },
         cfg_.train.loader_threads, 2 * cfg_.train.loader_threads + 1, first);
@@ -53,18 +56,31 @@ class ImageStageBase : public TrainStage {
     const double wait = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
     return {{b.images.to(dev_), b.labels.to(dev_)}, wait};
   }
-  // Held-out micro-batches in file order: the first valid_batches * batch_size images (all when fewer).
+  // This rank's held-out micro-batches: of the first valid_batches * batch_size * W images in file order (all when
+  // fewer), items rank, rank + W, ...
   template <class F>
   void for_valid_batches(F&& f) const {
-    const int64_t n = std::min(valid_.size(), cfg_.train.valid_batches * cfg_.train.batch_size);
-    for (int64_t s = 0; s < n; s += cfg_.train.batch_size) {
-      auto b = batch(valid_, torch::arange(s, std::min(n, s + cfg_.train.batch_size), torch::kInt64));
+    const int64_t W = dist_->world(), B = cfg_.train.batch_size;
+    const int64_t n = std::min(valid_.size(), cfg_.train.valid_batches * B * W);
+    for (int64_t s = dist_->rank(); s < n; s += B * W) {
+      auto idx = torch::arange(s, std::min(n, s + B * W), W, torch::kInt64);
+      auto b = batch(valid_, idx);
       f(ImageMicro{b.images.to(dev_), b.labels.to(dev_)});
     }
   }
+  // {sum, count} summed over the ranks -> sum / count (0 when no rank had any).
+  double global_mean(double sum, double count) const {
+    auto t = torch::tensor({sum, count}, torch::kFloat64).to(dev_);
+    dist_->all_reduce_sum(t);
+    t = t.cpu();
+    return t[0].item<double>() / std::max(1.0, t[1].item<double>());
+  }
+  // Every rank's micro-batch holds batch_size images: a mean over it, shared out, sums to the global mean.
+  double share() const { return 1.0 / static_cast<double>(dist_->world()); }
 
   Config cfg_;
   torch::Device dev_;
+  std::shared_ptr<Dist> dist_;
   ImageCaptionSet train_, valid_;
   std::unique_ptr<EpochSampler> order_;
   std::unique_ptr<Prefetcher<ImageMicro>> loader_;
@@ -74,7 +90,8 @@ class ImageStageBase : public TrainStage {
 // steps restart at random encoder outputs of the current batch (a fresh run starts with all codes placed so).
 class VQVAEStage : public ImageStageBase {
  public:
-  VQVAEStage(const Config& cfg, torch::Device dev) : ImageStageBase(cfg, dev), vq_(cfg.model.vqvae, cfg.model.flow.latent_channels) {
+  VQVAEStage(const Config& cfg, torch::Device dev, std::shared_ptr<Dist> dist)
+      : ImageStageBase(cfg, dev, std::move(dist)), vq_(cfg.model.vqvae, cfg.model.flow.latent_channels) {
     vq_->to(dev);
     vq_->train();
     usage_ = torch::zeros({cfg.model.vqvae.codebook_size}, torch::kInt64);
@@ -88,12 +105,14 @@ class VQVAEStage : public ImageStageBase {
     auto out = vq_->forward(b.images);
     auto recon = torch::mse_loss(out.recon, b.images);
     MicroResult r;
-    r.loss = recon + out.q.codebook_loss + cfg_.model.vqvae.commitment_beta * out.q.commit_loss;
+    const double w = share();
+    r.loss = (recon + out.q.codebook_loss + cfg_.model.vqvae.commitment_beta * out.q.commit_loss) * w;
     auto counts = torch::bincount(out.q.indices.reshape(-1).cpu(), {}, cfg_.model.vqvae.codebook_size);
     usage_ += counts;
-    r.terms = {{"loss_recon", recon.item<double>()}, {"loss_codebook", out.q.codebook_loss.item<double>()},
-               {"loss_commit", out.q.commit_loss.item<double>()},
-               {"codes_used", counts.gt(0).sum().item<double>() / static_cast<double>(counts.numel())}};
+    // codes_used: the mean over ranks of the fraction each rank's micro-batch used
+    r.terms = {{"loss_recon", recon.item<double>() * w}, {"loss_codebook", out.q.codebook_loss.item<double>() * w},
+               {"loss_commit", out.q.commit_loss.item<double>() * w},
+               {"codes_used", counts.gt(0).sum().item<double>() / static_cast<double>(counts.numel()) * w}};
     r.units = static_cast<double>(b.images.size(0));
     r.wait_s = wait;
     last_images_ = b.images;
@@ -103,7 +122,9 @@ class VQVAEStage : public ImageStageBase {
   void after_step(int64_t step) override {
     const int64_t every = cfg_.train.vq_restart_every;
     if (every <= 0 || step % every != 0) return;
-    auto dead = usage_.eq(0);
+    auto used = usage_.to(torch::kFloat64).to(dev_);  // code uses on every rank
+    dist_->all_reduce_sum(used);
+    auto dead = used.cpu().eq(0);
     const int64_t n = dead.sum().item<int64_t>();
     if (n > 0) {
       restart_codes(last_images_, dead);
@@ -132,11 +153,12 @@ class VQVAEStage : public ImageStageBase {
       n += b.images.size(0);
     });
     vq_->train();
-    return {{"valid_loss_recon", sum / std::max(1.0, n)}};
+    return {{"valid_loss_recon", global_mean(sum, n)}};
   }
 
  private:
-  // Codes where `which` is true move to random encoder outputs of `images` (plus a little noise).
+  // Codes where `which` is true move to random encoder outputs of `images` (plus a little noise); in a data-parallel
+  // run rank 0's choice, from its micro-batch, goes to every rank.
   void restart_codes(const torch::Tensor& images, const torch::Tensor& which) {
     torch::NoGradGuard ng;
     auto z = vq_->encoder->forward(images);                                      // [N, C, h, w]
@@ -145,6 +167,8 @@ class VQVAEStage : public ImageStageBase {
     auto pick = torch::randint(flat.size(0), {idx.size(0)}, torch::TensorOptions().dtype(torch::kInt64)).to(dev_);
     auto chosen = flat.index_select(0, pick);
     vq_->quantizer->codebook.index_copy_(0, idx, chosen + 0.01 * chosen.std() * torch::randn_like(chosen));
+    std::vector<torch::Tensor> codebook{vq_->quantizer->codebook};
+    dist_->broadcast(codebook, 0);
   }
 
   VQVAE vq_;
@@ -155,7 +179,8 @@ class VQVAEStage : public ImageStageBase {
 // Classifier: cross-entropy on the labelled training images.
 class ClassifierStage : public ImageStageBase {
  public:
-  ClassifierStage(const Config& cfg, torch::Device dev) : ImageStageBase(cfg, dev) {
+  ClassifierStage(const Config& cfg, torch::Device dev, std::shared_ptr<Dist> dist)
+      : ImageStageBase(cfg, dev, std::move(dist)) {
     const int64_t classes = train_.labels.max().item<int64_t>() + 1;
     if (train_.labels.min().item<int64_t>() < 0 || classes < 2)
       throw std::runtime_error("train.stage = \"classifier\" needs labelled images (IDX sources or .jsonl lines with "
@@ -171,9 +196,10 @@ class ClassifierStage : public ImageStageBase {
     auto [b, wait] = next(micro);
     auto logits = net_->forward(b.images);
     MicroResult r;
-    r.loss = torch::cross_entropy_loss(logits, b.labels);
+    const double w = share();
+    r.loss = torch::cross_entropy_loss(logits, b.labels) * w;
     r.terms = {{"loss_ce", r.loss.item<double>()},
-               {"accuracy", logits.argmax(1).eq(b.labels).to(torch::kFloat64).mean().item<double>()}};
+               {"accuracy", logits.argmax(1).eq(b.labels).to(torch::kFloat64).mean().item<double>() * w}};
     r.units = static_cast<double>(b.images.size(0));
     r.wait_s = wait;
     return r;
@@ -189,7 +215,7 @@ class ClassifierStage : public ImageStageBase {
       n += b.images.size(0);
     });
     net_->train();
-    return {{"valid_accuracy", correct / std::max(1.0, n)}};
+    return {{"valid_accuracy", global_mean(correct, n)}};
   }
 
  private:
@@ -198,11 +224,11 @@ class ClassifierStage : public ImageStageBase {
 
 }  // namespace
 
-std::unique_ptr<TrainStage> make_vqvae_stage(const Config& cfg, torch::Device dev) {
-  return std::make_unique<VQVAEStage>(cfg, dev);
+std::unique_ptr<TrainStage> make_vqvae_stage(const Config& cfg, torch::Device dev, std::shared_ptr<Dist> dist) {
+  return std::make_unique<VQVAEStage>(cfg, dev, std::move(dist));
 }
-std::unique_ptr<TrainStage> make_classifier_stage(const Config& cfg, torch::Device dev) {
-  return std::make_unique<ClassifierStage>(cfg, dev);
+std::unique_ptr<TrainStage> make_classifier_stage(const Config& cfg, torch::Device dev, std::shared_ptr<Dist> dist) {
+  return std::make_unique<ClassifierStage>(cfg, dev, std::move(dist));
 }
 
 }  // namespace omnilite

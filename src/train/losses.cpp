@@ -31,31 +31,49 @@ torch::Tensor sample_flow_times(int64_t n, bool logit_normal, double mean, doubl
   return torch::rand({n}, o);
 }
 
-torch::Tensor load_balancing_loss(const std::vector<torch::Tensor>& router_logits, int64_t top_k) {
+torch::Tensor load_balancing_loss(const std::vector<torch::Tensor>& router_logits, int64_t top_k,
+                                  const AllReduceSum& reduce) {
   TORCH_CHECK(!router_logits.empty(), "load_balancing_loss: no router logits");
-  torch::Tensor total;
-  for (const auto& logits : router_logits) {
-    const int64_t N = logits.size(0), E = logits.size(1);
-    auto probs = torch::softmax(logits.to(torch::kFloat32), -1);                 // [N, E]
-    auto chosen = std::get<1>(probs.topk(top_k, -1));                            // [N, K]
-    auto counts = torch::zeros({E}, probs.options()).index_add(
-        0, chosen.reshape(-1), torch::ones({N * top_k}, probs.options()));       // slots per expert
-    auto f = counts / static_cast<double>(N * top_k);                            // [E], sums to 1
-    auto P = probs.mean(0);                                                      // [E], sums to 1
-    auto l = (f * P).sum() * static_cast<double>(E);
-    total = total.defined() ? total + l : l;
+  const int64_t L = static_cast<int64_t>(router_logits.size()), E = router_logits.front().size(1);
+  // Per layer: slot counts per expert [E] and the token count, summed over ranks in one all-reduce.
+  auto stats = torch::zeros({L, E + 1}, router_logits.front().options().dtype(torch::kFloat32));
+  std::vector<torch::Tensor> probs;
+  {
+    torch::NoGradGuard ng;
+    for (int64_t l = 0; l < L; ++l) {
+      const auto& logits = router_logits[static_cast<size_t>(l)];
+      const int64_t N = logits.size(0);
+      auto chosen = std::get<1>(torch::softmax(logits.to(torch::kFloat32), -1).topk(top_k, -1));  // [N, K] as routed
+      stats[l].narrow(0, 0, E).index_add_(0, chosen.reshape(-1), torch::ones({N * top_k}, stats.options()));
+      stats[l][E] = static_cast<double>(N);
+    }
   }
-  return total / static_cast<double>(router_logits.size());
+  if (reduce) reduce(stats);
+  torch::Tensor total;
+  for (int64_t l = 0; l < L; ++l) {
+    auto p = torch::softmax(router_logits[static_cast<size_t>(l)].to(torch::kFloat32), -1);  // [N, E]
+    auto n = stats[l][E].clamp_min(1.0);
+    auto f = stats[l].narrow(0, 0, E) / (n * static_cast<double>(top_k));                  // [E], sums to 1
+    auto P = p.sum(0) / n;                                                                  // [E]
+    auto loss = (f * P).sum() * static_cast<double>(E);
+    total = total.defined() ? total + loss : loss;
+  }
+  return total / static_cast<double>(L);
 }
 
-torch::Tensor router_z_loss(const std::vector<torch::Tensor>& router_logits) {
+torch::Tensor router_z_loss(const std::vector<torch::Tensor>& router_logits, const AllReduceSum& reduce) {
   TORCH_CHECK(!router_logits.empty(), "router_z_loss: no router logits");
+  const int64_t L = static_cast<int64_t>(router_logits.size());
+  auto counts = torch::zeros({L}, router_logits.front().options().dtype(torch::kFloat32));
+  for (int64_t l = 0; l < L; ++l) counts[l] = static_cast<double>(router_logits[static_cast<size_t>(l)].size(0));
+  if (reduce) reduce(counts);
   torch::Tensor total;
-  for (const auto& logits : router_logits) {
-    auto l = torch::logsumexp(logits.to(torch::kFloat32), -1).pow(2).mean();
-    total = total.defined() ? total + l : l;
+  for (int64_t l = 0; l < L; ++l) {
+    auto loss = torch::logsumexp(router_logits[static_cast<size_t>(l)].to(torch::kFloat32), -1).pow(2).sum() /
+                counts[l].clamp_min(1.0);
+    total = total.defined() ? total + loss : loss;
   }
-  return total / static_cast<double>(router_logits.size());
+  return total / static_cast<double>(L);
 }
 
 }  // namespace omnilite

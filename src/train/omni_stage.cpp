@@ -33,7 +33,8 @@ torch::Tensor target_mask(const torch::Tensor& tokens, const TokenOptions& tk) {
 
 class OmniStage : public TrainStage {
  public:
-  OmniStage(const Config& cfg, torch::Device dev) : cfg_(cfg), dev_(dev), tok_(cfg.data.tokenizer) {
+  OmniStage(const Config& cfg, torch::Device dev, std::shared_ptr<Dist> dist)
+      : cfg_(cfg), dev_(dev), dist_(std::move(dist)), tok_(cfg.data.tokenizer) {
     const auto& tr = cfg.train;
     tok_.check_compatible(cfg.model);
     if (tr.batch_size > 0) {
@@ -44,14 +45,15 @@ class OmniStage : public TrainStage {
     if (tr.caption_batch_size + tr.gen_batch_size > 0) {
       const auto io = image_load_options(cfg.data, std::max(cfg.model.vision.image_size, cfg.model.vqvae.image_size));
       images_ = read_training_images(cfg.data, io.size);
-      mm_ = std::make_unique<MultimodalSampler>(images_, tok_, cfg.model, tr, tr.seed);
+      mm_ = std::make_unique<MultimodalSampler>(images_, tok_, cfg.model, tr, tr.seed, dist_->rank(), dist_->world());
       log::info(log::format("data: %lld images, %lld caption + %lld generation samples per micro-batch, rows of %lld "
                             "tokens", static_cast<long long>(images_.size()), static_cast<long long>(tr.caption_batch_size),
                             static_cast<long long>(tr.gen_batch_size), static_cast<long long>(mm_->seq_len())));
       if (!cfg.data.image_valid.empty()) {
         images_valid_ = read_image_captions(cfg.data.image_valid, io);
         if (images_valid_.size() > 0)
-          mm_valid_ = std::make_unique<MultimodalSampler>(images_valid_, tok_, cfg.model, tr, tr.seed + 1);
+          mm_valid_ = std::make_unique<MultimodalSampler>(images_valid_, tok_, cfg.model, tr, tr.seed + 1,
+                                                          dist_->rank(), dist_->world());
       }
     }
     model_ = OmniLite(cfg.model, *make_linear_builder(cfg));
@@ -121,6 +123,10 @@ class OmniStage : public TrainStage {
       rf_sum += l.rf.item<double>();
     }
     model_->train();
+    auto sums = torch::tensor({text_sum, cap_sum, rf_sum}, torch::kFloat64).to(dev_);  // shares of every rank
+    dist_->all_reduce_sum(sums);
+    sums = sums.cpu();
+    text_sum = sums[0].item<double>(), cap_sum = sums[1].item<double>(), rf_sum = sums[2].item<double>();
     if (text_valid_) out["valid_loss_text"] = text_sum / static_cast<double>(n);
     if (mm_valid_ && cfg_.train.caption_batch_size + cfg_.train.gen_batch_size > 0)
       out["valid_loss_caption"] = cap_sum / static_cast<double>(n);
@@ -146,11 +152,11 @@ class OmniStage : public TrainStage {
                             static_cast<long long>(rows.size(0)), static_cast<long long>(cfg.train.seq_len)));
       return rows;
     }
-    // rows [B, T] of micro-batch m
-    torch::Tensor get(int64_t m, int64_t batch, bool ordered) const {
+    // rows [B, T] of global micro-batch m: this rank's items rank, rank + world, ... of its batch * world rows
+    torch::Tensor get(int64_t m, int64_t batch, bool ordered, int64_t rank, int64_t world) const {
       std::vector<int64_t> idx;
       for (int64_t i = 0; i < batch; ++i) {
-        const int64_t k = m * batch + i;
+        const int64_t k = m * batch * world + rank + world * i;
         idx.push_back(ordered ? k % rows.size(0) : order.at(k));
       }
       return rows.index_select(0, torch::tensor(idx, torch::kInt64));
@@ -161,11 +167,13 @@ class OmniStage : public TrainStage {
 
   OmniMicro make(int64_t m, const TextData* text, const MultimodalSampler* mm, bool ordered = false) const {
     OmniMicro b;
-    if (text && cfg_.train.batch_size > 0) b.text = text->get(m, cfg_.train.batch_size, ordered);
+    if (text && cfg_.train.batch_size > 0)
+      b.text = text->get(m, cfg_.train.batch_size, ordered, dist_->rank(), dist_->world());
     if (mm) b.mm = mm->get(m);
     return b;
   }
 
+  // This rank's shares (see stage.h); with one rank the plain means.
   struct Losses {
     torch::Tensor total, clm, clm_text, clm_mm, rf, aux, z;
   };
@@ -176,13 +184,14 @@ class OmniStage : public TrainStage {
     auto zero = torch::zeros({}, torch::TensorOptions().device(dev_));
     Losses l{zero, zero, zero, zero, zero, zero, zero};
     std::vector<std::vector<torch::Tensor>> routers;
-    double n_text = 0, n_mm = 0;
+    double n_text = 0, n_mm = 0, n_gen = 0;        // target tokens of text / caption rows, generated latent tokens
+    torch::Tensor ce_text = zero, ce_mm = zero, se_rf = zero;  // their summed losses
     if (b.text.defined()) {
       auto tokens = b.text.to(dev_);
       auto out = model_->forward({tokens});
       auto mask = target_mask(tokens, tk);
-      l.clm_text = clm_loss(out.logits.to(torch::kFloat32), tokens, mask);
       n_text = mask.narrow(1, 1, mask.size(1) - 1).sum().item<double>();
+      ce_text = clm_loss(out.logits.to(torch::kFloat32), tokens, mask) * n_text;
       routers.push_back(std::move(out.router_logits));
     }
     if (b.mm.tokens.defined()) {
@@ -200,28 +209,47 @@ class OmniStage : public TrainStage {
       }
       auto out = model_->forward(in);
       auto mask = target_mask(in.tokens, tk);
-      l.clm_mm = clm_loss(out.logits.to(torch::kFloat32), in.tokens, mask);
       n_mm = mask.narrow(1, 1, mask.size(1) - 1).sum().item<double>();
-      if (x1.defined()) l.rf = rf_loss(out.velocity.to(torch::kFloat32), x0, x1);
+      ce_mm = clm_loss(out.logits.to(torch::kFloat32), in.tokens, mask) * n_mm;
+      if (x1.defined()) {
+        n_gen = static_cast<double>(x1.size(0));
+        se_rf = rf_loss(out.velocity.to(torch::kFloat32), x0, x1) * n_gen;
+      }
       routers.push_back(std::move(out.router_logits));
     }
-    // CLM = mean over every target token of the micro-batch (text rows and image-caption rows together).
-    l.clm = (l.clm_text * n_text + l.clm_mm * n_mm) / std::max(1.0, n_text + n_mm);
+    // The counts of the global micro-batch (all ranks). CLM = mean over every target token of it (text rows and
+    // image-caption rows together); RF = mean over its generated latent tokens.
+    auto counts = torch::tensor({n_text, n_mm, n_gen}, torch::kFloat64).to(dev_);
+    const auto reduce = reducer();
+    if (reduce) reduce(counts);
+    counts = counts.cpu();
+    const double N_text = counts[0].item<double>(), N_mm = counts[1].item<double>(), N_gen = counts[2].item<double>();
+    l.clm = (ce_text + ce_mm) / std::max(1.0, N_text + N_mm);
+    l.clm_text = ce_text / std::max(1.0, N_text);
+    l.clm_mm = ce_mm / std::max(1.0, N_mm);
+    l.rf = se_rf / std::max(1.0, N_gen);
     std::vector<torch::Tensor> per_layer;
     for (size_t i = 0; i < routers.front().size(); ++i) {
       std::vector<torch::Tensor> parts;
       for (const auto& r : routers) parts.push_back(r[i].to(torch::kFloat32));
       per_layer.push_back(torch::cat(parts, 0));
     }
-    l.aux = load_balancing_loss(per_layer, cfg_.model.moe.top_k);
-    l.z = router_z_loss(per_layer);
+    l.aux = load_balancing_loss(per_layer, cfg_.model.moe.top_k, reduce);
+    l.z = router_z_loss(per_layer, reduce);
     const auto& tr = cfg_.train;
     l.total = l.clm + tr.rf_weight * l.rf + tr.aux_coef * l.aux + tr.z_coef * l.z;
     return l;
   }
 
+  // Sums over the ranks; empty in one process.
+  AllReduceSum reducer() const {
+    if (dist_->world() == 1) return nullptr;
+    return [d = dist_](torch::Tensor& t) { d->all_reduce_sum(t); };
+  }
+
   Config cfg_;
   torch::Device dev_;
+  std::shared_ptr<Dist> dist_;
   Tokenizer tok_;
   std::unique_ptr<TextData> text_, text_valid_;
   ImageCaptionSet images_, images_valid_;
@@ -232,8 +260,8 @@ class OmniStage : public TrainStage {
 
 }  // namespace
 
-std::unique_ptr<TrainStage> make_omni_stage(const Config& cfg, torch::Device dev) {
-  return std::make_unique<OmniStage>(cfg, dev);
+std::unique_ptr<TrainStage> make_omni_stage(const Config& cfg, torch::Device dev, std::shared_ptr<Dist> dist) {
+  return std::make_unique<OmniStage>(cfg, dev, std::move(dist));
 }
 
 }  // namespace omnilite

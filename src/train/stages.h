@@ -7,8 +7,8 @@
 
 namespace omnilite {
 
-std::unique_ptr<TrainStage> make_omni_stage(const Config& cfg, torch::Device dev);
-std::unique_ptr<TrainStage> make_vqvae_stage(const Config& cfg, torch::Device dev);
-std::unique_ptr<TrainStage> make_classifier_stage(const Config& cfg, torch::Device dev);
+std::unique_ptr<TrainStage> make_omni_stage(const Config& cfg, torch::Device dev, std::shared_ptr<Dist> dist);
+std::unique_ptr<TrainStage> make_vqvae_stage(const Config& cfg, torch::Device dev, std::shared_ptr<Dist> dist);
+std::unique_ptr<TrainStage> make_classifier_stage(const Config& cfg, torch::Device dev, std::shared_ptr<Dist> dist);
 
 }  // namespace omnilite

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <map>
 #include <stdexcept>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -17,11 +18,13 @@
 #define OMNILITE_HAS_LEGACY_PROFILER 0
 #endif
 
+#include "omnilite/eval/metrics.h"
 #include "omnilite/io/checkpoint.h"
 #include "omnilite/io/hf_export.h"
 #include "omnilite/log.h"
 #include "omnilite/pattern.h"
 #include "omnilite/runtime.h"
+#include "omnilite/train/distributed.h"
 #include "omnilite/train/schedule.h"
 #include "omnilite/train/stage.h"
 #include "stages.h"
@@ -64,7 +67,8 @@ struct Checkpointer {
   std::string dir;      // <run>/checkpoints
   int64_t keep_last;
 
-  std::string write(int64_t step, int64_t micro, TrainStage& stage, torch::optim::AdamW& opt, const Config& cfg) {
+  std::string write(int64_t step, int64_t micro, int64_t world, TrainStage& stage, torch::optim::AdamW& opt,
+                    const Config& cfg) {
     fs::create_directories(dir);
     const std::string final_dir = dir + "/" + step_name(step);
     const std::string tmp = dir + "/.tmp-" + step_name(step);
@@ -73,8 +77,9 @@ struct Checkpointer {
     stage.save_weights(tmp, step);
     torch::save(opt, tmp + "/optimizer.pt");
     io::save_safetensors(tmp + "/rng.safetensors", {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}});
+    // micro_batches counts global micro-batches of world_size ranks (the data position, with the config's batch sizes)
     json state = {{"version", io::kCheckpointVersion}, {"stage", cfg.train.stage}, {"step", step},
-                  {"micro_batches", micro}, {"config", to_json(cfg)}};
+                  {"micro_batches", micro}, {"world_size", world}, {"config", to_json(cfg)}};
     io::write_file_synced(tmp + "/state.json", state.dump(2));
     io::fsync_directory(tmp);
     if (fs::exists(final_dir)) fs::remove_all(final_dir);
@@ -125,6 +130,40 @@ class ProfileGuard {
 #endif
 };
 
+// Items per rank and micro-batch of the first data stream the stage reads (omni: text rows, else caption, else
+// generation samples; image stages: images).
+int64_t first_stream_batch(const TrainOptions& tr) {
+  if (tr.stage != "omni" || tr.batch_size > 0) return tr.batch_size;
+  return tr.caption_batch_size > 0 ? tr.caption_batch_size : tr.gen_batch_size;
+}
+
+// The global micro-batch to continue from: the checkpoint's data position (micro-batches of `old_world` ranks with
+// the checkpoint config's batch sizes) in micro-batches of this run. Exact when the global batch is unchanged (e.g.
+// 2 ranks x 4 -> 1 rank x 8); otherwise the position in items of the first stream, rounded up.
+int64_t resume_micro(int64_t micro, int64_t old_world, const TrainOptions& old, int64_t world, const TrainOptions& now) {
+  const int64_t old_global = old_world * first_stream_batch(old), new_global = world * first_stream_batch(now);
+  if (old_global == new_global || old_global <= 0 || new_global <= 0) return micro;
+  const int64_t items = micro * old_global;
+  const int64_t next = (items + new_global - 1) / new_global;
+  log::warn(log::format("resume: the global batch changes from %lld x %lld to %lld x %lld items; the data continues "
+                        "at item %lld of the stream (%lld skipped)", static_cast<long long>(old_world),
+                        static_cast<long long>(first_stream_batch(old)), static_cast<long long>(world),
+                        static_cast<long long>(first_stream_batch(now)), static_cast<long long>(next * new_global),
+                        static_cast<long long>(next * new_global - items)));
+  return next;
+}
+
+// The rank's process group: joins the job named by the environment (torchrun, Slurm, scripts/launch.sh) or, without
+// one, a world of one. Every rank must run the same config and run options (their hash is compared at start).
+std::shared_ptr<Dist> join_job(const DistOptions& env, const Config& cfg, const TrainRunOptions& run, torch::Device dev) {
+  if (env.world_size == 1) return std::make_shared<Dist>();
+  DistOptions o = env;
+  o.timeout_s = cfg.train.dist_timeout_s;
+  const std::string fingerprint = fnv1a_hex(to_json(cfg).dump() + "\n" + run.out_dir + "\n" + run.resume_dir + "\n" +
+                                            std::to_string(run.max_steps));
+  return Dist::join(o, fingerprint, dev);
+}
+
 }  // namespace
 
 std::string latest_checkpoint(const std::string& dir) {
@@ -157,10 +196,11 @@ void TrainStage::save_weights(const std::string& dir, int64_t step) {
 
 void TrainStage::load_weights(const std::string& dir) { io::load_module(module(), dir + "/model.safetensors"); }
 
-std::unique_ptr<TrainStage> make_stage(const Config& cfg, torch::Device dev) {
-  if (cfg.train.stage == "vqvae") return make_vqvae_stage(cfg, dev);
-  if (cfg.train.stage == "classifier") return make_classifier_stage(cfg, dev);
-  return make_omni_stage(cfg, dev);
+std::unique_ptr<TrainStage> make_stage(const Config& cfg, torch::Device dev, std::shared_ptr<Dist> dist) {
+  if (!dist) dist = std::make_shared<Dist>();
+  if (cfg.train.stage == "vqvae") return make_vqvae_stage(cfg, dev, dist);
+  if (cfg.train.stage == "classifier") return make_classifier_stage(cfg, dev, dist);
+  return make_omni_stage(cfg, dev, dist);
 }
 
 TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t warmup, const std::string& profile) {
@@ -208,11 +248,24 @@ TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t war
 TrainResult train(const Config& cfg, const TrainRunOptions& run) {
   const auto& tr = cfg.train;
   const int64_t total_steps = run.max_steps >= 0 ? run.max_steps : tr.steps;
-  const torch::Device dev = apply_runtime(cfg.runtime);
+  // Data parallelism: the ranks of a job share the cores of a node and take cuda:LOCAL_RANK.
+  const DistOptions env = dist_options_from_env();
+  log::set_rank(env.rank);
+  RuntimeOptions rt = cfg.runtime;
+  if (env.world_size > 1) {
+    // "all cores" (0) means this rank's part of them
+    const int64_t cores = std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()) / env.local_world_size);
+    if (rt.threads == 0) rt.threads = cores;
+    if (rt.blas_threads == 0) rt.blas_threads = cores;
+    if (rt.device == "cuda") rt.device = "cuda:" + std::to_string(env.local_rank);
+  }
+  const torch::Device dev = apply_runtime(rt);
   torch::manual_seed(tr.seed);
+  auto dist = join_job(env, cfg, run, dev);
+  const bool main = dist->is_main();
 
   // Data and model of the stage; an empty dataset is an error here, before step 1.
-  auto stage = make_stage(cfg, dev);
+  auto stage = make_stage(cfg, dev, dist);
   auto& model = stage->module();
   int64_t frozen = 0;
   for (auto& p : model.named_parameters())
@@ -224,9 +277,11 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
   if (!tr.freeze.empty()) log::info(log::format("train.freeze: %lld parameters frozen", static_cast<long long>(frozen)));
   auto opt = make_optimizer(model, tr);
 
-  // Run folder and resume.
-  fs::create_directories(run.out_dir);
-  io::write_file_synced(run.out_dir + "/config.json", to_json(cfg).dump(2));
+  // Run folder (rank 0 alone writes) and resume (every rank reads the checkpoint).
+  if (main) {
+    fs::create_directories(run.out_dir);
+    io::write_file_synced(run.out_dir + "/config.json", to_json(cfg).dump(2));
+  }
   Checkpointer ckpt{run.out_dir + "/checkpoints", tr.keep_last};
   int64_t step = 0, micro = 0;
   TrainResult result;
@@ -246,18 +301,40 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     auto gen = at::detail::getDefaultCPUGenerator();  // a copy of the handle to the same generator
     gen.set_state(rng.load("cpu"));
     step = state["step"].get<int64_t>();
-    micro = state["micro_batches"].get<int64_t>();
+    const TrainOptions old = state.contains("config") ? parse_config(state["config"]).train : tr;
+    micro = resume_micro(state["micro_batches"].get<int64_t>(), state.value("world_size", int64_t{1}), old,
+                         dist->world(), tr);
     result.last_checkpoint = dir;
     log::info(log::format("resumed from %s at step %lld", dir.c_str(), static_cast<long long>(step)));
   }
   const std::string metrics_path = run.out_dir + "/metrics.jsonl";
-  truncate_metrics(metrics_path, step);
-  std::ofstream metrics(metrics_path, std::ios::app);
+  std::ofstream metrics;
+  if (main) {
+    truncate_metrics(metrics_path, step);
+    metrics.open(metrics_path, std::ios::app);
+  }
   stage->start(micro);
 
   std::vector<torch::Tensor> params;
   for (const auto& p : model.parameters())
     if (p.requires_grad()) params.push_back(p);
+  // Every rank starts from rank 0's trainable weights; gradients are summed over ranks in buckets during backward.
+  std::unique_ptr<GradReducer> reducer;
+  if (dist->world() > 1) {
+    {
+      torch::NoGradGuard ng;
+      dist->broadcast(params, 0);
+    }
+    reducer = std::make_unique<GradReducer>(dist, params, tr.bucket_mb);
+    int64_t n = 0;
+    for (const auto& p : params) n += p.numel();
+    log::info(log::format("distributed: %lld ranks (%s), global batch = %lld x the configured batch sizes, %lld "
+                          "trainable parameters in %lld all-reduce buckets of <= %g MiB, %lld + %lld threads per rank",
+                          static_cast<long long>(dist->world()), dist->backend().c_str(),
+                          static_cast<long long>(dist->world()), static_cast<long long>(n),
+                          static_cast<long long>(reducer->buckets()), tr.bucket_mb, static_cast<long long>(rt.threads),
+                          static_cast<long long>(rt.blas_threads)));
+  }
   const auto names = stage->terms();
   const std::string rate_key = stage->unit() + "_per_s";
   const auto start = std::chrono::steady_clock::now();
@@ -268,14 +345,27 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     const auto t0 = std::chrono::steady_clock::now();
     opt->zero_grad();
     std::map<std::string, double> sums;
-    double total_sum = 0, wait_s = 0, units = 0;
+    double total_sum = 0, wait_s = 0, units = 0, allreduce_s = 0;
     for (int64_t a = 0; a < tr.grad_accum; ++a) {
       auto r = stage->micro_step(micro++);
+      if (reducer && a + 1 == tr.grad_accum) reducer->arm();  // one all-reduce per optimizer step
       (r.loss / static_cast<double>(tr.grad_accum)).backward();
       for (const auto& [k, v] : r.terms) sums[k] += v;
       total_sum += r.loss.item<double>();
       wait_s += r.wait_s;
       units += r.units;
+    }
+    if (reducer) {
+      allreduce_s = reducer->finish();
+      // The logged values: the ranks' shares summed (every rank then decides alike on a non-finite loss).
+      std::vector<double> v{total_sum, units};
+      for (const auto& k : names) v.push_back(sums[k]);
+      auto t = torch::tensor(v, torch::kFloat64).to(dev);
+      dist->all_reduce_sum(t);
+      t = t.cpu();
+      total_sum = t[0].item<double>();
+      units = t[1].item<double>();
+      for (size_t i = 0; i < names.size(); ++i) sums[names[i]] = t[static_cast<int64_t>(i) + 2].item<double>();
     }
     const double n = static_cast<double>(tr.grad_accum);
     const double loss_value = total_sum / n;
@@ -321,22 +411,32 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
         valid_text += log::format(" | %s %.4f", k.c_str(), v);
       }
     }
-    metrics << m.dump() << "\n";
-    metrics.flush();
+    if (reducer) {
+      m["allreduce_s"] = allreduce_s;
+      m["world_size"] = dist->world();
+    }
+    if (main) {
+      metrics << m.dump() << "\n";
+      metrics.flush();
+    }
     if (step % tr.log_every == 0 || last || step == first_step + 1 || !valid_text.empty()) {
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       const double eta = elapsed / static_cast<double>(step - first_step) * static_cast<double>(total_steps - step);
       std::string line = log::format("step %lld/%lld | loss %.4f", static_cast<long long>(step),
                                      static_cast<long long>(total_steps), loss_value);
       for (const auto& k : names) line += log::format(" | %s %.4f", k.c_str() + (k.rfind("loss_", 0) == 0 ? 5 : 0), sums[k] / n);
-      line += log::format(" | lr %.2e | grad %.2f | %.0f %s/s | data wait %.1f%% | ETA %.0fs", lr, grad_norm, units / dt,
-                          stage->unit().c_str(), 100.0 * wait_s / dt, eta);
+      line += log::format(" | lr %.2e | grad %.2f | %.0f %s/s | data wait %.1f%%", lr, grad_norm, units / dt,
+                          stage->unit().c_str(), 100.0 * wait_s / dt);
+      if (reducer) line += log::format(" | all-reduce %.3fs", allreduce_s);
+      line += log::format(" | ETA %.0fs", eta);
       log::info(line + valid_text);
     }
     if (step % tr.ckpt_every == 0 || last) {
-      stage->before_checkpoint();
-      result.last_checkpoint = ckpt.write(step, micro, *stage, *opt, cfg);
-      log::info("checkpoint " + result.last_checkpoint);
+      stage->before_checkpoint();  // on every rank: keeps their modules alike
+      if (main) {
+        result.last_checkpoint = ckpt.write(step, micro, dist->world(), *stage, *opt, cfg);
+        log::info("checkpoint " + result.last_checkpoint);
+      }
     }
   }
   result.steps_done = step;

@@ -55,10 +55,14 @@ struct MultimodalBatch {
 
 class MultimodalSampler {
  public:
-  // Tokenizes every distinct caption once. T = train.image_seq_len, or the longest row when 0.
+  // Tokenizes every distinct caption once. T = train.image_seq_len, or the longest row when 0. In a data-parallel
+  // run of `world` ranks, this rank (`rank`) serves items rank, rank + world, ... of each global micro-batch (the
+  // caption and generation batch sizes times world).
   MultimodalSampler(const ImageCaptionSet& data, const Tokenizer& tok, const ModelConfig& model,
-                    const TrainOptions& train, uint64_t seed);
-  // The micro-batch `micro`; thread-safe and deterministic in (seed, micro).
+                    const TrainOptions& train, uint64_t seed, int64_t rank = 0, int64_t world = 1);
+  // This rank's part of global micro-batch `micro`; thread-safe and deterministic in (seed, micro). Every random
+  // choice of an item (caption variant, prompt dropout, noise, flow time) comes from a generator seeded by the
+  // item's global index, so any split of a global micro-batch over ranks draws the same values.
   MultimodalBatch get(int64_t micro) const;
   int64_t seq_len() const { return seq_len_; }
 
@@ -66,6 +70,7 @@ class MultimodalSampler {
   const ImageCaptionSet& data_;
   ModelConfig model_;
   int64_t caption_batch_, gen_batch_, seq_len_ = 0;
+  int64_t rank_, world_;
   double cfg_dropout_;
   bool logit_normal_;
   double time_mean_, time_std_;

@@ -10,6 +10,7 @@
 // z    : router z-loss (ST-MoE), mean over tokens of logsumexp(router_logits)^2, averaged over layers.
 #pragma once
 
+#include <functional>
 #include <vector>
 
 #include <torch/torch.h>
@@ -27,9 +28,16 @@ torch::Tensor rf_loss(const torch::Tensor& v_pred, const torch::Tensor& x0, cons
 // n flow times in (0, 1): sigmoid(N(mean, std)) when logit_normal, else uniform. Uses the default generator.
 torch::Tensor sample_flow_times(int64_t n, bool logit_normal, double mean, double std, const torch::TensorOptions& o);
 
-// router_logits: per layer [N, E]; top_k as routed -> scalar
-torch::Tensor load_balancing_loss(const std::vector<torch::Tensor>& router_logits, int64_t top_k);
-// router_logits: per layer [N, E] -> scalar
-torch::Tensor router_z_loss(const std::vector<torch::Tensor>& router_logits);
+// Sums a tensor over data-parallel ranks in place (Dist::all_reduce_sum); empty = one process.
+using AllReduceSum = std::function<void(torch::Tensor&)>;
+
+// router_logits: per layer [N, E]; top_k as routed -> scalar.
+// With `reduce`, this rank's share of the loss of the tokens of all ranks: the slot counts and the token count are
+// summed over ranks first (they carry no gradient), P_e sums this rank's probabilities over the global token count,
+// so the ranks' shares add up to the loss of the union and their gradients to its gradient.
+torch::Tensor load_balancing_loss(const std::vector<torch::Tensor>& router_logits, int64_t top_k,
+                                  const AllReduceSum& reduce = nullptr);
+// router_logits: per layer [N, E] -> scalar; with `reduce`, this rank's share (its sum over the global token count).
+torch::Tensor router_z_loss(const std::vector<torch::Tensor>& router_logits, const AllReduceSum& reduce = nullptr);
 
 }  // namespace omnilite

@@ -4,6 +4,11 @@
 //   "vqvae"      the VQ-VAE alone: reconstruction MSE + codebook + beta * commitment, dead codes restarted.
 //   "classifier" the CNN that judges generated images in eval (cross-entropy on labelled training images).
 // The trainer (trainer.cpp) owns the loop, the optimizer, checkpoints and metrics; a stage owns data and losses.
+//
+// Data-parallel runs (distributed.h): micro-batch m is a global micro-batch of W times the configured batch sizes;
+// a stage reads its rank's items (rank, rank + W, ...) and returns its share of the loss and of every logged term:
+// normalisers (target tokens, router statistics, image counts) are summed over ranks first, so the ranks' shares
+// add up to the global batch's value. With one rank a share is the plain value.
 #pragma once
 
 #include <map>
@@ -16,13 +21,14 @@
 
 #include "omnilite/config.h"
 #include "omnilite/pattern.h"
+#include "omnilite/train/distributed.h"
 
 namespace omnilite {
 
 struct MicroResult {
-  torch::Tensor loss;                   // scalar the trainer back-propagates
-  std::map<std::string, double> terms;  // logged terms of this micro-batch (keys: TrainStage::terms())
-  double units = 0;                     // tokens or images processed (throughput)
+  torch::Tensor loss;                   // scalar the trainer back-propagates (this rank's share)
+  std::map<std::string, double> terms;  // logged terms of this micro-batch (keys: TrainStage::terms(); shares)
+  double units = 0;                     // tokens or images processed by this rank (throughput)
   double wait_s = 0;                    // seconds spent waiting for the data loader
 };
 
@@ -47,12 +53,14 @@ class TrainStage {
   // write the adapters in PEFT's layout) and reads them back on resume.
   virtual void save_weights(const std::string& dir, int64_t step);
   virtual void load_weights(const std::string& dir);
-  // Held-out metrics (keys start with "valid_"); empty when the stage has no held-out data.
+  // Held-out metrics (keys start with "valid_"), the same on every rank (each computes its part, then they are
+  // summed); empty when the stage has no held-out data.
   virtual std::map<std::string, double> validate() { return {}; }
 };
 
-// The stage of cfg.train.stage on `device`; reads its data and reports an empty dataset before step 1.
-std::unique_ptr<TrainStage> make_stage(const Config& cfg, torch::Device device);
+// The stage of cfg.train.stage on `device`; reads its data and reports an empty dataset before step 1. `dist`: the
+// data-parallel group (null = one process).
+std::unique_ptr<TrainStage> make_stage(const Config& cfg, torch::Device device, std::shared_ptr<Dist> dist = nullptr);
 
 // Weights of a VQ-VAE stage run (run folder or checkpoint folder) into `vqvae`; throws naming the folder.
 void load_vqvae_weights(torch::nn::Module& vqvae, const std::string& run_or_checkpoint);

@@ -1,0 +1,297 @@
+// Data-parallel training (c10d): loss shares of split batches add up to the loss of the whole batch; 2 Gloo ranks
+// of batch b take the steps of 1 process of batch 2b (losses and weights), also across a resume that changes the
+// world size; a killed or stopped rank stops the other within the timeout, mismatched ranks are refused at start.
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include "helpers.h"
+#include "omnilite/io/safetensors.h"
+#include "omnilite/log.h"
+#include "omnilite/train/distributed.h"
+#include "omnilite/train/losses.h"
+#include "omnilite/train/trainer.h"
+
+using namespace omnilite;
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+// Runs a shell command; its exit status (-1 when it did not exit normally).
+int run_shell(const std::string& cmd) {
+  const int st = std::system(("bash -c '" + cmd + "'").c_str());
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+std::vector<json> metrics_of(const std::string& run) {
+  std::ifstream f(run + "/metrics.jsonl");
+  std::vector<json> out;
+  std::string line;
+  while (std::getline(f, line)) out.push_back(json::parse(line));
+  return out;
+}
+
+// A rendezvous port of this test process (parallel ctest runs must not meet).
+int test_port(int k) { return 20000 + static_cast<int>(getpid() % 20000) + k; }
+
+// Tiny model on text rows and image-caption rows (synthetic images), activation checkpointing on (several gradients
+// per parameter and step), small buckets (several all-reduces in flight), one thread per process.
+std::string write_config(const std::string& dir, int64_t batch, int64_t caption_batch) {
+  const auto [corpus, model] = testing::word_corpus_and_tokenizer(dir + "/data");
+  const auto train_prefix = testing::write_synthetic_fashion(dir + "/data", "train", 32, 4, 1);
+  Config c = testing::load("configs/tiny.json");
+  c.model.text.vocab_size = 320;
+  c.data.tokenizer = model;
+  c.data.text_train = {corpus};
+  c.data.text_valid = {corpus};
+  c.data.image_train = {train_prefix};
+  c.data.image_valid = {train_prefix};
+  c.train.batch_size = batch;
+  c.train.caption_batch_size = caption_batch;
+  c.train.seq_len = 24;
+  c.train.grad_accum = 2;
+  c.train.lr = 3e-3;
+  // AdamW divides a gradient by its own magnitude plus eps: the patch embedding's gradients (~1e-8) are of eps = 1e-8's
+  // size, which turns the fp32 rounding of a differently ordered batch sum (~1e-7 relative) into 5.6e-5 (relative to
+  // the tensor's largest weight) after 5 steps. With eps = 1e-4 the weights compare the reduction itself (6e-7).
+  c.train.eps = 1e-4;
+  c.train.warmup_steps = 2;
+  c.train.steps = 5;
+  c.train.ckpt_every = 3;
+  c.train.keep_last = 5;
+  c.train.valid_batches = 2;
+  c.train.activation_checkpointing = true;
+  c.train.bucket_mb = 0.05;
+  c.train.dist_timeout_s = 60;
+  c.train.loader_threads = 0;
+  c.runtime.threads = 1;
+  c.runtime.blas_threads = 1;
+  const std::string path = dir + "/config_b" + std::to_string(batch) + ".json";
+  std::ofstream(path) << to_json(c).dump(2);
+  return path;
+}
+
+std::string cli() { return OMNILITE_CLI_PATH; }
+std::string launch(int nproc, int port) {
+  return testing::source_path("scripts/launch.sh") + " --nproc " + std::to_string(nproc) + " --master-port " +
+         std::to_string(port) + " -- ";
+}
+
+// Over all tensors of two checkpoints: the largest max|a - b| / max|b| (difference against the tensor's scale).
+std::pair<double, std::string> max_weight_diff(const std::string& a, const std::string& b) {
+  io::SafetensorsReader ra(a), rb(b);
+  REQUIRE(ra.tensors().size() == rb.tensors().size());
+  std::pair<double, std::string> worst{0.0, ""};
+  for (const auto& [name, e] : rb.tensors()) {
+    auto x = ra.load(name).to(torch::kFloat64), y = rb.load(name).to(torch::kFloat64);
+    const double d = (x - y).abs().max().item<double>() / std::max(1e-12, y.abs().max().item<double>());
+    if (d > worst.first) worst = {d, name + log::format(" (max |difference| %.3g)", (x - y).abs().max().item<double>())};
+  }
+  return worst;
+}
+
+}  // namespace
+
+TEST_CASE("MoE loss shares of two halves add up to the loss of the union, and so do their gradients", "[dist]") {
+  torch::manual_seed(3);
+  const int64_t E = 6, K = 2;
+  auto a = torch::randn({10, E}, torch::kFloat64).requires_grad_(true);
+  auto b = torch::randn({7, E}, torch::kFloat64).requires_grad_(true);
+  // A stand-in for the all-reduce of rank "a": the statistics it is given plus those rank "b" contributes, which are
+  // recorded by running the same function on b with a recording reducer.
+  auto shares = [&](auto&& loss_fn) {
+    torch::Tensor from_a, from_b;
+    loss_fn(a, [&](torch::Tensor& t) { from_a = t.clone(); });
+    loss_fn(b, [&](torch::Tensor& t) { from_b = t.clone(); });
+    auto sa = loss_fn(a, [&](torch::Tensor& t) { t += from_b; });
+    auto sb = loss_fn(b, [&](torch::Tensor& t) { t += from_a; });
+    return std::make_pair(sa, sb);
+  };
+  auto whole = torch::cat({a, b}, 0);
+  for (int which = 0; which < 2; ++which) {
+    auto fn = [&](const torch::Tensor& x, const AllReduceSum& r) {
+      return which == 0 ? load_balancing_loss({x, x * 0.5}, K, r) : router_z_loss({x, x * 0.5}, r);
+    };
+    auto [sa, sb] = shares(fn);
+    auto ref = which == 0 ? load_balancing_loss({whole, whole * 0.5}, K) : router_z_loss({whole, whole * 0.5});
+    INFO((which == 0 ? "load balancing" : "z-loss"));
+    CHECK((sa + sb).item<double>() == Approx(ref.item<double>()).epsilon(1e-6));
+    CHECK(std::abs(sa.item<double>() - ref.item<double>()) > 1e-3);  // a share alone is not the whole
+    auto ga = torch::autograd::grad({sa}, {a})[0], gb = torch::autograd::grad({sb}, {b})[0];
+    auto gref = torch::autograd::grad({ref}, {a, b});
+    CHECK(torch::allclose(ga, gref[0], 1e-6, 1e-9));
+    CHECK(torch::allclose(gb, gref[1], 1e-6, 1e-9));
+  }
+}
+
+TEST_CASE("the launch environment is read from torchrun's or Slurm's variables, and a bad one is named", "[dist]") {
+  for (const char* v : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"})
+    unsetenv(v);
+  auto o = dist_options_from_env();
+  CHECK(o.world_size == 1);
+  CHECK(o.rank == 0);
+  setenv("SLURM_PROCID", "5", 1);
+  setenv("SLURM_NTASKS", "8", 1);
+  setenv("SLURM_LOCALID", "1", 1);
+  setenv("SLURM_NTASKS_PER_NODE", "4(x2)", 1);
+  setenv("MASTER_ADDR", "node07", 1);
+  o = dist_options_from_env();
+  CHECK(o.rank == 5);
+  CHECK(o.world_size == 8);
+  CHECK(o.local_rank == 1);
+  CHECK(o.local_world_size == 4);
+  CHECK(o.master_addr == "node07");
+  CHECK(o.master_port == 29500);
+  setenv("RANK", "2", 1);  // torchrun's variables win over Slurm's
+  setenv("WORLD_SIZE", "3", 1);
+  o = dist_options_from_env();
+  CHECK(o.rank == 2);
+  CHECK(o.world_size == 3);
+  setenv("RANK", "3", 1);
+  CHECK_THROWS_WITH(dist_options_from_env(), Catch::Contains("RANK = 3") && Catch::Contains("WORLD_SIZE = 3"));
+  setenv("RANK", "two", 1);
+  CHECK_THROWS_WITH(dist_options_from_env(), Catch::Contains("RANK") && Catch::Contains("\"two\""));
+  setenv("RANK", "0", 1);
+  setenv("MASTER_PORT", "70000", 1);
+  CHECK_THROWS_WITH(dist_options_from_env(), Catch::Contains("MASTER_PORT = 70000"));
+  for (const char* v : {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                        "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"})
+    unsetenv(v);
+}
+
+TEST_CASE("2 Gloo ranks of batch b take the steps of 1 process of batch 2b, also across a resume to 1 process",
+          "[dist][slow]") {
+  if (dist_backends().find("gloo") == std::string::npos) {
+    WARN("skipped: this build has no Gloo backend (install libgloo-dev and rebuild)");
+    return;
+  }
+  const std::string dir = testing::fresh_temp_dir("omnilite_test_dist");
+  const std::string half = write_config(dir, 2, 2), whole = write_config(dir, 4, 4);
+  const std::string two = dir + "/two", one = dir + "/one", mixed = dir + "/mixed";
+  REQUIRE(run_shell(launch(2, test_port(0)) + cli() + " train --config " + half + " --out " + two + " > " + dir +
+                    "/two.log 2>&1") == 0);
+  REQUIRE(run_shell(cli() + " train --config " + whole + " --out " + one + " > " + dir + "/one.log 2>&1") == 0);
+  // 3 steps on 2 ranks, then steps 4-5 in one process with the same global batch
+  REQUIRE(run_shell(launch(2, test_port(1)) + cli() + " train --config " + half + " --out " + mixed +
+                    " --max-steps 3 > " + dir + "/mixed.log 2>&1") == 0);
+  REQUIRE(run_shell(cli() + " train --config " + whole + " --out " + mixed + " --resume " + mixed + " >> " + dir +
+                    "/mixed.log 2>&1") == 0);
+
+  const auto m2 = metrics_of(two), m1 = metrics_of(one), mm = metrics_of(mixed);
+  REQUIRE(m1.size() == 5);
+  REQUIRE(m2.size() == 5);
+  REQUIRE(mm.size() == 5);
+  for (size_t s = 0; s < 5; ++s) {
+    INFO("step " << s + 1);
+    for (const char* k : {"loss", "loss_clm", "loss_aux", "loss_z", "loss_caption", "grad_norm"}) {
+      INFO(k << ": 2 ranks " << m2[s][k].get<double>() << ", 1 process " << m1[s][k].get<double>());
+      CHECK(m2[s][k].get<double>() == Approx(m1[s][k].get<double>()).epsilon(1e-5));
+      CHECK(mm[s][k].get<double>() == Approx(m1[s][k].get<double>()).epsilon(1e-5));
+    }
+    CHECK(m2[s]["world_size"].get<int64_t>() == 2);
+    CHECK(m2[s]["allreduce_s"].get<double>() >= 0);
+    CHECK(m2[s]["tokens_per_s"].get<double>() > 0);
+  }
+  CHECK(m1.back()["loss"].get<double>() < m1.front()["loss"].get<double>());
+  CHECK(m2.back()["valid_loss_text"].get<double>() == Approx(m1.back()["valid_loss_text"].get<double>()).epsilon(1e-5));
+  CHECK(m2.back()["valid_loss_caption"].get<double>() ==
+        Approx(m1.back()["valid_loss_caption"].get<double>()).epsilon(1e-5));
+  const std::string last = "/checkpoints/step_0000005/model.safetensors";
+  const auto [d2, w2] = max_weight_diff(two + last, one + last);
+  const auto [dm, wm] = max_weight_diff(mixed + last, one + last);
+  INFO("final weights, largest difference / tensor scale: 2 ranks " << d2 << " in " << w2
+       << ", 2 ranks then 1 process " << dm << " in " << wm);
+  CHECK(d2 < 1e-5);
+  CHECK(dm < 1e-5);
+  // rank 0 alone wrote: one metrics line per step, the checkpoint records the world size
+  std::ifstream sf(two + "/checkpoints/step_0000005/state.json");
+  CHECK(json::parse(sf)["world_size"].get<int64_t>() == 2);
+}
+
+TEST_CASE("a killed or stopped rank stops the other with an error within the timeout, mismatched ranks are refused",
+          "[dist][slow]") {
+  if (dist_backends().find("gloo") == std::string::npos) {
+    WARN("skipped: this build has no Gloo backend (install libgloo-dev and rebuild)");
+    return;
+  }
+  const std::string dir = testing::fresh_temp_dir("omnilite_test_dist_fault");
+  const std::string cfg = write_config(dir, 2, 2);
+  // Starts rank 0 and rank 1 by hand (no launcher, which would stop the survivor itself), waits until rank 0 has
+  // logged a step, applies `signal` to rank 1, and writes rank 0's exit status and the seconds it took to exit.
+  auto fault = [&](const std::string& name, const std::string& signal, int port) {
+    const std::string run = dir + "/" + name;
+    const std::string env = "WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port);
+    const std::string args = " train --config " + cfg + " --out " + run +
+                             " --max-steps 100000 --set train.steps=100000 --set train.dist_timeout_s=5";
+    const std::string script =
+        "RANK=0 " + env + " " + cli() + args + " > " + run + ".r0.log 2>&1 & p0=$!; " +
+        "RANK=1 " + env + " " + cli() + args + " > " + run + ".r1.log 2>&1 & p1=$!; " +
+        "for i in $(seq 600); do [ -s " + run + "/metrics.jsonl ] && break; sleep 0.2; done; " +
+        "kill -" + signal + " $p1; t0=$(date +%s%N); wait $p0; rc=$?; t1=$(date +%s%N); " +
+        "kill -9 $p1 2>/dev/null; wait $p1 2>/dev/null; " +
+        "echo $rc $(( (t1 - t0) / 1000000 )) > " + run + ".result";
+    run_shell(script);
+    std::ifstream f(run + ".result");
+    int rc = -1;
+    double ms = -1;
+    f >> rc >> ms;
+    const double seconds = ms / 1000.0;
+    std::ifstream lf(run + ".r0.log");
+    const std::string log((std::istreambuf_iterator<char>(lf)), std::istreambuf_iterator<char>());
+    return std::make_tuple(rc, seconds, log);
+  };
+  {
+    const auto [rc, seconds, log] = fault("killed", "9", test_port(2));
+    INFO(log);
+    CHECK(rc != 0);
+    CHECK(seconds < 5 + 10);
+    CHECK_THAT(log, Catch::Contains("distributed: rank 0") && Catch::Contains("failed"));
+  }
+  {
+    const auto [rc, seconds, log] = fault("stopped", "STOP", test_port(3));
+    INFO(log);
+    CHECK(rc != 0);
+    CHECK(seconds < 5 + 10);
+    CHECK_THAT(log, Catch::Contains("distributed: rank 0") && Catch::Contains("train.dist_timeout_s = 5"));
+  }
+  // A different config on rank 1, then a different world size: both ranks refuse to start, naming the difference.
+  auto mismatch = [&](const std::string& name, const std::string& world1, const std::string& extra1, int port) {
+    const std::string run = dir + "/" + name;
+    const std::string env = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port);
+    const std::string args = " train --config " + cfg + " --out " + run + " --set train.dist_timeout_s=20";
+    run_shell("RANK=0 WORLD_SIZE=2 " + env + " " + cli() + args + " > " + run + ".r0.log 2>&1 & p0=$!; " +
+              "RANK=1 WORLD_SIZE=" + world1 + " " + env + " " + cli() + args + extra1 + " > " + run +
+              ".r1.log 2>&1; r1=$?; wait $p0; echo $? $r1 > " + run + ".result");
+    std::ifstream f(run + ".result");
+    int rc0 = -1, rc1 = -1;
+    f >> rc0 >> rc1;
+    std::ifstream l0(run + ".r0.log"), l1(run + ".r1.log");
+    return std::make_tuple(rc0, rc1, std::string((std::istreambuf_iterator<char>(l0)), std::istreambuf_iterator<char>()),
+                           std::string((std::istreambuf_iterator<char>(l1)), std::istreambuf_iterator<char>()));
+  };
+  {
+    const auto [rc0, rc1, log0, log1] = mismatch("config", "2", " --set train.lr=0.1", test_port(4));
+    INFO(log0 << "\n---\n" << log1);
+    CHECK(rc0 != 0);
+    CHECK(rc1 != 0);
+    CHECK_THAT(log0, Catch::Contains("rank 0 and rank 1 run different configs"));
+    CHECK_THAT(log1, Catch::Contains("rank 1 and rank 0 run different configs"));
+  }
+  {
+    const auto [rc0, rc1, log0, log1] = mismatch("world", "3", "", test_port(5));
+    INFO(log0 << "\n---\n" << log1);
+    CHECK(rc0 != 0);
+    CHECK(rc1 != 0);
+    CHECK_THAT(log0, Catch::Contains("rank 0 runs with WORLD_SIZE = 2, rank 1 with 3"));
+    CHECK_THAT(log1, Catch::Contains("rank 1 runs with WORLD_SIZE = 3, rank 0 with 2"));
+  }
+}
