@@ -1,6 +1,6 @@
 // Data-parallel training (c10d): loss shares of split batches add up to the loss of the whole batch; 2 Gloo ranks
-// of batch b take the steps of 1 process of batch 2b (losses and weights), also across a resume that changes the
-// world size; a killed or stopped rank stops the other within the timeout, mismatched ranks are refused at start.
+// of batch b take the steps of 1 process of batch 2b (losses and weights), with ZeRO-1, across a ZeRO-1 resume and a
+// resume that changes the world size; a killed or stopped rank stops the other within the timeout, mismatched ranks are refused at start.
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
@@ -80,6 +80,13 @@ std::string write_config(const std::string& dir, int64_t batch, int64_t caption_
 }
 
 std::string cli() { return OMNILITE_CLI_PATH; }
+
+// Whether this build can run Gloo ranks; says why a test skips when not.
+bool have_gloo() {
+  if (dist_backends().find("gloo") != std::string::npos) return true;
+  WARN("skipped: this build has no Gloo backend (install libgloo-dev and rebuild)");
+  return false;
+}
 std::string launch(int nproc, int port) {
   return testing::source_path("scripts/launch.sh") + " --nproc " + std::to_string(nproc) + " --master-port " +
          std::to_string(port) + " -- ";
@@ -168,50 +175,55 @@ TEST_CASE("the launch environment is read from torchrun's or Slurm's variables, 
     unsetenv(v);
 }
 
-TEST_CASE("2 Gloo ranks of batch b take the steps of 1 process of batch 2b, also across a resume to 1 process",
+TEST_CASE("2 Gloo ranks of batch b take the steps of 1 process of batch 2b, with ZeRO-1 and across resumes",
           "[dist][slow]") {
-  if (dist_backends().find("gloo") == std::string::npos) {
-    WARN("skipped: this build has no Gloo backend (install libgloo-dev and rebuild)");
-    return;
-  }
+  if (!have_gloo()) return;
   const std::string dir = testing::fresh_temp_dir("omnilite_test_dist");
   const std::string half = write_config(dir, 2, 2), whole = write_config(dir, 4, 4);
-  const std::string two = dir + "/two", one = dir + "/one", mixed = dir + "/mixed";
+  const std::string two = dir + "/two", one = dir + "/one", zero = dir + "/zero", mixed = dir + "/mixed";
+  const std::string zero1 = " --set train.zero1=true";
   REQUIRE(run_shell(launch(2, test_port(0)) + cli() + " train --config " + half + " --out " + two + " > " + dir +
                     "/two.log 2>&1") == 0);
   REQUIRE(run_shell(cli() + " train --config " + whole + " --out " + one + " > " + dir + "/one.log 2>&1") == 0);
-  // 3 steps on 2 ranks, then steps 4-5 in one process with the same global batch
-  REQUIRE(run_shell(launch(2, test_port(1)) + cli() + " train --config " + half + " --out " + mixed +
+  // ZeRO-1 on 2 ranks: 3 steps, then resumed on 2 ranks to 5
+  REQUIRE(run_shell(launch(2, test_port(1)) + cli() + " train --config " + half + zero1 + " --out " + zero +
+                    " --max-steps 3 > " + dir + "/zero.log 2>&1") == 0);
+  REQUIRE(run_shell(launch(2, test_port(2)) + cli() + " train --config " + half + zero1 + " --out " + zero +
+                    " --resume " + zero + " >> " + dir + "/zero.log 2>&1") == 0);
+  // 3 steps on 2 ZeRO-1 ranks, then steps 4-5 in one process with the same global batch
+  REQUIRE(run_shell(launch(2, test_port(3)) + cli() + " train --config " + half + zero1 + " --out " + mixed +
                     " --max-steps 3 > " + dir + "/mixed.log 2>&1") == 0);
   REQUIRE(run_shell(cli() + " train --config " + whole + " --out " + mixed + " --resume " + mixed + " >> " + dir +
                     "/mixed.log 2>&1") == 0);
 
-  const auto m2 = metrics_of(two), m1 = metrics_of(one), mm = metrics_of(mixed);
+  const auto m1 = metrics_of(one);
   REQUIRE(m1.size() == 5);
-  REQUIRE(m2.size() == 5);
-  REQUIRE(mm.size() == 5);
-  for (size_t s = 0; s < 5; ++s) {
-    INFO("step " << s + 1);
-    for (const char* k : {"loss", "loss_clm", "loss_aux", "loss_z", "loss_caption", "grad_norm"}) {
-      INFO(k << ": 2 ranks " << m2[s][k].get<double>() << ", 1 process " << m1[s][k].get<double>());
-      CHECK(m2[s][k].get<double>() == Approx(m1[s][k].get<double>()).epsilon(1e-5));
-      CHECK(mm[s][k].get<double>() == Approx(m1[s][k].get<double>()).epsilon(1e-5));
-    }
-    CHECK(m2[s]["world_size"].get<int64_t>() == 2);
-    CHECK(m2[s]["allreduce_s"].get<double>() >= 0);
-    CHECK(m2[s]["tokens_per_s"].get<double>() > 0);
-  }
   CHECK(m1.back()["loss"].get<double>() < m1.front()["loss"].get<double>());
-  CHECK(m2.back()["valid_loss_text"].get<double>() == Approx(m1.back()["valid_loss_text"].get<double>()).epsilon(1e-5));
-  CHECK(m2.back()["valid_loss_caption"].get<double>() ==
-        Approx(m1.back()["valid_loss_caption"].get<double>()).epsilon(1e-5));
   const std::string last = "/checkpoints/step_0000005/model.safetensors";
-  const auto [d2, w2] = max_weight_diff(two + last, one + last);
-  const auto [dm, wm] = max_weight_diff(mixed + last, one + last);
-  INFO("final weights, largest difference / tensor scale: 2 ranks " << d2 << " in " << w2
-       << ", 2 ranks then 1 process " << dm << " in " << wm);
-  CHECK(d2 < 1e-5);
-  CHECK(dm < 1e-5);
+  for (const auto& run : {two, zero, mixed}) {
+    INFO("run " << run << " against 1 process");
+    const auto m = metrics_of(run);
+    REQUIRE(m.size() == 5);
+    for (size_t s = 0; s < 5; ++s) {
+      INFO("step " << s + 1);
+      for (const char* k : {"loss", "loss_clm", "loss_aux", "loss_z", "loss_caption", "grad_norm"}) {
+        INFO(k << ": " << m[s][k].get<double>() << " vs " << m1[s][k].get<double>());
+        CHECK(m[s][k].get<double>() == Approx(m1[s][k].get<double>()).epsilon(1e-5));
+      }
+      CHECK(m[s].value("world_size", int64_t{1}) == (run == mixed && s >= 3 ? 1 : 2));
+      CHECK(m[s].value("allreduce_s", 0.0) >= 0);
+      CHECK(m[s]["tokens_per_s"].get<double>() > 0);
+    }
+    CHECK(m.back()["valid_loss_text"].get<double>() == Approx(m1.back()["valid_loss_text"].get<double>()).epsilon(1e-5));
+    CHECK(m.back()["valid_loss_caption"].get<double>() ==
+          Approx(m1.back()["valid_loss_caption"].get<double>()).epsilon(1e-5));
+    const auto [d, where] = max_weight_diff(run + last, one + last);
+    INFO("final weights, largest difference / tensor scale " << d << " in " << where);
+    CHECK(d < 1e-5);
+  }
+  std::ifstream zl(dir + "/zero.log");
+  CHECK_THAT(std::string((std::istreambuf_iterator<char>(zl)), std::istreambuf_iterator<char>()),
+             Catch::Contains("zero1: rank 0 holds the AdamW state of"));
   // rank 0 alone wrote: one metrics line per step, the checkpoint records the world size
   std::ifstream sf(two + "/checkpoints/step_0000005/state.json");
   CHECK(json::parse(sf)["world_size"].get<int64_t>() == 2);
@@ -219,10 +231,7 @@ TEST_CASE("2 Gloo ranks of batch b take the steps of 1 process of batch 2b, also
 
 TEST_CASE("a killed or stopped rank stops the other with an error within the timeout, mismatched ranks are refused",
           "[dist][slow]") {
-  if (dist_backends().find("gloo") == std::string::npos) {
-    WARN("skipped: this build has no Gloo backend (install libgloo-dev and rebuild)");
-    return;
-  }
+  if (!have_gloo()) return;
   const std::string dir = testing::fresh_temp_dir("omnilite_test_dist_fault");
   const std::string cfg = write_config(dir, 2, 2);
   // Starts rank 0 and rank 1 by hand (no launcher, which would stop the survivor itself), waits until rank 0 has
@@ -250,14 +259,14 @@ TEST_CASE("a killed or stopped rank stops the other with an error within the tim
     return std::make_tuple(rc, seconds, log);
   };
   {
-    const auto [rc, seconds, log] = fault("killed", "9", test_port(2));
+    const auto [rc, seconds, log] = fault("killed", "9", test_port(10));
     INFO(log);
     CHECK(rc != 0);
     CHECK(seconds < 5 + 10);
     CHECK_THAT(log, Catch::Contains("distributed: rank 0") && Catch::Contains("failed"));
   }
   {
-    const auto [rc, seconds, log] = fault("stopped", "STOP", test_port(3));
+    const auto [rc, seconds, log] = fault("stopped", "STOP", test_port(11));
     INFO(log);
     CHECK(rc != 0);
     CHECK(seconds < 5 + 10);
@@ -279,7 +288,7 @@ TEST_CASE("a killed or stopped rank stops the other with an error within the tim
                            std::string((std::istreambuf_iterator<char>(l1)), std::istreambuf_iterator<char>()));
   };
   {
-    const auto [rc0, rc1, log0, log1] = mismatch("config", "2", " --set train.lr=0.1", test_port(4));
+    const auto [rc0, rc1, log0, log1] = mismatch("config", "2", " --set train.lr=0.1", test_port(12));
     INFO(log0 << "\n---\n" << log1);
     CHECK(rc0 != 0);
     CHECK(rc1 != 0);
@@ -287,7 +296,7 @@ TEST_CASE("a killed or stopped rank stops the other with an error within the tim
     CHECK_THAT(log1, Catch::Contains("rank 1 and rank 0 run different configs"));
   }
   {
-    const auto [rc0, rc1, log0, log1] = mismatch("world", "3", "", test_port(5));
+    const auto [rc0, rc1, log0, log1] = mismatch("world", "3", "", test_port(13));
     INFO(log0 << "\n---\n" << log1);
     CHECK(rc0 != 0);
     CHECK(rc1 != 0);

@@ -161,6 +161,8 @@ struct TrainOptions {
   double dist_timeout_s = 600;    // data-parallel runs: a rendezvous or collective that waits longer (a rank died or
                                   // hangs) stops every rank with an error
   double bucket_mb = 25;          // data-parallel runs: MiB of gradients per all-reduce bucket
+  bool zero1 = false;             // data-parallel runs: ZeRO stage 1, the AdamW state sharded across ranks (each steps
+                                  // and broadcasts its share of the parameters; checkpoints stay unsharded)
 };
 
 // Where the training data is.

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <stdexcept>
 #include <thread>
@@ -27,6 +28,7 @@
 #include "omnilite/train/distributed.h"
 #include "omnilite/train/schedule.h"
 #include "omnilite/train/stage.h"
+#include "omnilite/train/zero.h"
 #include "stages.h"
 
 namespace omnilite {
@@ -44,11 +46,12 @@ std::string step_name(int64_t step) {
 
 
 // AdamW with decay on matrices only: norms, biases (1-d), the token embedding, position tables and the resampler
-// latents take none.
-std::unique_ptr<torch::optim::AdamW> make_optimizer(torch::nn::Module& model, const TrainOptions& tr) {
+// latents take none. `keep`: the parameters to optimise (all trainable ones when empty; ZeRO-1 gives a rank's share).
+std::unique_ptr<torch::optim::AdamW> make_optimizer(torch::nn::Module& model, const TrainOptions& tr,
+                                                    const std::function<bool(const torch::Tensor&)>& keep = nullptr) {
   std::vector<torch::Tensor> decay, no_decay;
   for (const auto& p : model.named_parameters()) {
-    if (!p.value().requires_grad()) continue;
+    if (!p.value().requires_grad() || (keep && !keep(p.value()))) continue;
     const std::string& k = p.key();
     const bool embedding_like = k == "text.embed_tokens.weight" || k.find("pos_embed") != std::string::npos ||
                                 k == "resampler.latents" || k.find("codebook") != std::string::npos;
@@ -275,7 +278,25 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
         frozen += p.value().numel();
       }
   if (!tr.freeze.empty()) log::info(log::format("train.freeze: %lld parameters frozen", static_cast<long long>(frozen)));
+  std::vector<torch::Tensor> params;
+  for (const auto& p : model.parameters())
+    if (p.requires_grad()) params.push_back(p);
   auto opt = make_optimizer(model, tr);
+  // ZeRO-1: `opt` steps this rank's share; `full_opt` (no state of its own) carries the unsharded checkpoint format.
+  std::unique_ptr<Zero1> zero;
+  std::unique_ptr<torch::optim::AdamW> full_opt;
+  if (tr.zero1 && dist->world() > 1) {
+    zero = std::make_unique<Zero1>(dist, params);
+    full_opt = std::move(opt);
+    opt = make_optimizer(model, tr, [&](const torch::Tensor& p) { return zero->owns(p); });
+    const double bytes = 2.0 * static_cast<double>(params.front().element_size()) / (1024.0 * 1024.0);
+    log::info(log::format("zero1: rank 0 holds the AdamW state of %lld of %lld trainable parameters: %.1f MiB instead "
+                          "of %.1f MiB (%.1f MiB saved per rank)", static_cast<long long>(zero->owned_numel()),
+                          static_cast<long long>(zero->total_numel()), zero->owned_numel() * bytes,
+                          zero->total_numel() * bytes, (zero->total_numel() - zero->owned_numel()) * bytes));
+  } else if (tr.zero1) {
+    log::info("zero1: one process, nothing to shard");
+  }
 
   // Run folder (rank 0 alone writes) and resume (every rank reads the checkpoint).
   if (main) {
@@ -295,7 +316,12 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
       throw std::runtime_error("checkpoint \"" + dir + "\" belongs to train.stage = \"" + state.value("stage", std::string()) +
                                "\", this run is \"" + tr.stage + "\"");
     stage->load_weights(dir);
-    torch::load(*opt, dir + "/optimizer.pt");
+    if (zero) {
+      torch::load(*full_opt, dir + "/optimizer.pt");
+      zero->take_state(*full_opt, *opt);
+    } else {
+      torch::load(*opt, dir + "/optimizer.pt");
+    }
     io::SafetensorsReader rng(dir + "/rng.safetensors");
     rng.verify_checksum();
     auto gen = at::detail::getDefaultCPUGenerator();  // a copy of the handle to the same generator
@@ -315,9 +341,6 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
   }
   stage->start(micro);
 
-  std::vector<torch::Tensor> params;
-  for (const auto& p : model.parameters())
-    if (p.requires_grad()) params.push_back(p);
   // Every rank starts from rank 0's trainable weights; gradients are summed over ranks in buckets during backward.
   std::unique_ptr<GradReducer> reducer;
   if (dist->world() > 1) {
@@ -343,7 +366,7 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
   bool first = true;
   while (step < total_steps) {
     const auto t0 = std::chrono::steady_clock::now();
-    opt->zero_grad();
+    (zero ? *full_opt : *opt).zero_grad();  // every trainable parameter's (the sharded optimizer holds a share)
     std::map<std::string, double> sums;
     double total_sum = 0, wait_s = 0, units = 0, allreduce_s = 0;
     for (int64_t a = 0; a < tr.grad_accum; ++a) {
@@ -378,6 +401,7 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
                                    : torch::nn::utils::clip_grad_norm_(params, 1e30);
       for (auto& g : opt->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
       opt->step();
+      if (zero) zero->broadcast_params();
       bad_in_row = 0;
     } else {
       ++bad_in_row;
@@ -433,10 +457,12 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     }
     if (step % tr.ckpt_every == 0 || last) {
       stage->before_checkpoint();  // on every rank: keeps their modules alike
+      if (zero) zero->gather_state(*opt, *full_opt);
       if (main) {
-        result.last_checkpoint = ckpt.write(step, micro, dist->world(), *stage, *opt, cfg);
+        result.last_checkpoint = ckpt.write(step, micro, dist->world(), *stage, zero ? *full_opt : *opt, cfg);
         log::info("checkpoint " + result.last_checkpoint);
       }
+      if (zero) full_opt->state().clear();
     }
   }
   result.steps_done = step;
