@@ -31,7 +31,8 @@ done
 mean() { { grep -o "\"$2\":[0-9.e+-]*" "$1" || true; } | tail -n +3 | awk -F: '{s+=$2; n++} END {if (n) printf "%.4g", s/n; else print "-"}'; }
 
 echo "config $CONFIG, global batch: $text text rows + $cap caption + $gen generation samples per step, $STEPS steps"
-printf "%-10s %-30s %14s %18s\n" processes "per-rank batch (text/cap/gen)" "tokens/s" "all-reduce s/step"
+printf "%-10s %-30s %14s %18s %22s\n" processes "per-rank batch (text/cap/gen)" "tokens/s" "all-reduce s/step" \
+  "buckets started early"
 for n in 1 "$NPROC"; do
   run=$OUT/np$n
   rm -rf "$run"
@@ -43,6 +44,7 @@ for n in 1 "$NPROC"; do
   else scripts/launch.sh --nproc "$n" -- "$BIN" "${args[@]}" > "$run.log" 2>&1; fi
   tps=$(mean "$run/metrics.jsonl" tokens_per_s)
   ar=$(mean "$run/metrics.jsonl" allreduce_s)
-  [[ $n == 1 ]] && ar=0
-  printf "%-10s %-30s %14s %18s\n" "$n" "$((text / n))/$((cap / n))/$((gen / n))" "$tps" "$ar"
+  early=$(mean "$run/metrics.jsonl" allreduce_buckets_early)
+  buckets=$(grep -o "in [0-9]* all-reduce buckets" "$run.log" | grep -o "[0-9]*" || echo "-")
+  printf "%-10s %-30s %14s %18s %22s\n" "$n" "$((text / n))/$((cap / n))/$((gen / n))" "$tps" "$ar" "$early of $buckets"
 done

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <stdexcept>
+#include <thread>
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #if defined(USE_C10D_GLOO)
@@ -162,25 +163,35 @@ std::shared_ptr<Dist> Dist::join(const DistOptions& o, const std::string& finger
     g->store->set("omnilite/rank/" + std::to_string(o.rank), std::vector<uint8_t>(mine.begin(), mine.end()));
     return 0;
   });
-  for (int64_t r = 0; r < o.world_size; ++r) {
+  std::string mismatch;
+  for (int64_t r = 0; r < o.world_size && mismatch.empty(); ++r) {
     if (r == o.rank) continue;
     const auto v = guarded(o.rank, ("rendezvous (waiting for rank " + std::to_string(r) + ")").c_str(), o.timeout_s,
                            [&] { return g->store->get("omnilite/rank/" + std::to_string(r)); });
     const std::string theirs(v.begin(), v.end());
-    if (theirs != mine) {
-      const auto sp = theirs.find(' ');
-      const std::string their_world = theirs.substr(0, sp);
-      if (their_world != std::to_string(o.world_size))
-        throw std::runtime_error(log::format("distributed: rank %lld runs with WORLD_SIZE = %lld, rank %lld with %s; "
-                                             "hint: start every rank with the same WORLD_SIZE",
-                                             static_cast<long long>(o.rank), static_cast<long long>(o.world_size),
-                                             static_cast<long long>(r), their_world.c_str()));
-      throw std::runtime_error(log::format("distributed: rank %lld and rank %lld run different configs or run options "
-                                           "(fingerprints %s and %s); hint: start every rank with the same --config, "
-                                           "--set, --max-steps and --resume",
-                                           static_cast<long long>(o.rank), static_cast<long long>(r),
-                                           fingerprint.c_str(), theirs.substr(sp + 1).c_str()));
+    if (theirs == mine) continue;
+    const auto sp = theirs.find(' ');
+    const std::string their_world = theirs.substr(0, sp);
+    if (their_world != std::to_string(o.world_size))
+      mismatch = log::format("distributed: rank %lld runs with WORLD_SIZE = %lld, rank %lld with %s; hint: start every "
+                             "rank with the same WORLD_SIZE", static_cast<long long>(o.rank),
+                             static_cast<long long>(o.world_size), static_cast<long long>(r), their_world.c_str());
+    else
+      mismatch = log::format("distributed: rank %lld and rank %lld run different configs or run options (fingerprints "
+                             "%s and %s); hint: start every rank with the same --config, --set, --max-steps and --resume",
+                             static_cast<long long>(o.rank), static_cast<long long>(r), fingerprint.c_str(),
+                             theirs.substr(sp + 1).c_str());
+  }
+  // Every rank counts itself checked; on a mismatch, the rank that serves the store waits (10 s at most) for the others
+  // to have read its record, so that they, too, report the mismatch rather than a closed connection.
+  guarded(o.rank, "rendezvous (check-in)", o.timeout_s, [&] { return g->store->add("omnilite/checked", 1); });
+  if (!mismatch.empty()) {
+    if (o.rank == 0 && !o.agent_store) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (std::chrono::steady_clock::now() < until && g->store->add("omnilite/checked", 0) < o.world_size)
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
+    throw std::runtime_error(mismatch);
   }
 
   guarded(o.rank, ("opening the " + backend + " process group").c_str(), o.timeout_s, [&] {
@@ -293,6 +304,19 @@ void GradReducer::arm() {
   std::lock_guard<std::mutex> lock(mu_);
   armed_ = true;
   started_early_ = 0;
+  // Parameters that received no gradient in the last step's backward (unused heads, experts no token chose) are
+  // complete already, with what .grad holds from earlier micro-batches, so they do not hold their buckets back.
+  torch::NoGradGuard ng;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (expected_[i] != 0) continue;
+    auto s = slot(i);
+    if (params_[i].grad().defined()) s.copy_(params_[i].grad().reshape(-1));
+    else s.zero_();
+    complete_[i] = true;
+    ++buckets_[bucket_of_[i]].ready;
+  }
+  start_ready_buckets();
+  started_early_ = static_cast<int64_t>(next_);
 }
 
 void GradReducer::on_grad(size_t i, const torch::Tensor& g) {

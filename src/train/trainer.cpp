@@ -437,6 +437,7 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     }
     if (reducer) {
       m["allreduce_s"] = allreduce_s;
+      m["allreduce_buckets_early"] = reducer->started_early();  // of reducer->buckets(): started during backward
       m["world_size"] = dist->world();
     }
     if (main) {
