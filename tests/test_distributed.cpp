@@ -229,6 +229,37 @@ TEST_CASE("2 Gloo ranks of batch b take the steps of 1 process of batch 2b, with
   CHECK(json::parse(sf)["world_size"].get<int64_t>() == 2);
 }
 
+TEST_CASE("QLoRA on 2 ranks reduces the adapters alone and takes the steps of 1 process", "[dist][slow]") {
+  if (!have_gloo()) return;
+  const std::string dir = testing::fresh_temp_dir("omnilite_test_dist_qlora");
+  const std::string half = write_config(dir, 2, 2), whole = write_config(dir, 4, 4);
+  REQUIRE(run_shell(cli() + " init --config " + whole + " --out " + dir + "/base > " + dir + "/init.log 2>&1") == 0);
+  const std::string lora = " --set lora.enabled=true --set lora.rank=4 --set lora.alpha=8 --set lora.dropout=0 --base " +
+                           dir + "/base";
+  REQUIRE(run_shell(launch(2, test_port(20)) + cli() + " train --config " + half + lora + " --out " + dir +
+                    "/two > " + dir + "/two.log 2>&1") == 0);
+  REQUIRE(run_shell(cli() + " train --config " + whole + lora + " --out " + dir + "/one > " + dir + "/one.log 2>&1") == 0);
+  const auto m2 = metrics_of(dir + "/two"), m1 = metrics_of(dir + "/one");
+  REQUIRE(m1.size() == 5);
+  REQUIRE(m2.size() == 5);
+  for (size_t s = 0; s < 5; ++s) {
+    INFO("step " << s + 1);
+    CHECK(m2[s]["loss"].get<double>() == Approx(m1[s]["loss"].get<double>()).epsilon(1e-5));
+    CHECK(m2[s]["grad_norm"].get<double>() == Approx(m1[s]["grad_norm"].get<double>()).epsilon(1e-5));
+  }
+  // the reducer holds the adapters only: 2 x rank x (in + out) per adapted projection, far below the model's size
+  std::ifstream lf(dir + "/two.log");
+  const std::string log((std::istreambuf_iterator<char>(lf)), std::istreambuf_iterator<char>());
+  const auto at = log.find("global batch = 2 x the configured batch sizes, ");
+  REQUIRE(at != std::string::npos);
+  const int64_t reduced = std::stoll(log.substr(at + 47));
+  int64_t adapters = 0;
+  io::SafetensorsReader ad(dir + "/one/checkpoints/step_0000005/adapter_model.safetensors");
+  for (const auto& [name, e] : ad.tensors()) adapters += ad.load(name).numel();
+  CHECK(reduced == adapters);
+  CHECK(reduced < 100000);
+}
+
 TEST_CASE("a killed or stopped rank stops the other with an error within the timeout, mismatched ranks are refused",
           "[dist][slow]") {
   if (!have_gloo()) return;
