@@ -27,6 +27,7 @@ B=./build-cuda/omnilite
   done
   echo "== bf16 matmul rate and a bf16 training-style step of the full model at sequence 2048"
   $B bench matmul --device cuda --size 8192 --steps 20 --json
+  $B bench matmul --device cuda --dtype bf16 --size 8192 --steps 20 --json
   timeout 180 $B bench forward --config configs/omni-lite.json --device cuda --dtype bf16 --backward --batch 1 --seq 2048 \
     --steps 3 --json
   echo "== QLoRA of the full model from an init checkpoint, batch 1, activation checkpointing"

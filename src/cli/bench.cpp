@@ -1,11 +1,12 @@
 // omnilite bench: measured throughput figures (docs/benchmarks.md records them with the machine and command).
-//   matmul  : fp32 GEMM GFLOP/s at N^3, the BLAS check (reference BLAS is ~19x slower than OpenBLAS)
+//   matmul  : GEMM GFLOP/s at N^3 (fp32, or bf16 with --dtype bf16: the denominator of a bf16 MFU), the BLAS check
+//             (reference BLAS is ~19x slower than OpenBLAS)
 //   forward : tokens/s of the model's forward (and backward with --backward) on random text, for a config
 //   nf4     : an NF4 projection (dequantise + matmul; default the expert shape 512 x 2048 -> 768) against the fp32
 //             projection of the same shape
 //   train   : whole optimizer steps of a config's stage on its data, and the model-FLOPs utilisation
-//             MFU = 6 * N * tokens/s / (fp32 GEMM FLOP/s at 2048^3 measured in the same run), N = matmul parameters
-//             a text token passes through (active backbone + LM head)
+//             MFU = 6 * N * tokens/s / (GEMM FLOP/s at 2048^3 in the step's compute dtype, measured in the same
+//             run), N = matmul parameters a text token passes through (active backbone + LM head)
 //   decode  : batch-1 decoding with the KV cache (tokens/s) against the memory-bandwidth bound: bytes of weights a
 //             token reads (attention, router, top_k of num_experts experts, final norm, LM head, one embedding row,
 //             plus the KV cache) / bandwidth of a large copy measured in the same run; and prompt tokens/s
@@ -40,9 +41,9 @@ void synchronize(const torch::Device& d) {
   if (d.is_cuda()) torch::cuda::synchronize();
 }
 
-// fp32 GEMM FLOP/s at n^3 (one warm-up, then `reps` timed products).
-double matmul_flops(const torch::Device& dev, int64_t n, int64_t reps) {
-  auto a = torch::randn({n, n}, torch::TensorOptions().device(dev)), b = torch::randn_like(a);
+// GEMM FLOP/s at n^3 in `dtype` (one warm-up, then `reps` timed products).
+double matmul_flops(const torch::Device& dev, int64_t n, int64_t reps, torch::ScalarType dtype = torch::kFloat32) {
+  auto a = torch::randn({n, n}, torch::TensorOptions().device(dev).dtype(dtype)), b = torch::randn_like(a);
   torch::NoGradGuard ng;
   auto c = torch::matmul(a, b);
   synchronize(dev);
@@ -206,7 +207,7 @@ nlohmann::json bench_decode(const Config& cfg, const torch::Device& dev, const s
 }  // namespace
 
 int run_bench(int argc, char** argv) {
-  cxxopts::Options opts(argv[0], "Measure throughput. WHAT is `matmul` (fp32 GEMM GFLOP/s), `forward` (model "
+  cxxopts::Options opts(argv[0], "Measure throughput. WHAT is `matmul` (GEMM GFLOP/s, fp32 or --dtype bf16), `forward` (model "
                                  "tokens/s on random text; add --backward for a training-style step) or `train` (whole "
                                  "optimizer steps of the config's stage on its data, with the model-FLOPs utilisation "
                                  "against a 2048^3 fp32 GEMM measured in the same run) or `nf4` (an NF4 projection, "
@@ -227,7 +228,8 @@ int run_bench(int argc, char** argv) {
       "new-tokens", "`decode`: timed decoded tokens (after one warm-up)", cxxopts::value<int64_t>()->default_value("32"))(
       "backward", "also run backward (forward + backward = one training step without the optimizer)")(
       "device", "cpu, cuda or cuda:N (overrides runtime.device)", cxxopts::value<std::string>())(
-      "dtype", "fp32 or bf16 (bf16 autocast on CUDA; overrides runtime.dtype)", cxxopts::value<std::string>())(
+      "dtype", "fp32 or bf16 (bf16 autocast on CUDA, bf16 GEMMs for `matmul`; overrides runtime.dtype)",
+      cxxopts::value<std::string>())(
       "threads", "LibTorch intra-op threads, 0 = all cores (overrides runtime.threads)", cxxopts::value<int64_t>())(
       "blas-threads", "OpenBLAS threads (overrides runtime.blas_threads)", cxxopts::value<int64_t>())(
       "base", "QLoRA base checkpoint for `train` with a lora config (sets train.base_checkpoint)",
@@ -266,10 +268,13 @@ int run_bench(int argc, char** argv) {
                            {"device", dev.str()},
                            {"threads", torch::get_num_threads()},
                            {"blas_threads", blas_threads_in_use()}};
+  // The compute dtype: bf16 only under CUDA autocast (runtime.dtype = bf16 on a GPU) or for `matmul --dtype bf16`.
+  const bool bf16 = cfg.runtime.dtype == "bf16";
   if (what == "matmul") {
     const int64_t n = args["size"].as<int64_t>();
-    const double flops = matmul_flops(dev, n, steps);
+    const double flops = matmul_flops(dev, n, steps, bf16 ? torch::kBFloat16 : torch::kFloat32);
     result["size"] = n;
+    result["dtype"] = cfg.runtime.dtype;
     result["seconds_per_matmul"] = 2.0 * static_cast<double>(n * n * n) / flops;
     result["gflops"] = flops / 1e9;
   } else if (what == "nf4") {
@@ -282,7 +287,10 @@ int run_bench(int argc, char** argv) {
     result.update(bench_decode(cfg, dev, args["weights"].as<std::string>(), args["prompt"].as<int64_t>(),
                                args["new-tokens"].as<int64_t>()));
   } else if (what == "train") {
-    const double peak = matmul_flops(dev, 2048, 5);
+    // MFU against a GEMM of the dtype the step computes in
+    const bool bf16_step = bf16 && dev.is_cuda();
+    const double peak = matmul_flops(dev, 2048, 5, bf16_step ? torch::kBFloat16 : torch::kFloat32);
+    result["matmul_dtype"] = bf16_step ? "bf16" : "fp32";
     const auto r = bench_train_steps(cfg, steps, args["warmup"].as<int64_t>(),
                                      args.count("profile") ? args["profile"].as<std::string>() : "");
     const auto pc = count_parameters(cfg.model);
