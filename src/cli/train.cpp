@@ -58,7 +58,11 @@ int run_train(int argc, char** argv) {
                  "  omnilite train --config configs/small.json --out runs/small --max-steps 200\n"
                  "  omnilite train --config configs/small.json --out runs/small --resume runs/small --max-steps 400\n"
                  "  omnilite train --config configs/small.json --set train.batch_size=8 --set train.freeze='[\"vision.*\"]'\n"
-                 "A config may start with \"extends\": \"base.json\" to change only some keys of another.\n";
+                 "  scripts/launch.sh --nproc 2 -- omnilite train --config configs/small.json --out runs/dp\n"
+                 "A config may start with \"extends\": \"base.json\" to change only some keys of another.\n"
+                 "Data-parallel: run the same command as N processes (scripts/launch.sh, torchrun, srun); RANK, WORLD_SIZE,\n"
+                 "LOCAL_RANK, MASTER_ADDR, MASTER_PORT say who is who; the batch sizes are per rank; train.zero1 shards the\n"
+                 "optimizer state, train.dist_timeout_s bounds every wait (docs/distributed.md).\n";
     return args.count("help") ? 0 : 2;
   }
   const std::string path = args["config"].as<std::string>();
