@@ -250,9 +250,10 @@ TEST_CASE("QLoRA on 2 ranks reduces the adapters alone and takes the steps of 1 
   // the reducer holds the adapters only: 2 x rank x (in + out) per adapted projection, far below the model's size
   std::ifstream lf(dir + "/two.log");
   const std::string log((std::istreambuf_iterator<char>(lf)), std::istreambuf_iterator<char>());
-  const auto at = log.find("global batch = 2 x the configured batch sizes, ");
+  const std::string key = "global batch = 2 x the configured batch sizes, ";  // then "N trainable parameters"
+  const auto at = log.find(key);
   REQUIRE(at != std::string::npos);
-  const int64_t reduced = std::stoll(log.substr(at + 47));
+  const int64_t reduced = std::stoll(log.substr(at + key.size()));
   int64_t adapters = 0;
   io::SafetensorsReader ad(dir + "/one/checkpoints/step_0000005/adapter_model.safetensors");
   for (const auto& [name, e] : ad.tensors()) adapters += ad.load(name).numel();
