@@ -49,21 +49,25 @@ int64_t slurm_tasks_per_node() {
 
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 
+// A timeout in seconds as c10d takes it.
+std::chrono::milliseconds to_ms(double seconds) {
+  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+}
+
 // Runs a c10d call; its failure becomes one clear error naming the rank and the collective.
 template <class F>
 auto guarded(int64_t rank, const char* what, double timeout_s, F&& f) -> decltype(f()) {
+  std::string why;
   try {
     return f();
   } catch (const c10::Error& e) {
-    throw std::runtime_error(log::format("distributed: rank %lld: %s failed: %s; hint: another rank stopped (see its "
-                                         "log) or did not answer within train.dist_timeout_s = %g s",
-                                         static_cast<long long>(rank), what, first_line(e.what_without_backtrace()).c_str(),
-                                         timeout_s));
+    why = first_line(e.what_without_backtrace());
   } catch (const std::exception& e) {
-    throw std::runtime_error(log::format("distributed: rank %lld: %s failed: %s; hint: another rank stopped (see its "
-                                         "log) or did not answer within train.dist_timeout_s = %g s",
-                                         static_cast<long long>(rank), what, first_line(e.what()).c_str(), timeout_s));
+    why = first_line(e.what());
   }
+  throw std::runtime_error(log::format("distributed: rank %lld: %s failed: %s; hint: another rank stopped (see its log) "
+                                       "or did not answer within train.dist_timeout_s = %g s",
+                                       static_cast<long long>(rank), what, why.c_str(), timeout_s));
 }
 
 }  // namespace
@@ -145,7 +149,7 @@ std::shared_ptr<Dist> Dist::join(const DistOptions& o, const std::string& finger
                              dist_backends() + "\"); hint: install libgloo-dev and rebuild (scripts/setup.sh does)");
 #endif
   d->backend_ = backend;
-  const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(o.timeout_s * 1000));
+  const auto timeout = to_ms(o.timeout_s);
   auto g = std::make_shared<Group>();
   const std::string where = o.master_addr + ":" + std::to_string(o.master_port);
   g->store = guarded(o.rank, ("rendezvous at " + where).c_str(), o.timeout_s, [&] {
@@ -235,7 +239,7 @@ DistWork Dist::all_reduce_sum_async(torch::Tensor& t) {
   if (world_ == 1) return {};
   std::vector<at::Tensor> v{t};
   auto w = guarded(rank_, "all-reduce", timeout_s_, [&] { return group_->allreduce(v); });
-  const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s_ * 1000));
+  const auto timeout = to_ms(timeout_s_);
   return DistWork([w, rank = rank_, timeout, t = timeout_s_]() {
     guarded(rank, "all-reduce", t, [&] { return w->wait(timeout); });
   });
@@ -243,7 +247,7 @@ DistWork Dist::all_reduce_sum_async(torch::Tensor& t) {
 
 void Dist::broadcast(std::vector<torch::Tensor>& ts, int64_t root) {
   if (world_ == 1) return;
-  const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s_ * 1000));
+  const auto timeout = to_ms(timeout_s_);
   for (auto& t : ts) {
     std::vector<at::Tensor> v{t};
     guarded(rank_, "broadcast", timeout_s_, [&] { return group_->broadcast(v, root)->wait(timeout); });
@@ -252,7 +256,7 @@ void Dist::broadcast(std::vector<torch::Tensor>& ts, int64_t root) {
 
 void Dist::barrier() {
   if (world_ == 1) return;
-  const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s_ * 1000));
+  const auto timeout = to_ms(timeout_s_);
   guarded(rank_, "barrier", timeout_s_, [&] { return group_->barrier()->wait(timeout); });
 }
 

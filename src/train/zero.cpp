@@ -37,6 +37,8 @@ Zero1::Zero1(std::shared_ptr<Dist> dist, std::vector<torch::Tensor> params)
     owner_[i] = static_cast<int64_t>(r);
     load[r] += params_[i].numel();
   }
+  owned_by_.resize(load.size());
+  for (size_t i = 0; i < params_.size(); ++i) owned_by_[static_cast<size_t>(owner_[i])].push_back(i);
 }
 
 bool Zero1::owns(const torch::Tensor& p) const {
@@ -47,8 +49,7 @@ bool Zero1::owns(const torch::Tensor& p) const {
 
 int64_t Zero1::owned_numel() const {
   int64_t n = 0;
-  for (size_t i = 0; i < params_.size(); ++i)
-    if (owns(i)) n += params_[i].numel();
+  for (size_t i : owned_by_[static_cast<size_t>(dist_->rank())]) n += params_[i].numel();
   return n;
 }
 
@@ -63,8 +64,7 @@ void Zero1::broadcast_params() {
   // One broadcast per owner and dtype: its parameters laid end to end.
   for (int64_t r = 0; r < dist_->world(); ++r) {
     std::map<torch::ScalarType, std::vector<size_t>> by_dtype;
-    for (size_t i = 0; i < params_.size(); ++i)
-      if (owner_[i] == r) by_dtype[params_[i].scalar_type()].push_back(i);
+    for (size_t i : owned_by_[static_cast<size_t>(r)]) by_dtype[params_[i].scalar_type()].push_back(i);
     for (const auto& [dtype, idx] : by_dtype) {
       std::vector<torch::Tensor> parts;
       for (size_t i : idx) parts.push_back(params_[i].reshape(-1));
@@ -85,9 +85,7 @@ void Zero1::gather_state(torch::optim::AdamW& sharded, torch::optim::AdamW& full
   auto& mine = sharded.state();
   auto& all = full.state();
   for (int64_t r = 0; r < dist_->world(); ++r) {
-    std::vector<size_t> idx;
-    for (size_t i = 0; i < params_.size(); ++i)
-      if (owner_[i] == r) idx.push_back(i);
+    const auto& idx = owned_by_[static_cast<size_t>(r)];
     // [exp_avg | exp_avg_sq] of each parameter in float32, and the step counts (0 = no state yet)
     int64_t n = 0;
     for (size_t i : idx) n += 2 * params_[i].numel();
@@ -129,8 +127,7 @@ void Zero1::gather_state(torch::optim::AdamW& sharded, torch::optim::AdamW& full
 void Zero1::take_state(torch::optim::AdamW& full, torch::optim::AdamW& sharded) {
   auto& all = full.state();
   auto& mine = sharded.state();
-  for (size_t i = 0; i < params_.size(); ++i) {
-    if (!owns(i)) continue;
+  for (size_t i : owned_by_[static_cast<size_t>(dist_->rank())]) {
     auto it = all.find(state_key(all, params_[i]));
     if (it != all.end()) mine[state_key(mine, params_[i])] = std::move(it->second);
   }

@@ -42,7 +42,8 @@ class Zero1 {
  private:
   std::shared_ptr<Dist> dist_;
   std::vector<torch::Tensor> params_;
-  std::vector<int64_t> owner_;  // per parameter: its rank
+  std::vector<int64_t> owner_;                 // per parameter: its rank
+  std::vector<std::vector<size_t>> owned_by_;  // per rank: its parameters' indices, in order
 };
 
 }  // namespace omnilite
