@@ -1,6 +1,6 @@
 // Attention and RoPE against independent references: naive loops with repeated K/V, the explicit rotation
 // formula, and float64 finite differences.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 
 #include <cmath>
 #include <limits>

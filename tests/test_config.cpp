@@ -1,6 +1,6 @@
 // Config parsing: the card import equals configs/omni-lite.json field by field, and every validation rule
 // produces its message (key, value, rule).
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 #include <nlohmann/json.hpp>
 
 #include <fstream>
@@ -108,12 +108,12 @@ TEST_CASE("config errors name the key, the value and the rule", "[config][errors
 
 TEST_CASE("file errors name the file", "[config][errors]") {
   REQUIRE_THROWS_WITH(omnilite::load_config_file("/nonexistent/x.json"),
-                      Catch::Contains("cannot open file \"/nonexistent/x.json\""));
+                      ContainsText("cannot open file \"/nonexistent/x.json\""));
   const std::string bad = "/tmp/omnilite_test_bad.json";
   std::ofstream(bad) << "{\"model\": {";
-  REQUIRE_THROWS_WITH(omnilite::load_config_file(bad), Catch::Contains("is not valid JSON"));
+  REQUIRE_THROWS_WITH(omnilite::load_config_file(bad), ContainsText("is not valid JSON"));
   std::ofstream(bad) << R"({"layers": [{"type": "Conv2d", "params": {"in_channels": 3}}]})";
-  REQUIRE_THROWS_WITH(omnilite::load_config_file(bad), Catch::Contains("spec: layers[0]") &&
-                                                           Catch::Contains("out_channels") &&
-                                                           Catch::Contains(bad));
+  REQUIRE_THROWS_WITH(omnilite::load_config_file(bad), ContainsText("spec: layers[0]") &&
+                                                           ContainsText("out_channels") &&
+                                                           ContainsText(bad));
 }

@@ -1,7 +1,7 @@
 // Device parity on CUDA, where a GPU is present (each test says it skipped otherwise): the tiny model's forward on
 // CUDA against the CPU (fp32 and bf16 autocast), a CUDA training step that lowers the loss, NF4 dequantisation on
 // CUDA against the CPU loop, and KV-cached decoding on CUDA against full recomputation.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 
 #include "helpers.h"
 #include "omnilite/modules/kv_cache.h"

@@ -1,5 +1,5 @@
 // Data readers against hand-written files: IDX bytes, fortune-style .txt, .jsonl with bad lines, packing, shuffling.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 
 #include <filesystem>
 #include <fstream>
@@ -27,10 +27,10 @@ TEST_CASE("IDX images and labels are read as written", "[data][idx]") {
 
   img.resize(img.size() - 5);
   std::ofstream(dir + "/short", std::ios::binary).write(reinterpret_cast<const char*>(img.data()), img.size());
-  REQUIRE_THROWS_WITH(read_idx(dir + "/short"), Catch::Contains("short") && Catch::Contains("truncated") &&
-                                                     Catch::Contains("7 of the 12"));
+  REQUIRE_THROWS_WITH(read_idx(dir + "/short"), ContainsText("short") && ContainsText("truncated") &&
+                                                     ContainsText("7 of the 12"));
   std::ofstream(dir + "/gz", std::ios::binary) << "\x1f\x8b\x08\x00garbage";
-  REQUIRE_THROWS_WITH(read_idx(dir + "/gz"), Catch::Contains("magic number"));
+  REQUIRE_THROWS_WITH(read_idx(dir + "/gz"), ContainsText("magic number"));
 }
 
 TEST_CASE("Fashion-MNIST captions name the class", "[data][idx]") {
@@ -38,7 +38,7 @@ TEST_CASE("Fashion-MNIST captions name the class", "[data][idx]") {
   CHECK(fashion_caption(9, 0) == "a photo of a ankle boot.");
   CHECK(fashion_caption(1, 3) == "this is a trouser.");
   CHECK(fashion_caption(1, 3 + fashion_caption_templates()) == fashion_caption(1, 3));
-  REQUIRE_THROWS_WITH(fashion_caption(10, 0), Catch::Contains("label 10"));
+  REQUIRE_THROWS_WITH(fashion_caption(10, 0), ContainsText("label 10"));
 }
 
 TEST_CASE("documents from .txt (fortune format) and .jsonl, bad lines skipped and counted", "[data][text]") {
@@ -53,8 +53,8 @@ TEST_CASE("documents from .txt (fortune format) and .jsonl, bad lines skipped an
   CHECK(set.documents[2] == "json doc");
   CHECK(set.documents[3] == "last");
   CHECK(set.skipped == 2);
-  REQUIRE_THROWS_WITH(read_documents({dir + "/none.txt"}), Catch::Contains("none.txt") && Catch::Contains("cannot open"));
-  REQUIRE_THROWS_WITH(read_documents({dir + "/x.csv"}), Catch::Contains("unknown extension"));
+  REQUIRE_THROWS_WITH(read_documents({dir + "/none.txt"}), ContainsText("none.txt") && ContainsText("cannot open"));
+  REQUIRE_THROWS_WITH(read_documents({dir + "/x.csv"}), ContainsText("unknown extension"));
 }
 
 TEST_CASE("packing cuts fixed rows and refuses an empty dataset", "[data][text]") {
@@ -63,7 +63,7 @@ TEST_CASE("packing cuts fixed rows and refuses an empty dataset", "[data][text]"
   REQUIRE(rows.sizes() == torch::IntArrayRef({2, 4}));
   CHECK(rows[1][0].item<int64_t>() == 4);
   REQUIRE_THROWS_WITH(pack_sequences(torch::arange(3, torch::kInt64), 4, "train text"),
-                      Catch::Contains("train text: 3 tokens do not fill one sequence of 4"));
+                      ContainsText("train text: 3 tokens do not fill one sequence of 4"));
 }
 
 TEST_CASE("epoch permutations are permutations, fixed by seed and epoch", "[data]") {

@@ -1,7 +1,7 @@
 // Data-parallel training (c10d): loss shares of split batches add up to the loss of the whole batch; 2 Gloo ranks
 // of batch b take the steps of 1 process of batch 2b (losses and weights), with ZeRO-1, across a ZeRO-1 resume and a
 // resume that changes the world size; a killed or stopped rank stops the other within the timeout, mismatched ranks are refused at start.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 #include <nlohmann/json.hpp>
 
 #include <sys/wait.h>
@@ -164,12 +164,12 @@ TEST_CASE("the launch environment is read from torchrun's or Slurm's variables, 
   CHECK(o.rank == 2);
   CHECK(o.world_size == 3);
   setenv("RANK", "3", 1);
-  CHECK_THROWS_WITH(dist_options_from_env(), Catch::Contains("RANK = 3") && Catch::Contains("WORLD_SIZE = 3"));
+  CHECK_THROWS_WITH(dist_options_from_env(), ContainsText("RANK = 3") && ContainsText("WORLD_SIZE = 3"));
   setenv("RANK", "two", 1);
-  CHECK_THROWS_WITH(dist_options_from_env(), Catch::Contains("RANK") && Catch::Contains("\"two\""));
+  CHECK_THROWS_WITH(dist_options_from_env(), ContainsText("RANK") && ContainsText("\"two\""));
   setenv("RANK", "0", 1);
   setenv("MASTER_PORT", "70000", 1);
-  CHECK_THROWS_WITH(dist_options_from_env(), Catch::Contains("MASTER_PORT = 70000"));
+  CHECK_THROWS_WITH(dist_options_from_env(), ContainsText("MASTER_PORT = 70000"));
   for (const char* v : {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
                         "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"})
     unsetenv(v);
@@ -223,7 +223,7 @@ TEST_CASE("2 Gloo ranks of batch b take the steps of 1 process of batch 2b, with
   }
   std::ifstream zl(dir + "/zero.log");
   CHECK_THAT(std::string((std::istreambuf_iterator<char>(zl)), std::istreambuf_iterator<char>()),
-             Catch::Contains("zero1: rank 0 holds the AdamW state of"));
+             ContainsText("zero1: rank 0 holds the AdamW state of"));
   // rank 0 alone wrote: one metrics line per step, the checkpoint records the world size
   std::ifstream sf(two + "/checkpoints/step_0000005/state.json");
   CHECK(json::parse(sf)["world_size"].get<int64_t>() == 2);
@@ -295,14 +295,14 @@ TEST_CASE("a killed or stopped rank stops the other with an error within the tim
     INFO(log);
     CHECK(rc != 0);
     CHECK(seconds < 5 + 10);
-    CHECK_THAT(log, Catch::Contains("distributed: rank 0") && Catch::Contains("failed"));
+    CHECK_THAT(log, ContainsText("distributed: rank 0") && ContainsText("failed"));
   }
   {
     const auto [rc, seconds, log] = fault("stopped", "STOP", test_port(11));
     INFO(log);
     CHECK(rc != 0);
     CHECK(seconds < 5 + 10);
-    CHECK_THAT(log, Catch::Contains("distributed: rank 0") && Catch::Contains("train.dist_timeout_s = 5"));
+    CHECK_THAT(log, ContainsText("distributed: rank 0") && ContainsText("train.dist_timeout_s = 5"));
   }
   // A different config on rank 1, then a different world size: both ranks refuse to start, naming the difference.
   auto mismatch = [&](const std::string& name, const std::string& world1, const std::string& extra1, int port) {
@@ -324,15 +324,15 @@ TEST_CASE("a killed or stopped rank stops the other with an error within the tim
     INFO(log0 << "\n---\n" << log1);
     CHECK(rc0 != 0);
     CHECK(rc1 != 0);
-    CHECK_THAT(log0, Catch::Contains("rank 0 and rank 1 run different configs"));
-    CHECK_THAT(log1, Catch::Contains("rank 1 and rank 0 run different configs"));
+    CHECK_THAT(log0, ContainsText("rank 0 and rank 1 run different configs"));
+    CHECK_THAT(log1, ContainsText("rank 1 and rank 0 run different configs"));
   }
   {
     const auto [rc0, rc1, log0, log1] = mismatch("world", "3", "", test_port(13));
     INFO(log0 << "\n---\n" << log1);
     CHECK(rc0 != 0);
     CHECK(rc1 != 0);
-    CHECK_THAT(log0, Catch::Contains("rank 0 runs with WORLD_SIZE = 2, rank 1 with 3"));
-    CHECK_THAT(log1, Catch::Contains("rank 1 runs with WORLD_SIZE = 3, rank 0 with 2"));
+    CHECK_THAT(log0, ContainsText("rank 0 runs with WORLD_SIZE = 2, rank 1 with 3"));
+    CHECK_THAT(log1, ContainsText("rank 1 runs with WORLD_SIZE = 3, rank 0 with 2"));
   }
 }

@@ -1,7 +1,7 @@
 // Eval's numbers against formulas and hand computations: perplexity of a known distribution, BLEU-4 of hand-made
 // sentence pairs, the Fréchet distance of Gaussians with closed forms, PSNR and codebook usage, expert-load
 // statistics of a hand-made routing; and the PNG reports of a fixture metrics.jsonl decode.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 
 #include <cmath>
 #include <filesystem>
@@ -61,7 +61,7 @@ TEST_CASE("BLEU-4 of hand-made sentence pairs", "[eval]") {
   CHECK(s.precision[2] == Approx(2.0 / 4));  // 2 + 0 of 4
   CHECK(s.precision[3] == Approx(1.0 / 2));  // 1 + 0 of 2
   CHECK(s.bleu == Approx(std::pow(6.0 / 8 * 3.0 / 6 * 2.0 / 4 * 1.0 / 2, 0.25)));
-  CHECK_THROWS_WITH(corpus_bleu4({t("a")}, {}), Catch::Contains("1 hypotheses but 0"));
+  CHECK_THROWS_WITH(corpus_bleu4({t("a")}, {}), ContainsText("1 hypotheses but 0"));
 }
 
 TEST_CASE("Frechet distance of Gaussians with closed forms", "[eval]") {
@@ -138,7 +138,7 @@ TEST_CASE("reports: loss curves, training stats, run comparison, heatmap and cap
           "[eval][reports]") {
   CHECK(parse_eval_tasks("ppl,moe") == std::vector<std::string>{"ppl", "moe"});
   CHECK(parse_eval_tasks("all").size() == 5);
-  CHECK_THROWS_WITH(parse_eval_tasks("ppl,fid"), Catch::Contains("\"fid\""));
+  CHECK_THROWS_WITH(parse_eval_tasks("ppl,fid"), ContainsText("\"fid\""));
   if (!have_opencv()) {
     WARN("skipped: this build has no OpenCV (OMNILITE_WITH_OPENCV=OFF) to draw reports");
     return;

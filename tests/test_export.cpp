@@ -1,7 +1,7 @@
 // `export --format hf`: the key map (every tensor mapped exactly once, both ways), export -> import -> export byte for
 // byte, sharding with its index, the Mixtral semantics of the export (logits recomputed from the files and the
 // config.json keys alone, as transformers' Mixtral defines the forward), and the errors of broken folders.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 
 #include <filesystem>
 #include <fstream>
@@ -131,9 +131,9 @@ TEST_CASE("key map: every tensor of the model maps to one distinct HF name and b
     // embed + norm + 24 x (2 norms + 4 projections + gate + 16 x 3 experts) [+ lm_head]
     CHECK(text == 2 + 24 * (2 + 4 + 1 + 16 * 3) + (tied ? 0 : 1));
   }
-  CHECK_THROWS_WITH(io::to_hf_name("text.layers.0.extra.weight"), Catch::Contains("text.layers.0.extra.weight"));
+  CHECK_THROWS_WITH(io::to_hf_name("text.layers.0.extra.weight"), ContainsText("text.layers.0.extra.weight"));
   CHECK_THROWS_WITH(io::from_hf_name("model.layers.0.mlp.up_proj.weight"),
-                    Catch::Contains("model.layers.0.mlp.up_proj.weight"));
+                    ContainsText("model.layers.0.mlp.up_proj.weight"));
 }
 
 TEST_CASE("hf export: shards and index, import is strict and lossless, export -> import -> export byte-identical",
@@ -289,7 +289,7 @@ TEST_CASE("hf export and import: broken folders and inexpressible models give er
   // A shard the index names is missing.
   const std::string moved = dir + "/moved.safetensors";
   fs::rename(o.out_dir + "/" + res.shards[1], moved);
-  CHECK_THROWS_WITH(io::WeightsReader(o.out_dir), Catch::Contains(res.shards[1]) && Catch::Contains("no such file"));
+  CHECK_THROWS_WITH(io::WeightsReader(o.out_dir), ContainsText(res.shards[1]) && ContainsText("no such file"));
   fs::rename(moved, o.out_dir + "/" + res.shards[1]);
   // The index places a tensor in a shard that does not hold it.
   {
@@ -299,21 +299,21 @@ TEST_CASE("hf export and import: broken folders and inexpressible models give er
                                                                                                          : res.shards[0];
     std::ofstream(o.out_dir + "/model.safetensors.index.json") << index.dump();
   }
-  CHECK_THROWS_WITH(io::WeightsReader(o.out_dir), Catch::Contains("model.norm.weight"));
+  CHECK_THROWS_WITH(io::WeightsReader(o.out_dir), ContainsText("model.norm.weight"));
   // A Hugging Face name outside the key map.
   io::save_safetensors(dir + "/odd.safetensors", {{"model.embed_tokens.weight", torch::zeros({4, 2})},
                                                   {"model.layers.0.mlp.up_proj.weight", torch::zeros({2, 2})}});
-  CHECK_THROWS_WITH(io::WeightsReader(dir + "/odd.safetensors"), Catch::Contains("model.layers.0.mlp.up_proj.weight"));
+  CHECK_THROWS_WITH(io::WeightsReader(dir + "/odd.safetensors"), ContainsText("model.layers.0.mlp.up_proj.weight"));
   // RoPE over part of each head has no Mixtral equivalent.
   Config partial = c;
   partial.model.text.rope_dim = 8;
   o.out_dir = dir + "/partial";
   CHECK_THROWS_WITH(io::write_hf_export(dir + "/src.safetensors", partial, 0, o),
-                    Catch::Contains("rope_dim = 8") && Catch::Contains("head_dim = 16"));
+                    ContainsText("rope_dim = 8") && ContainsText("head_dim = 16"));
   CHECK_FALSE(fs::exists(o.out_dir + "/config.json"));
   // Sizes.
   CHECK(io::parse_byte_size("--max-shard-size", "5GB") == 5'000'000'000ull);
   CHECK(io::parse_byte_size("--max-shard-size", "64KB") == 64'000ull);
   CHECK(io::parse_byte_size("--max-shard-size", "123") == 123ull);
-  CHECK_THROWS_WITH(io::parse_byte_size("--max-shard-size", "5 gigs"), Catch::Contains("\"5 gigs\""));
+  CHECK_THROWS_WITH(io::parse_byte_size("--max-shard-size", "5 gigs"), ContainsText("\"5 gigs\""));
 }

@@ -1,6 +1,6 @@
 // Inference: KV-cached decoding against full recomputation, the sampler's rules, and per-token scores against an
 // independent prefix-by-prefix recomputation.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 
 #include <cmath>
 
@@ -132,8 +132,8 @@ TEST_CASE("score: logprobs[i] = log p(tokens[i+1] | tokens[..i]), recomputed pre
     const double ref = x[ids[i + 1]].item<double>() - std::log(x.exp().sum().item<double>());
     CHECK(lp[i] == Approx(ref).epsilon(1e-6));
   }
-  CHECK_THROWS_WITH(score_tokens(*model, {3}), Catch::Contains("at least 2 tokens"));
-  CHECK_THROWS_WITH(score_tokens(*model, {3, 64}), Catch::Contains("token id 64"));
+  CHECK_THROWS_WITH(score_tokens(*model, {3}), ContainsText("at least 2 tokens"));
+  CHECK_THROWS_WITH(score_tokens(*model, {3, 64}), ContainsText("token id 64"));
 }
 
 TEST_CASE("imagine with the prompt cached equals sampling without a cache", "[infer][flow]") {

@@ -1,5 +1,5 @@
 // Losses against hand-computed values on tiny inputs.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 
 #include <cmath>
 

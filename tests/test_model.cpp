@@ -1,6 +1,6 @@
 // Whole-model behaviour on the tiny config: causality of text, bidirectionality inside a generated-image block,
 // image placeholders, and the shape utilities against hand-written index formulas.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 
 #include "helpers.h"
 #include "omnilite/modules/omnilite.h"
@@ -98,7 +98,7 @@ TEST_CASE("image placeholders take resampled image features", "[model][vision]")
   CHECK(diff_range(a, b, 0, 2) < kSame);
   CHECK(diff_range(a, b, 2, tokens.size(1)) > 1e-6);
   // Placeholder count must match the images given.
-  REQUIRE_THROWS_WITH(t.model->forward({tokens}), Catch::Contains("image placeholders") && Catch::Contains("0 images"));
+  REQUIRE_THROWS_WITH(t.model->forward({tokens}), ContainsText("image placeholders") && ContainsText("0 images"));
 }
 
 TEST_CASE("patchify follows the index formula and unpatchify inverts it", "[model][flow]") {
@@ -131,7 +131,7 @@ TEST_CASE("patch embedding: position table interpolates for other image sizes", 
   CHECK((pos - 0.25).abs().max().item<double>() < 1e-6);
   auto out = pe->forward(torch::rand({1, 3, 42, 70}));
   CHECK(out.sizes() == torch::IntArrayRef({1, 15, 8}));
-  REQUIRE_THROWS_WITH(pe->forward(torch::rand({1, 3, 30, 28})), Catch::Contains("not a multiple of patch_size"));
+  REQUIRE_THROWS_WITH(pe->forward(torch::rand({1, 3, 30, 28})), ContainsText("not a multiple of patch_size"));
 }
 
 TEST_CASE("VQ-VAE: 8x downsampling, nearest codes, card's output conv", "[model][vqvae]") {
@@ -164,7 +164,7 @@ TEST_CASE("too long a sequence is a clear error", "[model][errors]") {
   Tiny t;
   torch::NoGradGuard ng;
   auto tokens = torch::full({1, 257}, 20, torch::kInt64);
-  REQUIRE_THROWS_WITH(t.model->forward({tokens}), Catch::Contains("257 tokens exceeds") &&
-                                                      Catch::Contains("max_position_embeddings = 256"));
-  REQUIRE_THROWS_WITH(t.model->forward({torch::full({1, 3}, 64, torch::kInt64)}), Catch::Contains("[0, 64)"));
+  REQUIRE_THROWS_WITH(t.model->forward({tokens}), ContainsText("257 tokens exceeds") &&
+                                                      ContainsText("max_position_embeddings = 256"));
+  REQUIRE_THROWS_WITH(t.model->forward({torch::full({1, 3}, 64, torch::kInt64)}), ContainsText("[0, 64)"));
 }

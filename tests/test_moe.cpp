@@ -1,6 +1,6 @@
 // MoE against a per-token loop over the top-k experts (computed with explicit float64 matrix products), the
 // router semantics (fp32 softmax, top-k, renormalisation) and finite-difference gradients.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 
 #include <algorithm>
 #include <numeric>

@@ -1,6 +1,6 @@
 // The three training stages end to end on synthetic labelled images, exact resume of a multimodal run, eval's
 // outputs, and activation checkpointing against plain backward.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
@@ -141,7 +141,7 @@ TEST_CASE("VQ-VAE, classifier and OMNI-LITE stages train, a multimodal resume is
   wrong.data.vqvae = rc.out_dir;
   TrainRunOptions w;
   w.out_dir = base + "/w";
-  CHECK_THROWS_WITH(train(wrong, w), Catch::Contains("data.vqvae") && Catch::Contains("cls"));
+  CHECK_THROWS_WITH(train(wrong, w), ContainsText("data.vqvae") && ContainsText("cls"));
 
   // Eval writes every figure and every picture.
   EvalOptions eo;
@@ -204,7 +204,7 @@ TEST_CASE("an empty image dataset is an error before step 1", "[train]") {
   c.data.image_train = {base + "/empty.jsonl"};
   TrainRunOptions r;
   r.out_dir = base + "/run";
-  CHECK_THROWS_WITH(train(c, r), Catch::Contains("data.image_train") && Catch::Contains("no usable images"));
+  CHECK_THROWS_WITH(train(c, r), ContainsText("data.image_train") && ContainsText("no usable images"));
   CHECK_FALSE(fs::exists(base + "/run/metrics.jsonl"));
 }
 

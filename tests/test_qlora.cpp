@@ -1,7 +1,7 @@
 // QLoRA: NF4 codes and blocks against the published table and naive loops, Nf4Linear against the dequantised
 // matmul, LoRA against its formula, gradients reaching adapters only, PEFT adapter files, base-checkpoint loading
 // and its errors, and a tiny QLoRA run whose loss falls.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 #include <nlohmann/json.hpp>
 
 #include <cmath>
@@ -153,7 +153,7 @@ TEST_CASE("NF4 few-row product (SIMD and scalar) equals a naive decode of the st
       CHECK(testing::max_rel_err(y, torch::matmul(x.to(torch::kFloat64), W.t())) < 1e-5);
     }
   CHECK_THROWS_WITH(quant::nf4_matmul_few_rows_cpu(torch::randn({quant::kNf4FewRows + 1, in}), q),
-                    Catch::Contains("N <= 8"));
+                    ContainsText("N <= 8"));
 }
 
 TEST_CASE("LoRALinear: B = 0 gives the base, otherwise base + alpha/r B A x", "[qlora][lora]") {
@@ -227,7 +227,7 @@ TEST_CASE("QLoRA model: only adapters get gradients, PEFT adapter files round tr
   Config c8 = c;
   c8.lora.rank = 8;
   OmniLite wrong_rank(c8.model, *make_linear_builder(c8));
-  CHECK_THROWS_WITH(io::load_adapter(*wrong_rank, dir), Catch::Contains("has shape") && Catch::Contains("lora.rank"));
+  CHECK_THROWS_WITH(io::load_adapter(*wrong_rank, dir), ContainsText("has shape") && ContainsText("lora.rank"));
 }
 
 TEST_CASE("base checkpoints load into QLoRA models quantised, bad ones are refused by name", "[qlora]") {
@@ -279,15 +279,15 @@ TEST_CASE("base checkpoints load into QLoRA models quantised, bad ones are refus
   auto missing = write_variant("missing.safetensors", [](auto& t) {
     t.erase(std::remove_if(t.begin(), t.end(), [](auto& p) { return p.first == "text.layers.1.self_attn.k_proj.weight"; }), t.end());
   });
-  CHECK_THROWS_WITH(io::load_base_weights(*nf4, missing), Catch::Contains("missing tensor \"text.layers.1.self_attn.k_proj.weight\""));
+  CHECK_THROWS_WITH(io::load_base_weights(*nf4, missing), ContainsText("missing tensor \"text.layers.1.self_attn.k_proj.weight\""));
   auto extra = write_variant("extra.safetensors", [](auto& t) { t.emplace_back("text.layers.9.extra.weight", torch::zeros({2})); });
-  CHECK_THROWS_WITH(io::load_base_weights(*nf4, extra), Catch::Contains("unexpected tensor \"text.layers.9.extra.weight\""));
+  CHECK_THROWS_WITH(io::load_base_weights(*nf4, extra), ContainsText("unexpected tensor \"text.layers.9.extra.weight\""));
   auto shaped = write_variant("shaped.safetensors", [](auto& t) {
     for (auto& p : t)
       if (p.first == "text.layers.0.moe.experts.2.w1.weight") p.second = torch::zeros({8, 64});
   });
-  CHECK_THROWS_WITH(io::load_base_weights(*nf4, shaped), Catch::Contains("text.layers.0.moe.experts.2.w1.weight") &&
-                                                             Catch::Contains("has shape"));
+  CHECK_THROWS_WITH(io::load_base_weights(*nf4, shaped), ContainsText("text.layers.0.moe.experts.2.w1.weight") &&
+                                                             ContainsText("has shape"));
 }
 
 TEST_CASE("a tiny QLoRA run learns with adapters only", "[qlora][train][slow]") {
@@ -326,5 +326,5 @@ TEST_CASE("a tiny QLoRA run learns with adapters only", "[qlora][train][slow]") 
   CHECK_FALSE(fs::exists(ck + "/model.safetensors"));
   // Without base weights the run is refused before step 1.
   c.train.base_checkpoint.clear();
-  CHECK_THROWS_WITH(train(c, r), Catch::Contains("train.base_checkpoint"));
+  CHECK_THROWS_WITH(train(c, r), ContainsText("train.base_checkpoint"));
 }

@@ -1,7 +1,7 @@
 // The QLoRA flow around training: `init` (a checkpoint written piece by piece equals the model's tensors), `export
 // --merge` (merged plain weights give the adapter model's logits) and `memory` (its counts against a constructed
 // model).
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 
 #include <filesystem>
 #include <map>
@@ -81,7 +81,7 @@ TEST_CASE("init writes a bf16 checkpoint piece by piece that loads strictly and 
   CHECK(r.params == count_parameters(c.model).total + 2 * c.model.flow.latent_channels);  // + VQ-VAE latent stats
   // A second init into the same folder is refused and leaves the file as it was.
   const auto before = fs::last_write_time(o.out_dir + "/model.safetensors");
-  CHECK_THROWS_WITH(io::write_init_checkpoint(c, o), Catch::Contains("already exists"));
+  CHECK_THROWS_WITH(io::write_init_checkpoint(c, o), ContainsText("already exists"));
   CHECK(fs::last_write_time(o.out_dir + "/model.safetensors") == before);
 }
 

@@ -1,6 +1,6 @@
 // safetensors I/O against the format's definition (bytes read back by hand), atomic writes, and refusal of
 // truncated, corrupted and mismatched files.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 #include <nlohmann/json.hpp>
 
 #include <cstdio>
@@ -80,17 +80,17 @@ TEST_CASE("truncated and corrupted files are refused with their name", "[io][err
   truncated.resize(bytes.size() - 10);
   write_bytes(dir + "/t.safetensors", truncated);
   REQUIRE_THROWS_WITH(io::SafetensorsReader(dir + "/t.safetensors"),
-                      Catch::Contains("t.safetensors") && Catch::Contains("truncated"));
+                      ContainsText("t.safetensors") && ContainsText("truncated"));
 
   auto corrupted = bytes;
   corrupted[corrupted.size() - 3] ^= 0x40;
   write_bytes(dir + "/c.safetensors", corrupted);
   io::SafetensorsReader r(dir + "/c.safetensors");
-  REQUIRE_THROWS_WITH(r.verify_checksum(), Catch::Contains("c.safetensors") && Catch::Contains("corrupted"));
+  REQUIRE_THROWS_WITH(r.verify_checksum(), ContainsText("c.safetensors") && ContainsText("corrupted"));
 
   write_bytes(dir + "/e.safetensors", {'x', 'y'});
-  REQUIRE_THROWS_WITH(io::SafetensorsReader(dir + "/e.safetensors"), Catch::Contains("truncated or not safetensors"));
-  REQUIRE_THROWS_WITH(io::SafetensorsReader(dir + "/none.safetensors"), Catch::Contains("cannot open"));
+  REQUIRE_THROWS_WITH(io::SafetensorsReader(dir + "/e.safetensors"), ContainsText("truncated or not safetensors"));
+  REQUIRE_THROWS_WITH(io::SafetensorsReader(dir + "/none.safetensors"), ContainsText("cannot open"));
 }
 
 TEST_CASE("a failed write leaves the previous file intact", "[io]") {
@@ -101,7 +101,7 @@ TEST_CASE("a failed write leaves the previous file intact", "[io]") {
   {
     io::SafetensorsWriter w(path, {{"w", torch::kFloat32, {8}}, {"v", torch::kFloat32, {2}}});
     w.write("w", torch::zeros({8}));
-    REQUIRE_THROWS_WITH(w.write("v", torch::zeros({3})), Catch::Contains("expected tensor \"v\""));
+    REQUIRE_THROWS_WITH(w.write("v", torch::zeros({3})), ContainsText("expected tensor \"v\""));
     REQUIRE_THROWS(w.commit());
   }  // abandoned writer
   CHECK_FALSE(fs::exists(path + ".tmp"));
@@ -126,15 +126,15 @@ TEST_CASE("model checkpoints round-trip and strict loading names the tensor", "[
   drop.erase(drop.begin() + 3);
   io::save_safetensors(dir + "/missing.safetensors", drop);
   REQUIRE_THROWS_WITH(io::load_module(*b, dir + "/missing.safetensors"),
-                      Catch::Contains("missing tensor \"" + tensors[3].first + "\""));
+                      ContainsText("missing tensor \"" + tensors[3].first + "\""));
   auto extra = tensors;
   extra.emplace_back("text.layers.9.extra", torch::zeros({1}));
   io::save_safetensors(dir + "/extra.safetensors", extra);
   REQUIRE_THROWS_WITH(io::load_module(*b, dir + "/extra.safetensors"),
-                      Catch::Contains("unexpected tensor \"text.layers.9.extra\""));
+                      ContainsText("unexpected tensor \"text.layers.9.extra\""));
   auto shaped = tensors;
   shaped[0].second = torch::zeros({3});
   io::save_safetensors(dir + "/shape.safetensors", shaped);
   REQUIRE_THROWS_WITH(io::load_module(*b, dir + "/shape.safetensors"),
-                      Catch::Contains("\"" + tensors[0].first + "\" has shape [3]"));
+                      ContainsText("\"" + tensors[0].first + "\" has shape [3]"));
 }

@@ -1,5 +1,5 @@
 // Tokenizer training with the reserved markers, round trips, and compatibility errors.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 
 #include <filesystem>
 #include <fstream>
@@ -35,9 +35,13 @@ TEST_CASE("trained tokenizer reserves the image markers at ids 3..6 and round-tr
   TokenizerTrainOptions o;
   o.inputs = {write_corpus(dir)};
   o.vocab_size = 300;
-  train_tokenizer(o, dir + "/tok.model");
+  CHECK(train_tokenizer(o, dir + "/tok.model") == dir + "/tok.model");
   Tokenizer tok(dir + "/tok.model");
   CHECK(tok.vocab_size() == 300);
+  // Without the suffix the same files are written, and the path returned names the .model.
+  CHECK(train_tokenizer(o, dir + "/tok2") == dir + "/tok2.model");
+  CHECK(fs::exists(dir + "/tok2.model"));
+  CHECK(fs::exists(dir + "/tok2.vocab"));
   CHECK(tok.piece_id("<image>") == 3);
   CHECK(tok.piece_id("<image_begin>") == 4);
   CHECK(tok.piece_id("<image_end>") == 5);
@@ -54,22 +58,22 @@ TEST_CASE("trained tokenizer reserves the image markers at ids 3..6 and round-tr
   CHECK(std::count(ids.begin(), ids.end(), 6) == 1);
 
   auto cfg = testing::load("configs/tiny.json").model;  // vocab 64 < 300 pieces
-  REQUIRE_THROWS_WITH(tok.check_compatible(cfg), Catch::Contains("300 pieces") &&
-                                                     Catch::Contains("model.text.vocab_size = 64"));
+  REQUIRE_THROWS_WITH(tok.check_compatible(cfg), ContainsText("300 pieces") &&
+                                                     ContainsText("model.text.vocab_size = 64"));
   cfg.text.vocab_size = 512;
   REQUIRE_NOTHROW(tok.check_compatible(cfg));
   cfg.tokens.gen_image_id = 9;
-  REQUIRE_THROWS_WITH(tok.check_compatible(cfg), Catch::Contains("<gen_image> at id 6") &&
-                                                     Catch::Contains("model.tokens.gen_image_id = 9"));
+  REQUIRE_THROWS_WITH(tok.check_compatible(cfg), ContainsText("<gen_image> at id 6") &&
+                                                     ContainsText("model.tokens.gen_image_id = 9"));
 }
 
 TEST_CASE("tokenizer errors name the file", "[tokenizer][errors]") {
-  REQUIRE_THROWS_WITH(Tokenizer("/nonexistent/tok.model"), Catch::Contains("/nonexistent/tok.model") &&
-                                                               Catch::Contains("not found"));
+  REQUIRE_THROWS_WITH(Tokenizer("/nonexistent/tok.model"), ContainsText("/nonexistent/tok.model") &&
+                                                               ContainsText("not found"));
   const std::string bad = (fs::temp_directory_path() / "omnilite_bad.model").string();
   std::ofstream(bad) << "garbage";
-  REQUIRE_THROWS_WITH(Tokenizer(bad), Catch::Contains("not a SentencePiece model"));
+  REQUIRE_THROWS_WITH(Tokenizer(bad), ContainsText("not a SentencePiece model"));
   TokenizerTrainOptions o;
   o.inputs = {"/nonexistent/corpus.txt"};
-  REQUIRE_THROWS_WITH(train_tokenizer(o, "/tmp/x.model"), Catch::Contains("cannot open input"));
+  REQUIRE_THROWS_WITH(train_tokenizer(o, "/tmp/x.model"), ContainsText("cannot open input"));
 }

@@ -1,5 +1,5 @@
 // Trainer: the schedule formula, a tiny run whose loss falls, exact resume, refusal of a corrupted checkpoint.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 #include <nlohmann/json.hpp>
 
 #include <cmath>
@@ -96,7 +96,7 @@ TEST_CASE("a tiny run learns, resume continues exactly, a corrupted checkpoint i
   TrainRunOptions c = a;
   c.resume_dir = a.out_dir;
   c.max_steps = 14;
-  REQUIRE_THROWS_WITH(train(cfg, c), Catch::Contains("model.safetensors") && Catch::Contains("corrupted"));
+  REQUIRE_THROWS_WITH(train(cfg, c), ContainsText("model.safetensors") && ContainsText("corrupted"));
   CHECK(fs::file_size(ck) == size_before);
   CHECK(losses_of(a.out_dir + "/metrics.jsonl").size() == 12);
   (void)ra;

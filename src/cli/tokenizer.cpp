@@ -42,8 +42,7 @@ int run_tokenizer(int argc, char** argv) {
     o.vocab_size = args["vocab-size"].as<int64_t>();
     o.model_type = args["model-type"].as<std::string>();
     o.seed = args["seed"].as<uint64_t>();
-    const std::string out = args["out"].as<std::string>();
-    train_tokenizer(o, out);
+    const std::string out = train_tokenizer(o, args["out"].as<std::string>());
     Tokenizer tok(out);
     std::cout << "wrote " << out << " (" << tok.vocab_size() << " pieces)\n";
     return 0;

@@ -13,6 +13,11 @@
 #include <string>
 #include <vector>
 
+// Exported by libsentencepiece (0.1.9x and 0.2), declared in the public header only from 0.2 on.
+namespace sentencepiece::logging {
+void SetMinLogLevel(int v);
+}
+
 namespace {
 
 void set_error(char* err, size_t len, const std::string& msg) {
@@ -81,6 +86,10 @@ int omnilite_spm_piece_to_id(void* h, const char* piece) {
 
 int omnilite_spm_train(const char* args, unsigned seed, char* err, size_t errlen) {
   sentencepiece::SetRandomGeneratorSeed(seed);
+  // Errors only (the --minloglevel flag acts after Train's first INFO line). Besides the quiet, this keeps a
+  // deep-bound SentencePiece off std::cerr: in a program with a copy-relocated std::cerr (one linked with a non-PIC
+  // static library, such as Catch2 v3's libCatch2.a) the deep-bound libstdc++'s own std::cerr is never constructed.
+  sentencepiece::logging::SetMinLogLevel(2);
   const auto status = sentencepiece::SentencePieceTrainer::Train(args);
   if (!status.ok()) {
     set_error(err, errlen, status.ToString());

@@ -149,7 +149,7 @@ void Tokenizer::check_compatible(const ModelConfig& cfg) const {
   }
 }
 
-void train_tokenizer(const TokenizerTrainOptions& o, const std::string& out_path) {
+std::string train_tokenizer(const TokenizerTrainOptions& o, const std::string& out_path) {
   if (o.inputs.empty()) throw std::runtime_error("tokenizer train: no --input files given");
   const int64_t min_vocab = 3 + static_cast<int64_t>(reserved_marker_pieces().size()) + 256;
   if (o.vocab_size < min_vocab)
@@ -211,6 +211,7 @@ void train_tokenizer(const TokenizerTrainOptions& o, const std::string& out_path
                              "; hint: a smaller --vocab-size fits a small corpus");
   std::filesystem::rename(tmp_prefix + ".vocab", prefix + ".vocab");
   std::filesystem::rename(tmp_prefix + ".model", prefix + ".model");
+  return prefix + ".model";
 }
 
 }  // namespace omnilite

@@ -88,9 +88,10 @@ Gaussian fit_gaussian(const torch::Tensor& features) {
 
 namespace {
 // Square root of a symmetric positive semi-definite matrix through its eigendecomposition (negative round-off
-// eigenvalues clamped to 0).
+// eigenvalues clamped to 0). at::linalg_eigh rather than torch::linalg::eigh: some LibTorch 2.x packages (Debian's
+// 2.6) ship without torch/linalg.h.
 torch::Tensor sqrtm_psd(const torch::Tensor& s) {
-  auto [vals, vecs] = torch::linalg::eigh(s, "L");
+  auto [vals, vecs] = at::linalg_eigh(s, "L");
   return torch::matmul(vecs * vals.clamp_min(0).sqrt().unsqueeze(0), vecs.t());
 }
 }  // namespace
@@ -100,7 +101,7 @@ double frechet_distance(const Gaussian& a, const Gaussian& b) {
   auto sa = sqrtm_psd(a.cov);
   auto m = torch::matmul(torch::matmul(sa, b.cov), sa);
   m = (m + m.t()) / 2;  // symmetric up to round-off
-  auto tr_sqrt = std::get<0>(torch::linalg::eigh(m, "L")).clamp_min(0).sqrt().sum();
+  auto tr_sqrt = std::get<0>(at::linalg_eigh(m, "L")).clamp_min(0).sqrt().sum();
   return (d.dot(d) + a.cov.trace() + b.cov.trace() - 2 * tr_sqrt).item<double>();
 }
 

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/version.h>
 #if defined(USE_C10D_GLOO)
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #endif
@@ -158,6 +159,16 @@ std::shared_ptr<Dist> Dist::join(const DistOptions& o, const std::string& finger
     so.isServer = o.rank == 0 && !o.agent_store;
     so.waitWorkers = false;
     so.timeout = timeout;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
+    // LibTorch >= 2.4 asks for the libuv store by default, which builds without libuv (Debian's 2.6) refuse at
+    // once: fall back to the classic store, which every rank of such a build uses alike.
+    try {
+      return c10::intrusive_ptr<c10d::Store>(c10::make_intrusive<c10d::TCPStore>(o.master_addr, so));
+    } catch (const std::exception& e) {
+      if (!so.useLibUV || std::string(e.what()).find("libuv") == std::string::npos) throw;
+      so.useLibUV = false;
+    }
+#endif
     return c10::intrusive_ptr<c10d::Store>(c10::make_intrusive<c10d::TCPStore>(o.master_addr, so));
   });
 

@@ -46,8 +46,9 @@ struct TokenizerTrainOptions {
   uint64_t seed = 1234;             // sampling seed (SentencePiece's random seed)
 };
 
-// Trains a SentencePiece model with byte fallback and the reserved markers; writes out_path (a .model file) and
-// its .vocab beside it. Throws with the inputs and the SentencePiece status on failure.
-void train_tokenizer(const TokenizerTrainOptions& opts, const std::string& out_path);
+// Trains a SentencePiece model with byte fallback and the reserved markers; writes out_path (a .model file; the
+// suffix is added when missing) and its .vocab beside it, and returns the .model path written. Throws with the
+// inputs and the SentencePiece status on failure.
+std::string train_tokenizer(const TokenizerTrainOptions& opts, const std::string& out_path);
 
 }  // namespace omnilite
