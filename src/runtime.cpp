@@ -9,10 +9,15 @@
 #include <c10/cuda/CUDAFunctions.h>
 #endif
 
+#include <cmath>
 #include <fstream>
+#include <limits>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
+
+#include "omnilite/log.h"
 
 namespace omnilite {
 
@@ -83,8 +88,79 @@ double proc_status_kb(const char* key) {
 double resident_bytes() { return proc_status_kb("VmRSS"); }
 double peak_resident_bytes() { return proc_status_kb("VmHWM"); }
 
+namespace {
+
+// Input gradient of conv2d(x, w, stride, pad) for output gradient gy, by loops in float64: [N, Ci, S, S].
+torch::Tensor conv_input_grad_loops(const torch::Tensor& w, const torch::Tensor& gy, int64_t S, int64_t stride,
+                                    int64_t pad) {
+  const int64_t N = gy.size(0), Co = w.size(0), Ci = w.size(1), K = w.size(2), So = gy.size(2);
+  auto gx = torch::zeros({N, Ci, S, S}, torch::kFloat64);
+  auto W = w.to(torch::kFloat64).contiguous();
+  auto GY = gy.to(torch::kFloat64).contiguous();
+  auto a = gx.accessor<double, 4>();
+  auto wa = W.accessor<double, 4>();
+  auto ga = GY.accessor<double, 4>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t o = 0; o < Co; ++o)
+      for (int64_t i = 0; i < So; ++i)
+        for (int64_t j = 0; j < So; ++j)
+          for (int64_t c = 0; c < Ci; ++c)
+            for (int64_t ki = 0; ki < K; ++ki)
+              for (int64_t kj = 0; kj < K; ++kj) {
+                const int64_t ii = i * stride + ki - pad, jj = j * stride + kj - pad;
+                if (ii >= 0 && jj >= 0 && ii < S && jj < S) a[n][c][ii][jj] += ga[n][o][i][j] * wa[o][c][ki][kj];
+              }
+  return gx;
+}
+
+// Max |input gradient - loops| over convolutions of the shapes the faulty build got wrong.
+double conv_backward_error() {
+  struct Probe { int64_t ci, co, size, batch, k, stride; };
+  const Probe probes[] = {{3, 3, 4, 2, 3, 1}, {8, 8, 8, 2, 3, 1}, {3, 8, 8, 1, 4, 2}, {16, 8, 32, 2, 3, 1}};
+  auto gen = at::detail::createCPUGenerator(1234);
+  double worst = 0;
+  for (const auto& p : probes) {
+    auto w = at::normal(0.0, 0.1, {p.co, p.ci, p.k, p.k}, gen);
+    auto x = at::normal(0.0, 1.0, {p.batch, p.ci, p.size, p.size}, gen);
+    torch::AutoGradMode grad_on(true);  // also when called under a NoGradGuard
+    auto xx = x.clone().requires_grad_();
+    auto y = torch::conv2d(xx, w, {}, p.stride, 1);
+    auto gy = at::normal(0.0, 1.0, y.sizes(), gen);
+    auto gx = torch::autograd::grad({y}, {xx}, {gy})[0];
+    const double e =
+        (gx.to(torch::kFloat64) - conv_input_grad_loops(w, gy, p.size, p.stride, 1)).abs().max().item<double>();
+    worst = std::isfinite(e) ? std::max(worst, e) : std::numeric_limits<double>::infinity();
+  }
+  return worst;
+}
+
+}  // namespace
+
+ConvBackwardCheck check_cpu_conv_backward() {
+  static std::once_flag once;
+  static ConvBackwardCheck result;
+  std::call_once(once, [] {
+    result.error = conv_backward_error();
+    if (result.error <= 1e-4 || !at::globalContext().userEnabledMkldnn()) {
+      if (result.error > 1e-4)
+        log::warn(log::format("LibTorch %s computes wrong CPU convolution gradients (max error %.3g against a float64 "
+                              "loop) and oneDNN is already off; hint: use another LibTorch build",
+                              TORCH_VERSION, result.error));
+      return;
+    }
+    at::globalContext().setUserEnabledMkldnn(false);
+    result.onednn_disabled = true;
+    result.error_after = conv_backward_error();
+    log::warn(log::format("LibTorch %s: oneDNN's CPU convolution backward gives wrong input gradients here (max error "
+                          "%.3g against a float64 loop); oneDNN is switched off for this process (error now %.3g, "
+                          "convolutions slower)", TORCH_VERSION, result.error, result.error_after));
+  });
+  return result;
+}
+
 torch::Device apply_runtime(const RuntimeOptions& rt) {
   configure_threads(rt.threads, rt.blas_threads);
+  check_cpu_conv_backward();
   torch::manual_seed(rt.seed);
   return resolve_device(rt.device);
 }

@@ -1,6 +1,6 @@
 // Image-caption data, multimodal rows, the background loader and the generation helpers, against hand-built
 // expectations: pixel round trips through PNG, hand-written row layouts, bad entries counted.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 
 #include <atomic>
 #include <filesystem>
@@ -14,6 +14,7 @@
 #include "omnilite/data/prefetcher.h"
 #include "omnilite/infer/generate.h"
 #include "omnilite/modules/vqvae.h"
+#include "omnilite/runtime.h"
 #include "omnilite/train/stage.h"
 
 using namespace omnilite;
@@ -53,11 +54,11 @@ TEST_CASE("PPM round trip and hand-written PGM/PPM files decode to their pixels 
   CHECK(c[0][0][2].item<uint8_t>() == 0);
   // Errors name the file and the problem.
   std::ofstream(dir + "/cut.pgm", std::ios::binary) << "P5 4 4 255\n" << std::string("\x01\x02", 2);
-  CHECK_THROWS_WITH(read_pnm(dir + "/cut.pgm"), Catch::Contains("cut.pgm") && Catch::Contains("truncated: 2 of 16"));
+  CHECK_THROWS_WITH(read_pnm(dir + "/cut.pgm"), ContainsText("cut.pgm") && ContainsText("truncated: 2 of 16"));
   std::ofstream(dir + "/deep.pgm") << "P2 1 1 65535\n7\n";
-  CHECK_THROWS_WITH(read_pnm(dir + "/deep.pgm"), Catch::Contains("maxval 65535"));
+  CHECK_THROWS_WITH(read_pnm(dir + "/deep.pgm"), ContainsText("maxval 65535"));
   std::ofstream(dir + "/x.ppm") << "P7 nonsense";
-  CHECK_THROWS_WITH(read_pnm(dir + "/x.ppm"), Catch::Contains("not a PNM file"));
+  CHECK_THROWS_WITH(read_pnm(dir + "/x.ppm"), ContainsText("not a PNM file"));
   // The torch-only resize: area averaging of 2 x 2 blocks, by hand.
   auto big = torch::tensor({0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140, 150}, torch::kUInt8)
                  .view({4, 4, 1}).expand({4, 4, 3}).contiguous();
@@ -114,11 +115,11 @@ TEST_CASE("image-caption .jsonl: good lines load, bad images and lines are skipp
   CHECK(torch::equal(crop_single(set.images[0]), ((known_image()[0] + 1.0) * 127.5).round().to(torch::kUInt8).permute({1, 2, 0})));
 
   // Each reason is named in the error of decode_image_file.
-  CHECK_THROWS_WITH(decode_image_file(dir + "/cut.png"), Catch::Contains("cut.png") && Catch::Contains("truncated PNG"));
-  CHECK_THROWS_WITH(decode_image_file(dir + "/cut.jpg"), Catch::Contains("truncated JPEG"));
-  CHECK_THROWS_WITH(decode_image_file(dir + "/text.png"), Catch::Contains("cannot decode"));
-  CHECK_THROWS_WITH(decode_image_file(dir + "/missing.png"), Catch::Contains("missing.png"));
-  CHECK_THROWS_WITH(read_image_captions({dir + "/list.txt"}, o), Catch::Contains("list.txt") && Catch::Contains("IDX prefix"));
+  CHECK_THROWS_WITH(decode_image_file(dir + "/cut.png"), ContainsText("cut.png") && ContainsText("truncated PNG"));
+  CHECK_THROWS_WITH(decode_image_file(dir + "/cut.jpg"), ContainsText("truncated JPEG"));
+  CHECK_THROWS_WITH(decode_image_file(dir + "/text.png"), ContainsText("cannot decode"));
+  CHECK_THROWS_WITH(decode_image_file(dir + "/missing.png"), ContainsText("missing.png"));
+  CHECK_THROWS_WITH(read_image_captions({dir + "/list.txt"}, o), ContainsText("list.txt") && ContainsText("IDX prefix"));
 }
 
 TEST_CASE("COCO captions JSON groups the captions of each image", "[data][image]") {
@@ -162,7 +163,7 @@ TEST_CASE("IDX sources give labelled images with the class captions, to_model_im
   CHECK(x[0][0][1][0].item<float>() == Approx(51 / 127.5 - 1.0));
   CHECK(to_model_images(u8, 2, 1).sizes() == torch::IntArrayRef({1, 1, 2, 2}));
   CHECK(to_model_images(u8, 4, 3).sizes() == torch::IntArrayRef({1, 3, 4, 4}));
-  CHECK_THROWS_WITH(read_image_captions({dir + "/nothing"}, o), Catch::Contains("nothing"));
+  CHECK_THROWS_WITH(read_image_captions({dir + "/nothing"}, o), ContainsText("nothing"));
 }
 
 TEST_CASE("multimodal rows have the documented layout", "[data][mm]") {
@@ -172,7 +173,7 @@ TEST_CASE("multimodal rows have the documented layout", "[data][mm]") {
   CHECK(generation_row({}, 2, t) == std::vector<int64_t>{1, 4, 6, 6, 5, 2});
   auto rows = pad_rows({{1, 2}, {3}}, 3, 0);
   CHECK(torch::equal(rows, torch::tensor({1, 2, 0, 3, 0, 0}, torch::kInt64).view({2, 3})));
-  CHECK_THROWS_WITH(pad_rows({{1, 2, 3, 4}}, 3, 0), Catch::Contains("4 tokens") && Catch::Contains("image_seq_len"));
+  CHECK_THROWS_WITH(pad_rows({{1, 2, 3, 4}}, 3, 0), ContainsText("4 tokens") && ContainsText("image_seq_len"));
   ModelConfig m;
   m.vqvae.image_size = 256;  // 32x32 latent, 4x4 patches -> 8x8 tokens
   CHECK(generated_tokens_per_image(m) == 64);
@@ -187,7 +188,7 @@ TEST_CASE("the background loader yields exactly make(m) in order, with any numbe
   Prefetcher<int> bad([](int64_t m) -> int { if (m == 2) throw std::runtime_error("item 2 is broken"); return 0; }, 2, 2, 0);
   CHECK(bad.get(0) == 0);
   CHECK(bad.get(1) == 0);
-  CHECK_THROWS_WITH(bad.get(2), Catch::Contains("item 2 is broken"));
+  CHECK_THROWS_WITH(bad.get(2), ContainsText("item 2 is broken"));
 }
 
 TEST_CASE("freeze patterns: '*' matches any run of characters", "[train]") {
@@ -228,4 +229,60 @@ TEST_CASE("VQ-VAE standardised latents decode like the plain quantised path", "[
   CHECK(testing::max_rel_err(zn.std({0, 2, 3}), torch::ones({4})) < 1e-4);
   // decoding the standardised latent snaps back to the same codes: identical images
   CHECK(testing::max_rel_err(vq->decode_normalized(zn), vq->decoder->forward(zq)) < 1e-5);
+}
+
+namespace {
+
+// conv2d(x, w, stride, pad) backward by loops in float64: {input gradient, weight gradient}.
+std::pair<torch::Tensor, torch::Tensor> conv_grads_by_loops(const torch::Tensor& x, const torch::Tensor& w,
+                                                            const torch::Tensor& gy, int64_t stride, int64_t pad) {
+  auto X = x.to(torch::kFloat64), W = w.to(torch::kFloat64), GY = gy.to(torch::kFloat64);
+  auto gx = torch::zeros_like(X), gw = torch::zeros_like(W);
+  auto xa = X.accessor<double, 4>(), wa = W.accessor<double, 4>(), ga = GY.accessor<double, 4>();
+  auto gxa = gx.accessor<double, 4>(), gwa = gw.accessor<double, 4>();
+  const int64_t S = X.size(2);
+  for (int64_t n = 0; n < GY.size(0); ++n)
+    for (int64_t o = 0; o < W.size(0); ++o)
+      for (int64_t i = 0; i < GY.size(2); ++i)
+        for (int64_t j = 0; j < GY.size(3); ++j)
+          for (int64_t c = 0; c < W.size(1); ++c)
+            for (int64_t ki = 0; ki < W.size(2); ++ki)
+              for (int64_t kj = 0; kj < W.size(3); ++kj) {
+                const int64_t ii = i * stride + ki - pad, jj = j * stride + kj - pad;
+                if (ii < 0 || jj < 0 || ii >= S || jj >= S) continue;
+                gxa[n][c][ii][jj] += ga[n][o][i][j] * wa[o][c][ki][kj];
+                gwa[o][c][ki][kj] += ga[n][o][i][j] * xa[n][c][ii][jj];
+              }
+  return {gx, gw};
+}
+
+}  // namespace
+
+TEST_CASE("CPU convolution gradients equal float64 loops once the runtime has checked the backend", "[images][conv]") {
+  // Debian 13's LibTorch 2.6 (oneDNN 3.6) got the input gradient of such shapes wrong on an AMD EPYC; the runtime's
+  // check then switches oneDNN off. Whatever the build, the gradients training uses must match the loops.
+  const auto check = check_cpu_conv_backward();
+  INFO("probe error " << check.error << ", oneDNN switched off " << check.onednn_disabled << ", error after "
+                      << check.error_after);
+  if (check.onednn_disabled) CHECK(check.error_after <= 1e-4);
+  struct Shape { int64_t ci, co, size, batch, k, stride, pad; };
+  // VQ-VAE convolutions (3x3, the 4x4 stride-2 downsampling), the shapes the faulty build failed, a patch embedding
+  for (const auto& s : {Shape{3, 3, 4, 2, 3, 1, 1}, Shape{8, 8, 8, 2, 3, 1, 1}, Shape{16, 8, 32, 2, 3, 1, 1},
+                        Shape{8, 3, 16, 4, 3, 1, 1}, Shape{3, 8, 8, 4, 4, 2, 1}, Shape{32, 16, 16, 2, 3, 1, 1},
+                        Shape{3, 32, 28, 2, 14, 14, 0}}) {
+    torch::manual_seed(s.ci * 100 + s.size);
+    auto w = torch::randn({s.co, s.ci, s.k, s.k}) * 0.1;
+    auto x = torch::randn({s.batch, s.ci, s.size, s.size}).requires_grad_();
+    auto wv = w.clone().requires_grad_();
+    auto y = torch::conv2d(x, wv, {}, s.stride, s.pad);
+    auto gy = torch::randn_like(y);
+    y.backward(gy);
+    const auto [gx, gw] = conv_grads_by_loops(x.detach(), w, gy, s.stride, s.pad);
+    INFO(s.ci << " -> " << s.co << " channels, " << s.size << "x" << s.size << ", batch " << s.batch << ", kernel "
+              << s.k << " stride " << s.stride);
+    const double ex = (x.grad().to(torch::kFloat64) - gx).abs().max().item<double>() / gx.abs().max().item<double>();
+    const double ew = (wv.grad().to(torch::kFloat64) - gw).abs().max().item<double>() / gw.abs().max().item<double>();
+    CHECK(ex < 1e-5);
+    CHECK(ew < 1e-5);
+  }
 }

@@ -33,8 +33,23 @@ double cuda_peak_allocated_gib();
 double resident_bytes();
 double peak_resident_bytes();
 
-// Applies runtime.threads/blas_threads and the seed; returns the device.
+// Applies runtime.threads/blas_threads and the seed, checks the CPU convolution backward once per process
+// (check_cpu_conv_backward); returns the device.
 torch::Device apply_runtime(const RuntimeOptions& rt);
+
+// What check_cpu_conv_backward found.
+struct ConvBackwardCheck {
+  double error = 0;            // max |input gradient - float64 loop| over the probe convolutions, as first found
+  bool onednn_disabled = false;  // oneDNN (mkldnn) was switched off for this process because of that error
+  double error_after = 0;      // the same error after switching oneDNN off (0 when it was not switched)
+};
+
+// Computes the input gradients of a few small fp32 convolutions with LibTorch's CPU kernels and compares them with
+// float64 loops. Debian 13's LibTorch 2.6 (oneDNN 3.6) returns wrong input gradients for 83 of 480 small shapes
+// on an AMD EPYC (errors of order 1, sometimes NaN), which silently spoils VQ-VAE and ViT training; when the error
+// exceeds 1e-4 and oneDNN is on, it is switched off for the process (slower convolutions, correct ones) with a
+// warning. Runs the probe once per process; later calls return the first result.
+ConvBackwardCheck check_cpu_conv_backward();
 
 }  // namespace omnilite
 

@@ -3,10 +3,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
+#include <optional>
 #include <stdexcept>
 #include <thread>
 
@@ -250,6 +252,13 @@ TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t war
 
 TrainResult train(const Config& cfg, const TrainRunOptions& run) {
   const auto& tr = cfg.train;
+  // OMNILITE_DETECT_ANOMALY=1: autograd checks every backward op and names the forward op whose gradient first
+  // turns NaN (slow; for finding the source of skipped steps).
+  std::optional<torch::autograd::DetectAnomalyGuard> anomaly;
+  if (const char* a = std::getenv("OMNILITE_DETECT_ANOMALY"); a && std::string(a) != "0") {
+    anomaly.emplace();
+    log::warn("OMNILITE_DETECT_ANOMALY: autograd anomaly detection is on (slow)");
+  }
   const int64_t total_steps = run.max_steps >= 0 ? run.max_steps : tr.steps;
   // Data parallelism: the ranks of a job share the cores of a node and take cuda:LOCAL_RANK.
   const DistOptions env = dist_options_from_env();
@@ -395,24 +404,29 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     // The schedule's horizon is train.steps, so stopping early (--max-steps) and resuming changes nothing.
     const double lr = lr_at(step, tr.steps, tr.warmup_steps, tr.lr, tr.min_lr_ratio);
     double grad_norm = 0.0;
-    const bool finite = std::isfinite(loss_value);
-    if (finite) {
+    // A finite loss can still back-propagate NaN/Inf (an op's backward at a singular point): such a step is skipped
+    // like a non-finite loss instead of writing NaN into the weights. The gradients are the reduced ones, so every
+    // rank decides alike.
+    if (std::isfinite(loss_value))
       grad_norm = tr.grad_clip > 0 ? torch::nn::utils::clip_grad_norm_(params, tr.grad_clip)
                                    : torch::nn::utils::clip_grad_norm_(params, 1e30);
+    const bool finite = std::isfinite(loss_value) && std::isfinite(grad_norm);
+    if (finite) {
       for (auto& g : opt->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
       opt->step();
       if (zero) zero->broadcast_params();
       bad_in_row = 0;
     } else {
       ++bad_in_row;
-      log::warn(log::format("step %lld: loss is %g; step skipped (%lld in a row, limit train.max_bad_steps = %lld)",
-                            static_cast<long long>(step + 1), loss_value, static_cast<long long>(bad_in_row),
+      log::warn(log::format("step %lld: %s is %g; step skipped (%lld in a row, limit train.max_bad_steps = %lld)",
+                            static_cast<long long>(step + 1), std::isfinite(loss_value) ? "gradient norm" : "loss",
+                            std::isfinite(loss_value) ? grad_norm : loss_value, static_cast<long long>(bad_in_row),
                             static_cast<long long>(tr.max_bad_steps)));
       if (bad_in_row >= tr.max_bad_steps)
         throw std::runtime_error("training stopped: " + std::to_string(bad_in_row) +
-                                 " non-finite losses in a row; the last good checkpoint is " +
+                                 " steps in a row with a non-finite loss or gradient; the last good checkpoint is " +
                                  (result.last_checkpoint.empty() ? std::string("none") : result.last_checkpoint) +
-                                 "; hint: lower train.lr");
+                                 "; hint: lower train.lr, or run with OMNILITE_DETECT_ANOMALY=1 to name the op");
     }
     ++step;
     if (finite) stage->after_step(step);
