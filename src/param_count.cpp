@@ -69,10 +69,17 @@ ParamReport count_parameters(const ModelConfig& c) {
   }
   r.active_backbone = L * (attn + gate + m.top_k * expert + 2 * D) + D;
   r.active_with_embeddings = r.active_backbone + t.vocab_size * D + (t.tie_word_embeddings ? 0 : t.vocab_size * D);
+  r.active_matmul = L * (attn + gate + m.top_k * expert) + t.vocab_size * D;
   r.bytes_fp32 = 4.0 * r.total;
   r.bytes_bf16 = 2.0 * r.total;
   r.bytes_nf4 = r.nf4_params * kNf4BitsPerParam / 8.0 + 2.0 * (r.total - r.nf4_params);
   return r;
+}
+
+double train_flops_per_token(const ModelConfig& c, int64_t seq) {
+  const auto& t = c.text;
+  return 6.0 * static_cast<double>(count_parameters(c).active_matmul) +
+         12.0 * static_cast<double>(t.num_layers * t.num_heads * t.head_dim) * static_cast<double>(seq);
 }
 
 }  // namespace omnilite

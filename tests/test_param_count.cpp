@@ -1,6 +1,6 @@
 // The analytic parameter counts (what `omnilite info` prints) against constructed models, and the full
 // configuration's claims: ~2.45B parameters in all and ~480M active per token in the backbone.
-#include <catch2/catch.hpp>
+#include "catch_compat.h"
 
 #include <regex>
 
@@ -45,7 +45,7 @@ void check_against_model(const ModelConfig& cfg) {
   torch::NoGradGuard ng;
   OmniLite model(cfg);
   std::map<std::string, int64_t> actual;
-  int64_t total = 0, nf4 = 0, layers = 0, experts = 0, final_norm = 0;
+  int64_t total = 0, nf4 = 0, layers = 0, experts = 0, final_norm = 0, layer_norms = 0, embed = 0, head = 0;
   for (const auto& p : model->named_parameters()) {
     const std::string key = p.key();
     actual[row_of(key)] += p.value().numel();
@@ -54,6 +54,9 @@ void check_against_model(const ModelConfig& cfg) {
     if (key.rfind("text.layers.", 0) == 0) layers += p.value().numel();
     if (key.find(".moe.experts.") != std::string::npos) experts += p.value().numel();
     if (key == "text.norm.weight") final_norm += p.value().numel();
+    if (key.rfind("text.layers.", 0) == 0 && key.find("layernorm") != std::string::npos) layer_norms += p.value().numel();
+    if (key == "text.embed_tokens.weight") embed = p.value().numel();
+    if (key.rfind("lm_head.", 0) == 0) head += p.value().numel();
   }
   const auto report = count_parameters(cfg);
   std::map<std::string, int64_t> predicted;
@@ -71,6 +74,11 @@ void check_against_model(const ModelConfig& cfg) {
   // Active per token: all of the decoder layers except the (E - K) experts a token does not visit.
   const auto& m = cfg.moe;
   CHECK(report.active_backbone == layers - experts / m.num_experts * (m.num_experts - m.top_k) + final_norm);
+  // Multiplied with per token: the same without norms, plus the LM head (the embedding table when tied).
+  const int64_t lm_head = cfg.text.tie_word_embeddings ? embed : head;
+  CHECK(lm_head == cfg.text.vocab_size * cfg.text.hidden_size);
+  CHECK(report.active_matmul ==
+        layers - layer_norms - experts / m.num_experts * (m.num_experts - m.top_k) + lm_head);
 }
 
 }  // namespace
@@ -107,4 +115,11 @@ TEST_CASE("the full model reproduces the card's claims", "[params][full]") {
   for (const auto& row : r.rows)
     if (row.name.rfind("text.layers", 0) == 0) text_layers += row.params;
   CHECK(text_layers == 24 * layer);
+  // MFU's FLOPs per token at 2048 (PaLM): 6 x (24 layers of attention + router + 2 of 16 experts, + the 32000 x 2048
+  // head) + 12 x 24 layers x 32 heads x 64 x 2048.
+  const double matmul = 24.0 * (2048.0 * (2048 + 512 + 512) + 2048.0 * 2048 + 2048.0 * 16 + 2.0 * 3 * 2048 * 768) +
+                        32000.0 * 2048;
+  CHECK(static_cast<double>(r.active_matmul) == matmul);
+  CHECK(train_flops_per_token(testing::load("configs/omni-lite.json").model, 2048) ==
+        Approx(6.0 * matmul + 12.0 * 24 * 32 * 64 * 2048).epsilon(1e-12));
 }

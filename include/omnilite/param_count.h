@@ -22,6 +22,8 @@ struct ParamReport {
   int64_t total = 0;                   // all parameters
   int64_t active_backbone = 0;         // per text token in the decoder layers + final norm (top_k experts)
   int64_t active_with_embeddings = 0;  // active_backbone + the embedding table + the LM head (if untied)
+  int64_t active_matmul = 0;           // per text token, weights it is multiplied with: attention projections,
+                                       // router, top_k experts, the LM head (tied or not); no norms, no embedding
   int64_t nf4_params = 0;              // sum of rows' nf4_params
   double bytes_fp32 = 0;               // weight memory at 4 bytes / parameter
   double bytes_bf16 = 0;               // weight memory at 2 bytes / parameter
@@ -32,5 +34,10 @@ struct ParamReport {
 constexpr double kNf4BitsPerParam = 4.0 + 8.0 / 64.0 + 32.0 / (64.0 * 256.0);
 
 ParamReport count_parameters(const ModelConfig& cfg);
+
+// Model FLOPs of one training step (forward + backward) per text token at sequence length `seq`, as PaLM counts them
+// for model-FLOPs utilisation (Chowdhery et al. 2022, appendix B): 6 x active_matmul + 12 x layers x heads x
+// head_dim x seq for attention's scores and weighted values (the half a causal mask skips is counted, as there).
+double train_flops_per_token(const ModelConfig& cfg, int64_t seq);
 
 }  // namespace omnilite

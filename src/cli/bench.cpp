@@ -53,6 +53,20 @@ double matmul_flops(const torch::Device& dev, int64_t n, int64_t reps, torch::Sc
   return 2.0 * static_cast<double>(n * n * n) * static_cast<double>(reps) / seconds_since(t0);
 }
 
+// The GEMM rate an MFU is measured against: square matmuls of the step's compute dtype, large enough to approach
+// the device's peak (8192 on a GPU; 2048 on a CPU, where larger ones take seconds each).
+struct MatmulRate {
+  double flops = 0;     // FLOP/s
+  nlohmann::json json;  // matmul_dtype, matmul_size, matmul_gflops
+};
+MatmulRate step_matmul_rate(const torch::Device& dev, bool bf16) {
+  const int64_t n = dev.is_cuda() ? 8192 : 2048, reps = dev.is_cuda() ? 20 : 5;
+  MatmulRate r;
+  r.flops = matmul_flops(dev, n, reps, bf16 ? torch::kBFloat16 : torch::kFloat32);
+  r.json = {{"matmul_dtype", bf16 ? "bf16" : "fp32"}, {"matmul_size", n}, {"matmul_gflops", r.flops / 1e9}};
+  return r;
+}
+
 // Mean seconds of fn() over `reps` calls after one warm-up.
 template <class Fn>
 double time_per_call(const torch::Device& dev, int64_t reps, Fn fn) {
@@ -289,13 +303,10 @@ int run_bench(int argc, char** argv) {
   } else if (what == "train") {
     // MFU against a GEMM of the dtype the step computes in
     const bool bf16_step = bf16 && dev.is_cuda();
-    const double peak = matmul_flops(dev, 2048, 5, bf16_step ? torch::kBFloat16 : torch::kFloat32);
-    result["matmul_dtype"] = bf16_step ? "bf16" : "fp32";
+    const auto rate = step_matmul_rate(dev, bf16_step);
+    result.update(rate.json);
     const auto r = bench_train_steps(cfg, steps, args["warmup"].as<int64_t>(),
                                      args.count("profile") ? args["profile"].as<std::string>() : "");
-    const auto pc = count_parameters(cfg.model);
-    const int64_t lm_head = cfg.model.text.tie_word_embeddings ? 0 : cfg.model.text.vocab_size * cfg.model.text.hidden_size;
-    const double n_active = static_cast<double>(pc.active_backbone + lm_head);
     result["config"] = args["config"].as<std::string>();
     result["stage"] = cfg.train.stage;
     result["steps"] = steps;
@@ -303,11 +314,12 @@ int run_bench(int argc, char** argv) {
     result[cfg.train.stage == "omni" ? "tokens_per_step" : "images_per_step"] = r.units_per_step;
     result[cfg.train.stage == "omni" ? "tokens_per_second" : "images_per_second"] = r.units_per_s;
     result["data_wait_frac"] = r.data_wait_frac;
-    result["matmul_2048_gflops"] = peak / 1e9;
     if (cfg.train.stage == "omni") {
-      result["active_matmul_params"] = n_active;
-      result["model_gflops_per_s"] = 6.0 * n_active * r.units_per_s / 1e9;
-      result["mfu"] = 6.0 * n_active * r.units_per_s / peak;
+      const double per_token = train_flops_per_token(cfg.model, cfg.train.seq_len);
+      result["active_matmul_params"] = count_parameters(cfg.model).active_matmul;
+      result["model_flops_per_token"] = per_token;
+      result["model_gflops_per_s"] = per_token * r.units_per_s / 1e9;
+      result["mfu"] = per_token * r.units_per_s / rate.flops;
     }
   } else {
     const int64_t B = args["batch"].as<int64_t>(), T = args["seq"].as<int64_t>();
@@ -335,6 +347,14 @@ int run_bench(int argc, char** argv) {
     for (int64_t i = 0; i < steps; ++i) step();
     synchronize(dev);
     const double s = seconds_since(t0) / static_cast<double>(steps);
+    // Model FLOPs (PaLM's count; a forward pass is a third of forward + backward) against the GEMM rate of the
+    // compute dtype, measured after the steps so that the model's memory is already taken.
+    const auto rate = step_matmul_rate(dev, dev.is_cuda() && cfg.runtime.dtype == "bf16");
+    const double per_token = train_flops_per_token(cfg.model, T) / (backward ? 1.0 : 3.0);
+    result.update(rate.json);
+    result["model_flops_per_token"] = per_token;
+    result["model_gflops_per_s"] = per_token * static_cast<double>(B * T) / s / 1e9;
+    result["mfu"] = per_token * static_cast<double>(B * T) / s / rate.flops;
     result["config"] = args["config"].as<std::string>();
     result["batch"] = B;
     result["seq"] = T;

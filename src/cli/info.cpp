@@ -63,6 +63,7 @@ int run_info(int argc, char** argv) {
     j["total_params"] = r.total;
     j["active_params_backbone"] = r.active_backbone;
     j["active_params_with_embeddings"] = r.active_with_embeddings;
+    j["active_matmul_params"] = r.active_matmul;
     j["nf4_quantised_params"] = r.nf4_params;
     j["weight_bytes"] = {{"fp32", r.bytes_fp32}, {"bf16", r.bytes_bf16}, {"nf4", r.bytes_nf4}};
     nlohmann::json rows = nlohmann::json::array();
@@ -84,6 +85,8 @@ int run_info(int argc, char** argv) {
               with_commas(r.active_backbone).c_str(), human(static_cast<double>(r.active_backbone), "").c_str());
   std::printf("active per token, with embedding and LM head:   %s (%s)\n", with_commas(r.active_with_embeddings).c_str(),
               human(static_cast<double>(r.active_with_embeddings), "").c_str());
+  std::printf("multiplied with per token (MFU's N: attention, router, experts, LM head): %s (%s)\n",
+              with_commas(r.active_matmul).c_str(), human(static_cast<double>(r.active_matmul), "").c_str());
   std::printf("\nweight memory: fp32 %s | bf16 %s | NF4 %s\n", gib(r.bytes_fp32).c_str(), gib(r.bytes_bf16).c_str(),
               gib(r.bytes_nf4).c_str());
   std::printf("  (NF4: %s linear weights at %.3f bits incl. double-quantised absmax; the other %s in bf16)\n",
