@@ -39,9 +39,9 @@ torch::Device apply_runtime(const RuntimeOptions& rt);
 
 // What check_cpu_conv_backward found.
 struct ConvBackwardCheck {
-  double error = 0;            // max |input gradient - float64 loop| over the probe convolutions, as first found
+  double error = 0;              // max |input gradient - float64 loop| over the probe convolutions, as first found
   bool onednn_disabled = false;  // oneDNN (mkldnn) was switched off for this process because of that error
-  double error_after = 0;      // the same error after switching oneDNN off (0 when it was not switched)
+  double error_after = 0;        // the same error after switching oneDNN off (0 when it was not switched)
 };
 
 // Computes the input gradients of a few small fp32 convolutions with LibTorch's CPU kernels and compares them with

@@ -92,11 +92,12 @@ class Dist {
 //
 // Per-parameter gradient hooks count the gradients that arrive; a parameter is complete when it has received as
 // many as in the previous step (reentrant activation checkpointing and a model run on two batches deliver several
-// per step; one that received none is complete from the start), and a bucket starts when all its parameters are complete and every earlier bucket has started (so the
-// ranks issue their collectives in one order). finish() starts the rest and waits; a bucket that received a
-// gradient after it started (a count that grew) is reduced again, all ranks agreeing through one small all-reduce
-// of flags, which also tells which parameters had a gradient on some rank: those have one afterwards on every rank,
-// the others none (so an expert that no rank routed to stays untouched by AdamW, as in one process).
+// per step; one that received none is complete from the start), and a bucket starts when all its parameters are
+// complete and every earlier bucket has started (so the ranks issue their collectives in one order). finish()
+// starts the rest and waits; a bucket that received a gradient after it started (a count that grew) is reduced
+// again, all ranks agreeing through one small all-reduce of flags, which also tells which parameters had a gradient
+// on some rank: those have one afterwards on every rank, the others none (so an expert that no rank routed to stays
+// untouched by AdamW, as in one process).
 class GradReducer {
  public:
   GradReducer(std::shared_ptr<Dist> dist, std::vector<torch::Tensor> params, double bucket_mb);
