@@ -1,13 +1,17 @@
-// Trainer: the schedule formula, a tiny run whose loss falls, exact resume, refusal of a corrupted checkpoint.
+// Trainer: the schedule formula, a tiny run whose loss falls, exact resume, refusal of a corrupted checkpoint, the
+// gate that skips steps with a NaN/Inf loss or gradient and stops a run that keeps producing them.
 #include "catch_compat.h"
 #include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 
 #include "helpers.h"
 #include "omnilite/data/tokenizer.h"
+#include "omnilite/io/checkpoint.h"
+#include "omnilite/modules/omnilite.h"
 #include "omnilite/train/schedule.h"
 #include "omnilite/train/trainer.h"
 
@@ -100,4 +104,105 @@ TEST_CASE("a tiny run learns, resume continues exactly, a corrupted checkpoint i
   CHECK(fs::file_size(ck) == size_before);
   CHECK(losses_of(a.out_dir + "/metrics.jsonl").size() == 12);
   (void)ra;
+}
+
+TEST_CASE("the step gate measures and clips the gradient norm and refuses NaN/Inf losses and gradients", "[train]") {
+  // loss = |w|^2 / 2 at w = (3, 4): gradient (3, 4), norm 5.
+  auto w = torch::tensor({3.0, 4.0}, torch::kFloat32).requires_grad_(true);
+  auto grad_of = [&] {
+    w.mutable_grad() = torch::Tensor();
+    (w * w).sum().div(2).backward();
+  };
+  grad_of();
+  auto c = clip_and_check({w}, 12.5, 1.0);
+  CHECK(c.finite);
+  CHECK(c.grad_norm == Approx(5.0).epsilon(1e-6));
+  CHECK(w.grad()[0].item<double>() == Approx(0.6).epsilon(1e-5));  // scaled by 1 / 5
+  CHECK(w.grad()[1].item<double>() == Approx(0.8).epsilon(1e-5));
+  grad_of();
+  c = clip_and_check({w}, 12.5, 0.0);  // measured only
+  CHECK(c.finite);
+  CHECK(c.grad_norm == Approx(5.0).epsilon(1e-6));
+  CHECK(w.grad()[1].item<double>() == 4.0);
+
+  // A finite loss whose backward is NaN: d sqrt(u) / du = inf at u = 0, times du/dv = 1 - 1 = 0.
+  auto v = torch::ones({3}).requires_grad_(true);
+  auto loss = torch::sqrt(v - v).sum();
+  REQUIRE(loss.item<double>() == 0.0);
+  loss.backward();
+  c = clip_and_check({w, v}, loss.item<double>(), 1.0);
+  CHECK_FALSE(c.finite);
+  CHECK(std::isnan(c.grad_norm));
+
+  // A NaN/Inf loss: not measured, the gradients left alone.
+  grad_of();
+  for (double bad : {std::nan(""), std::numeric_limits<double>::infinity()}) {
+    c = clip_and_check({w}, bad, 1.0);
+    CHECK_FALSE(c.finite);
+    CHECK(c.grad_norm == 0.0);
+    CHECK(w.grad()[1].item<double>() == 4.0);
+  }
+}
+
+TEST_CASE("NaN losses skip their steps, then stop the run naming the last good checkpoint, which stays intact",
+          "[train][qlora]") {
+  const auto base = testing::fresh_temp_dir("train_nan");
+  const auto [corpus, tok] = testing::word_corpus_and_tokenizer(base + "/data");
+  Config c = testing::tiny_qlora("fp32");
+  c.model.text.vocab_size = 320;
+  c.data.tokenizer = tok;
+  c.data.text_train = {corpus};
+  c.data.text_valid = {corpus};
+  c.train.batch_size = 2;
+  c.train.seq_len = 16;
+  c.train.steps = 8;
+  c.train.ckpt_every = 2;
+  c.train.log_every = 100;
+  c.train.valid_every = 0;
+  c.train.max_bad_steps = 3;
+  c.train.base_checkpoint = base + "/base.safetensors";
+  auto save_base = [&](bool poisoned) {
+    torch::manual_seed(1);
+    Config plain = c;
+    plain.lora.enabled = false;
+    OmniLite m(plain.model);
+    if (poisoned) m->text->norm->weight.data()[0] = std::nan("");  // one NaN in the final norm: every logit NaN
+    io::save_module(*m, c.train.base_checkpoint);
+  };
+  save_base(false);
+  TrainRunOptions r;
+  r.out_dir = base + "/run";
+  r.max_steps = 2;
+  train(c, r);
+  const std::string good = latest_checkpoint(r.out_dir);
+  REQUIRE(good.find("step_0000002") != std::string::npos);
+  const std::string adapter = good + "/adapter_model.safetensors";
+  auto read_all = [](const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(f), {});
+  };
+  const std::string adapter_bytes = read_all(adapter);
+  REQUIRE(!adapter_bytes.empty());
+
+  // The base now makes every loss NaN: steps 3 and 4 are skipped (logged as such), step 5 is the third in a row.
+  // The checkpoint of step 4 holds the weights of step 2: a skipped step changes nothing.
+  save_base(true);
+  r.resume_dir = r.out_dir;
+  r.max_steps = 8;
+  CHECK_THROWS_WITH(train(c, r), ContainsText("3 steps in a row with a non-finite loss") &&
+                                     ContainsText("last good checkpoint is " + r.out_dir + "/checkpoints/step_0000004"));
+  const std::string last = latest_checkpoint(r.out_dir);
+  CHECK(last.find("step_0000004") != std::string::npos);
+  CHECK(read_all(adapter) == adapter_bytes);
+  CHECK(read_all(last + "/adapter_model.safetensors") == adapter_bytes);
+  std::ifstream f(r.out_dir + "/metrics.jsonl");
+  std::vector<nlohmann::json> lines;
+  for (std::string line; std::getline(f, line);) lines.push_back(nlohmann::json::parse(line));
+  REQUIRE(lines.size() == 4);
+  CHECK_FALSE(lines[1]["skipped"].get<bool>());
+  for (size_t i : {2, 3}) {
+    INFO("step " << lines[i]["step"]);
+    CHECK(lines[i]["skipped"].get<bool>());
+    CHECK(lines[i]["loss"].is_null());  // NaN is written as null
+  }
 }

@@ -171,6 +171,15 @@ std::shared_ptr<Dist> join_job(const DistOptions& env, const Config& cfg, const 
 
 }  // namespace
 
+GradCheck clip_and_check(const std::vector<torch::Tensor>& params, double loss, double max_norm) {
+  GradCheck c;
+  if (!std::isfinite(loss)) return c;  // nothing to measure: the step is skipped anyway
+  // clip_grad_norm_ returns the norm before clipping; a huge bound measures without scaling.
+  c.grad_norm = torch::nn::utils::clip_grad_norm_(params, max_norm > 0 ? max_norm : 1e30);
+  c.finite = std::isfinite(c.grad_norm);
+  return c;
+}
+
 std::string latest_checkpoint(const std::string& dir) {
   if (fs::exists(dir + "/state.json") || io::is_hf_export(dir)) return dir;
   const std::string ck = fs::exists(dir + "/checkpoints") ? dir + "/checkpoints" : dir;
@@ -403,14 +412,10 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     const double loss_value = total_sum / n;
     // The schedule's horizon is train.steps, so stopping early (--max-steps) and resuming changes nothing.
     const double lr = lr_at(step, tr.steps, tr.warmup_steps, tr.lr, tr.min_lr_ratio);
-    double grad_norm = 0.0;
-    // A finite loss can still back-propagate NaN/Inf (an op's backward at a singular point): such a step is skipped
-    // like a non-finite loss instead of writing NaN into the weights. The gradients are the reduced ones, so every
-    // rank decides alike.
-    if (std::isfinite(loss_value))
-      grad_norm = tr.grad_clip > 0 ? torch::nn::utils::clip_grad_norm_(params, tr.grad_clip)
-                                   : torch::nn::utils::clip_grad_norm_(params, 1e30);
-    const bool finite = std::isfinite(loss_value) && std::isfinite(grad_norm);
+    // The gradients are the reduced ones, so every rank decides alike.
+    const GradCheck check = clip_and_check(params, loss_value, tr.grad_clip);
+    const double grad_norm = check.grad_norm;
+    const bool finite = check.finite;
     if (finite) {
       for (auto& g : opt->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
       opt->step();

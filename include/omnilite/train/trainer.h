@@ -2,7 +2,8 @@
 //
 // train.stage chooses the module and its losses (include/omnilite/train/stage.h); each optimizer step: grad_accum
 // micro-batches -> loss (omni: CLM + lambda_rf * RF + alpha * aux + beta * z) -> backward -> clip -> AdamW with the
-// warmup + cosine learning rate. A NaN/Inf loss skips the step; max_bad_steps in a row stop the run with the last checkpoint intact.
+// warmup + cosine learning rate. A NaN/Inf loss or gradient norm skips the step; train.max_bad_steps in a row stop
+// the run with the last checkpoint intact.
 //
 // Run folder: metrics.jsonl (one object per optimizer step), config.json, checkpoints/step_NNNNNNN/ with
 // model.safetensors, optimizer.pt, state.json. A checkpoint is written into a temporary folder and renamed into
@@ -11,6 +12,9 @@
 
 #include <memory>
 #include <string>
+#include <vector>
+
+#include <torch/torch.h>
 
 #include "omnilite/config.h"
 
@@ -43,6 +47,16 @@ struct TrainBenchResult {
   double data_wait_frac = 0;    // share of timed step time spent waiting for data
 };
 TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t warmup, const std::string& profile = "");
+
+// The gate of one optimizer step. A finite loss can still back-propagate NaN/Inf (an op's backward at a singular
+// point), so the step is taken only when the loss and the gradient norm are both finite; a skipped step leaves the
+// weights as they were.
+struct GradCheck {
+  double grad_norm = 0;  // 2-norm of all gradients before clipping (0 when the loss is NaN/Inf: not measured)
+  bool finite = false;   // loss and gradient norm finite: the optimizer may step
+};
+// Measures the gradients of `params` and clips them to max_norm (<= 0: measured only) when the loss is finite.
+GradCheck clip_and_check(const std::vector<torch::Tensor>& params, double loss, double max_norm);
 
 // The newest checkpoint folder under a run folder (or the folder itself if it is a checkpoint); throws if none.
 std::string latest_checkpoint(const std::string& dir);
