@@ -2,15 +2,31 @@
 # Builds OMNI-LITE against a LibTorch 2.x and runs the whole test suite there, on a machine without a GPU: a Debian 13
 # (trixie) chroot has libtorch-dev 2.6 (CPU), GCC 14 and Catch2 v3, so the 2.x branches of the code (scaled-dot-product
 # attention, per-device autocast, c10d's 2.x API) and the newer compiler and test framework are exercised.
+# With --cuda the chroot gets Debian's CUDA build of LibTorch 2.6 instead (contrib: libtorch-cuda-dev; non-free: CUDA
+# 12.4 and NCCL), so the CUDA-only code (OMNILITE_WITH_CUDA in runtime.cpp, ProcessGroupNCCL, tests/test_cuda.cpp) is
+# compiled and linked as on a GPU machine; the tests then run on the CPU and the [cuda] ones say they skipped.
+# cuDNN is not a Debian package (nvidia-cudnn downloads it from NVIDIA), so a placeholder satisfies the package and a
+# stub libcudnn.so.9 (every function aborts) satisfies the linker; the CPU tests never call it.
 # Built without OpenCV, as on the GPU machine. Needs root, debootstrap and Debian's package mirror.
-# Usage: sudo ./scripts/check_torch2.sh [CHROOT_DIR]     (default /var/tmp/omnilite-trixie; kept for the next run)
-# Env:   JOBS (default: all cores). About 25 minutes on 2 cores the first time (chroot, packages, build).
+# Usage: sudo ./scripts/check_torch2.sh [--cuda] [CHROOT_DIR]
+#        (default /var/tmp/omnilite-trixie, or /var/tmp/omnilite-trixie-cuda with --cuda; kept for the next run)
+# Env:   JOBS (default: all cores). About 25 minutes on 2 cores the first time (chroot, packages, build); --cuda
+#        downloads about 3 GB more and takes about 40 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=${1:-/var/tmp/omnilite-trixie}
+cuda=0
+if [[ ${1:-} == --cuda ]]; then cuda=1; shift; fi
+root=${1:-/var/tmp/omnilite-trixie$([[ $cuda == 1 ]] && echo -cuda)}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-PKGS=(libtorch-dev nlohmann-json3-dev libspdlog-dev catch2 libcxxopts-dev libsentencepiece-dev libgloo-dev
-      libopenblas0-pthread cmake g++ make pkg-config)
+PKGS=(nlohmann-json3-dev libspdlog-dev catch2 libcxxopts-dev libsentencepiece-dev libopenblas0-pthread cmake g++ make
+      pkg-config)
+if [[ $cuda == 1 ]]; then
+  torch_pkg=libtorch-cuda-dev build=build-torch2-cuda
+  PKGS+=(libtorch-cuda-dev libgloo-cuda-dev libnccl-dev nvidia-cuda-toolkit)
+else
+  torch_pkg=libtorch-dev build=build-torch2
+  PKGS+=(libtorch-dev libgloo-dev)
+fi
 
 if [[ $(id -u) != 0 ]]; then echo "check_torch2: run as root (it makes a chroot)" >&2; exit 2; fi
 command -v debootstrap >/dev/null || { apt-get update -q && apt-get install -y -q debootstrap; }
@@ -27,8 +43,29 @@ for m in proc sys dev dev/pts; do mount --bind "/$m" "$root/$m" && mounted+=("$r
 in_root() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
   DEBIAN_FRONTEND=noninteractive bash -c "$1"; }
 
+if [[ $cuda == 1 ]]; then
+  echo "deb $mirror trixie main contrib non-free" > "$root/etc/apt/sources.list"
+  rm -f "$root"/etc/apt/sources.list.d/*
+  in_root 'set -e; if ! dpkg-query -W nvidia-cudnn >/dev/null 2>&1; then
+    d=$(mktemp -d); mkdir -p $d/p/DEBIAN
+    printf "Package: nvidia-cudnn\nVersion: 9.0.0.312~cuda12\nArchitecture: amd64\nMaintainer: OMNI-LITE <none@localhost>\nDescription: placeholder (no network for the cuDNN download)\n" > $d/p/DEBIAN/control
+    dpkg-deb --build $d/p $d/nvidia-cudnn.deb >/dev/null && dpkg -i $d/nvidia-cudnn.deb >/dev/null && apt-mark hold nvidia-cudnn >/dev/null
+  fi'
+fi
 in_root "apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends ${PKGS[*]} >/dev/null"
-in_root 'dpkg-query -W libtorch-dev g++ catch2'
+in_root "dpkg-query -W $torch_pkg g++ catch2"
+if [[ $cuda == 1 ]]; then
+  # The stub cuDNN: every function libtorch_cuda.so imports from libcudnn.so.9, under that version node, aborting.
+  in_root 'set -e; lib=/usr/local/lib/libcudnn.so.9; if [[ ! -e $lib ]]; then d=$(mktemp -d)
+    nm -D --undefined-only /usr/lib/x86_64-linux-gnu/libtorch_cuda.so | sed -n "s/.* U \(.*\)@libcudnn.so.9/\1/p" |
+      sort -u > $d/syms
+    { echo "#include <stdio.h>"; echo "#include <stdlib.h>"
+      echo "static void stub(const char* f) { fprintf(stderr, \"cuDNN stub: %s called; this chroot has no cuDNN\\n\", f); abort(); }"
+      while read -r f; do echo "void $f(void) { stub(\"$f\"); }"; done < $d/syms; } > $d/stub.c
+    echo "libcudnn.so.9 { global: *; };" > $d/vers
+    gcc -shared -fPIC -o $lib $d/stub.c -Wl,-soname,libcudnn.so.9 -Wl,--version-script=$d/vers && ldconfig
+    echo "check_torch2: stub $lib with $(wc -l < $d/syms) cuDNN functions"; fi'
+fi
 # The working tree as it is (tracked and untracked, not ignored files), so uncommitted changes are checked too. Only
 # files whose content changed are copied, with a fresh time stamp, so that make rebuilds exactly what they touch.
 dst=$root/root/omnilite stage=$(mktemp -d)
@@ -39,8 +76,8 @@ git ls-files -co --exclude-standard -z | tar --null -cf - -T - | tar -C "$stage"
 done
 rm -rf "$stage"
 jobs=${JOBS:-$(nproc)}
-in_root "cd /root/omnilite && cmake -S . -B build-torch2 -DCMAKE_BUILD_TYPE=Release -DOMNILITE_WITH_OPENCV=OFF \
-  > build-torch2.cmake.log 2>&1 || { cat build-torch2.cmake.log; exit 1; }; grep -E 'LibTorch|c10d' build-torch2.cmake.log;
-  cmake --build build-torch2 -j $jobs 2>&1 | grep -E 'error|warning: |Built target'; test \${PIPESTATUS[0]} = 0"
-in_root "cd /root/omnilite && ctest --test-dir build-torch2 --output-on-failure -j $jobs"
-echo "check_torch2: the build and all tests passed against $(in_root 'dpkg-query -W -f "\${Version}" libtorch-dev')"
+in_root "cd /root/omnilite && cmake -S . -B $build -DCMAKE_BUILD_TYPE=Release -DOMNILITE_WITH_OPENCV=OFF \
+  > $build.cmake.log 2>&1 || { cat $build.cmake.log; exit 1; }; grep -E 'LibTorch|c10d' $build.cmake.log;
+  cmake --build $build -j $jobs 2>&1 | grep -E 'error|warning: |Built target'; test \${PIPESTATUS[0]} = 0"
+in_root "cd /root/omnilite && ctest --test-dir $build --output-on-failure -j $jobs"
+echo "check_torch2: the build and all tests passed against $torch_pkg $(in_root "dpkg-query -W -f '\${Version}' $torch_pkg")"

@@ -1,12 +1,14 @@
 // omnilite bench: measured throughput figures (docs/benchmarks.md records them with the machine and command).
 //   matmul  : GEMM GFLOP/s at N^3 (fp32, or bf16 with --dtype bf16: the denominator of a bf16 MFU), the BLAS check
 //             (reference BLAS is ~19x slower than OpenBLAS)
-//   forward : tokens/s of the model's forward (and backward with --backward) on random text, for a config
+//   forward : tokens/s of the model's forward (and backward with --backward) on random text, for a config, and its
+//             MFU as `train` defines it
 //   nf4     : an NF4 projection (dequantise + matmul; default the expert shape 512 x 2048 -> 768) against the fp32
 //             projection of the same shape
 //   train   : whole optimizer steps of a config's stage on its data, and the model-FLOPs utilisation
-//             MFU = 6 * N * tokens/s / (GEMM FLOP/s at 2048^3 in the step's compute dtype, measured in the same
-//             run), N = matmul parameters a text token passes through (active backbone + LM head)
+//             MFU = train_flops_per_token * tokens/s / (GEMM FLOP/s in the step's compute dtype at 8192^3 on a GPU,
+//             2048^3 on a CPU, measured in the same run); train_flops_per_token = 6 * the matmul parameters a text
+//             token passes through (attention, router, top_k experts, LM head) + the attention scores (PaLM)
 //   decode  : batch-1 decoding with the KV cache (tokens/s) against the memory-bandwidth bound: bytes of weights a
 //             token reads (attention, router, top_k of num_experts experts, final norm, LM head, one embedding row,
 //             plus the KV cache) / bandwidth of a large copy measured in the same run; and prompt tokens/s
@@ -224,7 +226,7 @@ int run_bench(int argc, char** argv) {
   cxxopts::Options opts(argv[0], "Measure throughput. WHAT is `matmul` (GEMM GFLOP/s, fp32 or --dtype bf16), `forward` (model "
                                  "tokens/s on random text; add --backward for a training-style step) or `train` (whole "
                                  "optimizer steps of the config's stage on its data, with the model-FLOPs utilisation "
-                                 "against a 2048^3 fp32 GEMM measured in the same run) or `nf4` (an NF4 projection, "
+                                 "against a GEMM of the step's dtype measured in the same run) or `nf4` (an NF4 projection, "
                                  "dequantisation included, against the fp32 one of the same shape) or `decode` (batch-1 "
                                  "KV-cached decoding against the memory-bandwidth bound, and prompt tokens/s).");
   opts.positional_help("WHAT");
