@@ -15,7 +15,7 @@ namespace {
 
 bool skip_without_cuda() {
   if (torch::cuda::is_available()) return false;
-  WARN("skipped: no CUDA device (torch::cuda::is_available() is false)");
+  OMNILITE_SKIP("skipped: no CUDA device (torch::cuda::is_available() is false)");
   return true;
 }
 

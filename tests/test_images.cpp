@@ -69,7 +69,7 @@ TEST_CASE("PPM round trip and hand-written PGM/PPM files decode to their pixels 
 
 TEST_CASE("PNG round trip: write_image_grid then decode_image_file gives the pixels back", "[data][image]") {
   if (!have_opencv()) {
-    WARN("skipped: this build has no OpenCV (OMNILITE_WITH_OPENCV=OFF)");
+    OMNILITE_SKIP("skipped: this build has no OpenCV (OMNILITE_WITH_OPENCV=OFF)");
     return;
   }
   const auto dir = testing::fresh_temp_dir("png");
@@ -83,7 +83,7 @@ TEST_CASE("PNG round trip: write_image_grid then decode_image_file gives the pix
 
 TEST_CASE("image-caption .jsonl: good lines load, bad images and lines are skipped and counted", "[data][image]") {
   if (!have_opencv()) {
-    WARN("skipped: this build has no OpenCV (OMNILITE_WITH_OPENCV=OFF) to write and read PNG/JPEG");
+    OMNILITE_SKIP("skipped: this build has no OpenCV (OMNILITE_WITH_OPENCV=OFF) to write and read PNG/JPEG");
     return;
   }
   const auto dir = testing::fresh_temp_dir("jsonl_images");
