@@ -7,7 +7,8 @@
 # compiled and linked as on a GPU machine; the tests then run on the CPU and the [cuda] ones say they skipped.
 # cuDNN is not a Debian package (nvidia-cudnn downloads it from NVIDIA), so a placeholder satisfies the package and a
 # stub libcudnn.so.9 (every function aborts) satisfies the linker; the CPU tests never call it.
-# Built without OpenCV, as on the GPU machine. Needs root, debootstrap and Debian's package mirror.
+# Built without OpenCV, as on the GPU machine. Needs root, debootstrap and Debian's package mirror. Compiler errors and
+# warnings are printed with their context; the whole build log is CHROOT_DIR/root/omnilite/BUILD_DIR.build.log.
 # Usage: sudo ./scripts/check_torch2.sh [--cuda] [CHROOT_DIR]
 #        (default /var/tmp/omnilite-trixie, or /var/tmp/omnilite-trixie-cuda with --cuda; kept for the next run)
 # Env:   JOBS (default: all cores). About 25 minutes on 2 cores the first time (chroot, packages, build); --cuda
@@ -78,6 +79,7 @@ rm -rf "$stage"
 jobs=${JOBS:-$(nproc)}
 in_root "cd /root/omnilite && cmake -S . -B $build -DCMAKE_BUILD_TYPE=Release -DOMNILITE_WITH_OPENCV=OFF \
   > $build.cmake.log 2>&1 || { cat $build.cmake.log; exit 1; }; grep -E 'LibTorch|c10d' $build.cmake.log;
-  cmake --build $build -j $jobs 2>&1 | grep -E 'error|warning: |Built target'; test \${PIPESTATUS[0]} = 0"
+  cmake --build $build -j $jobs > $build.build.log 2>&1; rc=\$?; grep -E -B6 'error|warning: ' $build.build.log;
+  grep 'Built target' $build.build.log; exit \$rc"
 in_root "cd /root/omnilite && ctest --test-dir $build --output-on-failure -j $jobs"
 echo "check_torch2: the build and all tests passed against $torch_pkg $(in_root "dpkg-query -W -f '\${Version}' $torch_pkg")"
