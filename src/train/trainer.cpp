@@ -237,17 +237,20 @@ TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t war
       if (!profile.empty()) profiler = std::make_unique<ProfileGuard>(profile);
       t0 = std::chrono::steady_clock::now();
     }
+    // The work of a training step: the loss read back (a device sync, as train() logs it), the gradient norm
+    // measured and clipped, the step taken when both are finite.
     opt->zero_grad();
+    double loss = 0;
     for (int64_t a = 0; a < cfg.train.grad_accum; ++a) {
       auto m = stage->micro_step(micro++);
       (m.loss / static_cast<double>(cfg.train.grad_accum)).backward();
+      loss += m.loss.item<double>() / static_cast<double>(cfg.train.grad_accum);
       if (s >= warmup) {
         units += m.units;
         wait += m.wait_s;
       }
     }
-    if (cfg.train.grad_clip > 0) torch::nn::utils::clip_grad_norm_(params, cfg.train.grad_clip);
-    opt->step();
+    if (clip_and_check(params, loss, cfg.train.grad_clip).finite) opt->step();
   }
   if (dev.is_cuda()) torch::cuda::synchronize();
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
