@@ -15,9 +15,9 @@
 #        downloads about 3 GB more and takes about 40 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cuda=0
-if [[ ${1:-} == --cuda ]]; then cuda=1; shift; fi
-root=${1:-/var/tmp/omnilite-trixie$([[ $cuda == 1 ]] && echo -cuda)}
+cuda=0 suffix=
+if [[ ${1:-} == --cuda ]]; then cuda=1 suffix=-cuda; shift; fi
+root=${1:-/var/tmp/omnilite-trixie$suffix}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PKGS=(nlohmann-json3-dev libspdlog-dev catch2 libcxxopts-dev libsentencepiece-dev libopenblas0-pthread cmake g++ make
       pkg-config)
