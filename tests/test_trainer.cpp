@@ -125,7 +125,7 @@ TEST_CASE("the step gate measures and clips the gradient norm and refuses NaN/In
   CHECK(c.grad_norm == Approx(5.0).epsilon(1e-6));
   CHECK(w.grad()[1].item<double>() == 4.0);
 
-  // A finite loss whose backward is NaN: d sqrt(u) / du = inf at u = 0, times du/dv = 1 - 1 = 0.
+  // A finite loss whose backward is NaN: d sqrt(u) / du = inf at u = v - v = 0 reaches v as +inf and -inf.
   auto v = torch::ones({3}).requires_grad_(true);
   auto loss = torch::sqrt(v - v).sum();
   REQUIRE(loss.item<double>() == 0.0);
