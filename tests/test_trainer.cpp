@@ -147,18 +147,12 @@ TEST_CASE("the step gate measures and clips the gradient norm and refuses NaN/In
 TEST_CASE("NaN losses skip their steps, then stop the run naming the last good checkpoint, which stays intact",
           "[train][qlora]") {
   const auto base = testing::fresh_temp_dir("train_nan");
-  const auto [corpus, tok] = testing::word_corpus_and_tokenizer(base + "/data");
-  Config c = testing::tiny_qlora("fp32");
-  c.model.text.vocab_size = 320;
-  c.data.tokenizer = tok;
-  c.data.text_train = {corpus};
-  c.data.text_valid = {corpus};
+  Config c = tiny_training_config(base + "/data");
+  c.lora = testing::tiny_qlora("fp32").lora;  // adapters on fp32 bases
   c.train.batch_size = 2;
   c.train.seq_len = 16;
   c.train.steps = 8;
   c.train.ckpt_every = 2;
-  c.train.log_every = 100;
-  c.train.valid_every = 0;
   c.train.max_bad_steps = 3;
   c.train.base_checkpoint = base + "/base.safetensors";
   auto save_base = [&](bool poisoned) {
