@@ -9,15 +9,22 @@
 # stub libcudnn.so.9 (every function aborts) satisfies the linker; the CPU tests never call it.
 # Built without OpenCV, as on the GPU machine. Needs root, debootstrap and Debian's package mirror. Compiler errors and
 # warnings are printed with their context; the whole build log is CHROOT_DIR/root/omnilite/BUILD_DIR.build.log.
-# Usage: sudo ./scripts/check_torch2.sh [--cuda] [CHROOT_DIR]
-#        (default /var/tmp/omnilite-trixie, or /var/tmp/omnilite-trixie-cuda with --cuda; kept for the next run)
+# With --sid the chroot is Debian unstable instead, whose libtorch-dev is the newest packaged LibTorch (2.14 in
+# November 2026): the branches for LibTorch >= 2.9 (the grouped-GEMM MoE dispatch, at::_grouped_mm) are exercised.
+# Usage: sudo ./scripts/check_torch2.sh [--cuda | --sid] [CHROOT_DIR]
+#        (default /var/tmp/omnilite-trixie, /var/tmp/omnilite-trixie-cuda with --cuda, /var/tmp/omnilite-sid with
+#        --sid; kept for the next run)
 # Env:   JOBS (default: all cores). About 25 minutes on 2 cores the first time (chroot, packages, build); --cuda
 #        downloads about 3 GB more and takes about 40 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cuda=0 suffix=
-if [[ ${1:-} == --cuda ]]; then cuda=1 suffix=-cuda; shift; fi
-root=${1:-/var/tmp/omnilite-trixie$suffix}
+cuda=0 suite=trixie suffix=
+case ${1:-} in
+  --cuda) cuda=1 suffix=-cuda; shift ;;
+  --sid) suite=sid suffix=-sid; shift ;;
+  -*) echo "check_torch2: unknown option '$1'; usage: check_torch2.sh [--cuda | --sid] [CHROOT_DIR]" >&2; exit 2 ;;
+esac
+root=${1:-/var/tmp/omnilite-$suite${suffix/-sid/}}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PKGS=(nlohmann-json3-dev libspdlog-dev catch2 libcxxopts-dev libsentencepiece-dev libopenblas0-pthread cmake g++ make
       pkg-config)
@@ -25,15 +32,17 @@ if [[ $cuda == 1 ]]; then
   torch_pkg=libtorch-cuda-dev build=build-torch2-cuda
   PKGS+=(libtorch-cuda-dev libgloo-cuda-dev libnccl-dev nvidia-cuda-toolkit)
 else
-  torch_pkg=libtorch-dev build=build-torch2
+  torch_pkg=libtorch-dev build=build-torch2$suffix
   PKGS+=(libtorch-dev libgloo-dev)
+  # Unstable's sentencepiece headers include Abseil's without depending on its -dev package.
+  [[ $suite == sid ]] && PKGS+=(libabsl-dev)
 fi
 
 if [[ $(id -u) != 0 ]]; then echo "check_torch2: run as root (it makes a chroot)" >&2; exit 2; fi
 command -v debootstrap >/dev/null || { apt-get update -q && apt-get install -y -q debootstrap; }
 if [[ ! -x $root/usr/bin/apt-get ]]; then
-  echo "check_torch2: making a Debian 13 chroot in $root"
-  debootstrap --variant=minbase trixie "$root" "$mirror" > "$root.debootstrap.log" 2>&1 ||
+  echo "check_torch2: making a Debian $suite chroot in $root"
+  debootstrap --variant=minbase $suite "$root" "$mirror" > "$root.debootstrap.log" 2>&1 ||
     { tail -20 "$root.debootstrap.log"; exit 1; }
 fi
 cp /etc/resolv.conf "$root/etc/resolv.conf"
@@ -44,6 +53,8 @@ for m in proc sys dev dev/pts; do mount --bind "/$m" "$root/$m" && mounted+=("$r
 in_root() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
   DEBIAN_FRONTEND=noninteractive bash -c "$1"; }
 
+# Unstable's Release file is valid for a week only; a mirror that lags behind would otherwise be refused.
+[[ $suite == sid ]] && echo 'Acquire::Check-Valid-Until "false";' > "$root/etc/apt/apt.conf.d/99omnilite-sid"
 if [[ $cuda == 1 ]]; then
   echo "deb $mirror trixie main contrib non-free" > "$root/etc/apt/sources.list"
   rm -f "$root"/etc/apt/sources.list.d/*

@@ -295,8 +295,8 @@ TEST_CASE("hf export and import: broken folders and inexpressible models give er
   {
     std::ifstream jf(o.out_dir + "/model.safetensors.index.json");
     json index = json::parse(jf);
-    index["weight_map"]["model.norm.weight"] = res.shards[0] == index["weight_map"]["model.norm.weight"] ? res.shards[1]
-                                                                                                         : res.shards[0];
+    auto& norm_shard = index["weight_map"]["model.norm.weight"];
+    norm_shard = norm_shard.get<std::string>() == res.shards[0] ? res.shards[1] : res.shards[0];
     std::ofstream(o.out_dir + "/model.safetensors.index.json") << index.dump();
   }
   CHECK_THROWS_WITH(io::WeightsReader(o.out_dir), ContainsText("model.norm.weight"));

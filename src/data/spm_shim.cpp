@@ -13,10 +13,13 @@
 #include <string>
 #include <vector>
 
-// Exported by libsentencepiece (0.1.9x and 0.2), declared in the public header only from 0.2 on.
+#if !OMNILITE_SPM_DECLARES_SET_MIN_LOG_LEVEL
+// Exported by libsentencepiece 0.1.9x (and 0.2) but not declared; 0.2 declares sentencepiece::SetMinLogLevel, which
+// later releases keep alone (CMake checks which one the header has).
 namespace sentencepiece::logging {
 void SetMinLogLevel(int v);
 }
+#endif
 
 namespace {
 
@@ -89,7 +92,11 @@ int omnilite_spm_train(const char* args, unsigned seed, char* err, size_t errlen
   // Errors only (the --minloglevel flag acts after Train's first INFO line). Besides the quiet, this keeps a
   // deep-bound SentencePiece off std::cerr: in a program with a copy-relocated std::cerr (one linked with a non-PIC
   // static library, such as Catch2 v3's libCatch2.a) the deep-bound libstdc++'s own std::cerr is never constructed.
+#if OMNILITE_SPM_DECLARES_SET_MIN_LOG_LEVEL
+  sentencepiece::SetMinLogLevel(2);
+#else
   sentencepiece::logging::SetMinLogLevel(2);
+#endif
   const auto status = sentencepiece::SentencePieceTrainer::Train(args);
   if (!status.ok()) {
     set_error(err, errlen, status.ToString());
