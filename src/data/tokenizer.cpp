@@ -9,6 +9,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "omnilite/log.h"
+
 namespace omnilite {
 namespace {
 
@@ -167,7 +169,7 @@ std::string train_tokenizer(const TokenizerTrainOptions& o, const std::string& o
       if (!f) throw std::runtime_error("tokenizer train: cannot open input \"" + in + "\"");
       const bool jsonl = in.size() > 6 && in.substr(in.size() - 6) == ".jsonl";
       std::string line;
-      size_t lineno = 0;
+      size_t lineno = 0, bad = 0, first_bad = 0;
       while (std::getline(f, line)) {
         ++lineno;
         if (!jsonl) {
@@ -176,6 +178,10 @@ std::string train_tokenizer(const TokenizerTrainOptions& o, const std::string& o
         }
         if (line.empty()) continue;
         auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+        if (j.is_discarded()) {
+          if (bad++ == 0) first_bad = lineno;
+          continue;
+        }
         if (!j.is_object() || !j.contains("text") || !j["text"].is_string()) continue;  // not a text record
         std::string text = j["text"].get<std::string>();
         size_t start = 0;
@@ -187,6 +193,9 @@ std::string train_tokenizer(const TokenizerTrainOptions& o, const std::string& o
           start = nl + 1;
         }
       }
+      if (bad > 0)
+        log::warn(log::format("tokenizer train: %s: skipped %zu lines that are not JSON (the first is line %zu)",
+                              in.c_str(), bad, first_bad));
     }
   }
   for (const auto& path : {tmp, out_path})
