@@ -154,7 +154,7 @@ template <class V> void visit_fields(V& v, ModelConfig& o) {
 }
 template <class V> void visit_fields(V& v, RuntimeOptions& o) {
   v("device", o.device); v("dtype", o.dtype); v("threads", o.threads); v("blas_threads", o.blas_threads);
-  v("seed", o.seed);
+  v("seed", o.seed); v("moe_dispatch", o.moe_dispatch);
 }
 template <class V> void visit_fields(V& v, TrainOptions& o) {
   v("steps", o.steps); v("batch_size", o.batch_size); v("grad_accum", o.grad_accum); v("seq_len", o.seq_len);
@@ -345,6 +345,8 @@ void validate(const Config& c) {
     fail("runtime.dtype", "\"" + r.dtype + "\"", "must be \"fp32\" or \"bf16\"");
   if (r.threads < 0) fail("runtime.threads", std::to_string(r.threads), "must be >= 0 (0 = all cores)");
   if (r.blas_threads < 0) fail("runtime.blas_threads", std::to_string(r.blas_threads), "must be >= 0 (0 = all cores)");
+  if (!(r.moe_dispatch == "auto" || r.moe_dispatch == "loop" || r.moe_dispatch == "grouped"))
+    fail("runtime.moe_dispatch", "\"" + r.moe_dispatch + "\"", "must be \"auto\", \"loop\" or \"grouped\"");
 }
 
 Config parse_config(const json& j) {

@@ -96,6 +96,7 @@ TEST_CASE("config errors name the key, the value and the rule", "[config][errors
       {{{"runtime", {{"device", "tpu"}}}}, {"runtime.device = \"tpu\"", "cuda:N"}},
       {{{"runtime", {{"dtype", "fp8"}}}}, {"runtime.dtype = \"fp8\""}},
       {{{"runtime", {{"blas_threads", -1}}}}, {"runtime.blas_threads = -1", "0 = all cores"}},
+      {{{"runtime", {{"moe_dispatch", "fast"}}}}, {"runtime.moe_dispatch = \"fast\"", "\"grouped\""}},
       {{{"model", {{"text", 5}}}}, {"model.text must be an object"}},
   };
   for (const auto& c : cases) {

@@ -1,5 +1,6 @@
 // MoE against a per-token loop over the top-k experts (computed with explicit float64 matrix products), the
-// router semantics (fp32 softmax, top-k, renormalisation) and finite-difference gradients.
+// router semantics (fp32 softmax, top-k, renormalisation) and finite-difference gradients; the grouped dispatch
+// (at::_grouped_mm, LibTorch >= 2.9) against the same reference and against the loop's gradients.
 #include "catch_compat.h"
 
 #include <algorithm>
@@ -41,6 +42,13 @@ torch::Tensor per_token_moe(MoEImpl& moe, const torch::Tensor& x2d) {
   }
   return out;
 }
+
+// Sets the process-wide MoE dispatch for one test and restores the previous one.
+struct DispatchScope {
+  explicit DispatchScope(MoEDispatch d) { set_moe_dispatch(d); }
+  ~DispatchScope() { set_moe_dispatch(previous); }
+  MoEDispatch previous = moe_dispatch();
+};
 
 MoEOptions small_moe() {
   MoEOptions o;
@@ -104,4 +112,90 @@ TEST_CASE("MoE gradients match float64 finite differences", "[moe][grad]") {
   CHECK(ex < 1e-6);
   CHECK(eg < 1e-6);
   CHECK(ew < 1e-6);
+}
+
+TEST_CASE("grouped MoE dispatch: outputs equal the per-token reference, gradients equal the loop's", "[moe]") {
+  if (!moe_grouped_available()) {
+    OMNILITE_SKIP("LibTorch " TORCH_VERSION " has no at::_grouped_mm with a CPU kernel (needs >= 2.9)");
+    return;
+  }
+  torch::manual_seed(5);
+  auto o = small_moe();
+  o.num_experts = 6;
+  o.expert_hidden = 16;
+  MoE moe(8, o, LinearBuilder(), "moe");  // D = 8, F = 16: rows of 16-byte multiples in fp32 and bf16
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : moe->parameters()) p.normal_(0.0, 0.4);  // outputs of order 1, so errors are not hidden
+    moe->gate->weight[5].fill_(-3.0);                          // with x > 0, expert 5 is never chosen: an empty group
+  }
+  auto x = (torch::randn({3, 5, 8}).abs() + 0.1).requires_grad_(true);
+  auto r = torch::randn({3, 5, 8});
+  auto ids = std::get<1>(moe->route(moe->gate->forward(x.detach().view({-1, 8}))));
+  REQUIRE(ids.eq(5).sum().item<int64_t>() == 0);
+  REQUIRE(ids.eq(0).sum().item<int64_t>() > 0);
+
+  // One forward and backward under a dispatch: y and the gradients of x and every parameter (zero where undefined).
+  auto run = [&](MoEDispatch d) {
+    DispatchScope scope(d);
+    REQUIRE(moe->uses_grouped(x) == (d == MoEDispatch::Grouped));
+    moe->zero_grad();
+    x.mutable_grad() = torch::Tensor();
+    auto y = moe->forward(x).y;
+    (y * r).sum().backward();
+    std::vector<torch::Tensor> grads{y.detach(), x.grad().clone()};
+    for (const auto& p : moe->parameters())
+      grads.push_back(p.grad().defined() ? p.grad().clone() : torch::zeros_like(p));
+    return grads;
+  };
+  const auto loop = run(MoEDispatch::Loop);
+  const auto grouped = run(MoEDispatch::Grouped);
+  MoE ref_moe(8, o, LinearBuilder(), "moe");
+  ref_moe->to(torch::kFloat64);
+  {
+    torch::NoGradGuard ng;
+    for (auto& item : moe->named_parameters()) ref_moe->named_parameters()[item.key()].copy_(item.value());
+  }
+  const auto want = per_token_moe(*ref_moe, x.detach().to(torch::kFloat64).view({-1, 8}));
+  const double err = testing::max_rel_err(grouped[0].view({-1, 8}), want);
+  INFO("grouped vs per-token float64: " << err);
+  CHECK(err < 1e-5);
+  const auto names = moe->named_parameters().keys();
+  for (size_t i = 1; i < loop.size(); ++i) {
+    const std::string what = i == 1 ? std::string("x") : names[i - 2];
+    const double gerr = testing::max_rel_err(grouped[i], loop[i]);
+    INFO("gradient of " << what << ": grouped vs loop " << gerr << ", scale " << loop[i].abs().max().item<double>());
+    CHECK(gerr < 1e-5);
+  }
+  // grads: y, x, gate, then w1, w2, w3 of each expert. The unused expert gets zero gradients from the grouped path (the loop leaves them undefined).
+  for (int j = 0; j < 3; ++j) CHECK(grouped[3 + 5 * 3 + j].abs().max().item<double>() == 0.0);
+
+  // bf16, the dtype the grouped path is chosen for on CUDA: within bf16 rounding of the reference.
+  moe->to(torch::kBFloat16);
+  DispatchScope scope(MoEDispatch::Grouped);
+  torch::NoGradGuard ng;
+  auto yb = moe->forward(x.detach().to(torch::kBFloat16)).y;
+  CHECK(yb.scalar_type() == torch::kBFloat16);
+  const double berr = testing::max_rel_err(yb.view({-1, 8}), want);
+  INFO("bf16 grouped vs per-token float64: " << berr);
+  CHECK(berr < 3e-2);
+}
+
+TEST_CASE("MoE dispatch: auto keeps the loop on CPU, a forced grouped dispatch names what stops it", "[moe]") {
+  CHECK(parse_moe_dispatch("grouped") == MoEDispatch::Grouped);
+  CHECK(std::string(moe_dispatch_name(parse_moe_dispatch("loop"))) == "loop");
+  REQUIRE_THROWS_WITH(parse_moe_dispatch("fast"), ContainsText("\"fast\"") && ContainsText("\"grouped\""));
+  auto o = small_moe();
+  o.expert_hidden = 10;  // 40-byte fp32 rows: not a multiple of 16 bytes
+  MoE moe(8, o, LinearBuilder(), "moe");
+  auto x = torch::randn({2, 3, 8});
+  {
+    DispatchScope scope(MoEDispatch::Auto);
+    CHECK_FALSE(moe->uses_grouped(x));
+    CHECK(moe->forward(x).y.sizes() == x.sizes());
+  }
+  DispatchScope scope(MoEDispatch::Grouped);
+  const std::string why = moe_grouped_available() ? "expert_hidden F = 10 is not a multiple of 4" : "needs >= 2.9";
+  REQUIRE_THROWS_WITH(moe->forward(x), ContainsText("runtime.moe_dispatch = \"grouped\"") && ContainsText(why) &&
+                                           ContainsText("hint: use \"auto\""));
 }

@@ -116,6 +116,8 @@ struct RuntimeOptions {
   int64_t blas_threads = 1;      // OpenBLAS threads, 0 = number of cores; never give both pools all cores: two
                                  // spinning pools fight over them (see docs/benchmarks.md for the measured split)
   uint64_t seed = 1234;          // seed for parameter initialisation and sampling
+  std::string moe_dispatch = "auto";  // how MoE layers run their experts: "auto", "loop" or "grouped" (same results;
+                                      // MoEDispatch in modules/moe.h, measured in docs/benchmarks.md)
 };
 
 // Optimisation and run settings of `omnilite train`.

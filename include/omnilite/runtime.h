@@ -33,7 +33,7 @@ double cuda_peak_allocated_gib();
 double resident_bytes();
 double peak_resident_bytes();
 
-// Applies runtime.threads/blas_threads and the seed, checks the CPU convolution backward once per process
+// Applies runtime.threads/blas_threads, the MoE dispatch (set_moe_dispatch) and the seed, checks the CPU convolution backward once per process
 // (check_cpu_conv_backward); returns the device.
 torch::Device apply_runtime(const RuntimeOptions& rt);
 
@@ -55,12 +55,12 @@ ConvBackwardCheck check_cpu_conv_backward();
 
 namespace omnilite {
 
-// Enables bf16 autocast on CUDA for its lifetime when `enabled` (runtime.dtype == "bf16" on a CUDA device);
-// does nothing otherwise. Restores the previous state on destruction.
 // The compute dtype of CUDA autocast when it is on (bf16 under AutocastGuard), nullopt when off. Custom autograd
 // functions (Nf4Linear's matmul) are not cast by autocast itself and ask here.
 c10::optional<torch::ScalarType> cuda_autocast_dtype();
 
+// Enables bf16 autocast on CUDA for its lifetime when `enabled` (runtime.dtype == "bf16" on a CUDA device);
+// does nothing otherwise. Restores the previous state on destruction.
 class AutocastGuard {
  public:
   AutocastGuard(bool enabled);

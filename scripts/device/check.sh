@@ -120,6 +120,10 @@ for w in nf4 bf16; do
 done
 step matmul-fp32 60 $B bench matmul --device cuda --size 8192 --steps 20 --json
 record matmul-fp32 $?
+# The bf16 step of batch 1 with the per-expert loop instead of the grouped GEMM that auto picks on CUDA in bf16.
+step bf16-step-b1-loop 120 $B bench forward --config configs/omni-lite.json --device cuda --dtype bf16 --backward \
+  --batch 1 --seq 2048 --steps 3 --moe-dispatch loop --json
+record bf16-step-b1-loop $?
 
 echo "== done at $((SECONDS - start)) s" >> "$log"
 python3 scripts/device/summary.py "$results" | tee "$OUT/summary.md"

@@ -248,6 +248,8 @@ int run_bench(int argc, char** argv) {
       cxxopts::value<std::string>())(
       "threads", "LibTorch intra-op threads, 0 = all cores (overrides runtime.threads)", cxxopts::value<int64_t>())(
       "blas-threads", "OpenBLAS threads (overrides runtime.blas_threads)", cxxopts::value<int64_t>())(
+      "moe-dispatch", "auto, loop or grouped: how MoE layers run their experts (overrides runtime.moe_dispatch)",
+      cxxopts::value<std::string>())(
       "base", "QLoRA base checkpoint for `train` with a lora config (sets train.base_checkpoint)",
       cxxopts::value<std::string>())(
       "warmup", "untimed optimizer steps before the timed ones for `train`", cxxopts::value<int64_t>()->default_value("3"))(
@@ -276,6 +278,7 @@ int run_bench(int argc, char** argv) {
   if (args.count("dtype")) cfg.runtime.dtype = args["dtype"].as<std::string>();
   if (args.count("threads")) cfg.runtime.threads = args["threads"].as<int64_t>();
   if (args.count("blas-threads")) cfg.runtime.blas_threads = args["blas-threads"].as<int64_t>();
+  if (args.count("moe-dispatch")) cfg.runtime.moe_dispatch = args["moe-dispatch"].as<std::string>();
   if (args.count("base")) cfg.train.base_checkpoint = args["base"].as<std::string>();
   validate(cfg);
   const torch::Device dev = apply_runtime(cfg.runtime);
@@ -283,7 +286,8 @@ int run_bench(int argc, char** argv) {
   nlohmann::json result = {{"benchmark", what},
                            {"device", dev.str()},
                            {"threads", torch::get_num_threads()},
-                           {"blas_threads", blas_threads_in_use()}};
+                           {"blas_threads", blas_threads_in_use()},
+                           {"moe_dispatch", cfg.runtime.moe_dispatch}};
   // The compute dtype: bf16 only under CUDA autocast (runtime.dtype = bf16 on a GPU) or for `matmul --dtype bf16`.
   const bool bf16 = cfg.runtime.dtype == "bf16";
   if (what == "matmul") {
