@@ -167,7 +167,8 @@ TEST_CASE("grouped MoE dispatch: outputs equal the per-token reference, gradient
     INFO("gradient of " << what << ": grouped vs loop " << gerr << ", scale " << loop[i].abs().max().item<double>());
     CHECK(gerr < 1e-5);
   }
-  // grads: y, x, gate, then w1, w2, w3 of each expert. The unused expert gets zero gradients from the grouped path (the loop leaves them undefined).
+  // grads: y, x, gate, then w1, w2, w3 of each expert. The unused expert 5 gets zero gradients from the grouped
+  // path (the loop leaves them undefined).
   for (int j = 0; j < 3; ++j) CHECK(grouped[3 + 5 * 3 + j].abs().max().item<double>() == 0.0);
 
   // bf16, the dtype the grouped path is chosen for on CUDA: within bf16 rounding of the reference.

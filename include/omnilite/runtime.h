@@ -33,8 +33,8 @@ double cuda_peak_allocated_gib();
 double resident_bytes();
 double peak_resident_bytes();
 
-// Applies runtime.threads/blas_threads, the MoE dispatch (set_moe_dispatch) and the seed, checks the CPU convolution backward once per process
-// (check_cpu_conv_backward); returns the device.
+// Applies runtime.threads/blas_threads, the MoE dispatch (set_moe_dispatch) and the seed, checks the CPU
+// convolution backward once per process (check_cpu_conv_backward); returns the device.
 torch::Device apply_runtime(const RuntimeOptions& rt);
 
 // What check_cpu_conv_backward found.

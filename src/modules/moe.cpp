@@ -84,7 +84,8 @@ std::pair<torch::Tensor, torch::Tensor> MoEImpl::route(const torch::Tensor& rout
 
 std::string MoEImpl::grouped_obstacle(const torch::Tensor& x) const {
   if (!OMNILITE_GROUPED_MM)
-    return "this build's LibTorch " TORCH_VERSION " has no at::_grouped_mm with a CPU kernel and derivative (needs >= 2.9)";
+    return "this build's LibTorch " TORCH_VERSION
+           " has no at::_grouped_mm with a CPU kernel and derivative (needs >= 2.9)";
   if (!plain_experts_) return "the experts are LoRA or NF4 projections (the grouped path needs plain weights)";
   const auto dtype = compute_dtype(x);
   if (dtype != torch::kFloat32 && dtype != torch::kBFloat16 && dtype != torch::kFloat16)
@@ -108,8 +109,8 @@ bool MoEImpl::uses_grouped(const torch::Tensor& x) const {
       return true;
     }
     default:
-      // The grouped GEMM pays where launches and host syncs dominate: CUDA in bf16. On CPU the loop is as fast
-      // and needs no stacked copy of the weights.
+      // The grouped GEMM is meant for CUDA in bf16, where launches and host syncs weigh most. On the CPU the loop
+      // measured 1-6% faster (no stacked copy of the weights; docs/benchmarks.md).
       return x.is_cuda() && compute_dtype(x) == torch::kBFloat16 && grouped_obstacle(x).empty();
   }
 }
