@@ -193,7 +193,10 @@ TEST_CASE("MoE dispatch: auto keeps the loop on CPU, a forced grouped dispatch n
   {
     DispatchScope scope(MoEDispatch::Auto);
     CHECK_FALSE(moe->uses_grouped(x));
+    const auto before = moe_path_counts();
     CHECK(moe->forward(x).y.sizes() == x.sizes());
+    CHECK(moe_path_counts().loop == before.loop + 1);
+    CHECK(moe_path_counts().grouped == before.grouped);
   }
   DispatchScope scope(MoEDispatch::Grouped);
   const std::string why = moe_grouped_available() ? "expert_hidden F = 10 is not a multiple of 4" : "needs >= 2.9";

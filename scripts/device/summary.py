@@ -33,7 +33,10 @@ def main(path):
                        f"| {fmt(r.get('peak_allocated_gib'), '.2f')}, {fmt(r.get('tokens_per_second'), ',.0f')} "
                        f"(exit {r.get('rc')}) |")
         elif s.startswith("bf16-step"):
-            out.append(f"| bf16 fwd+bwd, {r.get('batch')} x {r.get('seq')}, MoE {r.get('moe_dispatch')} | MFU (goal >= 0.40), tokens/s, "
+            paths = r.get("moe_forwards") or {}
+            took = "+".join(k for k in ("grouped", "loop") if paths.get(k))
+            out.append(f"| bf16 fwd+bwd, {r.get('batch')} x {r.get('seq')}, "
+                       f"MoE {r.get('moe_dispatch')} ({took or '?'}) | MFU (goal >= 0.40), tokens/s, "
                        f"bf16 GEMM GFLOP/s, peak GiB | {fmt(r.get('mfu'), '.3f')}, "
                        f"{fmt(r.get('tokens_per_second'), ',.0f')}, {fmt(r.get('matmul_gflops'), ',.0f')}, "
                        f"{fmt(r.get('peak_allocated_gib'), '.2f')} |")

@@ -23,6 +23,7 @@
 #include "omnilite/cli/commands.h"
 #include "omnilite/config.h"
 #include "omnilite/modules/kv_cache.h"
+#include "omnilite/modules/moe.h"
 #include "omnilite/modules/nf4_linear.h"
 #include "omnilite/modules/qlora_builder.h"
 #include "omnilite/modules/omnilite.h"
@@ -370,6 +371,10 @@ int run_bench(int argc, char** argv) {
     result["tokens_per_second"] = static_cast<double>(B * T) / s;
     if (dev.is_cuda()) result["peak_allocated_gib"] = cuda_peak_allocated_gib();
   }
+  // Which MoE path the timed work took (auto decides per call): layer forwards of this process by path.
+  const auto paths = moe_path_counts();
+  if (paths.loop + paths.grouped > 0)
+    result["moe_forwards"] = {{"loop", paths.loop}, {"grouped", paths.grouped}};
   if (args.count("json")) {
     std::cout << result.dump() << "\n";
   } else {

@@ -17,6 +17,7 @@ namespace omnilite {
 
 namespace {
 std::atomic<MoEDispatch> g_dispatch{MoEDispatch::Auto};
+std::atomic<int64_t> g_loop_forwards{0}, g_grouped_forwards{0};
 
 // The dtype the expert GEMMs run in: CUDA autocast's when it is on, x's otherwise.
 torch::ScalarType compute_dtype(const torch::Tensor& x) {
@@ -42,6 +43,7 @@ const char* moe_dispatch_name(MoEDispatch d) {
 void set_moe_dispatch(MoEDispatch d) { g_dispatch = d; }
 MoEDispatch moe_dispatch() { return g_dispatch; }
 bool moe_grouped_available() { return OMNILITE_GROUPED_MM != 0; }
+MoEPathCounts moe_path_counts() { return {g_loop_forwards.load(), g_grouped_forwards.load()}; }
 
 SwiGLUExpertImpl::SwiGLUExpertImpl(int64_t dim, int64_t hidden, const LinearBuilder& builder,
                                    const std::string& path) {
@@ -178,7 +180,9 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x) {
   auto counts = torch::zeros({E}, flat_ids.options()).scatter_add_(0, flat_ids, torch::ones_like(flat_ids));  // [E]
   auto xs = flat.index_select(0, token_of_slot);                 // [N*K, D] inputs in expert order
 
-  auto out = uses_grouped(x) ? grouped_experts(xs, counts) : loop_experts(xs, counts);  // [N*K, D]
+  const bool grouped = uses_grouped(x);
+  ++(grouped ? g_grouped_forwards : g_loop_forwards);
+  auto out = grouped ? grouped_experts(xs, counts) : loop_experts(xs, counts);  // [N*K, D]
   auto ys = out * slot_weights;                                  // [N*K, D]
   auto y = torch::zeros({N, D}, x.options()).index_add(0, token_of_slot, ys);  // sum the K slots per token
   return {y.view(x.sizes()), router_logits};

@@ -49,6 +49,13 @@ MoEDispatch moe_dispatch();
 // Whether this build has the grouped path (compiled against LibTorch >= 2.9, which has at::_grouped_mm on CPU and
 // CUDA with its derivative).
 bool moe_grouped_available();
+// MoE layer forwards of this process so far, by the path they took (what a benchmark reports, so that a figure says
+// which path produced it).
+struct MoEPathCounts {
+  int64_t loop = 0;     // forwards through loop_experts
+  int64_t grouped = 0;  // forwards through grouped_experts
+};
+MoEPathCounts moe_path_counts();
 
 struct MoEOutput {
   torch::Tensor y;              // [B, T, D]
