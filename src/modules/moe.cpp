@@ -111,8 +111,8 @@ bool MoEImpl::uses_grouped(const torch::Tensor& x) const {
       return true;
     }
     default:
-      // The grouped GEMM is meant for CUDA in bf16, where launches and host syncs weigh most. On the CPU the loop
-      // measured 1-6% faster (no stacked copy of the weights; docs/benchmarks.md).
+      // The grouped GEMM is meant for CUDA in bf16, where launches and host syncs weigh most. On the CPU it gained
+      // nothing (the loop was faster in 5 of 6 measured pairs; docs/benchmarks.md).
       return x.is_cuda() && compute_dtype(x) == torch::kBFloat16 && grouped_obstacle(x).empty();
   }
 }
