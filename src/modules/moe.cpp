@@ -5,8 +5,9 @@
 
 #include "omnilite/runtime.h"
 
-// at::_grouped_mm (2D x 3D with int32 end offsets) has a CPU kernel, a CUDA one (CUTLASS on sm90+ in bf16) and a
-// derivative from LibTorch 2.9 on; 2.8 had it for CUDA bf16 alone.
+// at::_grouped_mm (2D x 3D with int32 end offsets): a CUDA kernel (CUTLASS on sm90+ in bf16) and a derivative since
+// LibTorch 2.8, a kernel for other devices and dtypes since 2.9 (from PyTorch's history as known here; compiled,
+// run and tested on 2.14 only, docs/gpu.md).
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
 #define OMNILITE_GROUPED_MM 1
 #else
