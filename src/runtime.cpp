@@ -169,10 +169,10 @@ torch::Device apply_runtime(const RuntimeOptions& rt) {
 
 // LibTorch 2.4 made autocast per device type; 1.13 has the CUDA-only functions.
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-AutocastGuard::AutocastGuard(bool enabled) : enabled_(enabled) {
+AutocastGuard::AutocastGuard(bool enabled, torch::ScalarType dtype) : enabled_(enabled) {
   if (!enabled_) return;
   previous_ = at::autocast::is_autocast_enabled(at::kCUDA);
-  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+  at::autocast::set_autocast_dtype(at::kCUDA, dtype);
   at::autocast::set_autocast_enabled(at::kCUDA, true);
 }
 AutocastGuard::~AutocastGuard() {
@@ -185,10 +185,10 @@ c10::optional<torch::ScalarType> cuda_autocast_dtype() {
   return at::autocast::get_autocast_dtype(at::kCUDA);
 }
 #else
-AutocastGuard::AutocastGuard(bool enabled) : enabled_(enabled) {
+AutocastGuard::AutocastGuard(bool enabled, torch::ScalarType dtype) : enabled_(enabled) {
   if (!enabled_) return;
   previous_ = at::autocast::is_enabled();
-  at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+  at::autocast::set_autocast_gpu_dtype(dtype);
   at::autocast::set_enabled(true);
 }
 AutocastGuard::~AutocastGuard() {
@@ -201,5 +201,39 @@ c10::optional<torch::ScalarType> cuda_autocast_dtype() {
   return at::autocast::get_autocast_gpu_dtype();
 }
 #endif
+
+namespace {
+// Generators are shared by threads (data loaders draw noise); their state is read and set under their own mutex.
+torch::Tensor generator_state(at::Generator g) {  // a handle: copies share the generator
+  std::lock_guard<std::mutex> lock(g.mutex());
+  return g.get_state();
+}
+void set_generator_state(at::Generator g, const torch::Tensor& state) {
+  std::lock_guard<std::mutex> lock(g.mutex());
+  g.set_state(state);
+}
+}  // namespace
+
+RngState capture_rng(const std::vector<torch::Device>& devices) {
+  RngState s;
+  s.cpu = generator_state(at::detail::getDefaultCPUGenerator());
+  for (const auto& d : devices) {
+    if (!d.is_cuda()) continue;
+    const int64_t index = d.has_index() ? d.index() : 0;  // a tensor's CUDA device always has its index
+    bool seen = false;
+    for (const auto& [i, t] : s.cuda) seen = seen || i == index;
+    if (!seen)
+      s.cuda.emplace_back(index, generator_state(at::globalContext().defaultGenerator(
+                                     torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index)))));
+  }
+  return s;
+}
+
+void restore_rng(const RngState& state) {
+  if (state.cpu.defined()) set_generator_state(at::detail::getDefaultCPUGenerator(), state.cpu);
+  for (const auto& [index, t] : state.cuda)
+    set_generator_state(
+        at::globalContext().defaultGenerator(torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index))), t);
+}
 
 }  // namespace omnilite

@@ -158,8 +158,9 @@ struct TrainOptions {
   int64_t valid_every = 0;        // steps between validation passes (0 = only at the end)
   int64_t valid_batches = 4;      // micro-batches per validation pass
   int64_t vq_restart_every = 50;  // vqvae: codes unused over this many steps restart at encoder outputs (0 = never)
-  std::string base_checkpoint;    // omni with lora.enabled: the base weights (an `omnilite init` or pretraining
-                                  // checkpoint folder or .safetensors file), quantised tensor by tensor on load
+  std::string base_checkpoint;    // omni: the weights to start from (an `omnilite init`, pretraining or HF export
+                                  // folder or .safetensors file). With lora.enabled the frozen base (NF4: quantised
+                                  // tensor by tensor on load); without, a full fine-tune from it (strict load)
   double dist_timeout_s = 600;    // data-parallel runs: a rendezvous or collective that waits longer (a rank died or
                                   // hangs) stops every rank with an error
   double bucket_mb = 25;          // data-parallel runs: MiB of gradients per all-reduce bucket

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -59,11 +61,12 @@ namespace omnilite {
 // functions (Nf4Linear's matmul) are not cast by autocast itself and ask here.
 c10::optional<torch::ScalarType> cuda_autocast_dtype();
 
-// Enables bf16 autocast on CUDA for its lifetime when `enabled` (runtime.dtype == "bf16" on a CUDA device);
-// does nothing otherwise. Restores the previous state on destruction.
+// Enables CUDA autocast in `dtype` (default bf16) for its lifetime when `enabled` (runtime.dtype == "bf16" on a CUDA
+// device, or a recomputation re-entering its forward's state); does nothing otherwise. Restores the previous state
+// on destruction.
 class AutocastGuard {
  public:
-  AutocastGuard(bool enabled);
+  explicit AutocastGuard(bool enabled, torch::ScalarType dtype = torch::kBFloat16);
   ~AutocastGuard();
   AutocastGuard(const AutocastGuard&) = delete;
   AutocastGuard& operator=(const AutocastGuard&) = delete;
@@ -72,5 +75,16 @@ class AutocastGuard {
   bool enabled_;
   bool previous_ = false;
 };
+
+// The states of the random generators a computation on some devices draws from: the CPU generator and the default
+// generator of every CUDA device among them (what torch.utils.checkpoint saves with preserve_rng_state).
+struct RngState {
+  torch::Tensor cpu;                                     // the CPU generator's state (uint8)
+  std::vector<std::pair<int64_t, torch::Tensor>> cuda;   // (CUDA device index, its generator's state)
+};
+// Reads the CPU generator and the generators of the CUDA devices in `devices` (CPU entries add nothing).
+RngState capture_rng(const std::vector<torch::Device>& devices = {});
+// Sets every generator in `state` back to it.
+void restore_rng(const RngState& state);
 
 }  // namespace omnilite

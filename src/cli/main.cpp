@@ -1,11 +1,14 @@
 // omnilite: command-line entry point. `omnilite SUBCOMMAND [options]`; `omnilite SUBCOMMAND --help` for each.
 #include <malloc.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <iostream>
 #include <string>
 #include <vector>
+
+#include <c10/util/Exception.h>
 
 #include "omnilite/cli/commands.h"
 
@@ -47,6 +50,23 @@ const std::vector<Subcommand>& subcommands() {
   return list;
 }
 
+// An error message as one line: line breaks (LibTorch's, nlohmann's) become "; ", trailing ones are dropped.
+// With OMNILITE_BACKTRACE=1 the message is kept as it is, backtrace included.
+std::string one_line(const std::string& msg) {
+  const char* bt = std::getenv("OMNILITE_BACKTRACE");
+  if (bt && std::string(bt) != "0") return msg;
+  std::string out;
+  for (char c : msg) {
+    if (c == '\n') {
+      if (!out.empty() && out.back() != ' ') out += "; ";
+    } else {
+      out += c;
+    }
+  }
+  while (!out.empty() && (out.back() == ' ' || out.back() == ';')) out.pop_back();
+  return out;
+}
+
 void print_usage(std::ostream& os) {
   os << "OMNI-LITE: train, fine-tune, run and evaluate the unified sparse multimodal transformer.\n\n"
         "Usage: omnilite SUBCOMMAND [options]\n\nSubcommands:\n";
@@ -75,8 +95,16 @@ int main(int argc, char** argv) {
     for (int i = 2; i < argc; ++i) args.push_back(argv[i]);
     try {
       return s.run(static_cast<int>(args.size()), args.data());
+    } catch (const c10::Error& e) {
+      // LibTorch's checks carry a C++ backtrace ("Exception raised from ...", "frame #8: ..."): users get the
+      // message alone, developers the whole of it with OMNILITE_BACKTRACE=1.
+      const char* bt = std::getenv("OMNILITE_BACKTRACE");
+      std::cerr << "omnilite " << name << ": error: " << one_line(bt && std::string(bt) != "0" ? e.what()
+                                                                                             : e.what_without_backtrace())
+                << "\n";
+      return 1;
     } catch (const std::exception& e) {
-      std::cerr << "omnilite " << name << ": error: " << e.what() << "\n";
+      std::cerr << "omnilite " << name << ": error: " << one_line(e.what()) << "\n";
       return 1;
     }
   }

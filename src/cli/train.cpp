@@ -1,4 +1,5 @@
 // omnilite train: pretraining from a config (see include/omnilite/train/trainer.h for what a step does).
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 
@@ -39,13 +40,24 @@ void apply_override(nlohmann::json& j, const std::string& assignment) {
   }
 }
 
+// The run folder a --resume path belongs to: RUN for RUN or RUN/checkpoints/step_N.
+std::string run_folder_of(const std::string& resume) {
+  namespace fs = std::filesystem;
+  fs::path p = fs::path(resume).lexically_normal();
+  if (p.filename().empty()) p = p.parent_path();  // a trailing slash
+  if (p.filename().string().rfind("step_", 0) == 0 && p.parent_path().filename() == "checkpoints")
+    return p.parent_path().parent_path().string();
+  return p.string();
+}
+
 int run_train(int argc, char** argv) {
   cxxopts::Options opts(argv[0], "Train from a config. train.stage chooses what: \"omni\" (the model: CLM on text and "
                                  "captions + rectified flow on generated images + MoE balancing), \"vqvae\" (the VQ-VAE "
                                  "whose frozen encoder supplies the flow targets) or \"classifier\" (the CNN that judges "
                                  "generated images in eval). Writes metrics.jsonl and atomic checkpoints into the run folder.");
   opts.add_options()("config", "config JSON (e.g. configs/small.json)", cxxopts::value<std::string>())(
-      "out", "run folder (metrics.jsonl, config.json, checkpoints/)", cxxopts::value<std::string>()->default_value("runs/default"))(
+      "out", "run folder (metrics.jsonl, config.json, checkpoints/); default runs/default, or with --resume the "
+             "resumed run's folder", cxxopts::value<std::string>())(
       "max-steps", "stop after this many steps in total (default train.steps; the LR schedule always spans train.steps)", cxxopts::value<int64_t>())(
       "resume", "run folder or checkpoint folder to continue from exactly", cxxopts::value<std::string>())(
       "base", "QLoRA base weights (checkpoint folder or .safetensors; sets train.base_checkpoint)", cxxopts::value<std::string>())(
@@ -72,8 +84,9 @@ int run_train(int argc, char** argv) {
   if (args.count("base")) j["train"]["base_checkpoint"] = args["base"].as<std::string>();
   const Config cfg = parse_config(j);
   TrainRunOptions run;
-  run.out_dir = args["out"].as<std::string>();
   if (args.count("resume")) run.resume_dir = args["resume"].as<std::string>();
+  run.out_dir = args.count("out") ? args["out"].as<std::string>()
+                : args.count("resume") ? run_folder_of(run.resume_dir) : std::string("runs/default");
   if (args.count("max-steps")) run.max_steps = args["max-steps"].as<int64_t>();
   const auto r = train(cfg, run);
   log::info(log::format("done: %lld steps, loss %.4f -> %.4f, last checkpoint %s, peak resident memory %.2f GiB",

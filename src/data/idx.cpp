@@ -22,8 +22,21 @@ torch::Tensor read_idx(const std::string& path) {
     throw std::runtime_error("IDX file \"" + path + "\": magic number " + std::to_string(magic) +
                              " is neither 2051 (uint8 images) nor 2049 (uint8 labels); hint: gunzip .gz files first");
   std::vector<int64_t> dims;
-  for (uint32_t i = 0; i < (magic & 0xFFu); ++i) dims.push_back(read_be32(in));
+  uint64_t bytes = 1;  // announced data bytes, checked against the file before anything is allocated
+  bool overflow = false;
+  for (uint32_t i = 0; i < (magic & 0xFFu); ++i) {
+    dims.push_back(read_be32(in));
+    overflow = overflow || __builtin_mul_overflow(bytes, static_cast<uint64_t>(dims.back()), &bytes);
+  }
   if (!in) throw std::runtime_error("IDX file \"" + path + "\": truncated header");
+  const auto header_end = in.tellg();
+  in.seekg(0, std::ios::end);
+  const uint64_t available = static_cast<uint64_t>(in.tellg() - header_end);
+  in.seekg(header_end);
+  if (overflow || bytes > available)
+    throw std::runtime_error("IDX file \"" + path + "\": its header announces " +
+                             (overflow ? std::string("more than 2^64") : std::to_string(bytes)) + " data bytes but " +
+                             std::to_string(available) + " follow; the file is truncated or not IDX");
   auto t = torch::empty(dims, torch::kUInt8);
   in.read(reinterpret_cast<char*>(t.data_ptr<uint8_t>()), static_cast<std::streamsize>(t.numel()));
   if (in.gcount() != t.numel())

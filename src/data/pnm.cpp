@@ -51,13 +51,16 @@ torch::Tensor read_pnm(const std::string& path) {
   if (w <= 0 || h <= 0 || w > 65536 || h > 65536) fail("size " + std::to_string(w) + " x " + std::to_string(h));
   if (maxval <= 0 || maxval > 255) fail("maxval " + std::to_string(maxval) + " (only 8-bit images are read)");
   const int64_t channels = (kind == '3' || kind == '6') ? 3 : 1, n = static_cast<int64_t>(w) * h * channels;
+  const bool binary = kind == '5' || kind == '6';
+  if (binary) ++pos;  // exactly one whitespace byte after maxval
+  // The file must hold the pixels before they are allocated: n bytes (binary), or at least one byte per value.
+  const size_t left = b.size() - std::min(pos, b.size());
+  if (left < static_cast<size_t>(n))
+    fail("truncated: " + std::to_string(left) + " bytes for the " + std::to_string(n) + " pixel values of " +
+         std::to_string(w) + " x " + std::to_string(h));
   auto out = torch::empty({h, w, channels}, torch::kUInt8);
   uint8_t* o = out.data_ptr<uint8_t>();
-  if (kind == '5' || kind == '6') {
-    ++pos;  // exactly one whitespace byte after maxval
-    if (b.size() < pos + static_cast<size_t>(n))
-      fail("truncated: " + std::to_string(b.size() - std::min(pos, b.size())) + " of " + std::to_string(n) +
-           " pixel bytes");
+  if (binary) {
     std::copy(b.begin() + static_cast<std::ptrdiff_t>(pos), b.begin() + static_cast<std::ptrdiff_t>(pos + n), o);
   } else {
     for (int64_t i = 0; i < n; ++i) {

@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <stdexcept>
@@ -89,6 +90,19 @@ Tokenizer::Tokenizer(const std::string& model_path) : path_(model_path) {
   void* h = api.load(model_path.c_str(), err, kErrLen);
   if (!h) throw std::runtime_error("tokenizer \"" + model_path + "\": not a SentencePiece model (" + err + ")");
   sp_ = std::shared_ptr<void>(h, [](void* p) { SpmApi::get().free_model(p); });
+  const int64_t unk = piece_id("<unk>");
+  for (const auto& piece : reserved_marker_pieces()) {
+    const int64_t id = piece_id(piece);
+    if (id < 0 || id == unk) continue;
+    std::vector<int64_t> bytes;
+    for (unsigned char c : piece) {
+      char name[8];
+      std::snprintf(name, sizeof name, "<0x%02X>", c);
+      const int64_t b = piece_id(name);
+      bytes.push_back(b >= 0 ? b : unk);  // a model without byte fallback spells it as <unk>
+    }
+    marker_text_.emplace_back(id, std::move(bytes));
+  }
 }
 
 std::vector<int64_t> Tokenizer::encode(const std::string& text) const {
@@ -98,8 +112,18 @@ std::vector<int64_t> Tokenizer::encode(const std::string& text) const {
   char err[kErrLen] = {0};
   if (api.encode(sp_.get(), text.data(), text.size(), &ids, &n, err, kErrLen) != 0)
     throw std::runtime_error("tokenizer \"" + path_ + "\": cannot encode: " + err);
-  std::vector<int64_t> out(ids, ids + n);
+  std::vector<int64_t> raw(ids, ids + n);
   api.free_buffer(ids);
+  if (marker_text_.empty()) return raw;
+  std::vector<int64_t> out;
+  out.reserve(raw.size());
+  for (const int64_t id : raw) {
+    const std::vector<int64_t>* spelled = nullptr;
+    for (const auto& [marker, bytes] : marker_text_)
+      if (marker == id) spelled = &bytes;
+    if (spelled) out.insert(out.end(), spelled->begin(), spelled->end());
+    else out.push_back(id);
+  }
   return out;
 }
 

@@ -17,6 +17,7 @@
 #include "omnilite/data/tokenizer.h"
 #include "omnilite/infer/generate.h"
 #include "omnilite/io/checkpoint.h"
+#include "omnilite/hash.h"
 #include "omnilite/log.h"
 #include "omnilite/modules/image_classifier.h"
 #include "omnilite/modules/omnilite.h"
@@ -80,7 +81,18 @@ ImageCaptionSet held_out_images(const Config& cfg, int64_t size, int64_t max_ima
   if (cfg.data.image_valid.empty() || max_images <= 0) return {};
   auto io = image_load_options(cfg.data, size);
   io.max_images = max_images;
-  return read_image_captions(cfg.data.image_valid, io);
+  auto set = read_image_captions(cfg.data.image_valid, io);
+  // Eval scores captions and generated images against the class names: every label must name one.
+  const auto& classes = fashion_mnist_classes();
+  for (int64_t i = 0; i < set.size(); ++i) {
+    const int64_t label = set.labels[i].item<int64_t>();
+    if (label >= static_cast<int64_t>(classes.size()))
+      throw std::runtime_error("data.image_valid: image " + std::to_string(i) + " has label " + std::to_string(label) +
+                               ", outside the " + std::to_string(classes.size()) + " class names (0 = " +
+                               classes.front() + " ... " + std::to_string(classes.size() - 1) + " = " + classes.back() +
+                               "); hint: eval scores Fashion-MNIST labels 0-9; drop \"label\" from other images");
+  }
+  return set;
 }
 
 void caption_task(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, const EvalOptions& o,

@@ -1,5 +1,6 @@
 #include "omnilite/io/adapter.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -85,8 +86,7 @@ void load_adapter(torch::nn::Module& model, const std::string& dir) {
                                "have; hint: the adapter was trained with other lora.target_modules");
 }
 
-void load_base_weights(torch::nn::Module& model, const std::string& path_in) {
-  const std::string& path = path_in;
+void load_base_weights(torch::nn::Module& model, const std::string& path) {
   if (!has_weights(path))
     throw std::runtime_error("base checkpoint \"" + path + "\" does not exist or holds no model.safetensors");
   WeightsReader r(path);
@@ -96,14 +96,16 @@ void load_base_weights(torch::nn::Module& model, const std::string& path_in) {
   std::map<std::string, std::shared_ptr<torch::nn::Module>> modules;
   for (const auto& m : model.named_modules()) modules[m.key()] = m.value();
   std::set<std::string> covered;
+  std::vector<std::string> problems;  // every mismatch, named; reported together before anything is used
+  auto shape_problem = [&](const std::string& name, const std::vector<int64_t>& got, c10::IntArrayRef want) {
+    problems.push_back("\"" + name + "\" has shape " + c10::str(c10::IntArrayRef(got)) + ", the model expects " +
+                       c10::str(want));
+  };
   torch::NoGradGuard ng;
   auto copy_checked = [&](const std::string& file_name, const std::string& key) {
     auto& dst = state.at(key);
     const auto& e = r.tensors().at(file_name);
-    if (e.shape != dst.sizes().vec())
-      throw std::runtime_error("base checkpoint \"" + path + "\": tensor \"" + file_name + "\" has shape " +
-                               c10::str(c10::IntArrayRef(e.shape)) + ", the model expects " + c10::str(dst.sizes()) +
-                               "; hint: the checkpoint was written for another config");
+    if (e.shape != dst.sizes().vec()) return shape_problem(file_name, e.shape, dst.sizes());
     dst.copy_(r.load(file_name));
     covered.insert(key);
   };
@@ -119,19 +121,17 @@ void load_base_weights(torch::nn::Module& model, const std::string& path_in) {
     auto it = modules.find(owner);
     auto* nf4 = it == modules.end() ? nullptr : dynamic_cast<Nf4LinearImpl*>(it->second.get());
     if (nf4 && leaf == "weight") {
-      if (entry.shape != std::vector<int64_t>{nf4->out_, nf4->in_})
-        throw std::runtime_error("base checkpoint \"" + path + "\": tensor \"" + name + "\" has shape " +
-                                 c10::str(c10::IntArrayRef(entry.shape)) + ", the model expects [" +
-                                 std::to_string(nf4->out_) + ", " + std::to_string(nf4->in_) +
-                                 "]; hint: the checkpoint was written for another config");
+      if (entry.shape != std::vector<int64_t>{nf4->out_, nf4->in_}) {
+        shape_problem(name, entry.shape, {nf4->out_, nf4->in_});
+        continue;
+      }
       nf4->set_weight(r.load(name).to(torch::kFloat32));  // quantised here; the fp32 copy dies with this scope
       for (const char* b : {"weight_packed", "weight_absmax_q", "weight_absmax_scale", "weight_absmax_mean"})
         covered.insert(owner + "." + b);
     } else if (state.count(owner + "." + leaf)) {
       copy_checked(name, owner + "." + leaf);
     } else {
-      throw std::runtime_error("base checkpoint \"" + path + "\": unexpected tensor \"" + name +
-                               "\" that the model does not have; hint: the checkpoint was written for another config");
+      problems.push_back("unexpected \"" + name + "\" that the model does not have");
     }
   }
   for (const auto& [key, t] : state) {
@@ -142,9 +142,17 @@ void load_base_weights(torch::nn::Module& model, const std::string& path_in) {
     if (w != std::string::npos) shown = shown.substr(0, w) + ".weight";
     const auto bl = shown.find(".base_layer.");
     if (bl != std::string::npos) shown.erase(bl, std::string(".base_layer").size());
-    throw std::runtime_error("base checkpoint \"" + path + "\": missing tensor \"" + shown + "\" (model key \"" + key +
-                             "\"); hint: the checkpoint was written for another config");
+    if (!covered.count(shown) && std::find(problems.begin(), problems.end(), "missing \"" + shown + "\"") == problems.end())
+      problems.push_back("missing \"" + shown + "\"");
   }
+  if (problems.empty()) return;
+  std::string list;
+  const size_t shown = std::min<size_t>(problems.size(), 12);
+  for (size_t i = 0; i < shown; ++i) list += (i ? "; " : "") + problems[i];
+  if (shown < problems.size()) list += "; and " + std::to_string(problems.size() - shown) + " more";
+  throw std::runtime_error("base checkpoint \"" + path + "\" does not fit the model (" +
+                           std::to_string(problems.size()) + " tensors): " + list +
+                           "; hint: the checkpoint was written for another config");
 }
 
 namespace {

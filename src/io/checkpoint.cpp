@@ -45,6 +45,12 @@ void load_module(torch::nn::Module& m, const std::string& path, bool verify) {
       throw std::runtime_error("checkpoint \"" + path + "\": tensor \"" + name + "\" has shape " +
                                c10::str(c10::IntArrayRef(e.shape)) + ", the model expects " + c10::str(t.sizes()) +
                                "; hint: the checkpoint was written for another config");
+    // Floating-point tensors convert (a bf16 export loads into fp32 weights); codes and counters must match.
+    const bool both_float = c10::isFloatingType(e.dtype) && c10::isFloatingType(t.scalar_type());
+    if (!both_float && e.dtype != t.scalar_type())
+      throw std::runtime_error("checkpoint \"" + path + "\": tensor \"" + name + "\" is " + dtype_name(e.dtype) +
+                               ", the model holds " + c10::toString(t.scalar_type()) + " there; hint: only floating-point "
+                               "tensors convert on load; the checkpoint was written for another config or format");
   }
   for (const auto& [name, e] : r.tensors())
     if (!expected.count(name))

@@ -9,7 +9,9 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <algorithm>
 #include <filesystem>
+#include <limits>
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
@@ -99,60 +101,112 @@ torch::ScalarType dtype_from_name(const std::string& n, const std::string& conte
   return it->second;
 }
 
+namespace {
+
+// A header entry's unsigned integer (shape dimension or offset), or a one-line error naming the tensor.
+uint64_t header_uint(const json& v, const std::string& path, const std::string& tensor, const char* what) {
+  if (!v.is_number_integer() || (v.is_number_integer() && !v.is_number_unsigned() && v.get<int64_t>() < 0))
+    fail(path, "tensor \"" + tensor + "\": " + what + " must be a non-negative integer, got " + v.dump());
+  return v.get<uint64_t>();
+}
+
+}  // namespace
+
+SafetensorsLayout parse_safetensors(const uint8_t* file, size_t size, const std::string& path) {
+  if (size < 8) fail(path, "only " + std::to_string(size) + " bytes; truncated or not safetensors");
+  uint64_t header_len = 0;
+  std::memcpy(&header_len, file, 8);  // little-endian host assumed (x86-64, aarch64)
+  if (header_len > kMaxHeader || header_len > size - 8)
+    fail(path, "header length " + std::to_string(header_len) + " exceeds the file size " + std::to_string(size) +
+                   " (or the 100 MiB limit); the file is truncated or not safetensors");
+  if (header_len == 0 || file[8] != '{') fail(path, "the header does not start with '{'; not a safetensors file");
+  json header = json::parse(file + 8, file + 8 + header_len, nullptr, /*allow_exceptions=*/false);
+  if (header.is_discarded()) fail(path, "the header is not valid JSON; the file is corrupted or not safetensors");
+  if (!header.is_object()) fail(path, "the header is not a JSON object");
+  SafetensorsLayout out;
+  out.data_offset = 8 + header_len;
+  const uint64_t data_size = size - out.data_offset;
+  for (auto it = header.begin(); it != header.end(); ++it) {
+    const std::string& name = it.key();
+    const json& e = *it;
+    if (name == "__metadata__") {
+      if (!e.is_object()) fail(path, "__metadata__ must be an object of strings, got " + std::string(e.type_name()));
+      for (auto m = e.begin(); m != e.end(); ++m) {
+        if (!m->is_string())
+          fail(path, "__metadata__ entry \"" + m.key() + "\" must be a string, got " + std::string(m->type_name()));
+        out.metadata[m.key()] = m->get<std::string>();
+      }
+      continue;
+    }
+    if (!e.is_object() || !e.contains("dtype") || !e.contains("shape") || !e.contains("data_offsets"))
+      fail(path, "tensor \"" + name + "\" lacks dtype, shape or data_offsets");
+    const json &dt = e["dtype"], &shape = e["shape"], &off = e["data_offsets"];
+    if (!dt.is_string()) fail(path, "tensor \"" + name + "\": dtype must be a string, got " + dt.dump());
+    if (!shape.is_array()) fail(path, "tensor \"" + name + "\": shape must be an array, got " + shape.dump());
+    if (!off.is_array() || off.size() != 2)
+      fail(path, "tensor \"" + name + "\": data_offsets must be [begin, end], got " + off.dump());
+    TensorEntry t;
+    t.dtype = dtype_from_name(dt.get<std::string>(), "safetensors file \"" + path + "\", tensor \"" + name + "\"");
+    uint64_t bytes = c10::elementSize(t.dtype);
+    for (const auto& d : shape) {
+      const uint64_t n = header_uint(d, path, name, "every shape dimension");
+      if (n > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) || __builtin_mul_overflow(bytes, n, &bytes))
+        fail(path, "tensor \"" + name + "\": shape " + shape.dump() + " has more bytes than 2^64");
+      t.shape.push_back(static_cast<int64_t>(n));
+    }
+    t.begin = header_uint(off[0], path, name, "data_offsets[0]");
+    t.end = header_uint(off[1], path, name, "data_offsets[1]");
+    if (t.end < t.begin || t.end > data_size)
+      fail(path, "tensor \"" + name + "\" spans bytes [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
+                     ") but the data region holds " + std::to_string(data_size) + "; the file is truncated or corrupted");
+    if (t.end - t.begin != bytes)
+      fail(path, "tensor \"" + name + "\" has " + std::to_string(t.end - t.begin) + " bytes for shape " + shape.dump() +
+                     " and dtype " + dt.get<std::string>() + " that need " + std::to_string(bytes));
+    out.tensors.emplace(name, std::move(t));
+  }
+  // The tensors tile the data region in offset order: no gap, no overlap, nothing after the last one.
+  std::vector<std::pair<uint64_t, const std::string*>> order;
+  for (const auto& [name, t] : out.tensors) order.emplace_back(t.begin, &name);
+  std::sort(order.begin(), order.end(), [&](const auto& a, const auto& b) {
+    return a.first != b.first ? a.first < b.first : out.tensors.at(*a.second).end < out.tensors.at(*b.second).end;
+  });
+  uint64_t at = 0;
+  for (const auto& [begin, name] : order) {
+    const auto& t = out.tensors.at(*name);
+    if (begin != at)
+      fail(path, "tensor \"" + *name + "\" starts at byte " + std::to_string(begin) + " of the data region, where " +
+                     (begin < at ? "the previous tensor still lies (they overlap)" : "a gap begins") + "; expected " +
+                     std::to_string(at));
+    at = t.end;
+  }
+  if (at != data_size)
+    fail(path, "tensors cover " + std::to_string(at) + " bytes but the data region holds " + std::to_string(data_size));
+  return out;
+}
+
 SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
   const int fd = ::open(path.c_str(), O_RDONLY);
   if (fd < 0) fail(path, std::string("cannot open: ") + std::strerror(errno));
   struct stat st {};
   if (::fstat(fd, &st) != 0) { ::close(fd); fail(path, "cannot stat"); }
+  if (!S_ISREG(st.st_mode)) { ::close(fd); fail(path, "is not a regular file"); }
   size_ = static_cast<size_t>(st.st_size);
   if (size_ < 8) { ::close(fd); fail(path, "only " + std::to_string(size_) + " bytes; truncated or not safetensors"); }
   void* m = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
   ::close(fd);
   if (m == MAP_FAILED) fail(path, std::string("mmap failed: ") + std::strerror(errno));
   map_ = static_cast<const uint8_t*>(m);
-
-  uint64_t header_len = 0;
-  std::memcpy(&header_len, map_, 8);  // little-endian host assumed (x86-64, aarch64)
-  if (header_len > kMaxHeader || 8 + header_len > size_)
-    fail(path, "header length " + std::to_string(header_len) + " exceeds the file size " + std::to_string(size_) +
-                   "; the file is truncated or not safetensors");
-  json header;
   try {
-    header = json::parse(map_ + 8, map_ + 8 + header_len);
-  } catch (const json::exception& e) {
-    fail(path, std::string("header is not valid JSON: ") + e.what());
+    auto layout = parse_safetensors(map_, size_, path);
+    tensors_ = std::move(layout.tensors);
+    metadata_ = std::move(layout.metadata);
+    data_ = map_ + layout.data_offset;
+    data_size_ = size_ - layout.data_offset;
+  } catch (...) {
+    ::munmap(const_cast<uint8_t*>(map_), size_);  // the destructor does not run for a throwing constructor
+    map_ = nullptr;
+    throw;
   }
-  if (!header.is_object()) fail(path, "header is not a JSON object");
-  data_ = map_ + 8 + header_len;
-  data_size_ = size_ - 8 - header_len;
-  uint64_t covered = 0;
-  for (auto it = header.begin(); it != header.end(); ++it) {
-    if (it.key() == "__metadata__") {
-      for (auto m2 = it->begin(); m2 != it->end(); ++m2)
-        if (m2->is_string()) metadata_[m2.key()] = m2->get<std::string>();
-      continue;
-    }
-    const std::string ctx = "safetensors file \"" + path + "\", tensor \"" + it.key() + "\"";
-    const json& e = *it;
-    if (!e.is_object() || !e.contains("dtype") || !e.contains("shape") || !e.contains("data_offsets"))
-      fail(path, "tensor \"" + it.key() + "\" lacks dtype, shape or data_offsets");
-    TensorEntry t;
-    t.dtype = dtype_from_name(e["dtype"].get<std::string>(), ctx);
-    t.shape = e["shape"].get<std::vector<int64_t>>();
-    t.begin = e["data_offsets"][0].get<uint64_t>();
-    t.end = e["data_offsets"][1].get<uint64_t>();
-    if (t.end < t.begin || t.end > data_size_)
-      fail(path, "tensor \"" + it.key() + "\" spans bytes [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
-                     ") but the data region holds " + std::to_string(data_size_) + "; the file is truncated");
-    if (t.end - t.begin != nbytes(t.dtype, t.shape))
-      fail(path, "tensor \"" + it.key() + "\" has " + std::to_string(t.end - t.begin) + " bytes for shape and dtype "
-                     "that need " + std::to_string(nbytes(t.dtype, t.shape)));
-    covered += t.end - t.begin;
-    tensors_.emplace(it.key(), std::move(t));
-  }
-  if (covered != data_size_)
-    fail(path, "tensors cover " + std::to_string(covered) + " bytes but the data region holds " +
-                   std::to_string(data_size_));
 }
 
 SafetensorsReader::~SafetensorsReader() {

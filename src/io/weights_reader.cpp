@@ -6,6 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "omnilite/hash.h"
 #include "omnilite/io/hf_export.h"
 
 namespace omnilite::io {
@@ -17,6 +18,21 @@ constexpr const char* kSingle = "model.safetensors";
 constexpr const char* kIndex = "model.safetensors.index.json";
 
 }  // namespace
+
+nlohmann::json weights_identity(const std::string& path) {
+  WeightsReader r(path);
+  std::string header;
+  uintmax_t bytes = 0;
+  for (const auto& f : r.files()) {
+    bytes += std::filesystem::file_size(f->path());
+    header += std::filesystem::path(f->path()).filename().string() + "\n";
+    for (const auto& [name, e] : f->tensors())
+      header += name + " " + dtype_name(e.dtype) + " " + c10::str(c10::IntArrayRef(e.shape)) + " " +
+                std::to_string(e.begin) + " " + std::to_string(e.end) + "\n";
+    for (const auto& [k, v] : f->metadata()) header += k + "=" + v + "\n";
+  }
+  return {{"path", path}, {"bytes", static_cast<uint64_t>(bytes)}, {"header_fnv1a", fnv1a_hex(header)}};
+}
 
 bool has_weights(const std::string& path) {
   return fs::is_regular_file(path) || fs::exists(path + "/" + kSingle) || fs::exists(path + "/" + kIndex);

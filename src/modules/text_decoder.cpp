@@ -1,5 +1,9 @@
 #include "omnilite/modules/text_decoder.h"
 
+#include <string>
+
+#include "omnilite/runtime.h"
+
 namespace omnilite {
 namespace {
 
@@ -8,7 +12,10 @@ using torch::autograd::variable_list;
 
 // Runs a decoder layer without keeping its activations; backward recomputes the layer with gradients on and
 // back-propagates through the recomputation (parameter gradients accumulate there, the input gradient is
-// returned). The layer is deterministic (no dropout), so the recomputation equals the forward.
+// returned). The recomputation must be the forward's function (as torch.utils.checkpoint with preserve_rng_state):
+// the random generators are set back to their state at the forward (LoRA dropout draws the same masks, so top-2
+// routing sees the same inputs) and restored afterwards (the recomputation consumes no randomness of the run), and
+// the forward's CUDA autocast state is re-entered (backward runs outside the autocast region, on another thread).
 struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
   // x: [B, T, D] -> {y [B, T, D], router_logits [B*T, E]}
   // `allowed` comes by pointer: LibTorch 1.13 records every tensor argument as an input and fails on an undefined
@@ -21,6 +28,11 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
     ctx->saved_data["sin"] = sin;
     ctx->saved_data["allowed"] = allowed;
     ctx->saved_data["causal"] = causal;
+    const RngState rng = capture_rng({x.device()});
+    ctx->saved_data["rng_cpu"] = rng.cpu;
+    for (const auto& [index, state] : rng.cuda) ctx->saved_data["rng_cuda:" + std::to_string(index)] = state;
+    const auto autocast = cuda_autocast_dtype();
+    ctx->saved_data["autocast"] = autocast ? static_cast<int64_t>(*autocast) : int64_t{-1};
     ctx->save_for_backward({x});
     auto o = layer->forward(x, RopeTables{cos, sin}, allowed, causal);
     return {o.y, o.router_logits};
@@ -31,12 +43,25 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
     auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
     const auto& allowed_iv = ctx->saved_data["allowed"];
     const torch::Tensor allowed = allowed_iv.isTensor() ? allowed_iv.toTensor() : torch::Tensor();
-    torch::AutoGradMode enable(true);
-    auto o = layer->forward(x, RopeTables{ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor()},
-                            allowed, ctx->saved_data["causal"].toBool());
+    RngState forward_rng;
+    forward_rng.cpu = ctx->saved_data["rng_cpu"].toTensor();
+    if (x.is_cuda()) {
+      const auto key = "rng_cuda:" + std::to_string(x.device().index());
+      forward_rng.cuda.emplace_back(x.device().index(), ctx->saved_data[key].toTensor());
+    }
+    const RngState now = capture_rng({x.device()});
+    const int64_t autocast = ctx->saved_data["autocast"].toInt();
     variable_list outs, gs;
-    if (grads[0].defined()) { outs.push_back(o.y); gs.push_back(grads[0]); }
-    if (grads[1].defined()) { outs.push_back(o.router_logits); gs.push_back(grads[1]); }
+    {
+      restore_rng(forward_rng);
+      torch::AutoGradMode enable(true);
+      AutocastGuard amp(autocast >= 0, autocast >= 0 ? static_cast<torch::ScalarType>(autocast) : torch::kBFloat16);
+      auto o = layer->forward(x, RopeTables{ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor()},
+                              allowed, ctx->saved_data["causal"].toBool());
+      if (grads[0].defined()) { outs.push_back(o.y); gs.push_back(grads[0]); }
+      if (grads[1].defined()) { outs.push_back(o.router_logits); gs.push_back(grads[1]); }
+    }
+    restore_rng(now);
     if (!outs.empty()) torch::autograd::backward(outs, gs);
     return {x.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};  // per input
   }

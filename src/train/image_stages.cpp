@@ -76,7 +76,11 @@ class ImageStageBase : public TrainStage {
     return t[0].item<double>() / std::max(1.0, t[1].item<double>());
   }
   // Every rank's micro-batch holds batch_size images: a mean over it, shared out, sums to the global mean.
-  double share() const { return 1.0 / static_cast<double>(dist_->world()); }
+  void begin_step(int64_t, int64_t count) override { step_micros_ = count; }
+  // Every micro-batch holds the same number of images on every rank: a share is 1 / (micro-batches x ranks).
+  double share() const { return 1.0 / static_cast<double>(dist_->world() * step_micros_); }
+
+  int64_t step_micros_ = 1;  // micro-batches of the current optimizer step
 
   Config cfg_;
   torch::Device dev_;

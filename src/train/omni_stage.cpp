@@ -39,7 +39,7 @@ class OmniStage : public TrainStage {
     tok_.check_compatible(cfg.model);
     if (tr.batch_size > 0) {
       text_ = std::make_unique<TextData>(cfg.data.text_train, "data.text_train", tok_, cfg, tr.seed);
-      if (!cfg.data.text_valid.empty())
+      if (!cfg.data.text_valid.empty() && TextData::has_documents(cfg.data.text_valid, "data.text_valid"))
         text_valid_ = std::make_unique<TextData>(cfg.data.text_valid, "data.text_valid", tok_, cfg, tr.seed);
     }
     if (tr.caption_batch_size + tr.gen_batch_size > 0) {
@@ -66,12 +66,19 @@ class OmniStage : public TrainStage {
       log::info("qlora: base weights from " + tr.base_checkpoint);
       for (auto& p : model_->named_parameters())
         p.value().set_requires_grad(p.key().find(".lora_") != std::string::npos);
+    } else if (!tr.base_checkpoint.empty()) {
+      // A full fine-tune: every weight starts from the base and trains (strict: every mismatch is named).
+      io::load_base_weights(*model_, tr.base_checkpoint);
+      log::info("full fine-tune: every weight starts from " + tr.base_checkpoint);
     }
     if (tr.gen_batch_size > 0) load_vqvae_weights(*model_->vqvae, cfg.data.vqvae);
     for (auto& p : model_->vqvae->parameters()) p.set_requires_grad(false);
     model_->text->checkpoint_layers = tr.activation_checkpointing;
     model_->to(dev);
     model_->train();
+    if (!has_valid_data())
+      log::info("validation: no held-out data (data.text_valid and data.image_valid give none for this run's "
+                "streams); validation is skipped and no valid_* metrics are written");
   }
 
   torch::nn::Module& module() override { return *model_; }
@@ -88,6 +95,21 @@ class OmniStage : public TrainStage {
   }
   std::string unit() const override { return "tokens"; }
 
+  // Reads the step's micro-batches ahead and counts their targets, generated latents and real router tokens over
+  // every rank: each micro-batch's loss is its share of the step's token-weighted mean (grad_accum = k at batch b
+  // takes the step of one micro-batch of k * b).
+  void begin_step(int64_t first, int64_t count) override {
+    pending_.clear();
+    pending_wait_.clear();
+    pending_first_ = first;
+    for (int64_t m = first; m < first + count; ++m) {
+      const auto w0 = std::chrono::steady_clock::now();
+      pending_.push_back(loader_->get(m));
+      pending_wait_.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count());
+    }
+    step_counts_ = count_tokens(pending_);
+  }
+
   void start(int64_t first) override {
     loader_ = std::make_unique<Prefetcher<OmniMicro>>([this](int64_t m) { return make(m, text_.get(), mm_.get()); },
                                                       cfg_.train.loader_threads, 2 * cfg_.train.loader_threads + 1,
@@ -95,11 +117,13 @@ class OmniStage : public TrainStage {
   }
 
   MicroResult micro_step(int64_t micro) override {
-    const auto w0 = std::chrono::steady_clock::now();
-    auto batch = loader_->get(micro);
+    const int64_t j = micro - pending_first_;
+    if (j < 0 || j >= static_cast<int64_t>(pending_.size())) begin_step(micro, 1);  // called without begin_step
+    const size_t i = static_cast<size_t>(micro - pending_first_);
+    const OmniMicro batch = pending_[i];
     MicroResult r;
-    r.wait_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
-    auto l = losses(batch);
+    r.wait_s = pending_wait_[i];
+    auto l = losses(batch, step_counts_, i);
     r.loss = l.total;
     r.terms = {{"loss_clm", l.clm.item<double>()}, {"loss_rf", l.rf.item<double>()},
                {"loss_aux", l.aux.item<double>()}, {"loss_z", l.z.item<double>()},
@@ -110,14 +134,15 @@ class OmniStage : public TrainStage {
   }
 
   std::map<std::string, double> validate() override {
+    if (!has_valid_data()) return {};
     torch::NoGradGuard ng;
     model_->eval();
     std::map<std::string, double> out;
     double text_sum = 0, cap_sum = 0, rf_sum = 0;
     const int64_t n = cfg_.train.valid_batches;
     for (int64_t m = 0; m < n; ++m) {
-      auto b = make(m, text_valid_.get(), mm_valid_.get(), /*ordered=*/true);
-      auto l = losses(b);
+      std::vector<OmniMicro> b{make(m, text_valid_.get(), mm_valid_.get(), /*ordered=*/true)};
+      auto l = losses(b[0], count_tokens(b), 0);
       text_sum += l.clm_text.item<double>();
       cap_sum += l.clm_mm.item<double>();
       rf_sum += l.rf.item<double>();
@@ -140,6 +165,12 @@ class OmniStage : public TrainStage {
     TextData(const std::vector<std::string>& files, const std::string& what, const Tokenizer& tok, const Config& cfg,
              uint64_t seed)
         : rows(load(files, what, tok, cfg)), order(rows.size(0), seed) {}
+    // Whether `files` hold a document; warns when they hold none (held-out data may be empty).
+    static bool has_documents(const std::vector<std::string>& files, const std::string& what) {
+      if (!read_documents(files).documents.empty()) return true;
+      log::warn(what + ": no documents in the given files; text validation is skipped");
+      return false;
+    }
     static torch::Tensor load(const std::vector<std::string>& files, const std::string& what, const Tokenizer& tok,
                               const Config& cfg) {
       auto docs = read_documents(files);
@@ -173,69 +204,110 @@ class OmniStage : public TrainStage {
     return b;
   }
 
-  // This rank's shares (see stage.h); with one rank the plain means.
+  // Whether validation has a batch to read: text rows (train.batch_size > 0) or caption/generation samples.
+  bool has_valid_data() const {
+    return (text_valid_ && cfg_.train.batch_size > 0) ||
+           (mm_valid_ && cfg_.train.caption_batch_size + cfg_.train.gen_batch_size > 0);
+  }
+
+  // The counts a step's losses are normalised by, summed over its micro-batches and every rank.
+  struct StepCounts {
+    double text = 0, mm = 0, gen = 0;  // CLM targets of text rows / caption rows, generated latent tokens
+    double router = 0;                 // real tokens that enter the router losses (no padding, no placeholders)
+    std::vector<double> router_micro;  // the same per micro-batch (over every rank)
+  };
+
+  // Real tokens (never padding or image placeholders): the CLM targets, and the rows of the router statistics.
+  torch::Tensor real_tokens(const torch::Tensor& tokens) const { return target_mask(tokens, cfg_.model.tokens); }
+
+  StepCounts count_tokens(const std::vector<OmniMicro>& micros) const {
+    const int64_t k = static_cast<int64_t>(micros.size());
+    std::vector<double> v(static_cast<size_t>(3 + k), 0.0);
+    for (int64_t j = 0; j < k; ++j) {
+      const auto& b = micros[static_cast<size_t>(j)];
+      for (const auto* t : {&b.text, &b.mm.tokens}) {
+        if (!t->defined()) continue;
+        auto mask = real_tokens(*t);
+        (t == &b.text ? v[0] : v[1]) += mask.narrow(1, 1, mask.size(1) - 1).sum().item<double>();
+        v[static_cast<size_t>(3 + j)] += mask.sum().item<double>();
+      }
+      if (b.mm.tokens.defined() && b.mm.gen_images.defined())
+        v[2] += b.mm.tokens.eq(cfg_.model.tokens.gen_image_id).sum().item<double>();
+    }
+    auto t = torch::tensor(v, torch::kFloat64).to(dev_);
+    if (const auto reduce = reducer()) reduce(t);
+    t = t.cpu();
+    StepCounts c;
+    c.text = t[0].item<double>(), c.mm = t[1].item<double>(), c.gen = t[2].item<double>();
+    for (int64_t j = 0; j < k; ++j) c.router_micro.push_back(t[3 + j].item<double>());
+    for (double r : c.router_micro) c.router += r;
+    return c;
+  }
+
+  // This rank's shares of the step's values (see stage.h), micro-batch j of the step counted by `n`.
   struct Losses {
     torch::Tensor total, clm, clm_text, clm_mm, rf, aux, z;
   };
 
-  Losses losses(const OmniMicro& b) {
-    const auto& tk = cfg_.model.tokens;
+  Losses losses(const OmniMicro& b, const StepCounts& n, size_t j) {
     AutocastGuard autocast(dev_.is_cuda() && cfg_.runtime.dtype == "bf16");
     auto zero = torch::zeros({}, torch::TensorOptions().device(dev_));
     Losses l{zero, zero, zero, zero, zero, zero, zero};
     std::vector<std::vector<torch::Tensor>> routers;
-    double n_text = 0, n_mm = 0, n_gen = 0;        // target tokens of text / caption rows, generated latent tokens
-    torch::Tensor ce_text = zero, ce_mm = zero, se_rf = zero;  // their summed losses
+    std::vector<torch::Tensor> router_masks;                   // real tokens of each forward, [B*T]
+    torch::Tensor ce_text = zero, ce_mm = zero, se_rf = zero;  // summed losses of this micro-batch
     if (b.text.defined()) {
       auto tokens = b.text.to(dev_);
       auto out = model_->forward({tokens});
-      auto mask = target_mask(tokens, tk);
-      n_text = mask.narrow(1, 1, mask.size(1) - 1).sum().item<double>();
-      ce_text = clm_loss(out.logits.to(torch::kFloat32), tokens, mask) * n_text;
+      auto mask = real_tokens(tokens);
+      const double targets = mask.narrow(1, 1, mask.size(1) - 1).sum().item<double>();
+      ce_text = clm_loss(upcast(out.logits), tokens, mask) * targets;
       routers.push_back(std::move(out.router_logits));
+      router_masks.push_back(mask.reshape(-1));
     }
     if (b.mm.tokens.defined()) {
       OmniInput in;
       in.tokens = b.mm.tokens.to(dev_);
       torch::Tensor x0, x1;
-      if (b.mm.images.defined()) in.images = b.mm.images.to(dev_);
+      const auto fdt = model_->text->embed_tokens->weight.scalar_type();  // the model's float type (fp32; f64 in tests)
+      if (b.mm.images.defined()) in.images = b.mm.images.to(dev_, fdt);
       if (b.mm.gen_images.defined()) {
         torch::NoGradGuard ng;
-        auto lat = model_->vqvae->encode_normalized(b.mm.gen_images.to(dev_));  // [Bg, C, h, w]
+        auto lat = model_->vqvae->encode_normalized(b.mm.gen_images.to(dev_, fdt));  // [Bg, C, h, w]
         x1 = patchify(lat, cfg_.model.flow.patch_size).reshape({-1, cfg_.model.flow_token_dim()});
-        x0 = b.mm.noise.to(dev_);
-        in.gen_times = b.mm.times.to(dev_);
+        x0 = b.mm.noise.to(dev_, fdt);
+        in.gen_times = b.mm.times.to(dev_, fdt);
         in.gen_latents = flow_interpolate(x0, x1, in.gen_times);
       }
       auto out = model_->forward(in);
-      auto mask = target_mask(in.tokens, tk);
-      n_mm = mask.narrow(1, 1, mask.size(1) - 1).sum().item<double>();
-      ce_mm = clm_loss(out.logits.to(torch::kFloat32), in.tokens, mask) * n_mm;
-      if (x1.defined()) {
-        n_gen = static_cast<double>(x1.size(0));
-        se_rf = rf_loss(out.velocity.to(torch::kFloat32), x0, x1) * n_gen;
-      }
+      auto mask = real_tokens(in.tokens);
+      const double targets = mask.narrow(1, 1, mask.size(1) - 1).sum().item<double>();
+      ce_mm = clm_loss(upcast(out.logits), in.tokens, mask) * targets;
+      if (x1.defined()) se_rf = rf_loss(upcast(out.velocity), x0, x1) * static_cast<double>(x1.size(0));
       routers.push_back(std::move(out.router_logits));
+      router_masks.push_back(mask.reshape(-1));
     }
-    // The counts of the global micro-batch (all ranks). CLM = mean over every target token of it (text rows and
-    // image-caption rows together); RF = mean over its generated latent tokens.
-    auto counts = torch::tensor({n_text, n_mm, n_gen}, torch::kFloat64).to(dev_);
-    const auto reduce = reducer();
-    if (reduce) reduce(counts);
-    counts = counts.cpu();
-    const double N_text = counts[0].item<double>(), N_mm = counts[1].item<double>(), N_gen = counts[2].item<double>();
-    l.clm = (ce_text + ce_mm) / std::max(1.0, N_text + N_mm);
-    l.clm_text = ce_text / std::max(1.0, N_text);
-    l.clm_mm = ce_mm / std::max(1.0, N_mm);
-    l.rf = se_rf / std::max(1.0, N_gen);
-    std::vector<torch::Tensor> per_layer;
-    for (size_t i = 0; i < routers.front().size(); ++i) {
-      std::vector<torch::Tensor> parts;
-      for (const auto& r : routers) parts.push_back(r[i].to(torch::kFloat32));
-      per_layer.push_back(torch::cat(parts, 0));
+    // CLM = mean over every target token of the step (text rows and image-caption rows together, all micro-batches
+    // and ranks); RF = mean over its generated latent tokens.
+    l.clm = (ce_text + ce_mm) / std::max(1.0, n.text + n.mm);
+    l.clm_text = ce_text / std::max(1.0, n.text);
+    l.clm_mm = ce_mm / std::max(1.0, n.mm);
+    l.rf = se_rf / std::max(1.0, n.gen);
+    if (!routers.empty()) {
+      std::vector<torch::Tensor> per_layer;
+      for (size_t i = 0; i < routers.front().size(); ++i) {
+        std::vector<torch::Tensor> parts;
+        for (const auto& r : routers) parts.push_back(upcast(r[i]));
+        per_layer.push_back(torch::cat(parts, 0));
+      }
+      const auto mask = torch::cat(router_masks, 0);
+      const auto reduce = reducer();
+      // The z-loss is a mean over the step's real tokens; the balancing loss of this micro-batch (its routing
+      // fractions f over every rank) weighted by its share of them. See docs/training.md on what that leaves open.
+      const double weight = n.router_micro.at(j) / std::max(1.0, n.router);
+      l.aux = load_balancing_loss(per_layer, cfg_.model.moe.top_k, reduce, mask) * weight;
+      l.z = router_z_loss(per_layer, reduce, mask) * weight;
     }
-    l.aux = load_balancing_loss(per_layer, cfg_.model.moe.top_k, reduce);
-    l.z = router_z_loss(per_layer, reduce);
     const auto& tr = cfg_.train;
     l.total = l.clm + tr.rf_weight * l.rf + tr.aux_coef * l.aux + tr.z_coef * l.z;
     return l;
@@ -256,6 +328,10 @@ class OmniStage : public TrainStage {
   std::unique_ptr<MultimodalSampler> mm_, mm_valid_;
   OmniLite model_{nullptr};
   std::unique_ptr<Prefetcher<OmniMicro>> loader_;
+  std::vector<OmniMicro> pending_;    // the current step's micro-batches, read ahead by begin_step
+  std::vector<double> pending_wait_;  // seconds spent waiting for each of them
+  int64_t pending_first_ = 0;         // the global index of pending_[0]
+  StepCounts step_counts_;            // their counts over every rank
 };
 
 }  // namespace

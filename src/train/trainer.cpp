@@ -21,9 +21,10 @@
 #define OMNILITE_HAS_LEGACY_PROFILER 0
 #endif
 
-#include "omnilite/eval/metrics.h"
 #include "omnilite/io/checkpoint.h"
 #include "omnilite/io/hf_export.h"
+#include "omnilite/io/weights_reader.h"
+#include "omnilite/hash.h"
 #include "omnilite/log.h"
 #include "omnilite/pattern.h"
 #include "omnilite/runtime.h"
@@ -68,9 +69,55 @@ std::unique_ptr<torch::optim::AdamW> make_optimizer(torch::nn::Module& model, co
   return std::make_unique<torch::optim::AdamW>(groups, opts);
 }
 
+// rng.safetensors: "cpu", and "cuda:N" for the CUDA device the run trains on (exact resume there too).
+std::vector<std::pair<std::string, torch::Tensor>> rng_tensors(torch::Device dev) {
+  const RngState s = capture_rng({dev});
+  std::vector<std::pair<std::string, torch::Tensor>> out{{"cpu", s.cpu}};
+  for (const auto& [index, t] : s.cuda) out.emplace_back("cuda:" + std::to_string(index), t);
+  return out;
+}
+
+void restore_rng_file(const std::string& path, torch::Device dev) {
+  io::SafetensorsReader r(path);
+  r.verify_checksum();
+  RngState s;
+  s.cpu = r.load("cpu");
+  if (dev.is_cuda()) {
+    const int64_t index = dev.has_index() ? dev.index() : 0;
+    const std::string key = "cuda:" + std::to_string(index);
+    if (r.contains(key)) s.cuda.emplace_back(index, r.load(key));
+    else log::warn("resume: \"" + path + "\" holds no " + key + " generator state (written on another device); "
+                   "random draws on the GPU differ from the uninterrupted run's");
+  }
+  restore_rng(s);
+}
+
+// A run that trained on a base (QLoRA adapters, a full fine-tune) continues only on that base: the same bytes and
+// header hash (the path may move). Checkpoints of runs without a base, or written before bases were recorded, pass.
+void check_same_base(const std::string& dir, const json& state, const json& now) {
+  const json before = state.value("base", json());
+  auto shown = [](const json& b) {
+    return "\"" + b.value("path", std::string()) + "\" (" + std::to_string(b.value("bytes", uint64_t{0})) +
+           " bytes, header hash " + b.value("header_fnv1a", std::string()) + ")";
+  };
+  if (before.is_null() && now.is_null()) return;
+  if (before.is_null() || now.is_null())
+    throw std::runtime_error("resume: checkpoint \"" + dir + "\" was trained " +
+                             (before.is_null() ? std::string("without a base") : "on base " + shown(before)) +
+                             ", this run has " + (now.is_null() ? std::string("none") : shown(now)) +
+                             "; hint: resume with the base the run started from (--base)");
+  if (before.value("bytes", uint64_t{0}) != now.value("bytes", uint64_t{0}) ||
+      before.value("header_fnv1a", std::string()) != now.value("header_fnv1a", std::string()))
+    throw std::runtime_error("resume: checkpoint \"" + dir + "\" was trained on base " + shown(before) +
+                             " but this run's base is " + shown(now) +
+                             "; hint: pass --base with the run's own base, or start a new run with --out");
+}
+
 struct Checkpointer {
   std::string dir;      // <run>/checkpoints
-  int64_t keep_last;
+  int64_t keep_last;    // checkpoints kept (older ones are pruned)
+  torch::Device dev;    // the training device, whose generator is saved beside the CPU's
+  json base;            // the identity of train.base_checkpoint (io::weights_identity), null without one
 
   std::string write(int64_t step, int64_t micro, int64_t world, TrainStage& stage, torch::optim::AdamW& opt,
                     const Config& cfg) {
@@ -81,10 +128,11 @@ struct Checkpointer {
     fs::create_directories(tmp);
     stage.save_weights(tmp, step);
     torch::save(opt, tmp + "/optimizer.pt");
-    io::save_safetensors(tmp + "/rng.safetensors", {{"cpu", at::detail::getDefaultCPUGenerator().get_state()}});
+    io::save_safetensors(tmp + "/rng.safetensors", rng_tensors(dev));
     // micro_batches counts global micro-batches of world_size ranks (the data position, with the config's batch sizes)
     json state = {{"version", io::kCheckpointVersion}, {"stage", cfg.train.stage}, {"step", step},
                   {"micro_batches", micro}, {"world_size", world}, {"config", to_json(cfg)}};
+    if (!base.is_null()) state["base"] = base;
     io::write_file_synced(tmp + "/state.json", state.dump(2));
     io::fsync_directory(tmp);
     if (fs::exists(final_dir)) fs::remove_all(final_dir);
@@ -241,10 +289,11 @@ TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t war
     // measured and clipped, the step taken when both are finite.
     opt->zero_grad();
     double loss = 0;
+    stage->begin_step(micro, cfg.train.grad_accum);
     for (int64_t a = 0; a < cfg.train.grad_accum; ++a) {
       auto m = stage->micro_step(micro++);
-      (m.loss / static_cast<double>(cfg.train.grad_accum)).backward();
-      loss += m.loss.item<double>() / static_cast<double>(cfg.train.grad_accum);
+      m.loss.backward();
+      loss += m.loss.item<double>();
       if (s >= warmup) {
         units += m.units;
         wait += m.wait_s;
@@ -324,7 +373,8 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     fs::create_directories(run.out_dir);
     io::write_file_synced(run.out_dir + "/config.json", to_json(cfg).dump(2));
   }
-  Checkpointer ckpt{run.out_dir + "/checkpoints", tr.keep_last};
+  Checkpointer ckpt{run.out_dir + "/checkpoints", tr.keep_last, dev,
+                    tr.base_checkpoint.empty() ? json() : io::weights_identity(tr.base_checkpoint)};
   int64_t step = 0, micro = 0;
   TrainResult result;
   if (!run.resume_dir.empty()) {
@@ -336,6 +386,7 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     if (state.value("stage", std::string("omni")) != tr.stage)
       throw std::runtime_error("checkpoint \"" + dir + "\" belongs to train.stage = \"" + state.value("stage", std::string()) +
                                "\", this run is \"" + tr.stage + "\"");
+    check_same_base(dir, state, ckpt.base);
     stage->load_weights(dir);
     if (zero) {
       torch::load(*full_opt, dir + "/optimizer.pt");
@@ -343,10 +394,7 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     } else {
       torch::load(*opt, dir + "/optimizer.pt");
     }
-    io::SafetensorsReader rng(dir + "/rng.safetensors");
-    rng.verify_checksum();
-    auto gen = at::detail::getDefaultCPUGenerator();  // a copy of the handle to the same generator
-    gen.set_state(rng.load("cpu"));
+    restore_rng_file(dir + "/rng.safetensors", dev);
     step = state["step"].get<int64_t>();
     const TrainOptions old = state.contains("config") ? parse_config(state["config"]).train : tr;
     micro = resume_micro(state["micro_batches"].get<int64_t>(), state.value("world_size", int64_t{1}), old,
@@ -390,10 +438,11 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     (zero ? *full_opt : *opt).zero_grad();  // every trainable parameter's (the sharded optimizer holds a share)
     std::map<std::string, double> sums;
     double total_sum = 0, wait_s = 0, units = 0, allreduce_s = 0;
+    stage->begin_step(micro, tr.grad_accum);
     for (int64_t a = 0; a < tr.grad_accum; ++a) {
       auto r = stage->micro_step(micro++);
       if (reducer && a + 1 == tr.grad_accum) reducer->arm();  // one all-reduce per optimizer step
-      (r.loss / static_cast<double>(tr.grad_accum)).backward();
+      r.loss.backward();  // the micro-batch's share of the step's loss
       for (const auto& [k, v] : r.terms) sums[k] += v;
       total_sum += r.loss.item<double>();
       wait_s += r.wait_s;
@@ -411,8 +460,7 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
       units = t[1].item<double>();
       for (size_t i = 0; i < names.size(); ++i) sums[names[i]] = t[static_cast<int64_t>(i) + 2].item<double>();
     }
-    const double n = static_cast<double>(tr.grad_accum);
-    const double loss_value = total_sum / n;
+    const double loss_value = total_sum;  // the sum of the micro-batches' shares
     // The schedule's horizon is train.steps, so stopping early (--max-steps) and resuming changes nothing.
     const double lr = lr_at(step, tr.steps, tr.warmup_steps, tr.lr, tr.min_lr_ratio);
     // The gradients are the reduced ones, so every rank decides alike.
@@ -443,13 +491,23 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     first = false;
     result.last_loss = loss_value;
     json m = {{"step", step}, {"loss", loss_value}};
-    for (const auto& k : names) m[k] = sums[k] / n;
+    for (const auto& k : names) m[k] = sums[k];
     m["lr"] = lr;
     m["grad_norm"] = grad_norm;
     m[rate_key] = units / dt;
     m["data_wait_frac"] = wait_s / dt;
     m["skipped"] = !finite;
     const bool last = step == total_steps;
+    // The checkpoint comes before validation: a failure there never loses the step's weights.
+    if (step % tr.ckpt_every == 0 || last) {
+      stage->before_checkpoint();  // on every rank: keeps their modules alike
+      if (zero) zero->gather_state(*opt, *full_opt);
+      if (main) {
+        result.last_checkpoint = ckpt.write(step, micro, dist->world(), *stage, zero ? *full_opt : *opt, cfg);
+        log::info("checkpoint " + result.last_checkpoint);
+      }
+      if (zero) full_opt->state().clear();
+    }
     std::string valid_text;
     if ((tr.valid_every > 0 && step % tr.valid_every == 0) || last) {
       for (const auto& [k, v] : stage->validate()) {
@@ -471,21 +529,12 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
       const double eta = elapsed / static_cast<double>(step - first_step) * static_cast<double>(total_steps - step);
       std::string line = log::format("step %lld/%lld | loss %.4f", static_cast<long long>(step),
                                      static_cast<long long>(total_steps), loss_value);
-      for (const auto& k : names) line += log::format(" | %s %.4f", k.c_str() + (k.rfind("loss_", 0) == 0 ? 5 : 0), sums[k] / n);
+      for (const auto& k : names) line += log::format(" | %s %.4f", k.c_str() + (k.rfind("loss_", 0) == 0 ? 5 : 0), sums[k]);
       line += log::format(" | lr %.2e | grad %.2f | %.0f %s/s | data wait %.1f%%", lr, grad_norm, units / dt,
                           stage->unit().c_str(), 100.0 * wait_s / dt);
       if (reducer) line += log::format(" | all-reduce %.3fs", allreduce_s);
       line += log::format(" | ETA %.0fs", eta);
       log::info(line + valid_text);
-    }
-    if (step % tr.ckpt_every == 0 || last) {
-      stage->before_checkpoint();  // on every rank: keeps their modules alike
-      if (zero) zero->gather_state(*opt, *full_opt);
-      if (main) {
-        result.last_checkpoint = ckpt.write(step, micro, dist->world(), *stage, zero ? *full_opt : *opt, cfg);
-        log::info("checkpoint " + result.last_checkpoint);
-      }
-      if (zero) full_opt->state().clear();
     }
   }
   result.steps_done = step;

@@ -20,7 +20,9 @@ class Tokenizer {
   // Loads a SentencePiece model; throws naming the file when it is missing or not a model.
   explicit Tokenizer(const std::string& model_path);
 
-  // Text -> ids (no BOS/EOS added).
+  // Text -> ids (no BOS/EOS added). Marker strings typed in the text ("<image>", "<gen_image>", ...) are plain
+  // text: they come out as the byte pieces of their characters, never as the marker ids, which only the API and
+  // the flags that carry images place.
   std::vector<int64_t> encode(const std::string& text) const;
   // Ids -> text; marker ids decode to their piece text.
   std::string decode(const std::vector<int64_t>& ids) const;
@@ -36,6 +38,8 @@ class Tokenizer {
  private:
   std::string path_;
   std::shared_ptr<void> sp_;  // SentencePiece processor behind the C interface of libomnilite_spm.so
+  // Each reserved marker piece the model holds (its id) with the byte-piece ids that spell it as plain text.
+  std::vector<std::pair<int64_t, std::vector<int64_t>>> marker_text_;
 };
 
 struct TokenizerTrainOptions {

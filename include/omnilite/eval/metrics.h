@@ -61,7 +61,4 @@ struct ExpertLoad {
 // router_logits [B, T, E], selected bool [B, T] -> the load of the selected tokens under top-k routing.
 ExpertLoad expert_load(const torch::Tensor& router_logits, const torch::Tensor& selected, int64_t top_k);
 
-// 64-bit FNV-1a hash of a text as 16 hex digits (eval.json's config_hash).
-std::string fnv1a_hex(const std::string& text);
-
 }  // namespace omnilite

@@ -35,6 +35,18 @@ struct TensorEntry {
 std::string dtype_name(torch::ScalarType t);
 torch::ScalarType dtype_from_name(const std::string& name, const std::string& context);
 
+// What a safetensors file declares, checked against the format: the header length fits the file (and 100 MiB),
+// the header is a JSON object whose "__metadata__" maps strings to strings, every tensor has a known dtype, a shape
+// of non-negative integers whose byte count does not overflow, and data_offsets [begin, end] with end - begin equal
+// to that byte count, and the tensors tile the data region in offset order with no gap and no overlap.
+struct SafetensorsLayout {
+  std::map<std::string, TensorEntry> tensors;    // name -> dtype, shape, offsets in the data region
+  std::map<std::string, std::string> metadata;   // "__metadata__"
+  uint64_t data_offset = 0;                      // where the data region starts in the file (8 + header length)
+};
+// Checks bytes [0, size) of a whole file; throws std::runtime_error naming `path`, the tensor and the value.
+SafetensorsLayout parse_safetensors(const uint8_t* file, size_t size, const std::string& path);
+
 class SafetensorsReader {
  public:
   // Maps the file and validates its header; throws std::runtime_error naming the file and the problem.

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include "omnilite/io/safetensors.h"
@@ -30,6 +31,8 @@ class WeightsReader {
   void verify_checksum() const;
   // What was opened (for messages): the file, or the folder.
   const std::string& path() const { return path_; }
+  // The files behind it, in the order they were opened.
+  const std::vector<std::unique_ptr<SafetensorsReader>>& files() const { return files_; }
   // Whether the stored names were Hugging Face names.
   bool hf_names() const { return hf_names_; }
 
@@ -44,6 +47,11 @@ class WeightsReader {
   std::map<std::string, Where> where_;
   std::map<std::string, TensorEntry> tensors_;
 };
+
+// What identifies the weights at `path` for a run that depends on them (a QLoRA run's base): {"path", "bytes" (the
+// sizes of its safetensors files summed), "header_fnv1a" (a hash of every file's tensor names, dtypes, shapes and
+// offsets and of its metadata, OMNI-LITE's data CRC included)}. Moving or copying the files keeps bytes and hash.
+nlohmann::json weights_identity(const std::string& path);
 
 // True when `path` is a weights file or a folder holding model.safetensors or model.safetensors.index.json.
 bool has_weights(const std::string& path);

@@ -17,6 +17,9 @@
 
 namespace omnilite {
 
+// The dtype losses accumulate in: float64 stays float64 (reference tests), anything else becomes float32 (bf16).
+torch::Tensor upcast(const torch::Tensor& t);
+
 // logits: [B, T, V], tokens: [B, T], target_mask: bool [B, T] (true where tokens[b, t] is a target, i.e. is
 // predicted from position t-1) -> scalar mean cross-entropy over the counted targets (0 if none).
 torch::Tensor clm_loss(const torch::Tensor& logits, const torch::Tensor& tokens, const torch::Tensor& target_mask);
@@ -31,13 +34,17 @@ torch::Tensor sample_flow_times(int64_t n, bool logit_normal, double mean, doubl
 // Sums a tensor over data-parallel ranks in place (Dist::all_reduce_sum); empty = one process.
 using AllReduceSum = std::function<void(torch::Tensor&)>;
 
-// router_logits: per layer [N, E]; top_k as routed -> scalar.
+// router_logits: per layer [N, E]; top_k as routed; token_mask: bool [N] (true = a real token; undefined = all)
+// -> scalar. Only the rows of real tokens enter f_e, P_e and the token count (padding and image placeholders do
+// not, as transformers' Mixtral excludes padding by its attention mask).
 // With `reduce`, this rank's share of the loss of the tokens of all ranks: the slot counts and the token count are
 // summed over ranks first (they carry no gradient), P_e sums this rank's probabilities over the global token count,
 // so the ranks' shares add up to the loss of the union and their gradients to its gradient.
 torch::Tensor load_balancing_loss(const std::vector<torch::Tensor>& router_logits, int64_t top_k,
-                                  const AllReduceSum& reduce = nullptr);
-// router_logits: per layer [N, E] -> scalar; with `reduce`, this rank's share (its sum over the global token count).
-torch::Tensor router_z_loss(const std::vector<torch::Tensor>& router_logits, const AllReduceSum& reduce = nullptr);
+                                  const AllReduceSum& reduce = nullptr, const torch::Tensor& token_mask = {});
+// router_logits: per layer [N, E]; token_mask as above -> scalar mean over the real tokens; with `reduce`, this
+// rank's share (its sum over the global count of real tokens).
+torch::Tensor router_z_loss(const std::vector<torch::Tensor>& router_logits, const AllReduceSum& reduce = nullptr,
+                            const torch::Tensor& token_mask = {});
 
 }  // namespace omnilite

@@ -5,10 +5,13 @@
 //   "classifier" the CNN that judges generated images in eval (cross-entropy on labelled training images).
 // The trainer (trainer.cpp) owns the loop, the optimizer, checkpoints and metrics; a stage owns data and losses.
 //
+// An optimizer step takes train.grad_accum = k micro-batches. Before them the trainer calls begin_step; each
+// micro_step returns that micro-batch's share of the step's loss and of every logged term, and the trainer sums the
+// shares: normalisers (target tokens, generated latents, router tokens, image counts) are those of the whole step,
+// so k micro-batches of b items take the step of one micro-batch of k * b (token-weighted, not a mean of means).
 // Data-parallel runs (distributed.h): micro-batch m is a global micro-batch of W times the configured batch sizes;
-// a stage reads its rank's items (rank, rank + W, ...) and returns its share of the loss and of every logged term:
-// normalisers (target tokens, router statistics, image counts) are summed over ranks first, so the ranks' shares
-// add up to the global batch's value. With one rank a share is the plain value.
+// a stage reads its rank's items (rank, rank + W, ...), and the normalisers are summed over ranks too, so the
+// shares of all ranks and micro-batches add up to the value of the global step's batch.
 #pragma once
 
 #include <map>
@@ -26,8 +29,8 @@
 namespace omnilite {
 
 struct MicroResult {
-  torch::Tensor loss;                   // scalar the trainer back-propagates (this rank's share)
-  std::map<std::string, double> terms;  // logged terms of this micro-batch (keys: TrainStage::terms(); shares)
+  torch::Tensor loss;                   // scalar the trainer back-propagates (this micro-batch's and rank's share)
+  std::map<std::string, double> terms;  // its shares of the step's logged terms (keys: TrainStage::terms())
   double units = 0;                     // tokens or images processed by this rank (throughput)
   double wait_s = 0;                    // seconds spent waiting for the data loader
 };
@@ -43,7 +46,11 @@ class TrainStage {
   virtual std::string unit() const = 0;
   // Starts the data loaders at micro-batch `first` (0 for a fresh run, the checkpoint's position on resume).
   virtual void start(int64_t first) = 0;
-  // Forward pass and losses of micro-batch `micro` (the next one after the previous call).
+  // Before the micro-batches first, ..., first + count - 1 of one optimizer step (count = train.grad_accum): the
+  // stage learns how many shares the step has, and may read them ahead to count the step's tokens.
+  virtual void begin_step(int64_t first, int64_t count) = 0;
+  // Forward pass and losses of micro-batch `micro` (the next one after the previous call, within the step that
+  // begin_step announced).
   virtual MicroResult micro_step(int64_t micro) = 0;
   // After optimizer step `step` (1-based), e.g. codebook maintenance.
   virtual void after_step(int64_t step) {}
