@@ -76,3 +76,33 @@ TEST_CASE("router z-loss is the mean squared logsumexp", "[losses][moe]") {
   const double want = (std::pow(std::log(2.0), 2) + std::pow(std::log(8.0), 2)) / 2;
   CHECK(router_z_loss({logits}).item<double>() == Approx(want).epsilon(1e-6));
 }
+
+TEST_CASE("router losses count real tokens only: masked rows change neither value nor gradient", "[losses][moe]") {
+  // A hand-made batch of 7 router rows, of which rows 1, 4 and 5 are padding or image placeholders.
+  torch::manual_seed(4);
+  const int64_t E = 4, K = 2;
+  auto logits = torch::randn({7, E}, torch::kFloat64).requires_grad_(true);
+  auto mask = torch::tensor(std::vector<int64_t>{1, 0, 1, 1, 0, 0, 1}).to(torch::kBool);
+  auto real_rows = torch::tensor(std::vector<int64_t>{0, 2, 3, 6});
+  // Reference: the plain formulas on the real rows alone, computed by hand.
+  auto real = logits.detach().index_select(0, real_rows);
+  auto p = torch::softmax(real, -1);
+  auto chosen = std::get<1>(p.topk(K, -1));
+  std::vector<double> f(E, 0.0);
+  for (int64_t i = 0; i < chosen.size(0); ++i)
+    for (int64_t k = 0; k < K; ++k) f[static_cast<size_t>(chosen[i][k].item<int64_t>())] += 1.0 / (4.0 * K);
+  double aux_ref = 0;
+  for (int64_t e = 0; e < E; ++e) aux_ref += E * f[static_cast<size_t>(e)] * p.select(1, e).mean().item<double>();
+  const double z_ref = torch::logsumexp(real, -1).pow(2).mean().item<double>();
+
+  auto aux = load_balancing_loss({logits}, K, nullptr, mask);
+  auto z = router_z_loss({logits}, nullptr, mask);
+  CHECK(aux.item<double>() == Approx(aux_ref).epsilon(1e-12));
+  CHECK(z.item<double>() == Approx(z_ref).epsilon(1e-12));
+  // Unmasked, the padding rows would have counted.
+  CHECK(std::abs(router_z_loss({logits}).item<double>() - z_ref) > 1e-3);
+  (aux + z).backward();
+  for (int64_t r : {1, 4, 5}) CHECK(logits.grad()[r].abs().sum().item<double>() == 0.0);
+  CHECK(logits.grad()[0].abs().sum().item<double>() > 0.0);
+  CHECK_THROWS_WITH(router_z_loss({logits}, nullptr, mask.narrow(0, 0, 5)), ContainsText("token_mask has 5 entries"));
+}

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -137,4 +138,94 @@ TEST_CASE("model checkpoints round-trip and strict loading names the tensor", "[
   io::save_safetensors(dir + "/shape.safetensors", shaped);
   REQUIRE_THROWS_WITH(io::load_module(*b, dir + "/shape.safetensors"),
                       ContainsText("\"" + tensors[0].first + "\" has shape [3]"));
+}
+
+namespace {
+
+// A safetensors file of a hand-written header and `data` bytes of data region (the header padded to 8 bytes).
+std::string handmade(const std::string& dir, const std::string& name, std::string header, size_t data) {
+  while ((8 + header.size()) % 8 != 0) header.push_back(' ');
+  std::vector<char> b(8, 0);
+  const uint64_t n = header.size();
+  std::memcpy(b.data(), &n, 8);
+  b.insert(b.end(), header.begin(), header.end());
+  b.insert(b.end(), data, '\0');
+  write_bytes(dir + "/" + name, b);
+  return dir + "/" + name;
+}
+
+}  // namespace
+
+TEST_CASE("safetensors headers that break the format are refused, naming the file and the tensor", "[io][errors]") {
+  const auto dir = testing::fresh_temp_dir("bad_headers");
+  struct Case {
+    const char* name;    // file name
+    std::string header;  // the JSON header
+    size_t data;         // bytes of data region
+    std::vector<std::string> expect;  // what the message must say
+  };
+  const std::vector<Case> cases = {
+      {"short_offsets", R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0]}})", 4, {"\"w\"", "data_offsets must be [begin, end]"}},
+      {"wrap", R"({"w":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,0]}})", 0,
+       {"\"w\"", "more bytes than 2^64"}},
+      {"negative", R"({"w":{"dtype":"F32","shape":[-2,-2],"data_offsets":[0,16]}})", 16,
+       {"\"w\"", "non-negative integer", "-2"}},
+      {"float_dim", R"({"w":{"dtype":"F32","shape":[2.5],"data_offsets":[0,8]}})", 8, {"\"w\"", "non-negative integer"}},
+      {"overlap", R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
+       8, {"overlap"}},
+      {"gap", R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})",
+       12, {"\"b\"", "gap"}},
+      {"tail", R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 12, {"cover 4 bytes", "holds 12"}},
+      {"dtype_number", R"({"w":{"dtype":7,"shape":[1],"data_offsets":[0,4]}})", 4, {"\"w\"", "dtype must be a string"}},
+      {"dtype_unknown", R"({"w":{"dtype":"F8_E4M3","shape":[1],"data_offsets":[0,1]}})", 1, {"\"w\"", "F8_E4M3"}},
+      {"shape_string", R"({"w":{"dtype":"F32","shape":"4","data_offsets":[0,4]}})", 4, {"\"w\"", "shape must be an array"}},
+      {"past_end", R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8, {"\"w\"", "truncated"}},
+      {"wrong_bytes", R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8, {"\"w\"", "need 12"}},
+      {"metadata_number", R"({"__metadata__":{"k":1},"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}})", 1,
+       {"__metadata__", "\"k\"", "string"}},
+      {"not_object", R"([1,2,3])", 0, {"does not start with '{'"}},
+      {"bad_json", R"({"w":)", 0, {"not valid JSON"}},
+      {"entry_not_object", R"({"w":5})", 0, {"\"w\"", "lacks dtype"}},
+  };
+  for (const auto& c : cases) {
+    INFO(c.name << ": " << c.header);
+    const auto path = handmade(dir, std::string(c.name) + ".safetensors", c.header, c.data);
+    std::string msg;
+    try {
+      io::SafetensorsReader r(path);
+    } catch (const std::runtime_error& e) {
+      msg = e.what();
+    }
+    INFO("message: " << msg);
+    CHECK(msg.find(std::string(c.name) + ".safetensors") != std::string::npos);
+    for (const auto& e : c.expect) CHECK(msg.find(e) != std::string::npos);
+  }
+  // The header length itself: past the file, and above the 100 MiB limit.
+  std::vector<char> b(16, 0);
+  const uint64_t huge = uint64_t{1} << 40;
+  std::memcpy(b.data(), &huge, 8);
+  write_bytes(dir + "/huge.safetensors", b);
+  CHECK_THROWS_WITH(io::SafetensorsReader(dir + "/huge.safetensors"), ContainsText("huge.safetensors") &&
+                                                                           ContainsText("header length"));
+  // A well-formed file of the same shapes still loads, with zero-sized tensors between others.
+  const auto ok = handmade(dir, "ok.safetensors",
+                           R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"e":{"dtype":"F32","shape":[0,3],"data_offsets":[4,4]},"b":{"dtype":"U8","shape":[2],"data_offsets":[4,6]}})",
+                           6);
+  io::SafetensorsReader r(ok);
+  CHECK(r.load("e").sizes().vec() == std::vector<int64_t>{0, 3});
+  CHECK(r.load("b").sizes().vec() == std::vector<int64_t>{2});
+}
+
+TEST_CASE("loading refuses a tensor whose dtype cannot convert, and converts floating-point ones", "[io][errors]") {
+  const auto dir = testing::fresh_temp_dir("dtype_load");
+  torch::nn::Linear lin(2, 3);
+  // Floating point converts: a bf16 file loads into fp32 weights, values rounded as bf16.
+  auto w = torch::randn({3, 2});
+  io::save_safetensors(dir + "/bf16.safetensors", {{"weight", w.to(torch::kBFloat16)}, {"bias", torch::zeros({3}, torch::kBFloat16)}});
+  io::load_module(*lin, dir + "/bf16.safetensors");
+  CHECK(torch::equal(lin->weight, w.to(torch::kBFloat16).to(torch::kFloat32)));
+  // Integer codes into floats (or the reverse) are refused by name.
+  io::save_safetensors(dir + "/int.safetensors", {{"weight", torch::zeros({3, 2}, torch::kInt64)}, {"bias", torch::zeros({3})}});
+  CHECK_THROWS_WITH(io::load_module(*lin, dir + "/int.safetensors"),
+                    ContainsText("int.safetensors") && ContainsText("\"weight\" is I64") && ContainsText("Float"));
 }

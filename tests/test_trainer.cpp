@@ -155,12 +155,12 @@ TEST_CASE("NaN losses skip their steps, then stop the run naming the last good c
   c.train.ckpt_every = 2;
   c.train.max_bad_steps = 3;
   c.train.base_checkpoint = base + "/base.safetensors";
-  auto save_base = [&](bool poisoned) {
+  auto save_base = [&](bool other) {
     torch::manual_seed(1);
     Config plain = c;
     plain.lora.enabled = false;
     OmniLite m(plain.model);
-    if (poisoned) m->text->norm->weight.data()[0] = std::nan("");  // one NaN in the final norm: every logit NaN
+    if (other) m->text->norm->weight.data()[0] = 2.0;  // one value changed
     io::save_module(*m, c.train.base_checkpoint);
   };
   save_base(false);
@@ -178,11 +178,19 @@ TEST_CASE("NaN losses skip their steps, then stop the run naming the last good c
   const std::string adapter_bytes = read_all(adapter);
   REQUIRE(!adapter_bytes.empty());
 
-  // The base now makes every loss NaN: steps 3 and 4 are skipped (logged as such), step 5 is the third in a row.
-  // The checkpoint of step 4 holds the weights of step 2: a skipped step changes nothing.
+  // A resume against another base (same names and shapes, other values) is refused, naming both.
   save_base(true);
   r.resume_dir = r.out_dir;
   r.max_steps = 8;
+  CHECK_THROWS_WITH(train(c, r), ContainsText("was trained on base \"" + c.train.base_checkpoint) &&
+                                     ContainsText("but this run's base is") && ContainsText("header hash"));
+  CHECK(latest_checkpoint(r.out_dir) == good);
+
+  // The run's own base, and a model that now makes every loss NaN (an RMSNorm eps of -1 takes the root of a
+  // negative number): steps 3 and 4 are skipped (logged as such), step 5 is the third in a row. The checkpoint of
+  // step 4 holds the weights of step 2: a skipped step changes nothing.
+  save_base(false);
+  c.model.text.rms_norm_eps = -1.0;
   CHECK_THROWS_WITH(train(c, r), ContainsText("3 steps in a row with a non-finite loss") &&
                                      ContainsText("last good checkpoint is " + r.out_dir + "/checkpoints/step_0000004"));
   const std::string last = latest_checkpoint(r.out_dir);

@@ -1,5 +1,4 @@
 // omnilite train: pretraining from a config (see include/omnilite/train/trainer.h for what a step does).
-#include <filesystem>
 #include <fstream>
 #include <iostream>
 
@@ -8,6 +7,7 @@
 
 #include "omnilite/cli/commands.h"
 #include "omnilite/config.h"
+#include "omnilite/io/checkpoint.h"
 #include "omnilite/log.h"
 #include "omnilite/runtime.h"
 #include "omnilite/train/trainer.h"
@@ -38,16 +38,6 @@ void apply_override(nlohmann::json& j, const std::string& assignment) {
     if (!node->is_object()) throw ConfigError("--set \"" + assignment + "\": \"" + part + "\" is not a section");
     start = dot + 1;
   }
-}
-
-// The run folder a --resume path belongs to: RUN for RUN or RUN/checkpoints/step_N.
-std::string run_folder_of(const std::string& resume) {
-  namespace fs = std::filesystem;
-  fs::path p = fs::path(resume).lexically_normal();
-  if (p.filename().empty()) p = p.parent_path();  // a trailing slash
-  if (p.filename().string().rfind("step_", 0) == 0 && p.parent_path().filename() == "checkpoints")
-    return p.parent_path().parent_path().string();
-  return p.string();
 }
 
 int run_train(int argc, char** argv) {
@@ -86,7 +76,7 @@ int run_train(int argc, char** argv) {
   TrainRunOptions run;
   if (args.count("resume")) run.resume_dir = args["resume"].as<std::string>();
   run.out_dir = args.count("out") ? args["out"].as<std::string>()
-                : args.count("resume") ? run_folder_of(run.resume_dir) : std::string("runs/default");
+                : args.count("resume") ? io::run_folder_of(run.resume_dir) : std::string("runs/default");
   if (args.count("max-steps")) run.max_steps = args["max-steps"].as<int64_t>();
   const auto r = train(cfg, run);
   log::info(log::format("done: %lld steps, loss %.4f -> %.4f, last checkpoint %s, peak resident memory %.2f GiB",

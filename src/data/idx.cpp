@@ -34,9 +34,9 @@ torch::Tensor read_idx(const std::string& path) {
   const uint64_t available = static_cast<uint64_t>(in.tellg() - header_end);
   in.seekg(header_end);
   if (overflow || bytes > available)
-    throw std::runtime_error("IDX file \"" + path + "\": its header announces " +
-                             (overflow ? std::string("more than 2^64") : std::to_string(bytes)) + " data bytes but " +
-                             std::to_string(available) + " follow; the file is truncated or not IDX");
+    throw std::runtime_error("IDX file \"" + path + "\": holds " + std::to_string(available) + " of the " +
+                             (overflow ? std::string("more than 2^64") : std::to_string(bytes)) +
+                             " data bytes its header announces; the file is truncated or not IDX");
   auto t = torch::empty(dims, torch::kUInt8);
   in.read(reinterpret_cast<char*>(t.data_ptr<uint8_t>()), static_cast<std::streamsize>(t.numel()));
   if (in.gcount() != t.numel())

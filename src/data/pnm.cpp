@@ -56,8 +56,8 @@ torch::Tensor read_pnm(const std::string& path) {
   // The file must hold the pixels before they are allocated: n bytes (binary), or at least one byte per value.
   const size_t left = b.size() - std::min(pos, b.size());
   if (left < static_cast<size_t>(n))
-    fail("truncated: " + std::to_string(left) + " bytes for the " + std::to_string(n) + " pixel values of " +
-         std::to_string(w) + " x " + std::to_string(h));
+    fail("truncated: " + std::to_string(left) + " of " + std::to_string(n) + " pixel bytes (" + std::to_string(w) +
+         " x " + std::to_string(h) + (binary ? ")" : ", at least one byte per value)"));
   auto out = torch::empty({h, w, channels}, torch::kUInt8);
   uint8_t* o = out.data_ptr<uint8_t>();
   if (binary) {

@@ -29,12 +29,6 @@ namespace omnilite {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-std::string run_folder_of(const std::string& checkpoint_dir) {
-  const fs::path p = fs::absolute(checkpoint_dir).lexically_normal();
-  const fs::path parent = (p.filename().empty() ? p.parent_path() : p).parent_path();
-  return parent.filename() == "checkpoints" ? parent.parent_path().string() : parent.string();
-}
-
 namespace {
 
 
@@ -77,6 +71,8 @@ void text_perplexity(OmniLiteImpl& model, const Config& cfg, const Tokenizer& to
 // VQ-VAE's size, resized for the ViT by to_model_images), so that eval sees the pixels training saw.
 int64_t omni_image_size(const Config& cfg) { return std::max(cfg.model.vision.image_size, cfg.model.vqvae.image_size); }
 
+}  // namespace
+
 ImageCaptionSet held_out_images(const Config& cfg, int64_t size, int64_t max_images) {
   if (cfg.data.image_valid.empty() || max_images <= 0) return {};
   auto io = image_load_options(cfg.data, size);
@@ -94,6 +90,8 @@ ImageCaptionSet held_out_images(const Config& cfg, int64_t size, int64_t max_ima
   }
   return set;
 }
+
+namespace {
 
 void caption_task(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, const EvalOptions& o,
                   const std::string& out_dir, json& out) {
@@ -395,7 +393,7 @@ json evaluate(const EvalOptions& o) {
   torch::manual_seed(o.seed);
   Tokenizer tok(cfg.data.tokenizer);
   tok.check_compatible(cfg.model);
-  const std::string out_dir = o.out_dir.empty() ? run_folder_of(dir) : o.out_dir;
+  const std::string out_dir = o.out_dir.empty() ? io::run_folder_of(dir) : o.out_dir;
   fs::create_directories(out_dir);
   json out = {{"checkpoint", dir},          {"step", loaded.step}, {"config_hash", fnv1a_hex(to_json(cfg).dump())},
               {"seed", o.seed},             {"tasks", o.tasks}};
@@ -413,7 +411,7 @@ json evaluate(const EvalOptions& o) {
   if (wants("recon")) recon_task(*model, cfg, o, out_dir, out);
   if (wants("moe")) moe_task(*model, cfg, tok, o, out_dir, out);
 
-  const std::string metrics = run_folder_of(dir) + "/metrics.jsonl";
+  const std::string metrics = io::run_folder_of(dir) + "/metrics.jsonl";
   if (!have_opencv()) log::info("eval: built without OpenCV: the plots (loss curves, heatmap, captions) are skipped");
   if (fs::exists(metrics) && have_opencv()) {
     const std::string curves = out_dir + "/loss_curves.png", stats = out_dir + "/train_stats.png";

@@ -73,6 +73,14 @@ nlohmann::json read_checkpoint_state(const std::string& dir) {
   return state;
 }
 
+std::string run_folder_of(const std::string& path) {
+  std::filesystem::path p = std::filesystem::path(path).lexically_normal();
+  if (p.filename().empty()) p = p.parent_path();  // a trailing slash
+  if (p.filename().string().rfind("step_", 0) == 0 && p.parent_path().filename() == "checkpoints")
+    return p.parent_path().parent_path().string();
+  return p.string();
+}
+
 void write_file_synced(const std::string& path, const std::string& text) {
   {
     std::ofstream f(path, std::ios::binary | std::ios::trunc);

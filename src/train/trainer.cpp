@@ -368,11 +368,8 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     log::info("zero1: one process, nothing to shard");
   }
 
-  // Run folder (rank 0 alone writes) and resume (every rank reads the checkpoint).
-  if (main) {
-    fs::create_directories(run.out_dir);
-    io::write_file_synced(run.out_dir + "/config.json", to_json(cfg).dump(2));
-  }
+  // Resume (every rank reads the checkpoint), then the run folder (rank 0 alone writes): a refused resume leaves
+  // the run's files as they were.
   Checkpointer ckpt{run.out_dir + "/checkpoints", tr.keep_last, dev,
                     tr.base_checkpoint.empty() ? json() : io::weights_identity(tr.base_checkpoint)};
   int64_t step = 0, micro = 0;
@@ -401,6 +398,10 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
                          dist->world(), tr);
     result.last_checkpoint = dir;
     log::info(log::format("resumed from %s at step %lld", dir.c_str(), static_cast<long long>(step)));
+  }
+  if (main) {
+    fs::create_directories(run.out_dir);
+    io::write_file_synced(run.out_dir + "/config.json", to_json(cfg).dump(2));
   }
   const std::string metrics_path = run.out_dir + "/metrics.jsonl";
   std::ofstream metrics;

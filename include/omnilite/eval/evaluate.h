@@ -21,6 +21,9 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "omnilite/config.h"
+#include "omnilite/data/image_dataset.h"
+
 namespace omnilite {
 
 struct EvalOptions {
@@ -46,8 +49,9 @@ nlohmann::json evaluate(const EvalOptions& opts);
 // "ppl,moe" or "all" -> the task list; throws naming an unknown task.
 std::vector<std::string> parse_eval_tasks(const std::string& list);
 
-// The run folder of a checkpoint folder (".../run/checkpoints/step_N" -> ".../run").
-std::string run_folder_of(const std::string& checkpoint_dir);
+// Held-out images of data.image_valid loaded at `size` (at most `max_images`; empty when unset). Throws naming the
+// image and the value when a label lies outside the Fashion-MNIST class names eval scores against.
+ImageCaptionSet held_out_images(const Config& cfg, int64_t size, int64_t max_images);
 
 // Reports (PNG, drawn with OpenCV, written atomically). Keys absent from metrics.jsonl are skipped.
 // The given metrics.jsonl keys against step: raw per step (thin) and EMA-smoothed (thick).

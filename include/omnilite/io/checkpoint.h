@@ -32,6 +32,10 @@ constexpr int kCheckpointVersion = 1;
 // with data.tokenizer pointing at the folder's tokenizer.model); throws naming the folder when it is missing, unreadable, lacks the config or
 // is of another version.
 nlohmann::json read_checkpoint_state(const std::string& dir);
+// The run folder a checkpoint path belongs to: RUN for RUN/checkpoints/step_N, the path itself otherwise (a run
+// folder, an init or export folder). `train --resume` without --out continues there; eval writes there.
+std::string run_folder_of(const std::string& path);
+
 // Writes `path` (e.g. a state.json) durably: the file, then its folder, fsynced.
 void write_file_synced(const std::string& path, const std::string& text);
 
