@@ -523,4 +523,28 @@ Config load_config_file(const std::string& path) {
   }
 }
 
+void apply_config_override(nlohmann::json& j, const std::string& assignment) {
+  const auto eq = assignment.find('=');
+  if (eq == std::string::npos || eq == 0)
+    throw ConfigError("--set \"" + assignment + "\": expected KEY=VALUE with a dotted key, e.g. train.batch_size=4");
+  const std::string key = assignment.substr(0, eq), text = assignment.substr(eq + 1);
+  auto value = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (value.is_discarded()) value = text;
+  nlohmann::json* node = &j;
+  size_t start = 0;
+  while (true) {
+    const auto dot = key.find('.', start);
+    const std::string part = key.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    if (part.empty()) throw ConfigError("--set \"" + assignment + "\": empty part in key \"" + key + "\"");
+    if (dot == std::string::npos) {
+      (*node)[part] = value;
+      return;
+    }
+    if (!node->contains(part)) (*node)[part] = nlohmann::json::object();
+    node = &(*node)[part];
+    if (!node->is_object()) throw ConfigError("--set \"" + assignment + "\": \"" + part + "\" is not a section");
+    start = dot + 1;
+  }
+}
+
 }  // namespace omnilite

@@ -3,6 +3,8 @@
 
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include <spdlog/spdlog.h>
@@ -11,14 +13,24 @@ namespace omnilite::log {
 
 namespace {
 long long g_rank = 0;  // this process's data-parallel rank
+// OMNILITE_LOG_LEVEL: "info" (default), "warn" (warnings only) or "off" (nothing; the fuzz targets), read once.
+int quiet_level() {
+  static const int level = [] {
+    const char* e = std::getenv("OMNILITE_LOG_LEVEL");
+    const std::string v = e ? e : "";
+    return v == "off" ? 2 : v == "warn" ? 1 : 0;
+  }();
+  return level;
+}
 }  // namespace
 
 void set_rank(long long rank) { g_rank = rank; }
 
 void info(const std::string& msg) {
-  if (g_rank == 0) spdlog::info("{}", msg);
+  if (g_rank == 0 && quiet_level() < 1) spdlog::info("{}", msg);
 }
 void warn(const std::string& msg) {
+  if (quiet_level() >= 2) return;
   if (g_rank == 0) spdlog::warn("{}", msg);
   else spdlog::warn("rank {}: {}", g_rank, msg);
 }

@@ -294,3 +294,45 @@ TEST_CASE("a resume without an out folder continues the resumed run's folder", "
   CHECK(fs::exists(run + "/checkpoints/step_0000004/model.safetensors"));
   CHECK(metrics_of(run).size() == 4);
 }
+
+TEST_CASE("a training process killed while it writes a checkpoint loses nothing: resume is exact", "[train][crash]") {
+  const auto base = testing::fresh_temp_dir("hardening_kill");
+  Config c = tiny_text_config(base + "/data");
+  c.train.steps = 5;
+  c.train.ckpt_every = 1;
+  c.train.keep_last = 2;
+  c.train.loader_threads = 0;
+  const std::string cfg_path = base + "/cfg.json";
+  std::ofstream(cfg_path) << to_json(c).dump(2);
+  auto losses = [](const std::string& run) {
+    std::vector<double> out;
+    for (const auto& m : metrics_of(run)) out.push_back(m["loss"].get<double>());
+    return out;
+  };
+  const std::string whole = base + "/whole";
+  REQUIRE(run_cli("train --config " + cfg_path + " --out " + whole).first == 0);
+  const auto want = losses(whole);
+  REQUIRE(want.size() == 5);
+  // Killed at each point of writing checkpoint 3: inside the temporary folder (weights, optimizer, RNG, state
+  // written), right after the rename, after the pruning of old checkpoints.
+  for (const std::string phase : {"weights", "optimizer", "rng", "state", "rename", "prune"}) {
+    INFO("killed at " << phase);
+    const std::string run = base + "/run_" + phase;
+    const auto [rc, err] = run_cli("train --config " + cfg_path + " --out " + run,
+                                   "OMNILITE_KILL_DURING_SAVE=" + phase + ":3");
+    CHECK(rc == -1);  // ended by the signal
+    const bool renamed = phase == "rename" || phase == "prune";
+    const std::string newest = latest_checkpoint(run);
+    CHECK(fs::path(newest).filename() == (renamed ? "step_0000003" : "step_0000002"));
+    for (const char* f : {"model.safetensors", "optimizer.pt", "rng.safetensors", "state.json"})
+      CHECK(fs::exists(newest + "/" + f));
+    const auto [rc2, err2] = run_cli("train --config " + cfg_path + " --resume " + run);
+    INFO(err2);
+    REQUIRE(rc2 == 0);
+    const auto got = losses(run);
+    REQUIRE(got.size() == want.size());
+    for (size_t i = 0; i < want.size(); ++i) CHECK(got[i] == want[i]);  // bit for bit
+    for (const auto& e : fs::directory_iterator(run + "/checkpoints"))
+      CHECK(e.path().filename().string().rfind(".tmp-", 0) != 0);  // the half-written folder was cleaned up
+  }
+}

@@ -209,6 +209,11 @@ struct Config {
   LoRAOptions lora;
 };
 
+// Applies "a.b.c=VALUE" (`train --set`) to a config JSON; VALUE is read as JSON when it parses (numbers, true,
+// [..]) and as a string otherwise. Throws ConfigError for a malformed assignment; the result is validated like a
+// file by parse_config.
+void apply_config_override(nlohmann::json& j, const std::string& assignment);
+
 // Parses and validates a config JSON object. Throws ConfigError.
 Config parse_config(const nlohmann::json& j);
 // Reads a config file as JSON: a file with "extends": "other.json" (a path relative to the file) is that file with

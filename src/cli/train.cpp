@@ -14,32 +14,6 @@
 
 namespace omnilite::cli {
 
-// Applies "a.b.c=VALUE" to a config JSON; VALUE is read as JSON when it parses (numbers, true, [..]) and as a
-// string otherwise. The result is validated like a file by parse_config.
-void apply_override(nlohmann::json& j, const std::string& assignment) {
-  const auto eq = assignment.find('=');
-  if (eq == std::string::npos || eq == 0)
-    throw ConfigError("--set \"" + assignment + "\": expected KEY=VALUE with a dotted key, e.g. train.batch_size=4");
-  const std::string key = assignment.substr(0, eq), text = assignment.substr(eq + 1);
-  auto value = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (value.is_discarded()) value = text;
-  nlohmann::json* node = &j;
-  size_t start = 0;
-  while (true) {
-    const auto dot = key.find('.', start);
-    const std::string part = key.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
-    if (part.empty()) throw ConfigError("--set \"" + assignment + "\": empty part in key \"" + key + "\"");
-    if (dot == std::string::npos) {
-      (*node)[part] = value;
-      return;
-    }
-    if (!node->contains(part)) (*node)[part] = nlohmann::json::object();
-    node = &(*node)[part];
-    if (!node->is_object()) throw ConfigError("--set \"" + assignment + "\": \"" + part + "\" is not a section");
-    start = dot + 1;
-  }
-}
-
 int run_train(int argc, char** argv) {
   cxxopts::Options opts(argv[0], "Train from a config. train.stage chooses what: \"omni\" (the model: CLM on text and "
                                  "captions + rectified flow on generated images + MoE balancing), \"vqvae\" (the VQ-VAE "
@@ -70,7 +44,7 @@ int run_train(int argc, char** argv) {
   const std::string path = args["config"].as<std::string>();
   auto j = read_config_json(path);
   if (args.count("set"))
-    for (const auto& s : args["set"].as<std::vector<std::string>>()) apply_override(j, s);
+    for (const auto& s : args["set"].as<std::vector<std::string>>()) apply_config_override(j, s);
   if (args.count("base")) j["train"]["base_checkpoint"] = args["base"].as<std::string>();
   const Config cfg = parse_config(j);
   TrainRunOptions run;

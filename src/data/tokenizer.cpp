@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <stdexcept>
@@ -54,7 +55,11 @@ struct SpmApi {
         tried += " " + c;
         continue;
       }
-      void* lib = dlopen(c.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+      // OMNILITE_SPM_DEEPBIND=0 drops RTLD_DEEPBIND for AddressSanitizer, which refuses it (scripts/fuzz.sh and
+      // check_sanitizers.sh; docs/reliability.md); programs that also load LibTorch's protobuf need it.
+      const char* deep = std::getenv("OMNILITE_SPM_DEEPBIND");
+      const int bind_flag = deep && std::string(deep) == "0" ? 0 : RTLD_DEEPBIND;
+      void* lib = dlopen(c.c_str(), RTLD_NOW | RTLD_LOCAL | bind_flag);
       if (!lib) throw std::runtime_error("tokenizer: cannot load " + c + ": " + dlerror());
       SpmApi a;
       bind(lib, "omnilite_spm_load", a.load, c);

@@ -1,6 +1,7 @@
 #include "omnilite/train/trainer.h"
 
 #include <algorithm>
+#include <csignal>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -113,32 +114,48 @@ void check_same_base(const std::string& dir, const json& state, const json& now)
                              "; hint: pass --base with the run's own base, or start a new run with --out");
 }
 
+// Fault injection for the kill-during-save test (tests/test_hardening.cpp): OMNILITE_KILL_DURING_SAVE=PHASE:STEP
+// ends the process with SIGKILL at PHASE of writing the checkpoint of STEP, as a power cut or an OOM kill would.
+void kill_point(const char* phase, int64_t step) {
+  static const char* spec = std::getenv("OMNILITE_KILL_DURING_SAVE");
+  if (spec && std::string(spec) == std::string(phase) + ":" + std::to_string(step)) ::raise(SIGKILL);
+}
+
 struct Checkpointer {
   std::string dir;      // <run>/checkpoints
   int64_t keep_last;    // checkpoints kept (older ones are pruned)
   torch::Device dev;    // the training device, whose generator is saved beside the CPU's
   json base;            // the identity of train.base_checkpoint (io::weights_identity), null without one
 
+  // `metrics`: the step's training metrics line, kept in state.json: the checkpoint comes before validation and
+  // the metrics line, so a resume from it restores the line a crash in between did not write.
   std::string write(int64_t step, int64_t micro, int64_t world, TrainStage& stage, torch::optim::AdamW& opt,
-                    const Config& cfg) {
+                    const Config& cfg, const json& metrics) {
     fs::create_directories(dir);
     const std::string final_dir = dir + "/" + step_name(step);
     const std::string tmp = dir + "/.tmp-" + step_name(step);
     fs::remove_all(tmp);
     fs::create_directories(tmp);
     stage.save_weights(tmp, step);
+    kill_point("weights", step);
     torch::save(opt, tmp + "/optimizer.pt");
+    kill_point("optimizer", step);
     io::save_safetensors(tmp + "/rng.safetensors", rng_tensors(dev));
+    kill_point("rng", step);
     // micro_batches counts global micro-batches of world_size ranks (the data position, with the config's batch sizes)
     json state = {{"version", io::kCheckpointVersion}, {"stage", cfg.train.stage}, {"step", step},
                   {"micro_batches", micro}, {"world_size", world}, {"config", to_json(cfg)}};
     if (!base.is_null()) state["base"] = base;
+    state["metrics"] = metrics;
     io::write_file_synced(tmp + "/state.json", state.dump(2));
     io::fsync_directory(tmp);
+    kill_point("state", step);
     if (fs::exists(final_dir)) fs::remove_all(final_dir);
     fs::rename(tmp, final_dir);
+    kill_point("rename", step);
     io::fsync_directory(dir);
     prune();
+    kill_point("prune", step);
     return final_dir;
   }
 
@@ -149,19 +166,26 @@ struct Checkpointer {
         names.push_back(e.path().string());
     std::sort(names.begin(), names.end());
     for (size_t i = 0; i + static_cast<size_t>(keep_last) < names.size(); ++i) fs::remove_all(names[i]);
+    for (const auto& e : fs::directory_iterator(dir))  // half-written folders of an earlier, killed process
+      if (e.is_directory() && e.path().filename().string().rfind(".tmp-", 0) == 0) fs::remove_all(e.path());
   }
 };
 
 // Keeps the metrics lines of steps <= `step` (a resumed run rewrites what came after its checkpoint).
-void truncate_metrics(const std::string& path, int64_t step) {
+// When the file ends before `step` and the checkpoint recorded that step's line (`last`), the line is restored.
+void truncate_metrics(const std::string& path, int64_t step, const json& last) {
   std::ifstream in(path);
-  if (!in) return;
   std::string kept, line;
-  while (std::getline(in, line)) {
+  int64_t newest = 0;
+  while (in && std::getline(in, line)) {
     auto j = json::parse(line, nullptr, false);
-    if (j.is_object() && j.value("step", int64_t{0}) <= step) kept += line + "\n";
+    if (j.is_object() && j.value("step", int64_t{0}) <= step) {
+      kept += line + "\n";
+      newest = std::max(newest, j.value("step", int64_t{0}));
+    }
   }
   in.close();
+  if (newest < step && last.is_object() && last.value("step", int64_t{-1}) == step) kept += last.dump() + "\n";
   io::write_file_synced(path, kept);
 }
 
@@ -374,12 +398,14 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
                     tr.base_checkpoint.empty() ? json() : io::weights_identity(tr.base_checkpoint)};
   int64_t step = 0, micro = 0;
   TrainResult result;
+  json resumed_metrics;  // the checkpoint's own metrics line
   if (!run.resume_dir.empty()) {
     const std::string dir = latest_checkpoint(run.resume_dir);
     for (const char* f : {"optimizer.pt", "rng.safetensors", "state.json"})
       if (!fs::exists(dir + "/" + f))
         throw std::runtime_error("checkpoint \"" + dir + "\" is incomplete: " + f + " is missing");
     const auto state = io::read_checkpoint_state(dir);
+    resumed_metrics = state.value("metrics", json());
     if (state.value("stage", std::string("omni")) != tr.stage)
       throw std::runtime_error("checkpoint \"" + dir + "\" belongs to train.stage = \"" + state.value("stage", std::string()) +
                                "\", this run is \"" + tr.stage + "\"");
@@ -406,7 +432,7 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
   const std::string metrics_path = run.out_dir + "/metrics.jsonl";
   std::ofstream metrics;
   if (main) {
-    truncate_metrics(metrics_path, step);
+    truncate_metrics(metrics_path, step, resumed_metrics);
     metrics.open(metrics_path, std::ios::app);
   }
   stage->start(micro);
@@ -499,12 +525,17 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     m["data_wait_frac"] = wait_s / dt;
     m["skipped"] = !finite;
     const bool last = step == total_steps;
+    if (reducer) {
+      m["allreduce_s"] = allreduce_s;
+      m["allreduce_buckets_early"] = reducer->started_early();  // of reducer->buckets(): started during backward
+      m["world_size"] = dist->world();
+    }
     // The checkpoint comes before validation: a failure there never loses the step's weights.
     if (step % tr.ckpt_every == 0 || last) {
       stage->before_checkpoint();  // on every rank: keeps their modules alike
       if (zero) zero->gather_state(*opt, *full_opt);
       if (main) {
-        result.last_checkpoint = ckpt.write(step, micro, dist->world(), *stage, zero ? *full_opt : *opt, cfg);
+        result.last_checkpoint = ckpt.write(step, micro, dist->world(), *stage, zero ? *full_opt : *opt, cfg, m);
         log::info("checkpoint " + result.last_checkpoint);
       }
       if (zero) full_opt->state().clear();
@@ -515,11 +546,6 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
         m[k] = v;
         valid_text += log::format(" | %s %.4f", k.c_str(), v);
       }
-    }
-    if (reducer) {
-      m["allreduce_s"] = allreduce_s;
-      m["allreduce_buckets_early"] = reducer->started_early();  // of reducer->buckets(): started during backward
-      m["world_size"] = dist->world();
     }
     if (main) {
       metrics << m.dump() << "\n";
