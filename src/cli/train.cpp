@@ -23,8 +23,10 @@ int run_train(int argc, char** argv) {
       "out", "run folder (metrics.jsonl, config.json, checkpoints/); default runs/default, or with --resume the "
              "resumed run's folder", cxxopts::value<std::string>())(
       "max-steps", "stop after this many steps in total (default train.steps; the LR schedule always spans train.steps)", cxxopts::value<int64_t>())(
-      "resume", "run folder or checkpoint folder to continue from exactly", cxxopts::value<std::string>())(
-      "base", "QLoRA base weights (checkpoint folder or .safetensors; sets train.base_checkpoint)", cxxopts::value<std::string>())(
+      "resume", "run folder or checkpoint folder to continue from exactly (in its run folder unless --out is given)",
+      cxxopts::value<std::string>())(
+      "base", "weights to start from (checkpoint or export folder, or .safetensors; sets train.base_checkpoint): "
+             "the frozen QLoRA base with a lora section, else a full fine-tune of every weight", cxxopts::value<std::string>())(
       "set", "override a config value by dotted key, validated like the file: --set train.batch_size=4 "
              "(repeatable)", cxxopts::value<std::vector<std::string>>())("h,help", "show this help");
   auto args = opts.parse(argc, argv);
