@@ -6,6 +6,7 @@
 #include <functional>
 #include <string>
 
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include "omnilite/config.h"
@@ -72,6 +73,25 @@ inline std::pair<std::string, std::string> word_corpus_and_tokenizer(const std::
 }
 
 inline omnilite::Config load(const std::string& rel) { return omnilite::load_config_file(source_path(rel)); }
+
+// The lines of a run's metrics.jsonl.
+inline std::vector<nlohmann::json> metrics_of(const std::string& run) {
+  std::ifstream f(run + "/metrics.jsonl");
+  std::vector<nlohmann::json> out;
+  for (std::string line; std::getline(f, line);) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
+// configs/tiny.json reading the word corpus of `dir` (train and valid) with its 280-piece tokenizer.
+inline omnilite::Config tiny_text_config(const std::string& dir) {
+  const auto [corpus, model] = word_corpus_and_tokenizer(dir);
+  omnilite::Config c = load("configs/tiny.json");
+  c.model.text.vocab_size = 320;
+  c.data.tokenizer = model;
+  c.data.text_train = {corpus};
+  c.data.text_valid = {corpus};
+  return c;
+}
 
 // configs/tiny.json with QLoRA on: rank 4, alpha 8, no dropout, the given base dtype.
 inline omnilite::Config tiny_qlora(const std::string& base_dtype = "nf4") {

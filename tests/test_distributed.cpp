@@ -31,13 +31,6 @@ int run_shell(const std::string& cmd) {
   return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
-std::vector<json> metrics_of(const std::string& run) {
-  std::ifstream f(run + "/metrics.jsonl");
-  std::vector<json> out;
-  std::string line;
-  while (std::getline(f, line)) out.push_back(json::parse(line));
-  return out;
-}
 
 // A rendezvous port of this test process (parallel ctest runs must not meet).
 int test_port(int k) { return 20000 + static_cast<int>(getpid() % 20000) + k; }
@@ -196,13 +189,13 @@ TEST_CASE("2 Gloo ranks of batch b take the steps of 1 process of batch 2b, with
   REQUIRE(run_shell(cli() + " train --config " + whole + " --out " + mixed + " --resume " + mixed + " >> " + dir +
                     "/mixed.log 2>&1") == 0);
 
-  const auto m1 = metrics_of(one);
+  const auto m1 = testing::metrics_of(one);
   REQUIRE(m1.size() == 5);
   CHECK(m1.back()["loss"].get<double>() < m1.front()["loss"].get<double>());
   const std::string last = "/checkpoints/step_0000005/model.safetensors";
   for (const auto& run : {two, zero, mixed}) {
     INFO("run " << run << " against 1 process");
-    const auto m = metrics_of(run);
+    const auto m = testing::metrics_of(run);
     REQUIRE(m.size() == 5);
     for (size_t s = 0; s < 5; ++s) {
       INFO("step " << s + 1);
@@ -239,7 +232,7 @@ TEST_CASE("QLoRA on 2 ranks reduces the adapters alone and takes the steps of 1 
   REQUIRE(run_shell(launch(2, test_port(20)) + cli() + " train --config " + half + lora + " --out " + dir +
                     "/two > " + dir + "/two.log 2>&1") == 0);
   REQUIRE(run_shell(cli() + " train --config " + whole + lora + " --out " + dir + "/one > " + dir + "/one.log 2>&1") == 0);
-  const auto m2 = metrics_of(dir + "/two"), m1 = metrics_of(dir + "/one");
+  const auto m2 = testing::metrics_of(dir + "/two"), m1 = testing::metrics_of(dir + "/one");
   REQUIRE(m1.size() == 5);
   REQUIRE(m2.size() == 5);
   for (size_t s = 0; s < 5; ++s) {

@@ -46,14 +46,9 @@ std::pair<int, std::string> run_cli(const std::string& args, const std::string& 
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, text};
 }
 
-// A text-only tiny config trained on the word corpus (280 pieces).
+// A text-only tiny config on the word corpus, 3 short steps.
 Config tiny_text_config(const std::string& dir) {
-  const auto [corpus, model] = testing::word_corpus_and_tokenizer(dir);
-  Config c = testing::load("configs/tiny.json");
-  c.model.text.vocab_size = 320;
-  c.data.tokenizer = model;
-  c.data.text_train = {corpus};
-  c.data.text_valid = {corpus};
+  Config c = testing::tiny_text_config(dir);
   c.train.batch_size = 2;
   c.train.seq_len = 16;
   c.train.steps = 3;
@@ -62,12 +57,6 @@ Config tiny_text_config(const std::string& dir) {
   return c;
 }
 
-std::vector<json> metrics_of(const std::string& run) {
-  std::ifstream f(run + "/metrics.jsonl");
-  std::vector<json> out;
-  for (std::string line; std::getline(f, line);) out.push_back(json::parse(line));
-  return out;
-}
 
 }  // namespace
 
@@ -159,7 +148,7 @@ TEST_CASE("a run without held-out data skips validation and writes its final che
     const auto result = train(c, r);  // before: SIGSEGV at the last step, no checkpoint
     CHECK(result.steps_done == 3);
     CHECK(fs::exists(result.last_checkpoint + "/model.safetensors"));
-    const auto m = metrics_of(r.out_dir);
+    const auto m = testing::metrics_of(r.out_dir);
     REQUIRE(m.size() == 3);
     for (const auto& line : m) CHECK_FALSE(line.contains("valid_loss_text"));
   }
@@ -293,7 +282,7 @@ TEST_CASE("a resume without an out folder continues the resumed run's folder", "
   INFO(err2);
   REQUIRE(rc2 == 0);
   CHECK(fs::exists(run + "/checkpoints/step_0000004/model.safetensors"));
-  CHECK(metrics_of(run).size() == 4);
+  CHECK(testing::metrics_of(run).size() == 4);
 }
 
 TEST_CASE("a training process killed while it writes a checkpoint loses nothing: resume is exact", "[train][crash]") {
@@ -307,7 +296,7 @@ TEST_CASE("a training process killed while it writes a checkpoint loses nothing:
   std::ofstream(cfg_path) << to_json(c).dump(2);
   auto losses = [](const std::string& run) {
     std::vector<double> out;
-    for (const auto& m : metrics_of(run)) out.push_back(m["loss"].get<double>());
+    for (const auto& m : testing::metrics_of(run)) out.push_back(m["loss"].get<double>());
     return out;
   };
   const std::string whole = base + "/whole";

@@ -57,13 +57,6 @@ Config tiny_multimodal_config(const std::string& dir) {
   return c;
 }
 
-std::vector<json> metrics_of(const std::string& run) {
-  std::ifstream f(run + "/metrics.jsonl");
-  std::vector<json> out;
-  std::string line;
-  while (std::getline(f, line)) out.push_back(json::parse(line));
-  return out;
-}
 
 }  // namespace
 
@@ -81,7 +74,7 @@ TEST_CASE("VQ-VAE, classifier and OMNI-LITE stages train, a multimodal resume is
   TrainRunOptions rv;
   rv.out_dir = base + "/vq";
   train(vq, rv);
-  auto mv = metrics_of(rv.out_dir);
+  auto mv = testing::metrics_of(rv.out_dir);
   REQUIRE(mv.size() == 6);
   CHECK(mv.back()["loss_recon"].get<double>() < mv.front()["loss_recon"].get<double>());
   CHECK(mv.back().contains("valid_loss_recon"));
@@ -94,7 +87,7 @@ TEST_CASE("VQ-VAE, classifier and OMNI-LITE stages train, a multimodal resume is
   TrainRunOptions rc;
   rc.out_dir = base + "/cls";
   train(cl, rc);
-  CHECK(metrics_of(rc.out_dir).back().contains("valid_accuracy"));
+  CHECK(testing::metrics_of(rc.out_dir).back().contains("valid_accuracy"));
 
   // Stage 3: the model, with the frozen VQ-VAE.
   cfg.data.vqvae = rv.out_dir;
@@ -102,7 +95,7 @@ TEST_CASE("VQ-VAE, classifier and OMNI-LITE stages train, a multimodal resume is
   TrainRunOptions a;
   a.out_dir = base + "/a";
   train(cfg, a);
-  auto ma = metrics_of(a.out_dir);
+  auto ma = testing::metrics_of(a.out_dir);
   REQUIRE(ma.size() == 8);
   for (const char* k : {"loss", "loss_clm", "loss_rf", "loss_aux", "loss_z", "loss_caption", "lr", "grad_norm",
                         "tokens_per_s", "data_wait_frac"})
@@ -128,7 +121,7 @@ TEST_CASE("VQ-VAE, classifier and OMNI-LITE stages train, a multimodal resume is
   b.resume_dir = b.out_dir;
   b.max_steps = 8;
   train(cfg, b);
-  auto mb = metrics_of(b.out_dir);
+  auto mb = testing::metrics_of(b.out_dir);
   REQUIRE(mb.size() == 8);
   for (size_t i = 0; i < 8; ++i) {
     INFO("step " << i + 1);

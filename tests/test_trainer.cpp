@@ -22,12 +22,7 @@ namespace {
 
 // A tiny corpus, its tokenizer (280 pieces) and a tiny config that trains on it.
 Config tiny_training_config(const std::string& dir) {
-  const auto [corpus, model] = testing::word_corpus_and_tokenizer(dir);
-  Config c = testing::load("configs/tiny.json");
-  c.model.text.vocab_size = 320;
-  c.data.tokenizer = model;
-  c.data.text_train = {corpus};
-  c.data.text_valid = {corpus};
+  Config c = testing::tiny_text_config(dir);
   c.train.batch_size = 4;
   c.train.seq_len = 32;
   c.train.lr = 3e-3;
