@@ -102,6 +102,12 @@ void check_same_base(const std::string& dir, const json& state, const json& now)
            " bytes, header hash " + b.value("header_fnv1a", std::string()) + ")";
   };
   if (before.is_null() && now.is_null()) return;
+  const bool recorded_base = state.contains("config") && state["config"].contains("train") &&
+                             !state["config"]["train"].value("base_checkpoint", std::string()).empty();
+  if (before.is_null() && recorded_base) {  // written before bases were recorded: nothing to compare
+    log::warn("resume: checkpoint \"" + dir + "\" does not record its base's identity; continuing on " + shown(now));
+    return;
+  }
   if (before.is_null() || now.is_null())
     throw std::runtime_error("resume: checkpoint \"" + dir + "\" was trained " +
                              (before.is_null() ? std::string("without a base") : "on base " + shown(before)) +
