@@ -10,6 +10,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -35,14 +36,20 @@ void set_error(char* err, size_t len, const std::string& msg) {
 extern "C" {
 
 void* omnilite_spm_load(const char* path, char* err, size_t errlen) {
-  auto* sp = new sentencepiece::SentencePieceProcessor();
-  const auto status = sp->Load(path);
-  if (!status.ok()) {
-    set_error(err, errlen, status.ToString());
-    delete sp;
+  // No exception may cross this C interface, and the processor must not leak when loading throws (the
+  // sanitizer run found it: protobuf throws from inside Load when bound to another protobuf's runtime).
+  try {
+    auto sp = std::make_unique<sentencepiece::SentencePieceProcessor>();
+    const auto status = sp->Load(path);
+    if (!status.ok()) {
+      set_error(err, errlen, status.ToString());
+      return nullptr;
+    }
+    return sp.release();
+  } catch (const std::exception& e) {
+    set_error(err, errlen, e.what());
     return nullptr;
   }
-  return sp;
 }
 
 void omnilite_spm_free(void* h) { delete static_cast<sentencepiece::SentencePieceProcessor*>(h); }
