@@ -13,8 +13,9 @@ cmake -S . -B "$B" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DOMNILITE_SANITIZE=address
   { cat "$B.cmake.log"; exit 1; }
 cmake --build "$B" -j "${JOBS:-$(nproc)}"
 S=$PWD/tests/sanitizers
-# detect_leaks: on, with the suppressions above. protect_shadow_gap=0 and the missing ODR check: LibTorch's CUDA
-# stubs and OpenBLAS map memory where ASan's shadow gap would be, and libtorch defines symbols our headers inline.
+# detect_leaks: on, with the suppressions above. detect_odr_violation=0: LibTorch defines symbols that its headers
+# also inline into our objects. protect_shadow_gap=0 is a precaution for the uninstrumented libraries, not shown to
+# be needed (the recorded run used it).
 export ASAN_OPTIONS="detect_leaks=1:halt_on_error=1:abort_on_error=1:detect_odr_violation=0:protect_shadow_gap=0"
 export LSAN_OPTIONS="suppressions=$S/lsan.supp:print_suppressions=0"
 export UBSAN_OPTIONS="suppressions=$S/ubsan.supp:print_stacktrace=1:halt_on_error=1"

@@ -52,9 +52,13 @@ const std::vector<Subcommand>& subcommands() {
 
 // An error message as one line: line breaks (LibTorch's, nlohmann's) become "; ", trailing ones are dropped.
 // With OMNILITE_BACKTRACE=1 the message is kept as it is, backtrace included.
-std::string one_line(const std::string& msg) {
+bool backtrace_requested() {
   const char* bt = std::getenv("OMNILITE_BACKTRACE");
-  if (bt && std::string(bt) != "0") return msg;
+  return bt && std::string(bt) != "0";
+}
+
+std::string one_line(const std::string& msg) {
+  if (backtrace_requested()) return msg;
   std::string out;
   for (char c : msg) {
     if (c == '\n') {
@@ -98,10 +102,8 @@ int main(int argc, char** argv) {
     } catch (const c10::Error& e) {
       // LibTorch's checks carry a C++ backtrace ("Exception raised from ...", "frame #8: ..."): users get the
       // message alone, developers the whole of it with OMNILITE_BACKTRACE=1.
-      const char* bt = std::getenv("OMNILITE_BACKTRACE");
-      std::cerr << "omnilite " << name << ": error: " << one_line(bt && std::string(bt) != "0" ? e.what()
-                                                                                             : e.what_without_backtrace())
-                << "\n";
+      std::cerr << "omnilite " << name << ": error: "
+                << one_line(backtrace_requested() ? e.what() : e.what_without_backtrace()) << "\n";
       return 1;
     } catch (const std::exception& e) {
       std::cerr << "omnilite " << name << ": error: " << one_line(e.what()) << "\n";

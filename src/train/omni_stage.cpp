@@ -118,9 +118,11 @@ class OmniStage : public TrainStage {
 
   MicroResult micro_step(int64_t micro) override {
     const int64_t j = micro - pending_first_;
-    if (j < 0 || j >= static_cast<int64_t>(pending_.size())) begin_step(micro, 1);  // called without begin_step
-    const size_t i = static_cast<size_t>(micro - pending_first_);
-    const OmniMicro batch = pending_[i];
+    TORCH_CHECK(j >= 0 && j < static_cast<int64_t>(pending_.size()), "omni stage: micro-batch ", micro,
+                " is outside the step begin_step announced (", pending_first_, " + ", pending_.size(),
+                "); hint: call begin_step before the micro-batches of each step");
+    const size_t i = static_cast<size_t>(j);
+    const OmniMicro& batch = pending_[i];
     MicroResult r;
     r.wait_s = pending_wait_[i];
     auto l = losses(batch, step_counts_, i);
