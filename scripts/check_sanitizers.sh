@@ -19,6 +19,5 @@ S=$PWD/tests/sanitizers
 export ASAN_OPTIONS="detect_leaks=1:halt_on_error=1:abort_on_error=1:detect_odr_violation=0:protect_shadow_gap=0"
 export LSAN_OPTIONS="suppressions=$S/lsan.supp:print_suppressions=0"
 export UBSAN_OPTIONS="suppressions=$S/ubsan.supp:print_stacktrace=1:halt_on_error=1"
-export OMNILITE_SPM_DEEPBIND=0  # AddressSanitizer refuses dlopen(RTLD_DEEPBIND)
 ctest --test-dir "$B" --output-on-failure -j "${JOBS:-$(nproc)}" "$@"
 echo "check_sanitizers: the suite passed under AddressSanitizer + UndefinedBehaviorSanitizer"

@@ -17,7 +17,7 @@ namespace omnilite {
 namespace {
 
 // SentencePiece lives behind a C interface in its own shared object (src/data/spm_shim.cpp explains why), loaded
-// once with RTLD_LOCAL | RTLD_DEEPBIND. Looked up in $OMNILITE_SPM_LIB, next to the running program, then at the
+// once with RTLD_LOCAL | RTLD_DEEPBIND (in sanitizer builds: into a namespace of its own). Looked up in $OMNILITE_SPM_LIB, next to the running program, then at the
 // path of the build that made this library.
 struct SpmApi {
   void* (*load)(const char*, char*, size_t) = nullptr;
@@ -55,11 +55,18 @@ struct SpmApi {
         tried += " " + c;
         continue;
       }
-      // OMNILITE_SPM_DEEPBIND=0 drops RTLD_DEEPBIND for AddressSanitizer, which refuses it (scripts/fuzz.sh and
-      // check_sanitizers.sh; docs/reliability.md); programs that also load LibTorch's protobuf need it.
+#ifdef OMNILITE_SPM_NAMESPACE
+      // Sanitizer builds (scripts/check_sanitizers.sh): AddressSanitizer refuses RTLD_DEEPBIND, so the
+      // uninstrumented shim gets a link-map namespace of its own, with its own libstdc++ and protobuf. Nothing
+      // allocated on one side is freed on the other (the shim frees its own buffers).
+      void* lib = dlmopen(LM_ID_NEWLM, c.c_str(), RTLD_NOW | RTLD_LOCAL);
+#else
+      // OMNILITE_SPM_DEEPBIND=0 drops RTLD_DEEPBIND for programs without LibTorch's protobuf under AddressSanitizer,
+      // which refuses it (scripts/fuzz.sh; docs/reliability.md).
       const char* deep = std::getenv("OMNILITE_SPM_DEEPBIND");
       const int bind_flag = deep && std::string(deep) == "0" ? 0 : RTLD_DEEPBIND;
       void* lib = dlopen(c.c_str(), RTLD_NOW | RTLD_LOCAL | bind_flag);
+#endif
       if (!lib) throw std::runtime_error("tokenizer: cannot load " + c + ": " + dlerror());
       SpmApi a;
       bind(lib, "omnilite_spm_load", a.load, c);
