@@ -25,7 +25,17 @@ case ${1:-} in
   -*) echo "check_torch2: unknown option '$1'; usage: check_torch2.sh [--cuda | --sid] [CHROOT_DIR]" >&2; exit 2 ;;
 esac
 root=${1:-/var/tmp/omnilite-$suite${suffix/-sid/}}
-mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The machine's own Debian mirror (its apt sources, deb822 or one-line), unless DEBIAN_MIRROR names another.
+apt_mirror() {
+  local uri
+  uri=$(sed -n 's/^URIs:[[:space:]]*\([^[:space:]]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null |
+          grep -v security | head -n1)
+  [[ -n $uri ]] || uri=$(awk '$1 == "deb" && $2 !~ /^\[/ && $2 !~ /security/ {print $2; exit}' \
+                          /etc/apt/sources.list 2>/dev/null)
+  [[ -n $uri ]] || { echo "check_torch2: no Debian mirror in /etc/apt/sources*; set DEBIAN_MIRROR" >&2; exit 1; }
+  echo "$uri"
+}
+mirror=${DEBIAN_MIRROR:-$(apt_mirror)}
 PKGS=(nlohmann-json3-dev libspdlog-dev catch2 libcxxopts-dev libsentencepiece-dev libopenblas0-pthread cmake g++ make
       pkg-config)
 if [[ $cuda == 1 ]]; then

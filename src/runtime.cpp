@@ -18,7 +18,6 @@
 #include <thread>
 
 #include "omnilite/log.h"
-#include "omnilite/modules/moe.h"
 
 namespace omnilite {
 
@@ -161,7 +160,6 @@ ConvBackwardCheck check_cpu_conv_backward() {
 
 torch::Device apply_runtime(const RuntimeOptions& rt) {
   configure_threads(rt.threads, rt.blas_threads);
-  set_moe_dispatch(parse_moe_dispatch(rt.moe_dispatch));
   check_cpu_conv_backward();
   torch::manual_seed(rt.seed);
   return resolve_device(rt.device);

@@ -6,6 +6,7 @@
 #include "helpers.h"
 #include "omnilite/modules/kv_cache.h"
 #include "omnilite/modules/omnilite.h"
+#include "omnilite/modules/lora_linear.h"
 #include "omnilite/modules/qlora_builder.h"
 #include "omnilite/quant/nf4.h"
 #include "omnilite/runtime.h"
@@ -128,7 +129,7 @@ TEST_CASE("CUDA: activation checkpointing under bf16 autocast with LoRA dropout 
   c.lora.dropout = 0.05;
   torch::manual_seed(43);
   OmniLite model(c.model, *make_linear_builder(c));
-  for (auto& p : model->named_parameters()) p.value().set_requires_grad(p.key().find(".lora_") != std::string::npos);
+  train_adapters_only(*model);
   {
     torch::NoGradGuard ng;
     for (auto& p : model->named_parameters())

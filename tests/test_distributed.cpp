@@ -16,7 +16,7 @@
 #include "omnilite/io/safetensors.h"
 #include "omnilite/log.h"
 #include "omnilite/train/distributed.h"
-#include "omnilite/train/losses.h"
+#include "omnilite/modules/losses.h"
 #include "omnilite/train/trainer.h"
 
 using namespace omnilite;

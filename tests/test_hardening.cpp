@@ -312,7 +312,7 @@ TEST_CASE("a training process killed while it writes a checkpoint loses nothing:
                                    "OMNILITE_KILL_DURING_SAVE=" + phase + ":3");
     CHECK(rc == 128 + SIGKILL);  // ended by the signal (as the shell reports it)
     const bool renamed = phase == "rename" || phase == "prune";
-    const std::string newest = latest_checkpoint(run);
+    const std::string newest = io::latest_checkpoint(run);
     CHECK(fs::path(newest).filename() == (renamed ? "step_0000003" : "step_0000002"));
     for (const char* f : {"model.safetensors", "optimizer.pt", "rng.safetensors", "state.json"})
       CHECK(fs::exists(newest + "/" + f));

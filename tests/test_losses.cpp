@@ -4,7 +4,7 @@
 #include <cmath>
 
 #include "helpers.h"
-#include "omnilite/train/losses.h"
+#include "omnilite/modules/losses.h"
 
 using namespace omnilite;
 

@@ -43,13 +43,6 @@ torch::Tensor per_token_moe(MoEImpl& moe, const torch::Tensor& x2d) {
   return out;
 }
 
-// Sets the process-wide MoE dispatch for one test and restores the previous one.
-struct DispatchScope {
-  explicit DispatchScope(MoEDispatch d) { set_moe_dispatch(d); }
-  ~DispatchScope() { set_moe_dispatch(previous); }
-  MoEDispatch previous = moe_dispatch();
-};
-
 MoEOptions small_moe() {
   MoEOptions o;
   o.num_experts = 5;
@@ -137,7 +130,7 @@ TEST_CASE("grouped MoE dispatch: outputs equal the per-token reference, gradient
 
   // One forward and backward under a dispatch: y and the gradients of x and every parameter (zero where undefined).
   auto run = [&](MoEDispatch d) {
-    DispatchScope scope(d);
+    moe->dispatch = d;
     REQUIRE(moe->uses_grouped(x) == (d == MoEDispatch::Grouped));
     moe->zero_grad();
     x.mutable_grad() = torch::Tensor();
@@ -173,7 +166,7 @@ TEST_CASE("grouped MoE dispatch: outputs equal the per-token reference, gradient
 
   // bf16, the dtype the grouped path is chosen for on CUDA: within bf16 rounding of the reference.
   moe->to(torch::kBFloat16);
-  DispatchScope scope(MoEDispatch::Grouped);
+  moe->dispatch = MoEDispatch::Grouped;
   torch::NoGradGuard ng;
   auto yb = moe->forward(x.detach().to(torch::kBFloat16)).y;
   CHECK(yb.scalar_type() == torch::kBFloat16);
@@ -190,15 +183,12 @@ TEST_CASE("MoE dispatch: auto keeps the loop on CPU, a forced grouped dispatch n
   o.expert_hidden = 10;  // 40-byte fp32 rows: not a multiple of 16 bytes
   MoE moe(8, o, LinearBuilder(), "moe");
   auto x = torch::randn({2, 3, 8});
-  {
-    DispatchScope scope(MoEDispatch::Auto);
-    CHECK_FALSE(moe->uses_grouped(x));
-    const auto before = moe_path_counts();
-    CHECK(moe->forward(x).y.sizes() == x.sizes());
-    CHECK(moe_path_counts().loop == before.loop + 1);
-    CHECK(moe_path_counts().grouped == before.grouped);
-  }
-  DispatchScope scope(MoEDispatch::Grouped);
+  CHECK(moe->dispatch == MoEDispatch::Auto);
+  CHECK_FALSE(moe->uses_grouped(x));
+  CHECK(moe->forward(x).y.sizes() == x.sizes());
+  CHECK(moe_path_counts(*moe).loop == 1);
+  CHECK(moe_path_counts(*moe).grouped == 0);
+  set_moe_dispatch(*moe, MoEDispatch::Grouped);
   const std::string why = moe_grouped_available() ? "expert_hidden F = 10 is not a multiple of 4" : "needs >= 2.9";
   REQUIRE_THROWS_WITH(moe->forward(x), ContainsText("runtime.moe_dispatch = \"grouped\"") && ContainsText(why) &&
                                            ContainsText("hint: use \"auto\""));

@@ -13,7 +13,8 @@
 #include "omnilite/eval/evaluate.h"
 #include "omnilite/io/safetensors.h"
 #include "omnilite/modules/omnilite.h"
-#include "omnilite/train/losses.h"
+#include "omnilite/io/checkpoint.h"
+#include "omnilite/modules/losses.h"
 #include "omnilite/train/trainer.h"
 
 using namespace omnilite;
@@ -109,8 +110,8 @@ TEST_CASE("VQ-VAE, classifier and OMNI-LITE stages train, a multimodal resume is
         Approx(m["loss_clm"].get<double>() + cfg.train.rf_weight * m["loss_rf"].get<double>() +
                cfg.train.aux_coef * m["loss_aux"].get<double>() + cfg.train.z_coef * m["loss_z"].get<double>()).epsilon(1e-5));
   // The frozen VQ-VAE is the one of stage 1.
-  io::SafetensorsReader vq_file(latest_checkpoint(rv.out_dir) + "/model.safetensors");
-  io::SafetensorsReader omni_file(latest_checkpoint(a.out_dir) + "/model.safetensors");
+  io::SafetensorsReader vq_file(io::latest_checkpoint(rv.out_dir) + "/model.safetensors");
+  io::SafetensorsReader omni_file(io::latest_checkpoint(a.out_dir) + "/model.safetensors");
   CHECK(torch::equal(vq_file.load("decoder.conv_out.weight"), omni_file.load("vqvae.decoder.conv_out.weight")));
 
   // 4 steps, then resume to 8: the same per-step losses, bit for bit (loader thread on).

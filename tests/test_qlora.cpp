@@ -17,7 +17,7 @@
 #include "omnilite/modules/omnilite.h"
 #include "omnilite/modules/qlora_builder.h"
 #include "omnilite/quant/nf4.h"
-#include "omnilite/train/losses.h"
+#include "omnilite/modules/losses.h"
 #include "omnilite/train/trainer.h"
 
 using namespace omnilite;
@@ -182,7 +182,7 @@ TEST_CASE("QLoRA model: only adapters get gradients, PEFT adapter files round tr
   Config c = testing::tiny_qlora("nf4");
   auto builder = make_linear_builder(c);
   OmniLite model(c.model, *builder);
-  for (auto& p : model->named_parameters()) p.value().set_requires_grad(p.key().find(".lora_") != std::string::npos);
+  train_adapters_only(*model);
   {  // non-zero B so that A gets gradients too
     torch::NoGradGuard ng;
     for (auto& p : model->named_parameters())
@@ -321,7 +321,7 @@ TEST_CASE("a tiny QLoRA run learns with adapters only", "[qlora][train][slow]") 
   INFO("loss " << res.first_loss << " -> " << res.last_loss);
   // The base (embedding, LM head included) is random and frozen: the adapters alone bring the loss down.
   CHECK(res.last_loss < res.first_loss - 0.3);
-  const auto ck = latest_checkpoint(r.out_dir);
+  const auto ck = io::latest_checkpoint(r.out_dir);
   CHECK(fs::exists(ck + "/adapter_model.safetensors"));
   CHECK(fs::exists(ck + "/adapter_config.json"));
   CHECK_FALSE(fs::exists(ck + "/model.safetensors"));
@@ -338,7 +338,7 @@ TEST_CASE("activation checkpointing with LoRA dropout gives plain backward's gra
   Config c = testing::tiny_qlora("nf4");
   c.lora.dropout = 0.05;
   OmniLite model(c.model, *make_linear_builder(c));
-  for (auto& p : model->named_parameters()) p.value().set_requires_grad(p.key().find(".lora_") != std::string::npos);
+  train_adapters_only(*model);
   {
     torch::NoGradGuard ng;
     for (auto& p : model->named_parameters())

@@ -10,6 +10,7 @@
 #include "omnilite/io/adapter.h"
 #include "omnilite/io/checkpoint.h"
 #include "omnilite/io/init_checkpoint.h"
+#include "omnilite/io/weights_reader.h"
 #include "omnilite/io/safetensors.h"
 #include "omnilite/modules/lora_linear.h"
 #include "omnilite/modules/nf4_linear.h"
@@ -128,6 +129,19 @@ TEST_CASE("merged QLoRA weights give the adapter model's logits", "[qlora][expor
                     (c.lora.alpha / c.lora.rank) * torch::matmul(lora->lora_B->weight.to(torch::kFloat64),
                                                                   lora->lora_A->weight.to(torch::kFloat64));
       CHECK(testing::max_rel_err(merged->named_parameters()["text.layers.0.moe.experts.1.w1.weight"], expect) < 1e-6);
+      // io::merge_adapter (`export --merge`) from the files of an adapter checkpoint: the same tensors, bit for bit.
+      const std::string adir = dir + "/adapter";
+      io::save_adapter(*q, c.lora, adir);
+      io::write_file_synced(adir + "/state.json", nlohmann::json{{"version", io::kCheckpointVersion}, {"stage", "omni"},
+                                                                 {"step", 5}, {"config", to_json(c)}}.dump());
+      const auto m = io::merge_adapter(dir + "/base.safetensors", adir, dir + "/from-files.safetensors", torch::kFloat32);
+      CHECK(m.step == 5);
+      io::WeightsReader want(out), have(dir + "/from-files.safetensors");
+      REQUIRE(have.tensors().size() == want.tensors().size());
+      CHECK(m.tensors == static_cast<int64_t>(want.tensors().size()));
+      for (const auto& [name, e] : want.tensors()) CHECK(torch::equal(have.load(name), want.load(name)));
+      REQUIRE_THROWS_WITH(io::merge_adapter(dir + "/base.safetensors", dir + "/nowhere", dir + "/x.safetensors",
+                                            torch::kFloat32), ContainsText("nowhere"));
     }
   }
 }
@@ -139,7 +153,7 @@ TEST_CASE("memory estimate counts what a constructed QLoRA model holds", "[qlora
   c.model.text.num_layers = 6;  // enough layers for checkpointing to pay (it keeps two layers' activations)
   const auto e = estimate_training_memory(c);
   OmniLite q(c.model, *make_linear_builder(c));
-  for (auto& p : q->named_parameters()) p.value().set_requires_grad(p.key().find(".lora_") != std::string::npos);
+  train_adapters_only(*q);
   int64_t nf4 = 0, lora = 0, full = 0, trainable = 0;
   double nf4_const_bytes = 0;
   for (const auto& [k, t] : io::state_tensors(*q)) {

@@ -82,10 +82,10 @@ TEST_CASE("a tiny run learns, resume continues exactly, a corrupted checkpoint i
     INFO("step " << i + 1);
     CHECK(lb[i] == la[i]);
   }
-  CHECK(latest_checkpoint(b.out_dir).find("step_0000012") != std::string::npos);
+  CHECK(io::latest_checkpoint(b.out_dir).find("step_0000012") != std::string::npos);
 
   // Corrupt the newest checkpoint's weights: resuming is refused and nothing is overwritten.
-  const std::string ck = latest_checkpoint(a.out_dir) + "/model.safetensors";
+  const std::string ck = io::latest_checkpoint(a.out_dir) + "/model.safetensors";
   const auto size_before = fs::file_size(ck);
   {
     std::fstream f(ck, std::ios::in | std::ios::out | std::ios::binary);
@@ -163,7 +163,7 @@ TEST_CASE("NaN losses skip their steps, then stop the run naming the last good c
   r.out_dir = base + "/run";
   r.max_steps = 2;
   train(c, r);
-  const std::string good = latest_checkpoint(r.out_dir);
+  const std::string good = io::latest_checkpoint(r.out_dir);
   REQUIRE(good.find("step_0000002") != std::string::npos);
   const std::string adapter = good + "/adapter_model.safetensors";
   auto read_all = [](const std::string& path) {
@@ -179,7 +179,7 @@ TEST_CASE("NaN losses skip their steps, then stop the run naming the last good c
   r.max_steps = 8;
   CHECK_THROWS_WITH(train(c, r), ContainsText("was trained on base \"" + c.train.base_checkpoint) &&
                                      ContainsText("but this run's base is") && ContainsText("header hash"));
-  CHECK(latest_checkpoint(r.out_dir) == good);
+  CHECK(io::latest_checkpoint(r.out_dir) == good);
 
   // The run's own base, and a model that now makes every loss NaN (an RMSNorm eps of -1 takes the root of a
   // negative number): steps 3 and 4 are skipped (logged as such), step 5 is the third in a row. The checkpoint of
@@ -188,7 +188,7 @@ TEST_CASE("NaN losses skip their steps, then stop the run naming the last good c
   c.model.text.rms_norm_eps = -1.0;
   CHECK_THROWS_WITH(train(c, r), ContainsText("3 steps in a row with a non-finite loss") &&
                                      ContainsText("last good checkpoint is " + r.out_dir + "/checkpoints/step_0000004"));
-  const std::string last = latest_checkpoint(r.out_dir);
+  const std::string last = io::latest_checkpoint(r.out_dir);
   CHECK(last.find("step_0000004") != std::string::npos);
   CHECK(read_all(adapter) == adapter_bytes);
   CHECK(read_all(last + "/adapter_model.safetensors") == adapter_bytes);

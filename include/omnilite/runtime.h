@@ -35,7 +35,7 @@ double cuda_peak_allocated_gib();
 double resident_bytes();
 double peak_resident_bytes();
 
-// Applies runtime.threads/blas_threads, the MoE dispatch (set_moe_dispatch) and the seed, checks the CPU
+// Applies runtime.threads/blas_threads and the seed (process-wide: the CLI calls it once), checks the CPU
 // convolution backward once per process (check_cpu_conv_backward); returns the device.
 torch::Device apply_runtime(const RuntimeOptions& rt);
 

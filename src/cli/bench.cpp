@@ -143,13 +143,20 @@ double weight_bytes_per_token(const OmniLiteImpl& model, const ModelConfig& c) {
   return bytes;
 }
 
+// Which MoE path the timed work took (auto decides per call): the model's layer forwards by path.
+void add_moe_forwards(nlohmann::json& result, const MoEPathCounts& paths) {
+  if (paths.loop + paths.grouped > 0) result["moe_forwards"] = {{"loop", paths.loop}, {"grouped", paths.grouped}};
+}
+
 // The full text path with `weights` = fp32 | bf16 | nf4 (NF4 bases as QLoRA builds them, no adapters), random.
 OmniLite decode_model(const Config& cfg, const std::string& weights, const torch::Device& dev) {
   if (weights != "fp32" && weights != "bf16" && weights != "nf4")
     throw std::runtime_error("bench decode: --weights \"" + weights + "\": expected nf4, bf16 or fp32");
+  const auto dispatch = parse_moe_dispatch(cfg.runtime.moe_dispatch);
   if (weights != "nf4") {
     OmniLite m(cfg.model);
     m->to(dev, weights == "bf16" ? torch::kBFloat16 : torch::kFloat32);
+    set_moe_dispatch(*m, dispatch);
     return m;
   }
   LoRAOptions lo;
@@ -165,6 +172,7 @@ OmniLite decode_model(const Config& cfg, const std::string& weights, const torch
       q->weight_absmax_mean.fill_(0.02);
     }
   m->to(dev);
+  set_moe_dispatch(*m, dispatch);
   return m;
 }
 
@@ -218,6 +226,7 @@ nlohmann::json bench_decode(const Config& cfg, const torch::Device& dev, const s
                       {"fraction_of_bound", (1.0 / decode_s) / bound}};
   if (dev.is_cuda()) r["peak_allocated_gib"] = cuda_peak_allocated_gib();
   else r["peak_rss_gib"] = peak_rss / double(1u << 30);
+  add_moe_forwards(r, moe_path_counts(*model));
   return r;
 }
 
@@ -321,6 +330,7 @@ int run_bench(int argc, char** argv) {
     result[cfg.train.stage == "omni" ? "tokens_per_step" : "images_per_step"] = r.units_per_step;
     result[cfg.train.stage == "omni" ? "tokens_per_second" : "images_per_second"] = r.units_per_s;
     result["data_wait_frac"] = r.data_wait_frac;
+    add_moe_forwards(result, r.moe_forwards);
     if (cfg.train.stage == "omni") {
       const double per_token = train_flops_per_token(cfg.model, cfg.train.seq_len);
       result["active_matmul_params"] = count_parameters(cfg.model).active_matmul;
@@ -333,6 +343,7 @@ int run_bench(int argc, char** argv) {
     const bool backward = args.count("backward") > 0;
     OmniLite model(cfg.model);
     model->to(dev);
+    set_moe_dispatch(*model, parse_moe_dispatch(cfg.runtime.moe_dispatch));
     AutocastGuard autocast(dev.is_cuda() && cfg.runtime.dtype == "bf16");
     const int64_t lo = 16;  // skip the special-token ids
     auto tokens = torch::randint(lo, cfg.model.text.vocab_size, {B, T}, torch::TensorOptions().dtype(torch::kInt64).device(dev));
@@ -362,6 +373,7 @@ int run_bench(int argc, char** argv) {
     result["model_flops_per_token"] = per_token;
     result["model_gflops_per_s"] = per_token * static_cast<double>(B * T) / s / 1e9;
     result["mfu"] = per_token * static_cast<double>(B * T) / s / rate.flops;
+    add_moe_forwards(result, moe_path_counts(*model));
     result["config"] = args["config"].as<std::string>();
     result["batch"] = B;
     result["seq"] = T;
@@ -371,10 +383,6 @@ int run_bench(int argc, char** argv) {
     result["tokens_per_second"] = static_cast<double>(B * T) / s;
     if (dev.is_cuda()) result["peak_allocated_gib"] = cuda_peak_allocated_gib();
   }
-  // Which MoE path the timed work took (auto decides per call): layer forwards of this process by path.
-  const auto paths = moe_path_counts();
-  if (paths.loop + paths.grouped > 0)
-    result["moe_forwards"] = {{"loop", paths.loop}, {"grouped", paths.grouped}};
   if (args.count("json")) {
     std::cout << result.dump() << "\n";
   } else {

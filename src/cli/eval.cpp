@@ -11,6 +11,8 @@
 
 #include "omnilite/cli/commands.h"
 #include "omnilite/eval/evaluate.h"
+#include "omnilite/io/checkpoint.h"
+#include "omnilite/runtime.h"
 
 namespace omnilite::cli {
 
@@ -61,6 +63,10 @@ int run_eval(int argc, char** argv) {
       o.moe_rows < 1)
     throw std::invalid_argument("--caption-images, --t2i-per-class and --recon-images must be >= 0, --flow-steps, "
                                 "--text-rows and --moe-rows >= 1");
+  // The checkpoint's threads and seed, once for the process (evaluate() leaves them alone).
+  Config ck = parse_config(io::read_checkpoint_state(io::latest_checkpoint(o.checkpoint))["config"]);
+  if (!o.device.empty()) ck.runtime.device = o.device;
+  apply_runtime(ck.runtime);
   const auto r = evaluate(o);
   if (args.count("json")) std::cout << r.dump(2) << "\n";
   return 0;

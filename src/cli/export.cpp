@@ -6,7 +6,6 @@
 //                           which --checkpoint of every command also reads
 #include <filesystem>
 #include <iostream>
-#include <tuple>
 
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
@@ -35,7 +34,7 @@ namespace {
 std::string weights_source(const std::string& arg, const std::string& flag) {
   if (!fs::exists(arg)) throw std::runtime_error(flag + " \"" + arg + "\" does not exist");
   if (fs::is_regular_file(arg) || io::has_weights(arg)) return arg;
-  const std::string dir = latest_checkpoint(arg);
+  const std::string dir = io::latest_checkpoint(arg);
   if (!io::has_weights(dir))
     throw std::runtime_error(flag + " \"" + arg + "\": no model.safetensors in \"" + dir + "\"; hint: a QLoRA run's "
                              "checkpoints hold adapters only: pass the run as --adapter and its base as --checkpoint");
@@ -68,21 +67,6 @@ int64_t restore_plain(const std::string& source, const std::string& out, torch::
   for (const auto& s : specs) w.write(s.name, r.load(s.name).to(s.dtype));
   w.commit();
   return static_cast<int64_t>(specs.size());
-}
-
-// Merges the adapters of `adir` into the base `source` and writes out_file; returns (config, step, tensors).
-std::tuple<Config, int64_t, int64_t> merge_adapter(const std::string& source, const std::string& adir,
-                                                   const std::string& out_file, torch::ScalarType dtype) {
-  const auto state = io::read_checkpoint_state(adir);
-  const Config cfg = parse_config(state["config"]);
-  if (!cfg.lora.enabled) throw std::runtime_error("--adapter \"" + adir + "\": its config has lora.enabled = false");
-  apply_runtime(cfg.runtime);
-  OmniLite model(cfg.model, *make_linear_builder(cfg));
-  io::load_base_weights(*model, source);
-  io::load_adapter(*model, adir);
-  model->eval();
-  const int64_t n = io::write_merged_weights(*model, out_file, dtype, {{"format", "pt"}});
-  return {cfg, state.value("step", int64_t{0}), n};
 }
 
 }  // namespace
@@ -138,7 +122,7 @@ int run_export(int argc, char** argv) {
     if (!args.count("merge"))
       throw std::runtime_error("--adapter without --merge: the adapter folder already is the PEFT export; hint: add "
                                "--merge to write merged full-precision weights");
-    const std::string adir = latest_checkpoint(args["adapter"].as<std::string>());
+    const std::string adir = io::latest_checkpoint(args["adapter"].as<std::string>());
     if (!fs::exists(adir + "/adapter_model.safetensors"))
       throw std::runtime_error("--adapter \"" + adir + "\" holds no adapter_model.safetensors; hint: pass the run "
                                "folder or a checkpoint of a lora.enabled run");
@@ -146,12 +130,14 @@ int run_export(int argc, char** argv) {
     merged_tmp = format == "hf" ? out + "/.merged.tmp" : "";
     if (!merged_tmp.empty()) fs::create_directories(merged_tmp);
     const std::string merged_file = (merged_tmp.empty() ? out : merged_tmp) + "/model.safetensors";
-    int64_t n = 0;
-    std::tie(cfg, step, n) = merge_adapter(source, adir, merged_file, dtype);
+    apply_runtime(parse_config(io::read_checkpoint_state(adir)["config"]).runtime);  // the run's threads, once
+    const auto merged = io::merge_adapter(source, adir, merged_file, dtype);
+    cfg = merged.cfg;
+    step = merged.step;
     weights = merged_file;
     provenance = {{"base", source}, {"adapter", adir}, {"merged", true}};
-    log::info(log::format("export: %lld tensors merged from %s + %s", static_cast<long long>(n), source.c_str(),
-                          adir.c_str()));
+    log::info(log::format("export: %lld tensors merged from %s + %s", static_cast<long long>(merged.tensors),
+                          source.c_str(), adir.c_str()));
   } else {
     const auto state = io::read_checkpoint_state(state_dir(source));
     cfg = parse_config(state["config"]);

@@ -14,6 +14,7 @@
 #include "omnilite/data/mm_batch.h"
 #include "omnilite/data/tokenizer.h"
 #include "omnilite/infer/generate.h"
+#include "omnilite/runtime.h"
 #include "omnilite/log.h"
 
 namespace omnilite::cli {
@@ -31,8 +32,10 @@ std::vector<int64_t> encode_prompt(const Tokenizer& tok, const Config& cfg, cons
 
 // The checkpoint of --checkpoint on --device (or the checkpoint's own device).
 LoadedModel load_from_args(const cxxopts::ParseResult& args) {
-  return load_omni_checkpoint(args["checkpoint"].as<std::string>(),
-                              args.count("device") ? args["device"].as<std::string>() : "");
+  auto m = load_omni_checkpoint(args["checkpoint"].as<std::string>(),
+                                args.count("device") ? args["device"].as<std::string>() : "");
+  apply_runtime(m.cfg.runtime);  // the checkpoint's threads and seed, once for the process
+  return m;
 }
 
 std::vector<int64_t> parse_ids(const std::string& list) {

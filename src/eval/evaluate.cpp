@@ -22,8 +22,7 @@
 #include "omnilite/modules/image_classifier.h"
 #include "omnilite/modules/omnilite.h"
 #include "omnilite/runtime.h"
-#include "omnilite/train/losses.h"
-#include "omnilite/train/trainer.h"
+#include "omnilite/modules/losses.h"
 
 namespace omnilite {
 namespace fs = std::filesystem;
@@ -156,7 +155,7 @@ void t2i_task(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, cons
   const auto t0 = std::chrono::steady_clock::now();
   const auto dev = model.text->embed_tokens->weight.device();
   const auto& classes = fashion_mnist_classes();
-  const std::string cdir = latest_checkpoint(cls_dir);
+  const std::string cdir = io::latest_checkpoint(cls_dir);
   const json cstate = io::read_checkpoint_state(cdir);
   if (cstate.value("stage", std::string()) != "classifier")
     throw std::runtime_error("classifier \"" + cdir + "\" is not a train.stage = \"classifier\" checkpoint");

@@ -6,7 +6,7 @@
 #include <map>
 #include <stdexcept>
 
-#include "omnilite/train/losses.h"
+#include "omnilite/modules/losses.h"
 
 namespace omnilite {
 

@@ -8,7 +8,6 @@
 #include "omnilite/data/mm_batch.h"
 #include "omnilite/io/checkpoint.h"
 #include "omnilite/runtime.h"
-#include "omnilite/train/trainer.h"
 #include "omnilite/modules/rfm_head.h"
 
 namespace omnilite {
@@ -201,7 +200,7 @@ std::vector<double> score_tokens(OmniLiteImpl& model, const std::vector<int64_t>
 
 LoadedModel load_omni_checkpoint(const std::string& run_or_dir, const std::string& device) {
   LoadedModel m;
-  m.dir = latest_checkpoint(run_or_dir);
+  m.dir = io::latest_checkpoint(run_or_dir);
   const auto state = io::read_checkpoint_state(m.dir);
   if (state.value("stage", std::string("omni")) != "omni")
     throw std::runtime_error("checkpoint \"" + m.dir + "\" is a train.stage = \"" + state.value("stage", std::string()) +
@@ -212,9 +211,11 @@ LoadedModel load_omni_checkpoint(const std::string& run_or_dir, const std::strin
                              "`omnilite export --checkpoint BASE --adapter " + run_or_dir + " --merge --out DIR`");
   if (!device.empty()) m.cfg.runtime.device = device;
   m.step = state.value("step", int64_t{0});
-  const torch::Device dev = apply_runtime(m.cfg.runtime);
+  // A library call: the process's threads and seeds stay the caller's (the CLI sets them once, apply_runtime).
+  const torch::Device dev = resolve_device(m.cfg.runtime.device);
   m.model = OmniLite(m.cfg.model);
   io::load_module(*m.model, m.dir);
+  set_moe_dispatch(*m.model, parse_moe_dispatch(m.cfg.runtime.moe_dispatch));
   m.model->to(dev);
   m.model->eval();
   return m;

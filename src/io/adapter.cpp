@@ -14,6 +14,8 @@
 #include "omnilite/io/safetensors.h"
 #include "omnilite/modules/lora_linear.h"
 #include "omnilite/modules/nf4_linear.h"
+#include "omnilite/modules/omnilite.h"
+#include "omnilite/modules/qlora_builder.h"
 #include "omnilite/pattern.h"
 
 namespace omnilite::io {
@@ -214,6 +216,22 @@ int64_t write_merged_weights(const torch::nn::Module& model, const std::string& 
   for (const auto& m : out) w.write(m.name, m.make().to(m.dtype).cpu().contiguous());
   w.commit();
   return static_cast<int64_t>(out.size());
+}
+
+MergedAdapter merge_adapter(const std::string& base, const std::string& adapter_dir, const std::string& out_file,
+                            torch::ScalarType dtype) {
+  const auto state = read_checkpoint_state(adapter_dir);
+  MergedAdapter r;
+  r.cfg = parse_config(state["config"]);
+  if (!r.cfg.lora.enabled)
+    throw std::runtime_error("--adapter \"" + adapter_dir + "\": its config has lora.enabled = false");
+  OmniLite model(r.cfg.model, *make_linear_builder(r.cfg));
+  load_base_weights(*model, base);
+  load_adapter(*model, adapter_dir);
+  model->eval();
+  r.tensors = write_merged_weights(*model, out_file, dtype, {{"format", "pt"}});
+  r.step = state.value("step", int64_t{0});
+  return r;
 }
 
 }  // namespace omnilite::io

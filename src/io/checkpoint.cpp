@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -10,8 +11,10 @@
 
 #include "omnilite/io/hf_export.h"
 #include "omnilite/io/weights_reader.h"
+#include "omnilite/log.h"
 
 namespace omnilite::io {
+namespace fs = std::filesystem;
 
 std::vector<std::pair<std::string, torch::Tensor>> state_tensors(const torch::nn::Module& m) {
   std::vector<std::pair<std::string, torch::Tensor>> out;
@@ -95,6 +98,30 @@ void write_file_synced(const std::string& path, const std::string& text) {
     ::close(fd);
   }
   fsync_directory(std::filesystem::path(path).parent_path().string());
+}
+
+std::string latest_checkpoint(const std::string& dir) {
+  if (fs::exists(dir + "/state.json") || is_hf_export(dir)) return dir;
+  const std::string ck = fs::exists(dir + "/checkpoints") ? dir + "/checkpoints" : dir;
+  std::vector<std::string> names;
+  if (fs::is_directory(ck))
+    for (const auto& e : fs::directory_iterator(ck))
+      if (e.is_directory() && e.path().filename().string().rfind("step_", 0) == 0) names.push_back(e.path().string());
+  if (names.empty())
+    throw std::runtime_error("no checkpoint under \"" + dir + "\"; hint: pass a run folder or a step_N folder");
+  std::sort(names.begin(), names.end());
+  return names.back();
+}
+
+void load_vqvae_weights(torch::nn::Module& vqvae, const std::string& run_or_checkpoint) {
+  const std::string dir = latest_checkpoint(run_or_checkpoint);
+  std::ifstream sf(dir + "/state.json");
+  auto state = nlohmann::json::parse(sf, nullptr, false);
+  if (!state.is_object() || state.value("stage", std::string()) != "vqvae")
+    throw std::runtime_error("data.vqvae: \"" + dir + "\" is not a checkpoint of a train.stage = \"vqvae\" run; hint: "
+                             "train the VQ-VAE first (configs/small-vqvae.json)");
+  load_module(vqvae, dir + "/model.safetensors");
+  log::info("vqvae: frozen weights from " + dir);
 }
 
 }  // namespace omnilite::io

@@ -23,4 +23,18 @@ torch::Tensor LoRALinearImpl::delta_weight() const {
   return torch::matmul(lora_B->weight, lora_A->weight) * scaling;  // [out, r] x [r, in]
 }
 
+int64_t freeze_parameters(torch::nn::Module& model, const std::function<bool(const std::string&)>& frozen) {
+  int64_t n = 0;
+  for (auto& p : model.named_parameters())
+    if (p.value().requires_grad() && frozen(p.key())) {
+      p.value().set_requires_grad(false);
+      n += p.value().numel();
+    }
+  return n;
+}
+
+int64_t train_adapters_only(torch::nn::Module& model) {
+  return freeze_parameters(model, [](const std::string& name) { return name.find(".lora_") == std::string::npos; });
+}
+
 }  // namespace omnilite

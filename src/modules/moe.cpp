@@ -1,6 +1,5 @@
 #include "omnilite/modules/moe.h"
 
-#include <atomic>
 #include <stdexcept>
 
 #include "omnilite/runtime.h"
@@ -17,9 +16,6 @@
 namespace omnilite {
 
 namespace {
-std::atomic<MoEDispatch> g_dispatch{MoEDispatch::Auto};
-std::atomic<int64_t> g_loop_forwards{0}, g_grouped_forwards{0};
-
 // The dtype the expert GEMMs run in: CUDA autocast's when it is on, x's otherwise.
 torch::ScalarType compute_dtype(const torch::Tensor& x) {
   if (x.is_cuda())
@@ -41,10 +37,20 @@ const char* moe_dispatch_name(MoEDispatch d) {
     default: return "auto";
   }
 }
-void set_moe_dispatch(MoEDispatch d) { g_dispatch = d; }
-MoEDispatch moe_dispatch() { return g_dispatch; }
 bool moe_grouped_available() { return OMNILITE_GROUPED_MM != 0; }
-MoEPathCounts moe_path_counts() { return {g_loop_forwards.load(), g_grouped_forwards.load()}; }
+void set_moe_dispatch(torch::nn::Module& model, MoEDispatch d) {
+  for (const auto& m : model.modules())
+    if (auto* moe = dynamic_cast<MoEImpl*>(m.get())) moe->dispatch = d;
+}
+MoEPathCounts moe_path_counts(const torch::nn::Module& model) {
+  MoEPathCounts sum;
+  for (const auto& m : model.modules())
+    if (const auto* moe = dynamic_cast<const MoEImpl*>(m.get())) {
+      sum.loop += moe->forwards.loop;
+      sum.grouped += moe->forwards.grouped;
+    }
+  return sum;
+}
 
 SwiGLUExpertImpl::SwiGLUExpertImpl(int64_t dim, int64_t hidden, const LinearBuilder& builder,
                                    const std::string& path) {
@@ -102,7 +108,7 @@ std::string MoEImpl::grouped_obstacle(const torch::Tensor& x) const {
 }
 
 bool MoEImpl::uses_grouped(const torch::Tensor& x) const {
-  switch (moe_dispatch()) {
+  switch (dispatch) {
     case MoEDispatch::Loop: return false;
     case MoEDispatch::Grouped: {
       const auto why = grouped_obstacle(x);
@@ -182,7 +188,7 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x) {
   auto xs = flat.index_select(0, token_of_slot);                 // [N*K, D] inputs in expert order
 
   const bool grouped = uses_grouped(x);
-  ++(grouped ? g_grouped_forwards : g_loop_forwards);
+  ++(grouped ? forwards.grouped : forwards.loop);
   auto out = grouped ? grouped_experts(xs, counts) : loop_experts(xs, counts);  // [N*K, D]
   auto ys = out * slot_weights;                                  // [N*K, D]
   auto y = torch::zeros({N, D}, x.options()).index_add(0, token_of_slot, ys);  // sum the K slots per token

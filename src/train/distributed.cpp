@@ -130,6 +130,104 @@ void bind_group(const c10::intrusive_ptr<PG>& pg, std::function<c10::intrusive_p
   };
   barrier = [pg]() { return pg->barrier(); };
 }
+
+// The rendezvous: rank 0 serves a TCP store (unless an agent such as torchrun already does), the others connect.
+c10::intrusive_ptr<c10d::Store> open_store(const DistOptions& o, const std::string& where) {
+  return guarded(o.rank, ("rendezvous at " + where).c_str(), o.timeout_s, [&] {
+    c10d::TCPStoreOptions so;
+    so.port = static_cast<std::uint16_t>(o.master_port);
+    so.isServer = o.rank == 0 && !o.agent_store;
+    so.waitWorkers = false;
+    so.timeout = to_ms(o.timeout_s);
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
+    // LibTorch >= 2.4 asks for the libuv store by default, which builds without libuv (Debian's 2.6) refuse at
+    // once: fall back to the classic store, which every rank of such a build uses alike.
+    try {
+      return c10::intrusive_ptr<c10d::Store>(c10::make_intrusive<c10d::TCPStore>(o.master_addr, so));
+    } catch (const std::exception& e) {
+      if (!so.useLibUV || std::string(e.what()).find("libuv") == std::string::npos) throw;
+      so.useLibUV = false;
+    }
+#endif
+    return c10::intrusive_ptr<c10d::Store>(c10::make_intrusive<c10d::TCPStore>(o.master_addr, so));
+  });
+}
+
+// Every rank publishes its world size and fingerprint and compares with every other rank of its world; throws
+// naming the two ranks on a mismatch.
+void check_fingerprints(const DistOptions& o, c10d::Store& store, const std::string& fingerprint) {
+  const std::string mine = std::to_string(o.world_size) + " " + fingerprint;
+  guarded(o.rank, "rendezvous (publishing this rank)", o.timeout_s, [&] {
+    store.set("omnilite/rank/" + std::to_string(o.rank), std::vector<uint8_t>(mine.begin(), mine.end()));
+    return 0;
+  });
+  std::string mismatch;
+  for (int64_t r = 0; r < o.world_size && mismatch.empty(); ++r) {
+    if (r == o.rank) continue;
+    const auto v = guarded(o.rank, ("rendezvous (waiting for rank " + std::to_string(r) + ")").c_str(), o.timeout_s,
+                           [&] { return store.get("omnilite/rank/" + std::to_string(r)); });
+    const std::string theirs(v.begin(), v.end());
+    if (theirs == mine) continue;
+    const auto sp = theirs.find(' ');
+    const std::string their_world = theirs.substr(0, sp);
+    if (their_world != std::to_string(o.world_size))
+      mismatch = log::format("distributed: rank %lld runs with WORLD_SIZE = %lld, rank %lld with %s; hint: start every "
+                             "rank with the same WORLD_SIZE", static_cast<long long>(o.rank),
+                             static_cast<long long>(o.world_size), static_cast<long long>(r), their_world.c_str());
+    else
+      mismatch = log::format("distributed: rank %lld and rank %lld run different configs or run options (fingerprints "
+                             "%s and %s); hint: start every rank with the same --config, --set, --max-steps and --resume",
+                             static_cast<long long>(o.rank), static_cast<long long>(r), fingerprint.c_str(),
+                             theirs.substr(sp + 1).c_str());
+  }
+  // Every rank counts itself checked; on a mismatch, the rank that serves the store waits (10 s at most) for the others
+  // to have read its record, so that they, too, report the mismatch rather than a closed connection.
+  guarded(o.rank, "rendezvous (check-in)", o.timeout_s, [&] { return store.add("omnilite/checked", 1); });
+  if (!mismatch.empty()) {
+    if (o.rank == 0 && !o.agent_store) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (std::chrono::steady_clock::now() < until && store.add("omnilite/checked", 0) < o.world_size)
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    throw std::runtime_error(mismatch);
+  }
+
+}
+
+// The process group of `backend` on the store, bound into `g`.
+void open_process_group(const DistOptions& o, const std::string& backend, Dist::Group& g) {
+  const auto timeout = to_ms(o.timeout_s);
+  guarded(o.rank, ("opening the " + backend + " process group").c_str(), o.timeout_s, [&] {
+#if defined(USE_C10D_NCCL)
+    if (backend == "nccl") {
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = timeout;
+      auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(g.store, static_cast<int>(o.rank),
+                                                           static_cast<int>(o.world_size), opts);
+      bind_group(pg, g.allreduce, g.broadcast, g.barrier);
+      g.keep = std::shared_ptr<void>(nullptr, [pg](void*) mutable { pg.reset(); });
+      return 0;
+    }
+#endif
+#if defined(USE_C10D_GLOO)
+    auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+    // GLOO_SOCKET_IFNAME picks the network interface; a loopback rendezvous stays on loopback; otherwise the address
+    // this host's name resolves to.
+    if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname)
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+    else if (o.master_addr == "127.0.0.1" || o.master_addr == "localhost")
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    else
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(g.store, static_cast<int>(o.rank),
+                                                         static_cast<int>(o.world_size), opts);
+    bind_group(pg, g.allreduce, g.broadcast, g.barrier);
+    g.keep = std::shared_ptr<void>(nullptr, [pg](void*) mutable { pg.reset(); });
+#endif
+    return 0;
+  });
+}
+
 }  // namespace
 
 std::shared_ptr<Dist> Dist::join(const DistOptions& o, const std::string& fingerprint, torch::Device device) {
@@ -150,94 +248,11 @@ std::shared_ptr<Dist> Dist::join(const DistOptions& o, const std::string& finger
                              dist_backends() + "\"); hint: install libgloo-dev and rebuild (scripts/setup.sh does)");
 #endif
   d->backend_ = backend;
-  const auto timeout = to_ms(o.timeout_s);
   auto g = std::make_shared<Group>();
   const std::string where = o.master_addr + ":" + std::to_string(o.master_port);
-  g->store = guarded(o.rank, ("rendezvous at " + where).c_str(), o.timeout_s, [&] {
-    c10d::TCPStoreOptions so;
-    so.port = static_cast<std::uint16_t>(o.master_port);
-    so.isServer = o.rank == 0 && !o.agent_store;
-    so.waitWorkers = false;
-    so.timeout = timeout;
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 3)
-    // LibTorch >= 2.4 asks for the libuv store by default, which builds without libuv (Debian's 2.6) refuse at
-    // once: fall back to the classic store, which every rank of such a build uses alike.
-    try {
-      return c10::intrusive_ptr<c10d::Store>(c10::make_intrusive<c10d::TCPStore>(o.master_addr, so));
-    } catch (const std::exception& e) {
-      if (!so.useLibUV || std::string(e.what()).find("libuv") == std::string::npos) throw;
-      so.useLibUV = false;
-    }
-#endif
-    return c10::intrusive_ptr<c10d::Store>(c10::make_intrusive<c10d::TCPStore>(o.master_addr, so));
-  });
-
-  // Every rank publishes its world size and fingerprint and compares with every other rank of its world.
-  const std::string mine = std::to_string(o.world_size) + " " + fingerprint;
-  guarded(o.rank, "rendezvous (publishing this rank)", o.timeout_s, [&] {
-    g->store->set("omnilite/rank/" + std::to_string(o.rank), std::vector<uint8_t>(mine.begin(), mine.end()));
-    return 0;
-  });
-  std::string mismatch;
-  for (int64_t r = 0; r < o.world_size && mismatch.empty(); ++r) {
-    if (r == o.rank) continue;
-    const auto v = guarded(o.rank, ("rendezvous (waiting for rank " + std::to_string(r) + ")").c_str(), o.timeout_s,
-                           [&] { return g->store->get("omnilite/rank/" + std::to_string(r)); });
-    const std::string theirs(v.begin(), v.end());
-    if (theirs == mine) continue;
-    const auto sp = theirs.find(' ');
-    const std::string their_world = theirs.substr(0, sp);
-    if (their_world != std::to_string(o.world_size))
-      mismatch = log::format("distributed: rank %lld runs with WORLD_SIZE = %lld, rank %lld with %s; hint: start every "
-                             "rank with the same WORLD_SIZE", static_cast<long long>(o.rank),
-                             static_cast<long long>(o.world_size), static_cast<long long>(r), their_world.c_str());
-    else
-      mismatch = log::format("distributed: rank %lld and rank %lld run different configs or run options (fingerprints "
-                             "%s and %s); hint: start every rank with the same --config, --set, --max-steps and --resume",
-                             static_cast<long long>(o.rank), static_cast<long long>(r), fingerprint.c_str(),
-                             theirs.substr(sp + 1).c_str());
-  }
-  // Every rank counts itself checked; on a mismatch, the rank that serves the store waits (10 s at most) for the others
-  // to have read its record, so that they, too, report the mismatch rather than a closed connection.
-  guarded(o.rank, "rendezvous (check-in)", o.timeout_s, [&] { return g->store->add("omnilite/checked", 1); });
-  if (!mismatch.empty()) {
-    if (o.rank == 0 && !o.agent_store) {
-      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-      while (std::chrono::steady_clock::now() < until && g->store->add("omnilite/checked", 0) < o.world_size)
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    throw std::runtime_error(mismatch);
-  }
-
-  guarded(o.rank, ("opening the " + backend + " process group").c_str(), o.timeout_s, [&] {
-#if defined(USE_C10D_NCCL)
-    if (backend == "nccl") {
-      auto opts = c10d::ProcessGroupNCCL::Options::create();
-      opts->timeout = timeout;
-      auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(g->store, static_cast<int>(o.rank),
-                                                           static_cast<int>(o.world_size), opts);
-      bind_group(pg, g->allreduce, g->broadcast, g->barrier);
-      g->keep = std::shared_ptr<void>(nullptr, [pg](void*) mutable { pg.reset(); });
-      return 0;
-    }
-#endif
-#if defined(USE_C10D_GLOO)
-    auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-    // GLOO_SOCKET_IFNAME picks the network interface; a loopback rendezvous stays on loopback; otherwise the address
-    // this host's name resolves to.
-    if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname)
-      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
-    else if (o.master_addr == "127.0.0.1" || o.master_addr == "localhost")
-      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-    else
-      opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(g->store, static_cast<int>(o.rank),
-                                                         static_cast<int>(o.world_size), opts);
-    bind_group(pg, g->allreduce, g->broadcast, g->barrier);
-    g->keep = std::shared_ptr<void>(nullptr, [pg](void*) mutable { pg.reset(); });
-#endif
-    return 0;
-  });
+  g->store = open_store(o, where);
+  check_fingerprints(o, *g->store, fingerprint);
+  open_process_group(o, backend, *g);
   d->group_ = g;
   log::info(log::format("distributed: rank %lld of %lld joined at %s (%s)", static_cast<long long>(o.rank),
                         static_cast<long long>(o.world_size), where.c_str(), backend.c_str()));

@@ -37,18 +37,10 @@ struct RecordingBuilder : LinearBuilder {
   mutable std::map<std::string, Projection> seen;
 };
 
-
-}  // namespace
-
-MemoryEstimate estimate_training_memory(const Config& cfg) {
-  const auto& m = cfg.model;
+// Weights, gradients and AdamW state: the projections as the builder records them, every other tensor as the
+// model holds it.
+void estimate_weights(const Config& cfg, const RecordingBuilder& rec, const OmniLiteImpl& model, MemoryEstimate& e) {
   const auto& tr = cfg.train;
-  MemoryEstimate e;
-  e.checkpointing = tr.activation_checkpointing;
-  RecordingBuilder rec(cfg);
-  OmniLite model(m, rec);
-
-  // Weights.
   auto trainable_full = [&](const std::string& name) {
     if (cfg.lora.enabled || name.rfind("vqvae.", 0) == 0) return false;  // omni always freezes the VQ-VAE
     return !matches_any(name, tr.freeze);
@@ -70,7 +62,7 @@ MemoryEstimate estimate_training_memory(const Config& cfg) {
   }
   std::set<std::string> placeholders;
   for (const auto& [path, p] : rec.seen) placeholders.insert(path);
-  for (const auto& [name, t] : io::state_tensors(*model)) {
+  for (const auto& [name, t] : io::state_tensors(model)) {
     const auto dot = name.rfind('.');
     if (dot != std::string::npos && placeholders.count(name.substr(0, dot))) continue;
     e.full_params += t.numel();
@@ -81,8 +73,12 @@ MemoryEstimate estimate_training_memory(const Config& cfg) {
   e.lora_bytes = 4.0 * static_cast<double>(e.lora_params);
   e.grad_bytes = 4.0 * static_cast<double>(e.trainable_params);
   e.adam_bytes = 8.0 * static_cast<double>(e.trainable_params);
+}
 
-  // Activations (floats), one micro-batch.
+// Activations (floats) of one micro-batch: per decoder layer, the LM head and the vision tower.
+void estimate_activations(const Config& cfg, const RecordingBuilder& rec, MemoryEstimate& e) {
+  const auto& m = cfg.model;
+  const auto& tr = cfg.train;
   const auto& t = m.text;
   const int64_t D = t.hidden_size, H = t.num_heads, Hk = t.num_kv_heads, Dh = t.head_dim;
   const int64_t E = m.moe.num_experts, K = m.moe.top_k, F = m.moe.expert_hidden, V = t.vocab_size;
@@ -124,6 +120,17 @@ MemoryEstimate estimate_training_memory(const Config& cfg) {
   e.act_layer_bytes = 4.0 * layer;
   e.act_checkpointed = 4.0 * (L * N * D + 2.0 * layer + head + vision);
   e.act_full = 4.0 * (L * layer + head + vision);
+}
+
+}  // namespace
+
+MemoryEstimate estimate_training_memory(const Config& cfg) {
+  MemoryEstimate e;
+  e.checkpointing = cfg.train.activation_checkpointing;
+  RecordingBuilder rec(cfg);
+  OmniLite model(cfg.model, rec);
+  estimate_weights(cfg, rec, *model, e);
+  estimate_activations(cfg, rec, e);
   return e;
 }
 

@@ -10,11 +10,14 @@
 #include "omnilite/data/tokenizer.h"
 #include "omnilite/io/adapter.h"
 #include "omnilite/log.h"
+#include "omnilite/modules/lora_linear.h"
+#include "omnilite/modules/moe.h"
 #include "omnilite/modules/qlora_builder.h"
 #include "omnilite/modules/omnilite.h"
 #include "omnilite/modules/rfm_head.h"
 #include "omnilite/runtime.h"
-#include "omnilite/train/losses.h"
+#include "omnilite/io/checkpoint.h"
+#include "omnilite/modules/losses.h"
 #include "omnilite/train/stage.h"
 #include "stages.h"
 
@@ -64,15 +67,15 @@ class OmniStage : public TrainStage {
                                  "hint: `omnilite init --config FILE --out DIR` writes a full-size one");
       io::load_base_weights(*model_, tr.base_checkpoint);
       log::info("qlora: base weights from " + tr.base_checkpoint);
-      for (auto& p : model_->named_parameters())
-        p.value().set_requires_grad(p.key().find(".lora_") != std::string::npos);
+      train_adapters_only(*model_);
     } else if (!tr.base_checkpoint.empty()) {
       // A full fine-tune: every weight starts from the base and trains (strict: every mismatch is named).
       io::load_base_weights(*model_, tr.base_checkpoint);
       log::info("full fine-tune: every weight starts from " + tr.base_checkpoint);
     }
-    if (tr.gen_batch_size > 0) load_vqvae_weights(*model_->vqvae, cfg.data.vqvae);
-    for (auto& p : model_->vqvae->parameters()) p.set_requires_grad(false);
+    if (tr.gen_batch_size > 0) io::load_vqvae_weights(*model_->vqvae, cfg.data.vqvae);
+    freeze_parameters(*model_->vqvae, [](const std::string&) { return true; });
+    set_moe_dispatch(*model_, parse_moe_dispatch(cfg.runtime.moe_dispatch));
     model_->text->checkpoint_layers = tr.activation_checkpointing;
     model_->to(dev);
     model_->train();

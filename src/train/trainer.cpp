@@ -9,7 +9,6 @@
 #include <fstream>
 #include <functional>
 #include <map>
-#include <optional>
 #include <stdexcept>
 #include <thread>
 
@@ -27,6 +26,8 @@
 #include "omnilite/io/weights_reader.h"
 #include "omnilite/hash.h"
 #include "omnilite/log.h"
+#include "omnilite/modules/lora_linear.h"
+#include "omnilite/modules/moe.h"
 #include "omnilite/pattern.h"
 #include "omnilite/runtime.h"
 #include "omnilite/train/distributed.h"
@@ -258,30 +259,6 @@ GradCheck clip_and_check(const std::vector<torch::Tensor>& params, double loss, 
   return c;
 }
 
-std::string latest_checkpoint(const std::string& dir) {
-  if (fs::exists(dir + "/state.json") || io::is_hf_export(dir)) return dir;
-  const std::string ck = fs::exists(dir + "/checkpoints") ? dir + "/checkpoints" : dir;
-  std::vector<std::string> names;
-  if (fs::is_directory(ck))
-    for (const auto& e : fs::directory_iterator(ck))
-      if (e.is_directory() && e.path().filename().string().rfind("step_", 0) == 0) names.push_back(e.path().string());
-  if (names.empty())
-    throw std::runtime_error("no checkpoint under \"" + dir + "\"; hint: pass a run folder or a step_N folder");
-  std::sort(names.begin(), names.end());
-  return names.back();
-}
-
-void load_vqvae_weights(torch::nn::Module& vqvae, const std::string& run_or_checkpoint) {
-  const std::string dir = latest_checkpoint(run_or_checkpoint);
-  std::ifstream sf(dir + "/state.json");
-  auto state = json::parse(sf, nullptr, false);
-  if (!state.is_object() || state.value("stage", std::string()) != "vqvae")
-    throw std::runtime_error("data.vqvae: \"" + dir + "\" is not a checkpoint of a train.stage = \"vqvae\" run; hint: "
-                             "train the VQ-VAE first (configs/small-vqvae.json)");
-  io::load_module(vqvae, dir + "/model.safetensors");
-  log::info("vqvae: frozen weights from " + dir);
-}
-
 void TrainStage::save_weights(const std::string& dir, int64_t step) {
   io::save_module(module(), dir + "/model.safetensors", {{"step", std::to_string(step)}});
 }
@@ -295,282 +272,323 @@ std::unique_ptr<TrainStage> make_stage(const Config& cfg, torch::Device dev, std
   return make_omni_stage(cfg, dev, dist);
 }
 
+namespace {
+
+// What the setup steps build, in order, for the step loop.
+struct Session {
+  torch::Device dev = torch::kCPU;         // the rank's device (runtime)
+  std::shared_ptr<Dist> dist;              // the job's process group (distributed)
+  std::unique_ptr<TrainStage> stage;       // data, model and losses of train.stage
+  std::vector<torch::Tensor> params;       // the trainable parameters, in registration order
+  // AdamW over `params`; under ZeRO-1 it steps this rank's share, and `full` (no state of its own between
+  // checkpoints) carries the unsharded checkpoint format.
+  std::unique_ptr<torch::optim::AdamW> opt, full;
+  std::unique_ptr<Zero1> zero;             // ZeRO-1 sharding (train.zero1 with more than one rank)
+  std::unique_ptr<GradReducer> reducer;    // gradient all-reduce (more than one rank)
+  int64_t step = 0, micro = 0;             // optimizer steps done, global micro-batches read
+
+  torch::optim::AdamW& checkpoint_opt() { return zero ? *full : *opt; }
+};
+
+// runtime: "all cores" (0) means this rank's part of the node's cores; ranks take cuda:LOCAL_RANK.
+RuntimeOptions rank_runtime(RuntimeOptions rt, const DistOptions& env) {
+  if (env.world_size == 1) return rt;
+  const int64_t cores =
+      std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()) / env.local_world_size);
+  if (rt.threads == 0) rt.threads = cores;
+  if (rt.blas_threads == 0) rt.blas_threads = cores;
+  if (rt.device == "cuda") rt.device = "cuda:" + std::to_string(env.local_rank);
+  return rt;
+}
+
+// model: the stage (an empty dataset is an error here, before step 1), train.freeze, the trainable parameters.
+void setup_model(Session& s, const Config& cfg) {
+  s.stage = make_stage(cfg, s.dev, s.dist);
+  const int64_t frozen = freeze_parameters(s.stage->module(), [&](const std::string& name) {
+    return matches_any(name, cfg.train.freeze);
+  });
+  if (!cfg.train.freeze.empty())
+    log::info(log::format("train.freeze: %lld parameters frozen", static_cast<long long>(frozen)));
+  for (const auto& p : s.stage->module().parameters())
+    if (p.requires_grad()) s.params.push_back(p);
+}
+
+// optimizer: AdamW, sharded by ZeRO-1 (train.zero1) over more than one rank.
+void setup_optimizer(Session& s, const TrainOptions& tr) {
+  s.opt = make_optimizer(s.stage->module(), tr);
+  if (!tr.zero1) return;
+  if (s.dist->world() == 1) return log::info("zero1: one process, nothing to shard");
+  s.zero = std::make_unique<Zero1>(s.dist, s.params);
+  s.full = std::move(s.opt);
+  s.opt = make_optimizer(s.stage->module(), tr, [&](const torch::Tensor& p) { return s.zero->owns(p); });
+  const double mib = 2.0 * static_cast<double>(s.params.front().element_size()) / (1024.0 * 1024.0);
+  const auto owned = s.zero->owned_numel(), total = s.zero->total_numel();
+  log::info(log::format("zero1: rank 0 holds the AdamW state of %lld of %lld trainable parameters: %.1f MiB instead "
+                        "of %.1f MiB (%.1f MiB saved per rank)", static_cast<long long>(owned),
+                        static_cast<long long>(total), owned * mib, total * mib, (total - owned) * mib));
+}
+
+// checkpointing and resume: weights, optimizer, generators and data position of the newest checkpoint of
+// `resume_dir`, refused with the reason when it belongs to another stage or base. Returns its metrics line.
+json resume_from(Session& s, const Config& cfg, const std::string& resume_dir, const json& base,
+                 TrainResult& result) {
+  const auto& tr = cfg.train;
+  const std::string dir = io::latest_checkpoint(resume_dir);
+  for (const char* f : {"optimizer.pt", "rng.safetensors", "state.json"})
+    if (!fs::exists(dir + "/" + f))
+      throw std::runtime_error("checkpoint \"" + dir + "\" is incomplete: " + f + " is missing");
+  const auto state = io::read_checkpoint_state(dir);
+  if (state.value("stage", std::string("omni")) != tr.stage)
+    throw std::runtime_error("checkpoint \"" + dir + "\" belongs to train.stage = \"" +
+                             state.value("stage", std::string()) + "\", this run is \"" + tr.stage + "\"");
+  check_same_base(dir, state, base);
+  s.stage->load_weights(dir);
+  torch::load(s.checkpoint_opt(), dir + "/optimizer.pt");
+  if (s.zero) s.zero->take_state(*s.full, *s.opt);
+  restore_rng_file(dir + "/rng.safetensors", s.dev);
+  s.step = state["step"].get<int64_t>();
+  const TrainOptions old = state.contains("config") ? parse_config(state["config"]).train : tr;
+  s.micro = resume_micro(state["micro_batches"].get<int64_t>(), state.value("world_size", int64_t{1}), old,
+                         s.dist->world(), tr);
+  result.last_checkpoint = dir;
+  log::info(log::format("resumed from %s at step %lld", dir.c_str(), static_cast<long long>(s.step)));
+  return state.value("metrics", json());
+}
+
+// distributed: every rank starts from rank 0's trainable weights; gradients are summed over ranks in buckets
+// during backward.
+void setup_reducer(Session& s, const RuntimeOptions& rt, double bucket_mb) {
+  if (s.dist->world() == 1) return;
+  {
+    torch::NoGradGuard ng;
+    s.dist->broadcast(s.params, 0);
+  }
+  s.reducer = std::make_unique<GradReducer>(s.dist, s.params, bucket_mb);
+  int64_t n = 0;
+  for (const auto& p : s.params) n += p.numel();
+  const auto world = static_cast<long long>(s.dist->world());
+  log::info(log::format("distributed: %lld ranks (%s), global batch = %lld x the configured batch sizes, %lld "
+                        "trainable parameters in %lld all-reduce buckets of <= %g MiB, %lld + %lld threads per rank",
+                        world, s.dist->backend().c_str(), world, static_cast<long long>(n),
+                        static_cast<long long>(s.reducer->buckets()), bucket_mb, static_cast<long long>(rt.threads),
+                        static_cast<long long>(rt.blas_threads)));
+}
+
+// One optimizer step's work, as train() and bench_train_steps do it.
+struct StepWork {
+  double loss = 0;                     // the sum of the micro-batches' shares (over ranks)
+  std::map<std::string, double> sums;  // the stage's loss terms, summed alike
+  double wait_s = 0, units = 0;        // data wait and tokens (images) of this rank, summed over ranks when reduced
+  double allreduce_s = 0;              // time in the final all-reduce wait
+  GradCheck check;                     // gradient norm, and whether the step may be taken
+  double lr = 0;                       // the learning rate the step took
+};
+
+// grad_accum micro-batches -> backward (one all-reduce per step) -> the logged values reduced over ranks (so every
+// rank decides alike on a non-finite loss) -> gradient norm and clip -> AdamW at the schedule's learning rate when
+// finite. The schedule's horizon is train.steps, so stopping early (--max-steps) and resuming changes nothing.
+StepWork take_step(Session& s, const TrainOptions& tr, const std::vector<std::string>& names) {
+  StepWork w;
+  s.checkpoint_opt().zero_grad();  // every trainable parameter's (the sharded optimizer holds a share)
+  s.stage->begin_step(s.micro, tr.grad_accum);
+  for (int64_t a = 0; a < tr.grad_accum; ++a) {
+    auto r = s.stage->micro_step(s.micro++);
+    if (s.reducer && a + 1 == tr.grad_accum) s.reducer->arm();
+    r.loss.backward();  // the micro-batch's share of the step's loss
+    for (const auto& [k, v] : r.terms) w.sums[k] += v;
+    w.loss += r.loss.item<double>();
+    w.wait_s += r.wait_s;
+    w.units += r.units;
+  }
+  if (s.reducer) {
+    w.allreduce_s = s.reducer->finish();
+    std::vector<double> v{w.loss, w.units};
+    for (const auto& k : names) v.push_back(w.sums[k]);
+    auto t = torch::tensor(v, torch::kFloat64).to(s.dev);
+    s.dist->all_reduce_sum(t);
+    t = t.cpu();
+    w.loss = t[0].item<double>();
+    w.units = t[1].item<double>();
+    for (size_t i = 0; i < names.size(); ++i) w.sums[names[i]] = t[static_cast<int64_t>(i) + 2].item<double>();
+  }
+  w.lr = lr_at(s.step, tr.steps, tr.warmup_steps, tr.lr, tr.min_lr_ratio);
+  w.check = clip_and_check(s.params, w.loss, tr.grad_clip);
+  if (w.check.finite) {
+    for (auto& g : s.opt->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(w.lr);
+    s.opt->step();
+    if (s.zero) s.zero->broadcast_params();
+  }
+  ++s.step;
+  if (w.check.finite) s.stage->after_step(s.step);
+  return w;
+}
+
+// The step's metrics.jsonl line.
+json step_metrics(const Session& s, const StepWork& w, const std::vector<std::string>& names,
+                  const std::string& rate_key, double dt) {
+  json m = {{"step", s.step}, {"loss", w.loss}};
+  for (const auto& k : names) m[k] = w.sums.at(k);
+  m["lr"] = w.lr;
+  m["grad_norm"] = w.check.grad_norm;
+  m[rate_key] = w.units / dt;
+  m["data_wait_frac"] = w.wait_s / dt;
+  m["skipped"] = !w.check.finite;
+  if (s.reducer) {
+    m["allreduce_s"] = w.allreduce_s;
+    m["allreduce_buckets_early"] = s.reducer->started_early();  // of reducer->buckets(): started during backward
+    m["world_size"] = s.dist->world();
+  }
+  return m;
+}
+
+// The progress line: step, losses, learning rate, gradient norm, rate, data wait, ETA, validation.
+void log_step(const Session& s, const StepWork& w, const std::vector<std::string>& names, int64_t total_steps,
+              double dt, double eta, const std::string& valid_text) {
+  std::string line = log::format("step %lld/%lld | loss %.4f", static_cast<long long>(s.step),
+                                 static_cast<long long>(total_steps), w.loss);
+  for (const auto& k : names)
+    line += log::format(" | %s %.4f", k.c_str() + (k.rfind("loss_", 0) == 0 ? 5 : 0), w.sums.at(k));
+  line += log::format(" | lr %.2e | grad %.2f | %.0f %s/s | data wait %.1f%%", w.lr, w.check.grad_norm,
+                      w.units / dt, s.stage->unit().c_str(), 100.0 * w.wait_s / dt);
+  if (s.reducer) line += log::format(" | all-reduce %.3fs", w.allreduce_s);
+  log::info(line + log::format(" | ETA %.0fs", eta) + valid_text);
+}
+
+// A non-finite loss or gradient norm skips the step; train.max_bad_steps in a row stop the run.
+void count_bad_step(const StepWork& w, int64_t step, int64_t& bad_in_row, int64_t limit, const std::string& last) {
+  if (w.check.finite) {
+    bad_in_row = 0;
+    return;
+  }
+  ++bad_in_row;
+  const bool loss_ok = std::isfinite(w.loss);
+  log::warn(log::format("step %lld: %s is %g; step skipped (%lld in a row, limit train.max_bad_steps = %lld)",
+                        static_cast<long long>(step), loss_ok ? "gradient norm" : "loss",
+                        loss_ok ? w.check.grad_norm : w.loss, static_cast<long long>(bad_in_row),
+                        static_cast<long long>(limit)));
+  if (bad_in_row >= limit)
+    throw std::runtime_error("training stopped: " + std::to_string(bad_in_row) +
+                             " steps in a row with a non-finite loss or gradient; the last good checkpoint is " +
+                             (last.empty() ? std::string("none") : last) +
+                             "; hint: lower train.lr, or run with OMNILITE_DETECT_ANOMALY=1 to name the op");
+}
+
+// OMNILITE_DETECT_ANOMALY=1: autograd checks every backward op and names the forward op whose gradient first
+// turns NaN (slow; for finding the source of skipped steps).
+std::unique_ptr<torch::autograd::DetectAnomalyGuard> anomaly_detection() {
+  const char* a = std::getenv("OMNILITE_DETECT_ANOMALY");
+  if (!a || std::string(a) == "0") return nullptr;
+  log::warn("OMNILITE_DETECT_ANOMALY: autograd anomaly detection is on (slow)");
+  return std::make_unique<torch::autograd::DetectAnomalyGuard>();
+}
+
+}  // namespace
+
 TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t warmup, const std::string& profile) {
-  const torch::Device dev = apply_runtime(cfg.runtime);
+  Session s;
+  s.dev = apply_runtime(cfg.runtime);
   torch::manual_seed(cfg.train.seed);
-  auto stage = make_stage(cfg, dev);
-  auto opt = make_optimizer(stage->module(), cfg.train);
-  std::vector<torch::Tensor> params;
-  for (const auto& p : stage->module().parameters())
-    if (p.requires_grad()) params.push_back(p);
-  stage->start(0);
-  TrainBenchResult r;
-  int64_t micro = 0;
+  s.dist = std::make_shared<Dist>();
+  setup_model(s, cfg);
+  setup_optimizer(s, cfg.train);
+  s.stage->start(0);
+  const auto names = s.stage->terms();
   double units = 0, wait = 0;
   std::chrono::steady_clock::time_point t0;
   std::unique_ptr<ProfileGuard> profiler;
-  for (int64_t s = 0; s < warmup + steps; ++s) {
-    if (s == warmup) {
-      if (dev.is_cuda()) torch::cuda::synchronize();
+  for (int64_t i = 0; i < warmup + steps; ++i) {
+    if (i == warmup) {
+      if (s.dev.is_cuda()) torch::cuda::synchronize();
       if (!profile.empty()) profiler = std::make_unique<ProfileGuard>(profile);
       t0 = std::chrono::steady_clock::now();
     }
-    // The work of a training step: the loss read back (a device sync, as train() logs it), the gradient norm
-    // measured and clipped, the step taken when both are finite.
-    opt->zero_grad();
-    double loss = 0;
-    stage->begin_step(micro, cfg.train.grad_accum);
-    for (int64_t a = 0; a < cfg.train.grad_accum; ++a) {
-      auto m = stage->micro_step(micro++);
-      m.loss.backward();
-      loss += m.loss.item<double>();
-      if (s >= warmup) {
-        units += m.units;
-        wait += m.wait_s;
-      }
+    const auto w = take_step(s, cfg.train, names);
+    if (i >= warmup) {
+      units += w.units;
+      wait += w.wait_s;
     }
-    if (clip_and_check(params, loss, cfg.train.grad_clip).finite) opt->step();
   }
-  if (dev.is_cuda()) torch::cuda::synchronize();
+  if (s.dev.is_cuda()) torch::cuda::synchronize();
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   profiler.reset();  // writes the trace
+  TrainBenchResult r;
   r.seconds_per_step = total / static_cast<double>(steps);
   r.units_per_s = units / total;
   r.units_per_step = units / static_cast<double>(steps);
   r.data_wait_frac = wait / total;
+  r.moe_forwards = moe_path_counts(s.stage->module());
   return r;
 }
 
 TrainResult train(const Config& cfg, const TrainRunOptions& run) {
   const auto& tr = cfg.train;
-  // OMNILITE_DETECT_ANOMALY=1: autograd checks every backward op and names the forward op whose gradient first
-  // turns NaN (slow; for finding the source of skipped steps).
-  std::optional<torch::autograd::DetectAnomalyGuard> anomaly;
-  if (const char* a = std::getenv("OMNILITE_DETECT_ANOMALY"); a && std::string(a) != "0") {
-    anomaly.emplace();
-    log::warn("OMNILITE_DETECT_ANOMALY: autograd anomaly detection is on (slow)");
-  }
+  const auto anomaly = anomaly_detection();
   const int64_t total_steps = run.max_steps >= 0 ? run.max_steps : tr.steps;
-  // Data parallelism: the ranks of a job share the cores of a node and take cuda:LOCAL_RANK.
+  // runtime and distributed: the ranks of a job share the cores of a node.
   const DistOptions env = dist_options_from_env();
   log::set_rank(env.rank);
-  RuntimeOptions rt = cfg.runtime;
-  if (env.world_size > 1) {
-    // "all cores" (0) means this rank's part of them
-    const int64_t cores = std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()) / env.local_world_size);
-    if (rt.threads == 0) rt.threads = cores;
-    if (rt.blas_threads == 0) rt.blas_threads = cores;
-    if (rt.device == "cuda") rt.device = "cuda:" + std::to_string(env.local_rank);
-  }
-  const torch::Device dev = apply_runtime(rt);
+  const RuntimeOptions rt = rank_runtime(cfg.runtime, env);
+  Session s;
+  s.dev = apply_runtime(rt);
   torch::manual_seed(tr.seed);
-  auto dist = join_job(env, cfg, run, dev);
-  const bool main = dist->is_main();
-
-  // Data and model of the stage; an empty dataset is an error here, before step 1.
-  auto stage = make_stage(cfg, dev, dist);
-  auto& model = stage->module();
-  int64_t frozen = 0;
-  for (auto& p : model.named_parameters())
-    for (const auto& pattern : tr.freeze)
-      if (matches_pattern(p.key(), pattern) && p.value().requires_grad()) {
-        p.value().set_requires_grad(false);
-        frozen += p.value().numel();
-      }
-  if (!tr.freeze.empty()) log::info(log::format("train.freeze: %lld parameters frozen", static_cast<long long>(frozen)));
-  std::vector<torch::Tensor> params;
-  for (const auto& p : model.parameters())
-    if (p.requires_grad()) params.push_back(p);
-  auto opt = make_optimizer(model, tr);
-  // ZeRO-1: `opt` steps this rank's share; `full_opt` (no state of its own) carries the unsharded checkpoint format.
-  std::unique_ptr<Zero1> zero;
-  std::unique_ptr<torch::optim::AdamW> full_opt;
-  if (tr.zero1 && dist->world() > 1) {
-    zero = std::make_unique<Zero1>(dist, params);
-    full_opt = std::move(opt);
-    opt = make_optimizer(model, tr, [&](const torch::Tensor& p) { return zero->owns(p); });
-    const double bytes = 2.0 * static_cast<double>(params.front().element_size()) / (1024.0 * 1024.0);
-    log::info(log::format("zero1: rank 0 holds the AdamW state of %lld of %lld trainable parameters: %.1f MiB instead "
-                          "of %.1f MiB (%.1f MiB saved per rank)", static_cast<long long>(zero->owned_numel()),
-                          static_cast<long long>(zero->total_numel()), zero->owned_numel() * bytes,
-                          zero->total_numel() * bytes, (zero->total_numel() - zero->owned_numel()) * bytes));
-  } else if (tr.zero1) {
-    log::info("zero1: one process, nothing to shard");
-  }
-
+  s.dist = join_job(env, cfg, run, s.dev);
+  const bool main = s.dist->is_main();
+  setup_model(s, cfg);
+  setup_optimizer(s, tr);
   // Resume (every rank reads the checkpoint), then the run folder (rank 0 alone writes): a refused resume leaves
   // the run's files as they were.
-  Checkpointer ckpt{run.out_dir + "/checkpoints", tr.keep_last, dev,
+  Checkpointer ckpt{run.out_dir + "/checkpoints", tr.keep_last, s.dev,
                     tr.base_checkpoint.empty() ? json() : io::weights_identity(tr.base_checkpoint)};
-  int64_t step = 0, micro = 0;
   TrainResult result;
-  json resumed_metrics;  // the checkpoint's own metrics line
-  if (!run.resume_dir.empty()) {
-    const std::string dir = latest_checkpoint(run.resume_dir);
-    for (const char* f : {"optimizer.pt", "rng.safetensors", "state.json"})
-      if (!fs::exists(dir + "/" + f))
-        throw std::runtime_error("checkpoint \"" + dir + "\" is incomplete: " + f + " is missing");
-    const auto state = io::read_checkpoint_state(dir);
-    resumed_metrics = state.value("metrics", json());
-    if (state.value("stage", std::string("omni")) != tr.stage)
-      throw std::runtime_error("checkpoint \"" + dir + "\" belongs to train.stage = \"" + state.value("stage", std::string()) +
-                               "\", this run is \"" + tr.stage + "\"");
-    check_same_base(dir, state, ckpt.base);
-    stage->load_weights(dir);
-    if (zero) {
-      torch::load(*full_opt, dir + "/optimizer.pt");
-      zero->take_state(*full_opt, *opt);
-    } else {
-      torch::load(*opt, dir + "/optimizer.pt");
-    }
-    restore_rng_file(dir + "/rng.safetensors", dev);
-    step = state["step"].get<int64_t>();
-    const TrainOptions old = state.contains("config") ? parse_config(state["config"]).train : tr;
-    micro = resume_micro(state["micro_batches"].get<int64_t>(), state.value("world_size", int64_t{1}), old,
-                         dist->world(), tr);
-    result.last_checkpoint = dir;
-    log::info(log::format("resumed from %s at step %lld", dir.c_str(), static_cast<long long>(step)));
-  }
+  const json resumed_metrics = run.resume_dir.empty() ? json() : resume_from(s, cfg, run.resume_dir, ckpt.base, result);
+  std::ofstream metrics;
   if (main) {
     fs::create_directories(run.out_dir);
     io::write_file_synced(run.out_dir + "/config.json", to_json(cfg).dump(2));
+    truncate_metrics(run.out_dir + "/metrics.jsonl", s.step, resumed_metrics);
+    metrics.open(run.out_dir + "/metrics.jsonl", std::ios::app);
   }
-  const std::string metrics_path = run.out_dir + "/metrics.jsonl";
-  std::ofstream metrics;
-  if (main) {
-    truncate_metrics(metrics_path, step, resumed_metrics);
-    metrics.open(metrics_path, std::ios::app);
-  }
-  stage->start(micro);
+  s.stage->start(s.micro);
+  setup_reducer(s, rt, tr.bucket_mb);
 
-  // Every rank starts from rank 0's trainable weights; gradients are summed over ranks in buckets during backward.
-  std::unique_ptr<GradReducer> reducer;
-  if (dist->world() > 1) {
-    {
-      torch::NoGradGuard ng;
-      dist->broadcast(params, 0);
-    }
-    reducer = std::make_unique<GradReducer>(dist, params, tr.bucket_mb);
-    int64_t n = 0;
-    for (const auto& p : params) n += p.numel();
-    log::info(log::format("distributed: %lld ranks (%s), global batch = %lld x the configured batch sizes, %lld "
-                          "trainable parameters in %lld all-reduce buckets of <= %g MiB, %lld + %lld threads per rank",
-                          static_cast<long long>(dist->world()), dist->backend().c_str(),
-                          static_cast<long long>(dist->world()), static_cast<long long>(n),
-                          static_cast<long long>(reducer->buckets()), tr.bucket_mb, static_cast<long long>(rt.threads),
-                          static_cast<long long>(rt.blas_threads)));
-  }
-  const auto names = stage->terms();
-  const std::string rate_key = stage->unit() + "_per_s";
+  const auto names = s.stage->terms();
   const auto start = std::chrono::steady_clock::now();
-  const int64_t first_step = step;
+  const int64_t first_step = s.step;
   int64_t bad_in_row = 0;
-  bool first = true;
-  while (step < total_steps) {
+  while (s.step < total_steps) {
     const auto t0 = std::chrono::steady_clock::now();
-    (zero ? *full_opt : *opt).zero_grad();  // every trainable parameter's (the sharded optimizer holds a share)
-    std::map<std::string, double> sums;
-    double total_sum = 0, wait_s = 0, units = 0, allreduce_s = 0;
-    stage->begin_step(micro, tr.grad_accum);
-    for (int64_t a = 0; a < tr.grad_accum; ++a) {
-      auto r = stage->micro_step(micro++);
-      if (reducer && a + 1 == tr.grad_accum) reducer->arm();  // one all-reduce per optimizer step
-      r.loss.backward();  // the micro-batch's share of the step's loss
-      for (const auto& [k, v] : r.terms) sums[k] += v;
-      total_sum += r.loss.item<double>();
-      wait_s += r.wait_s;
-      units += r.units;
-    }
-    if (reducer) {
-      allreduce_s = reducer->finish();
-      // The logged values: the ranks' shares summed (every rank then decides alike on a non-finite loss).
-      std::vector<double> v{total_sum, units};
-      for (const auto& k : names) v.push_back(sums[k]);
-      auto t = torch::tensor(v, torch::kFloat64).to(dev);
-      dist->all_reduce_sum(t);
-      t = t.cpu();
-      total_sum = t[0].item<double>();
-      units = t[1].item<double>();
-      for (size_t i = 0; i < names.size(); ++i) sums[names[i]] = t[static_cast<int64_t>(i) + 2].item<double>();
-    }
-    const double loss_value = total_sum;  // the sum of the micro-batches' shares
-    // The schedule's horizon is train.steps, so stopping early (--max-steps) and resuming changes nothing.
-    const double lr = lr_at(step, tr.steps, tr.warmup_steps, tr.lr, tr.min_lr_ratio);
-    // The gradients are the reduced ones, so every rank decides alike.
-    const GradCheck check = clip_and_check(params, loss_value, tr.grad_clip);
-    const double grad_norm = check.grad_norm;
-    const bool finite = check.finite;
-    if (finite) {
-      for (auto& g : opt->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
-      opt->step();
-      if (zero) zero->broadcast_params();
-      bad_in_row = 0;
-    } else {
-      ++bad_in_row;
-      log::warn(log::format("step %lld: %s is %g; step skipped (%lld in a row, limit train.max_bad_steps = %lld)",
-                            static_cast<long long>(step + 1), std::isfinite(loss_value) ? "gradient norm" : "loss",
-                            std::isfinite(loss_value) ? grad_norm : loss_value, static_cast<long long>(bad_in_row),
-                            static_cast<long long>(tr.max_bad_steps)));
-      if (bad_in_row >= tr.max_bad_steps)
-        throw std::runtime_error("training stopped: " + std::to_string(bad_in_row) +
-                                 " steps in a row with a non-finite loss or gradient; the last good checkpoint is " +
-                                 (result.last_checkpoint.empty() ? std::string("none") : result.last_checkpoint) +
-                                 "; hint: lower train.lr, or run with OMNILITE_DETECT_ANOMALY=1 to name the op");
-    }
-    ++step;
-    if (finite) stage->after_step(step);
+    const StepWork w = take_step(s, tr, names);
+    count_bad_step(w, s.step, bad_in_row, tr.max_bad_steps, result.last_checkpoint);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (first) result.first_loss = loss_value;
-    first = false;
-    result.last_loss = loss_value;
-    json m = {{"step", step}, {"loss", loss_value}};
-    for (const auto& k : names) m[k] = sums[k];
-    m["lr"] = lr;
-    m["grad_norm"] = grad_norm;
-    m[rate_key] = units / dt;
-    m["data_wait_frac"] = wait_s / dt;
-    m["skipped"] = !finite;
-    const bool last = step == total_steps;
-    if (reducer) {
-      m["allreduce_s"] = allreduce_s;
-      m["allreduce_buckets_early"] = reducer->started_early();  // of reducer->buckets(): started during backward
-      m["world_size"] = dist->world();
-    }
+    if (s.step == first_step + 1) result.first_loss = w.loss;
+    result.last_loss = w.loss;
+    json m = step_metrics(s, w, names, s.stage->unit() + "_per_s", dt);
+    const bool last = s.step == total_steps;
     // The checkpoint comes before validation: a failure there never loses the step's weights.
-    if (step % tr.ckpt_every == 0 || last) {
-      stage->before_checkpoint();  // on every rank: keeps their modules alike
-      if (zero) zero->gather_state(*opt, *full_opt);
+    if (s.step % tr.ckpt_every == 0 || last) {
+      s.stage->before_checkpoint();  // on every rank: keeps their modules alike
+      if (s.zero) s.zero->gather_state(*s.opt, *s.full);
       if (main) {
-        result.last_checkpoint = ckpt.write(step, micro, dist->world(), *stage, zero ? *full_opt : *opt, cfg, m);
+        result.last_checkpoint = ckpt.write(s.step, s.micro, s.dist->world(), *s.stage, s.checkpoint_opt(), cfg, m);
         log::info("checkpoint " + result.last_checkpoint);
       }
-      if (zero) full_opt->state().clear();
+      if (s.zero) s.full->state().clear();
     }
     std::string valid_text;
-    if ((tr.valid_every > 0 && step % tr.valid_every == 0) || last) {
-      for (const auto& [k, v] : stage->validate()) {
+    if ((tr.valid_every > 0 && s.step % tr.valid_every == 0) || last)
+      for (const auto& [k, v] : s.stage->validate()) {
         m[k] = v;
         valid_text += log::format(" | %s %.4f", k.c_str(), v);
       }
-    }
-    if (main) {
-      metrics << m.dump() << "\n";
-      metrics.flush();
-    }
-    if (step % tr.log_every == 0 || last || step == first_step + 1 || !valid_text.empty()) {
+    if (main) metrics << m.dump() << "\n" << std::flush;
+    if (s.step % tr.log_every == 0 || last || s.step == first_step + 1 || !valid_text.empty()) {
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      const double eta = elapsed / static_cast<double>(step - first_step) * static_cast<double>(total_steps - step);
-      std::string line = log::format("step %lld/%lld | loss %.4f", static_cast<long long>(step),
-                                     static_cast<long long>(total_steps), loss_value);
-      for (const auto& k : names) line += log::format(" | %s %.4f", k.c_str() + (k.rfind("loss_", 0) == 0 ? 5 : 0), sums[k]);
-      line += log::format(" | lr %.2e | grad %.2f | %.0f %s/s | data wait %.1f%%", lr, grad_norm, units / dt,
-                          stage->unit().c_str(), 100.0 * wait_s / dt);
-      if (reducer) line += log::format(" | all-reduce %.3fs", allreduce_s);
-      line += log::format(" | ETA %.0fs", eta);
-      log::info(line + valid_text);
+      log_step(s, w, names, total_steps, dt,
+               elapsed / static_cast<double>(s.step - first_step) * static_cast<double>(total_steps - s.step),
+               valid_text);
     }
   }
-  result.steps_done = step;
+  result.steps_done = s.step;
   return result;
 }
 

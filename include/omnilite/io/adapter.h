@@ -35,4 +35,16 @@ void load_base_weights(torch::nn::Module& model, const std::string& path);
 int64_t write_merged_weights(const torch::nn::Module& model, const std::string& path, torch::ScalarType dtype,
                              const std::map<std::string, std::string>& metadata = {});
 
+// What merge_adapter wrote.
+struct MergedAdapter {
+  Config cfg;           // the adapter run's config (lora.enabled still set)
+  int64_t step = 0;     // the adapter checkpoint's step
+  int64_t tensors = 0;  // tensors written
+};
+// Builds the adapter run's model (checkpoint folder `adapter_dir`), loads the base weights of `base` and the
+// adapters, and writes the merged plain weights to `out_file` as `dtype` (`omnilite export --merge`). Throws naming
+// the folder when its config has lora.enabled = false.
+MergedAdapter merge_adapter(const std::string& base, const std::string& adapter_dir, const std::string& out_file,
+                            torch::ScalarType dtype);
+
 }  // namespace omnilite::io

@@ -36,6 +36,11 @@ nlohmann::json read_checkpoint_state(const std::string& dir);
 // folder, an init or export folder). `train --resume` without --out continues there; eval writes there.
 std::string run_folder_of(const std::string& path);
 
+// The newest checkpoint folder under a run folder (or the folder itself if it is a checkpoint); throws if none.
+std::string latest_checkpoint(const std::string& dir);
+// Weights of a VQ-VAE stage run (run folder or checkpoint folder) into `vqvae`; throws naming the folder.
+void load_vqvae_weights(torch::nn::Module& vqvae, const std::string& run_or_checkpoint);
+
 // Writes `path` (e.g. a state.json) durably: the file, then its folder, fsynced.
 void write_file_synced(const std::string& path, const std::string& text);
 

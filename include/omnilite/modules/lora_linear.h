@@ -5,7 +5,9 @@
 // and B is "lora_B" (weight [out, r], zeros: a fresh adapter leaves the base's output unchanged).
 #pragma once
 
+#include <functional>
 #include <memory>
+#include <string>
 
 #include <torch/torch.h>
 
@@ -29,5 +31,11 @@ struct LoRALinearImpl : LinearBaseImpl {
   double scaling;                              // alpha / r
 };
 TORCH_MODULE(LoRALinear);
+
+// The one freezing mechanism (train.freeze, QLoRA, the frozen VQ-VAE): every parameter of `model` whose name
+// `frozen` accepts stops training (requires_grad = false). Returns the elements it froze.
+int64_t freeze_parameters(torch::nn::Module& model, const std::function<bool(const std::string&)>& frozen);
+// QLoRA's rule: everything but the adapters (lora_A, lora_B) is frozen.
+int64_t train_adapters_only(torch::nn::Module& model);
 
 }  // namespace omnilite

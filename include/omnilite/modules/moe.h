@@ -32,7 +32,8 @@ struct SwiGLUExpertImpl : torch::nn::Module {
 TORCH_MODULE(SwiGLUExpert);
 
 // How MoEImpl::forward runs the experts. Only the implementation differs: outputs agree to rounding, parameters and
-// checkpoints are the same. One choice per process (runtime.moe_dispatch; apply_runtime sets it).
+// checkpoints are the same. Each MoE module holds its own choice (MoEImpl::dispatch; set_moe_dispatch sets a whole
+// model's from runtime.moe_dispatch).
 enum class MoEDispatch {
   Auto,     // Grouped where it pays (CUDA, bf16 compute, plain experts, LibTorch >= 2.9, aligned widths), else Loop
   Loop,     // each expert's SwiGLU on its slice: 3 GEMMs per expert, the per-expert counts read back to the host
@@ -43,19 +44,18 @@ enum class MoEDispatch {
 // "auto" | "loop" | "grouped" -> MoEDispatch; throws std::invalid_argument naming the value.
 MoEDispatch parse_moe_dispatch(const std::string& name);
 const char* moe_dispatch_name(MoEDispatch d);
-// The process-wide choice; Auto until set.
-void set_moe_dispatch(MoEDispatch d);
-MoEDispatch moe_dispatch();
 // Whether this build has the grouped path (compiled against LibTorch >= 2.9, which has at::_grouped_mm on CPU and
 // CUDA with its derivative).
 bool moe_grouped_available();
-// MoE layer forwards of this process so far, by the path they took (what a benchmark reports, so that a figure says
-// which path produced it).
+// MoE layer forwards by the path they took (what a benchmark reports, so that a figure says which path produced it).
 struct MoEPathCounts {
   int64_t loop = 0;     // forwards through loop_experts
   int64_t grouped = 0;  // forwards through grouped_experts
 };
-MoEPathCounts moe_path_counts();
+// Sets the dispatch of every MoE module in `model` (the model itself included).
+void set_moe_dispatch(torch::nn::Module& model, MoEDispatch d);
+// The forwards of every MoE module in `model` so far, summed.
+MoEPathCounts moe_path_counts(const torch::nn::Module& model);
 
 struct MoEOutput {
   torch::Tensor y;              // [B, T, D]
@@ -68,13 +68,15 @@ struct MoEImpl : torch::nn::Module {
   MoEOutput forward(const torch::Tensor& x);
   // Routing alone: x [N, D] -> weights [N, K] (renormalised, x's dtype) and expert ids [N, K] (int64).
   std::pair<torch::Tensor, torch::Tensor> route(const torch::Tensor& router_logits) const;
-  // Whether forward(x) takes the grouped path under the process-wide MoEDispatch; throws std::runtime_error naming
+  // Whether forward(x) takes the grouped path under `dispatch`; throws std::runtime_error naming
   // the reason when Grouped is asked for and x or the experts cannot take it.
   bool uses_grouped(const torch::Tensor& x) const;
 
   MoEOptions opts;
   torch::nn::Linear gate{nullptr};  // router D -> E, no bias; always full precision
   torch::nn::ModuleList experts;    // E SwiGLU experts, registered as experts.0 .. experts.E-1
+  MoEDispatch dispatch = MoEDispatch::Auto;  // how forward runs the experts (a run-time choice, not a weight)
+  MoEPathCounts forwards;                    // this module's forwards so far, by path
 
  private:
   // xs [S, D] slots in expert order, counts [E] -> [S, D]: expert e on its slice, one after the other.

@@ -79,8 +79,9 @@ class Dist {
   // Waits until every rank has arrived.
   void barrier();
 
+  struct Group;  // the c10d process group (opaque; distributed.cpp)
+
  private:
-  struct Group;  // the c10d process group (distributed.cpp)
   int64_t rank_ = 0, world_ = 1;
   std::string backend_ = "none";
   double timeout_s_ = 600;

@@ -69,7 +69,4 @@ class TrainStage {
 // data-parallel group (null = one process).
 std::unique_ptr<TrainStage> make_stage(const Config& cfg, torch::Device device, std::shared_ptr<Dist> dist = nullptr);
 
-// Weights of a VQ-VAE stage run (run folder or checkpoint folder) into `vqvae`; throws naming the folder.
-void load_vqvae_weights(torch::nn::Module& vqvae, const std::string& run_or_checkpoint);
-
 }  // namespace omnilite

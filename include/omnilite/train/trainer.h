@@ -17,6 +17,7 @@
 #include <torch/torch.h>
 
 #include "omnilite/config.h"
+#include "omnilite/modules/moe.h"
 
 namespace omnilite {
 
@@ -45,6 +46,7 @@ struct TrainBenchResult {
   double units_per_s = 0;       // tokens/s (images/s for image stages)
   double units_per_step = 0;    // tokens (images) per optimizer step
   double data_wait_frac = 0;    // share of timed step time spent waiting for data
+  MoEPathCounts moe_forwards;   // MoE layer forwards of the whole run (warm-up included), by path
 };
 TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t warmup, const std::string& profile = "");
 
@@ -57,8 +59,5 @@ struct GradCheck {
 };
 // Measures the gradients of `params` and clips them to max_norm (<= 0: measured only) when the loss is finite.
 GradCheck clip_and_check(const std::vector<torch::Tensor>& params, double loss, double max_norm);
-
-// The newest checkpoint folder under a run folder (or the folder itself if it is a checkpoint); throws if none.
-std::string latest_checkpoint(const std::string& dir);
 
 }  // namespace omnilite

@@ -1,4 +1,4 @@
-#include "omnilite/train/losses.h"
+#include "omnilite/modules/losses.h"
 
 namespace omnilite {
 
