@@ -16,7 +16,7 @@
 #include "omnilite/modules/nf4_linear.h"
 #include "omnilite/modules/omnilite.h"
 #include "omnilite/modules/qlora_builder.h"
-#include "omnilite/param_count.h"
+#include "omnilite/modules/param_count.h"
 #include "omnilite/train/memory_estimate.h"
 
 using namespace omnilite;

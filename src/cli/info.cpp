@@ -1,4 +1,4 @@
-// omnilite info: the parameter table of a config (or the design card), counted analytically.
+// omnilite info: the parameter table of a config (or the design card), read off the model (modules/param_count.h).
 // omnilite memory: the training-memory estimate of a config (include/omnilite/train/memory_estimate.h).
 #include <cstdio>
 #include <iostream>
@@ -8,7 +8,7 @@
 
 #include "omnilite/cli/commands.h"
 #include "omnilite/config.h"
-#include "omnilite/param_count.h"
+#include "omnilite/modules/param_count.h"
 #include "omnilite/runtime.h"
 #include "omnilite/train/memory_estimate.h"
 
@@ -40,7 +40,7 @@ std::string gib(double bytes) {
 int run_info(int argc, char** argv) {
   cxxopts::Options opts(argv[0], "Print the parameters of an OMNI-LITE configuration: one row per module (the "
                                  "checkpoint-key prefix), the total, the active parameters per token and the weight "
-                                 "memory in fp32, bf16 and NF4. Counts are analytic: no weights are allocated.");
+                                 "memory in fp32, bf16 and NF4. Counts are read off the model, built without allocating its projections.");
   opts.add_options()("config", "model config JSON (e.g. configs/omni-lite.json)", cxxopts::value<std::string>())(
       "spec", "design card JSON (e.g. ../shared/spec/omni-lite.spec.json); built into the same model config",
       cxxopts::value<std::string>())("json", "print one JSON object instead of the table")("h,help", "show this help");

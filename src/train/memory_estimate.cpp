@@ -7,35 +7,13 @@
 #include "omnilite/data/mm_batch.h"
 #include "omnilite/io/checkpoint.h"
 #include "omnilite/modules/omnilite.h"
+#include "omnilite/modules/param_count.h"
 #include "omnilite/modules/qlora_builder.h"
 #include "omnilite/pattern.h"
 #include "omnilite/quant/nf4.h"
 
 namespace omnilite {
 namespace {
-
-struct Projection {
-  int64_t in = 0, out = 0;
-  bool bias = false, nf4 = false, lora = false;
-};
-
-// Records every projection the blocks ask for (with the variant the config's builder would make) and hands back a
-// 1 x 1 placeholder, so the model's other tensors can be enumerated without allocating the projections.
-struct RecordingBuilder : LinearBuilder {
-  explicit RecordingBuilder(const Config& cfg) : cfg(cfg) {}
-  std::shared_ptr<LinearBaseImpl> make(const std::string& path, int64_t in, int64_t out, bool bias) const override {
-    const auto& l = cfg.lora;
-    Projection p{in, out, bias, false, false};
-    if (l.enabled) {
-      p.nf4 = l.base_dtype == "nf4" && in % quant::kNf4BlockSize == 0 && !matches_any(path, l.full_precision);
-      p.lora = matches_any(path, l.target_modules);
-    }
-    seen[path] = p;
-    return std::make_shared<PlainLinearImpl>(1, 1, false);
-  }
-  const Config& cfg;
-  mutable std::map<std::string, Projection> seen;
-};
 
 // Weights, gradients and AdamW state: the projections as the builder records them, every other tensor as the
 // model holds it.
@@ -127,7 +105,7 @@ void estimate_activations(const Config& cfg, const RecordingBuilder& rec, Memory
 MemoryEstimate estimate_training_memory(const Config& cfg) {
   MemoryEstimate e;
   e.checkpointing = cfg.train.activation_checkpointing;
-  RecordingBuilder rec(cfg);
+  RecordingBuilder rec(cfg.lora);
   OmniLite model(cfg.model, rec);
   estimate_weights(cfg, rec, *model, e);
   estimate_activations(cfg, rec, e);
