@@ -1,6 +1,7 @@
 // Device parity on CUDA, where a GPU is present (each test says it skipped otherwise): the tiny model's forward on
 // CUDA against the CPU (fp32 and bf16 autocast), a CUDA training step that lowers the loss, NF4 dequantisation on
-// CUDA against the CPU loop, and KV-cached decoding on CUDA against full recomputation.
+// CUDA against the CPU loop, KV-cached decoding on CUDA against full recomputation, checkpointing under autocast
+// with dropout, and an exact resume of a QLoRA run with dropout on CUDA.
 #include "catch_compat.h"
 
 #include "helpers.h"
@@ -10,6 +11,8 @@
 #include "omnilite/modules/qlora_builder.h"
 #include "omnilite/quant/nf4.h"
 #include "omnilite/runtime.h"
+#include "omnilite/io/checkpoint.h"
+#include "omnilite/train/trainer.h"
 
 using namespace omnilite;
 
@@ -157,4 +160,37 @@ TEST_CASE("CUDA: activation checkpointing under bf16 autocast with LoRA dropout 
   for (size_t i = 0; i < plain.size(); ++i) worst = std::max(worst, testing::max_rel_err(ckpt[i], plain[i]));
   INFO("max relative gradient difference " << worst);
   CHECK(worst < 1e-6);
+}
+
+TEST_CASE("CUDA: a QLoRA run with dropout resumes exactly (the CUDA generator is in the checkpoint)", "[cuda][train]") {
+  if (skip_without_cuda()) return;
+  const auto dir = testing::fresh_temp_dir("cuda_resume");
+  Config c = testing::tiny_text_config(dir + "/data");
+  c.lora = testing::tiny_qlora().lora;
+  c.lora.dropout = 0.1;  // LoRA dropout draws its masks from the CUDA generator
+  c.runtime.device = "cuda";
+  c.train.steps = 6;
+  c.train.ckpt_every = 3;
+  {
+    OmniLite plain(c.model);
+    io::save_module(*plain, dir + "/base.safetensors");
+  }
+  c.train.base_checkpoint = dir + "/base.safetensors";
+  TrainRunOptions a;
+  a.out_dir = dir + "/a";
+  train(c, a);
+  TrainRunOptions b;
+  b.out_dir = dir + "/b";
+  b.max_steps = 3;
+  train(c, b);
+  b.resume_dir = b.out_dir;
+  b.max_steps = -1;
+  train(c, b);
+  const auto ma = testing::metrics_of(a.out_dir), mb = testing::metrics_of(b.out_dir);
+  REQUIRE(ma.size() == 6);
+  REQUIRE(mb.size() == 6);
+  for (size_t i = 0; i < 6; ++i) {
+    INFO("step " << i + 1);
+    CHECK(mb[i]["loss"].get<double>() == ma[i]["loss"].get<double>());
+  }
 }

@@ -25,12 +25,12 @@ int run_eval(int argc, char** argv) {
                                  "usage), moe (per-layer expert load on text and image tokens). Writes eval.json "
                                  "(with step, config hash and seed) and the PNG reports into the run folder (or "
                                  "--out). docs/evaluation.md explains every number.");
-  opts.add_options()("checkpoint", "run folder (its newest checkpoint) or checkpoint folder", cxxopts::value<std::string>())(
+  add_checkpoint_flags(opts, "run folder (its newest checkpoint) or checkpoint folder");
+  opts.add_options()(
       "tasks", "comma-separated ppl,caption,t2i,recon,moe or all", cxxopts::value<std::string>()->default_value("all"))(
       "json", "print the results as JSON on stdout")(
       "out", "folder for eval.json and the PNGs (default: the run folder)", cxxopts::value<std::string>())(
       "classifier", "classifier run or checkpoint folder (default: data.classifier of the config)", cxxopts::value<std::string>())(
-      "device", "cpu, cuda or cuda:N (default: runtime.device of the config)", cxxopts::value<std::string>())(
       "caption-images", "held-out images to caption (0 = skip)", cxxopts::value<int64_t>()->default_value(std::to_string(d.caption_images)))(
       "t2i-per-class", "images generated per class (0 = skip)", cxxopts::value<int64_t>()->default_value(std::to_string(d.t2i_per_class)))(
       "flow-steps", "Euler steps of the image sampler", cxxopts::value<int64_t>()->default_value(std::to_string(d.flow_steps)))(
@@ -38,7 +38,7 @@ int run_eval(int argc, char** argv) {
       "text-rows", "held-out text rows for text_ppl", cxxopts::value<int64_t>()->default_value(std::to_string(d.text_rows)))(
       "recon-images", "held-out images reconstructed for recon", cxxopts::value<int64_t>()->default_value(std::to_string(d.recon_images)))(
       "moe-rows", "held-out text rows and captioned images routed for moe", cxxopts::value<int64_t>()->default_value(std::to_string(d.moe_rows)))(
-      "seed", "sampling seed", cxxopts::value<uint64_t>()->default_value("0"))("h,help", "show this help");
+      "seed", "sampling seed", cxxopts::value<uint64_t>()->default_value("0"));
   auto args = opts.parse(argc, argv);
   if (args.count("help") || !args.count("checkpoint")) {
     std::cout << opts.help() << "\nExamples:\n  omnilite eval --checkpoint runs/quickstart --json\n"

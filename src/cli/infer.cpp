@@ -18,6 +18,12 @@
 #include "omnilite/log.h"
 
 namespace omnilite::cli {
+
+void add_checkpoint_flags(cxxopts::Options& opts, const std::string& accepts) {
+  opts.add_options()("checkpoint", accepts, cxxopts::value<std::string>())(
+      "device", "cpu, cuda or cuda:N (default: the checkpoint's runtime.device)", cxxopts::value<std::string>())(
+      "h,help", "show this help");
+}
 namespace {
 
 std::vector<int64_t> encode_prompt(const Tokenizer& tok, const Config& cfg, const std::string& text,
@@ -59,15 +65,13 @@ std::vector<int64_t> parse_ids(const std::string& list) {
 int run_generate(int argc, char** argv) {
   cxxopts::Options opts(argv[0], "Continue a text prompt with a checkpoint and stream the text to stdout. Decoding "
                                  "keeps a KV cache of the 8 key/value heads, so each new token costs one position.");
-  opts.add_options()("checkpoint", "run folder (newest checkpoint), checkpoint, init or export folder",
-                     cxxopts::value<std::string>())("prompt", "text to continue", cxxopts::value<std::string>())(
+  add_checkpoint_flags(opts, "run folder (newest checkpoint), checkpoint, init or export folder");
+  opts.add_options()("prompt", "text to continue", cxxopts::value<std::string>())(
       "max-new-tokens", "most tokens to generate (stops earlier at eos)", cxxopts::value<int64_t>()->default_value("64"))(
       "temperature", "sampling temperature; 0 = greedy", cxxopts::value<double>()->default_value("0.8"))(
       "top-k", "sample among the k most probable tokens (0 = all)", cxxopts::value<int64_t>()->default_value("0"))(
       "top-p", "sample among the most probable tokens whose mass reaches p (1 = all)", cxxopts::value<double>()->default_value("1.0"))(
-      "seed", "sampling seed: the same seed gives the same text", cxxopts::value<uint64_t>()->default_value("0"))(
-      "device", "cpu, cuda or cuda:N (default: the checkpoint's runtime.device)", cxxopts::value<std::string>())(
-      "h,help", "show this help");
+      "seed", "sampling seed: the same seed gives the same text", cxxopts::value<uint64_t>()->default_value("0"));
   auto args = opts.parse(argc, argv);
   if (args.count("help") || !args.count("checkpoint") || !args.count("prompt")) {
     std::cout << opts.help() << "\nExample:\n  omnilite generate --checkpoint runs/quickstart --prompt \"The meaning of "
@@ -108,13 +112,11 @@ int run_generate(int argc, char** argv) {
 int run_score(int argc, char** argv) {
   cxxopts::Options opts(argv[0], "Per-token log-probabilities of a text or of token ids under a checkpoint: "
                                  "logprobs[i] = log p(tokens[i+1] | tokens[0..i]).");
-  opts.add_options()("checkpoint", "run folder (newest checkpoint), checkpoint, init or export folder",
-                     cxxopts::value<std::string>())(
+  add_checkpoint_flags(opts, "run folder (newest checkpoint), checkpoint, init or export folder");
+  opts.add_options()(
       "text", "text to score (encoded with the checkpoint's tokenizer, preceded by eos)", cxxopts::value<std::string>())(
       "tokens", "comma-separated token ids to score as they are, e.g. 2,15,7", cxxopts::value<std::string>())(
-      "json", "print {\"tokens\": [...], \"logprobs\": [...]}")(
-      "device", "cpu, cuda or cuda:N (default: the checkpoint's runtime.device)", cxxopts::value<std::string>())(
-      "h,help", "show this help");
+      "json", "print {\"tokens\": [...], \"logprobs\": [...]}");
   auto args = opts.parse(argc, argv);
   if (args.count("help") || !args.count("checkpoint") || args.count("text") + args.count("tokens") != 1) {
     std::cout << opts.help() << "\nGive exactly one of --text or --tokens. Example:\n"
@@ -149,12 +151,10 @@ int run_caption(int argc, char** argv) {
   cxxopts::Options opts(argv[0], "Describe an image: the ViT and the resampler turn it into 64 tokens of the text "
                                  "space, then the model continues [bos, image_begin, image..., image_end] greedily "
                                  "(KV-cached) until eos.");
-  opts.add_options()("checkpoint", "run folder (newest checkpoint), checkpoint or export folder",
-                     cxxopts::value<std::string>())("image", "image file: PNG, JPEG, ... as OpenCV reads it, or PGM/PPM (also without OpenCV)",
+  add_checkpoint_flags(opts, "run folder (newest checkpoint), checkpoint or export folder");
+  opts.add_options()("image", "image file: PNG, JPEG, ... as OpenCV reads it, or PGM/PPM (also without OpenCV)",
                                                     cxxopts::value<std::string>())(
-      "max-new-tokens", "longest caption", cxxopts::value<int64_t>()->default_value("32"))(
-      "device", "cpu, cuda or cuda:N (default: the checkpoint's runtime.device)", cxxopts::value<std::string>())(
-      "h,help", "show this help");
+      "max-new-tokens", "longest caption", cxxopts::value<int64_t>()->default_value("32"));
   auto args = opts.parse(argc, argv);
   if (args.count("help") || !args.count("checkpoint") || !args.count("image")) {
     std::cout << opts.help() << "\nExample:\n  omnilite caption --checkpoint runs/quickstart --image shoe.png\n";
@@ -181,15 +181,13 @@ int run_imagine(int argc, char** argv) {
                                  "(t = 1) with Euler steps, classifier-free guidance v = v_uncond + W (v_cond - "
                                  "v_uncond), the prompt's KV cache reused at every step, decoded by the VQ-VAE and "
                                  "written as a PNG (or PPM for a .ppm path).");
-  opts.add_options()("checkpoint", "run folder (newest checkpoint), checkpoint or export folder",
-                     cxxopts::value<std::string>())("prompt", "what to draw, e.g. \"a photo of a sneaker.\"",
+  add_checkpoint_flags(opts, "run folder (newest checkpoint), checkpoint or export folder");
+  opts.add_options()("prompt", "what to draw, e.g. \"a photo of a sneaker.\"",
                                                     cxxopts::value<std::string>())(
       "out", "picture to write (atomically): .png (OpenCV builds) or .ppm", cxxopts::value<std::string>())(
       "steps", "Euler steps", cxxopts::value<int64_t>()->default_value("25"))(
       "cfg", "guidance weight W (1 = no guidance)", cxxopts::value<double>()->default_value("3.0"))(
-      "seed", "noise seed: the same seed gives the same image", cxxopts::value<uint64_t>()->default_value("0"))(
-      "device", "cpu, cuda or cuda:N (default: the checkpoint's runtime.device)", cxxopts::value<std::string>())(
-      "h,help", "show this help");
+      "seed", "noise seed: the same seed gives the same image", cxxopts::value<uint64_t>()->default_value("0"));
   auto args = opts.parse(argc, argv);
   if (args.count("help") || !args.count("checkpoint") || !args.count("prompt") || !args.count("out")) {
     std::cout << opts.help() << "\nExample:\n  omnilite imagine --checkpoint runs/quickstart --prompt \"a photo of a "

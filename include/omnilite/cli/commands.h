@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include <cxxopts.hpp>
 #include <torch/torch.h>
 
 namespace omnilite::cli {
@@ -21,6 +22,10 @@ int run_generate(int argc, char** argv);
 int run_score(int argc, char** argv);
 int run_caption(int argc, char** argv);
 int run_imagine(int argc, char** argv);
+
+// The flags of every command that reads one checkpoint: --checkpoint (`accepts` says which folders), --device and
+// -h/--help.
+void add_checkpoint_flags(cxxopts::Options& opts, const std::string& accepts);
 
 // "bf16" / "fp32" -> ScalarType; throws naming the flag and the value otherwise.
 torch::ScalarType parse_storage_dtype(const std::string& flag, const std::string& value);
