@@ -9,6 +9,7 @@
 #include "helpers.h"
 #include "omnilite/io/adapter.h"
 #include "omnilite/io/checkpoint.h"
+#include "omnilite/infer/generate.h"
 #include "omnilite/io/init_checkpoint.h"
 #include "omnilite/io/weights_reader.h"
 #include "omnilite/io/safetensors.h"
@@ -180,4 +181,25 @@ TEST_CASE("memory estimate counts what a constructed QLoRA model holds", "[qlora
   for (const auto& t : m->vqvae->parameters()) vq += t.numel();
   CHECK(ep.nf4_params == 0);
   CHECK(ep.trainable_params == all - vq);
+}
+
+TEST_CASE("loading a checkpoint leaves the caller's threads and random stream alone", "[infer]") {
+  const auto dir = testing::fresh_temp_dir("load_neutral");
+  Config c = testing::load("configs/tiny.json");
+  c.runtime.threads = torch::get_num_threads() == 1 ? 2 : 1;  // a checkpoint asking for other threads and seed
+  c.runtime.seed = 99;
+  io::InitCheckpointOptions o;
+  o.out_dir = dir + "/init";
+  o.dtype = torch::kFloat32;
+  io::write_init_checkpoint(c, o);
+  const int threads = torch::get_num_threads();
+  torch::manual_seed(5);
+  const auto want = torch::randn({6});
+  torch::manual_seed(5);
+  const auto first = torch::randn({3});
+  const auto m = load_omni_checkpoint(o.out_dir);
+  const auto second = torch::randn({3});
+  CHECK(torch::equal(torch::cat({first, second}), want));
+  CHECK(torch::get_num_threads() == threads);
+  CHECK(m.cfg.runtime.threads == c.runtime.threads);
 }

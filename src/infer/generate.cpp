@@ -211,9 +211,12 @@ LoadedModel load_omni_checkpoint(const std::string& run_or_dir, const std::strin
                              "`omnilite export --checkpoint BASE --adapter " + run_or_dir + " --merge --out DIR`");
   if (!device.empty()) m.cfg.runtime.device = device;
   m.step = state.value("step", int64_t{0});
-  // A library call: the process's threads and seeds stay the caller's (the CLI sets them once, apply_runtime).
+  // A library call: the process's threads and random streams stay the caller's (the CLI sets them once,
+  // apply_runtime); the initialisation that loading overwrites draws from the CPU generator, which is put back.
   const torch::Device dev = resolve_device(m.cfg.runtime.device);
+  const RngState caller_rng = capture_rng();
   m.model = OmniLite(m.cfg.model);
+  restore_rng(caller_rng);
   io::load_module(*m.model, m.dir);
   set_moe_dispatch(*m.model, parse_moe_dispatch(m.cfg.runtime.moe_dispatch));
   m.model->to(dev);

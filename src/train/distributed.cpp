@@ -191,7 +191,6 @@ void check_fingerprints(const DistOptions& o, c10d::Store& store, const std::str
     }
     throw std::runtime_error(mismatch);
   }
-
 }
 
 // The process group of `backend` on the store, bound into `g`.
