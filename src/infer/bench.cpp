@@ -20,7 +20,6 @@ using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 }  // namespace
 
-
 void synchronize(const torch::Device& d) {
   if (d.is_cuda()) torch::cuda::synchronize();
 }
