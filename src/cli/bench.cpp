@@ -13,7 +13,6 @@
 //             token reads (attention, router, top_k of num_experts experts, final norm, LM head, one embedding row,
 //             plus the KV cache) / read bandwidth of a large buffer measured in the same run (a decoded token
 //             reads its weights, it does not copy them); and prompt tokens/s
-#include <chrono>
 #include <iostream>
 
 #include <cxxopts.hpp>
@@ -22,8 +21,6 @@
 #include "omnilite/cli/commands.h"
 #include "omnilite/config.h"
 #include "omnilite/infer/bench.h"
-#include "omnilite/modules/moe.h"
-#include "omnilite/modules/omnilite.h"
 #include "omnilite/modules/param_count.h"
 #include "omnilite/runtime.h"
 #include "omnilite/train/trainer.h"
@@ -140,7 +137,6 @@ int run_bench(int argc, char** argv) {
     result["config"] = args["config"].as<std::string>();
     result.update(bench_forward(cfg, dev, args["batch"].as<int64_t>(), args["seq"].as<int64_t>(), steps,
                                 args.count("backward") > 0));
-    if (dev.is_cuda()) result["peak_allocated_gib"] = cuda_peak_allocated_gib();
   }
   if (args.count("json")) {
     std::cout << result.dump() << "\n";

@@ -17,8 +17,8 @@ namespace omnilite {
 namespace {
 
 // SentencePiece lives behind a C interface in its own shared object (src/data/spm_shim.cpp explains why), loaded
-// once with RTLD_LOCAL | RTLD_DEEPBIND (in sanitizer builds: into a namespace of its own). Looked up in $OMNILITE_SPM_LIB, next to the running program, then at the
-// path of the build that made this library.
+// once with RTLD_LOCAL | RTLD_DEEPBIND (in sanitizer builds: into a link-map namespace of its own). Looked up in
+// $OMNILITE_SPM_LIB, next to the running program, then at the path of the build that made this library.
 struct SpmApi {
   void* (*load)(const char*, char*, size_t) = nullptr;
   void (*free_model)(void*) = nullptr;

@@ -224,7 +224,8 @@ MergedAdapter merge_adapter(const std::string& base, const std::string& adapter_
   MergedAdapter r;
   r.cfg = parse_config(state["config"]);
   if (!r.cfg.lora.enabled)
-    throw std::runtime_error("--adapter \"" + adapter_dir + "\": its config has lora.enabled = false");
+    throw std::runtime_error("adapter checkpoint \"" + adapter_dir + "\": its config has lora.enabled = false; "
+                             "hint: pass the folder of a QLoRA run");
   OmniLite model(r.cfg.model, *make_linear_builder(r.cfg));
   load_base_weights(*model, base);
   load_adapter(*model, adapter_dir);

@@ -23,11 +23,14 @@ std::map<std::string, std::pair<int64_t, bool>> RecordingBuilder::parameters(con
     out[path + ".weight"] = {p.in * p.out, p.nf4};
     if (p.bias) out[path + ".bias"] = {p.out, false};
   }
-  for (const auto& p : model.named_parameters()) {
-    const auto dot = p.key().rfind('.');
-    if (dot == std::string::npos || !seen.count(p.key().substr(0, dot))) out[p.key()] = {p.value().numel(), false};
-  }
+  for (const auto& p : model.named_parameters())
+    if (!is_placeholder(p.key())) out[p.key()] = {p.value().numel(), false};
   return out;
+}
+
+bool RecordingBuilder::is_placeholder(const std::string& tensor_name) const {
+  const auto dot = tensor_name.rfind('.');
+  return dot != std::string::npos && seen.count(tensor_name.substr(0, dot)) > 0;
 }
 
 ParamReport count_parameters(const ModelConfig& c) {

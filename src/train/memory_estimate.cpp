@@ -2,7 +2,6 @@
 
 #include <map>
 #include <memory>
-#include <set>
 
 #include "omnilite/data/mm_batch.h"
 #include "omnilite/io/checkpoint.h"
@@ -38,11 +37,8 @@ void estimate_weights(const Config& cfg, const RecordingBuilder& rec, const Omni
     }
     if (p.lora) e.lora_params += cfg.lora.rank * (p.in + p.out);
   }
-  std::set<std::string> placeholders;
-  for (const auto& [path, p] : rec.seen) placeholders.insert(path);
   for (const auto& [name, t] : io::state_tensors(model)) {
-    const auto dot = name.rfind('.');
-    if (dot != std::string::npos && placeholders.count(name.substr(0, dot))) continue;
+    if (rec.is_placeholder(name)) continue;
     e.full_params += t.numel();
     if (t.requires_grad() && trainable_full(name)) e.trainable_params += t.numel();
   }

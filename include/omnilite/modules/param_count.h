@@ -53,6 +53,9 @@ struct RecordingBuilder : LinearBuilder {
   // Every tensor of `model` (built with this builder), by checkpoint name: the recorded projections' weights and
   // biases, and the model's other parameters. Value: (elements, stored in NF4 by QLoRA).
   std::map<std::string, std::pair<int64_t, bool>> parameters(const torch::nn::Module& model) const;
+  // Whether `tensor_name` (e.g. "text.layers.0.self_attn.q_proj.weight") belongs to a recorded projection's
+  // 1 x 1 placeholder rather than to the model.
+  bool is_placeholder(const std::string& tensor_name) const;
 
   LoRAOptions lora;                                           // decides nf4 and lora of each record
   mutable std::map<std::string, RecordedProjection> seen;     // module path -> projection
