@@ -52,18 +52,62 @@ TEST_CASE("NF4: the 16 codes and nearest-code mapping", "[qlora][nf4]") {
   CHECK(wrong == 0);
 }
 
-TEST_CASE("NF4 round trip: per-value error within half the code gap, absmax within half a step", "[qlora][nf4]") {
+TEST_CASE("NF4 double quantisation map: bitsandbytes' signed dynamic 8-bit map, from its formula in double",
+          "[qlora][nf4]") {
+  // create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8): for i = 0..6 the midpoints of 2^i + 1 evenly
+  // spaced points in [0.1, 1], times +-10^(i - 6); then 0 and 1; sorted.
+  std::vector<double> ref;
+  for (int i = 0; i < 7; ++i) {
+    const int n = (1 << i) + 1;
+    for (int k = 0; k + 1 < n; ++k) {
+      const double a = 0.1 + 0.9 * k / (n - 1), b = 0.1 + 0.9 * (k + 1) / (n - 1);
+      ref.push_back((a + b) / 2 * std::pow(10.0, i - 6));
+      ref.push_back(-(a + b) / 2 * std::pow(10.0, i - 6));
+    }
+  }
+  ref.push_back(0);
+  ref.push_back(1);
+  std::sort(ref.begin(), ref.end());
+  const auto& map = quant::dynamic_map_values();
+  REQUIRE(ref.size() == map.size());
+  double worst = 0;
+  for (size_t k = 0; k < map.size(); ++k) worst = std::max(worst, std::abs(map[k] - ref[k]) / std::max(std::abs(ref[k]), 1e-6));
+  CHECK(worst < 1e-6);
+  CHECK(std::is_sorted(map.begin(), map.end()));
+  CHECK(map.back() == 1.0f);
+}
+
+TEST_CASE("NF4 round trip: per-value error within half the code gap, absmax codes the nearest of the dynamic map", "[qlora][nf4]") {
   torch::manual_seed(5);
   auto w = torch::randn({96, 256}) * 0.05;
   w[3][7] = 0.9;  // an outlier block
   auto q = quant::nf4_quantize(w);
   REQUIRE(q.packed.numel() == w.numel() / 2);
   REQUIRE(q.absmax_q.numel() == w.numel() / 64);
-  // Double-quantised absmax: within half a quantisation step of its 256-block.
+  // Double-quantised absmax: the offset is the mean absmax, and each code is the nearest value of the dynamic map
+  // (ties to the lower) to (absmax - mean) / the max |absmax - mean| of its 256-block, found by a naive scan in double.
   auto true_absmax = w.reshape({-1, 64}).abs().amax(1);
   auto dq_absmax = quant::nf4_absmax(q);
-  auto step = q.absmax_scale.repeat_interleave(256).narrow(0, 0, true_absmax.numel());
-  CHECK(((dq_absmax - true_absmax).abs() - step / 2).max().item<double>() <= 1e-7);
+  CHECK(q.absmax_mean.item<float>() == true_absmax.mean().item<float>());
+  {
+    const auto& map = quant::dynamic_map_values();
+    auto centred = (true_absmax - true_absmax.mean()).to(torch::kFloat64);
+    const int64_t nb = centred.numel();
+    int64_t wrong = 0;
+    for (int64_t s0 = 0; s0 < nb; s0 += 256) {
+      auto blk = centred.narrow(0, s0, std::min<int64_t>(256, nb - s0));
+      const double m = blk.abs().max().item<double>();
+      CHECK(q.absmax_scale[s0 / 256].item<double>() == Approx(m).epsilon(1e-6));
+      for (int64_t b = 0; b < blk.numel(); ++b) {
+        const double x = blk[b].item<double>() / m;
+        size_t best = 0;
+        for (size_t k = 1; k < map.size(); ++k)
+          if (std::abs(x - map[k]) < std::abs(x - map[best])) best = k;
+        wrong += q.absmax_q[s0 + b].item<uint8_t>() != best;
+      }
+    }
+    CHECK(wrong == 0);
+  }
   // Values: |w - dq| <= absmax * max half gap between codes + |absmax error|.
   double max_half_gap = 0;
   for (int k = 1; k < 16; ++k) max_half_gap = std::max(max_half_gap, (kTable[k] - kTable[k - 1]) / 2);
@@ -84,17 +128,18 @@ TEST_CASE("NF4 round trip: per-value error within half the code gap, absmax with
     }
     CHECK(wrong == 0);
   }
-  // The dequantisation equals a scalar decoding of the stored bytes: high nibble first, absmax = q * scale + mean.
+  // The dequantisation equals a scalar decoding of the stored bytes: high nibble first, absmax = map[q] * scale + mean.
   {
     auto packed = q.packed.contiguous();
     auto aq = q.absmax_q.contiguous();
     const auto* pb = packed.data_ptr<uint8_t>();
-    const auto* pa = aq.data_ptr<int8_t>();
+    const auto* pa = aq.data_ptr<uint8_t>();
+    const auto& map = quant::dynamic_map_values();
     auto flat = dq.reshape(-1);
     double worst = 0;
     for (int64_t i = 0; i < w.numel(); ++i) {
       const int64_t block = i / 64;
-      const double absmax = pa[block] * q.absmax_scale[block / 256].item<double>() + q.absmax_mean.item<double>();
+      const double absmax = map[pa[block]] * q.absmax_scale[block / 256].item<double>() + q.absmax_mean.item<double>();
       const int code = i % 2 == 0 ? pb[i / 2] >> 4 : pb[i / 2] & 15;
       worst = std::max(worst, std::abs(flat[i].item<double>() - kTable[code] * absmax));
     }
@@ -136,12 +181,13 @@ TEST_CASE("NF4 few-row product (SIMD and scalar) equals a naive decode of the st
   // Naive decode in float64: absmax from its double quantisation, then table[code] * absmax per value.
   auto W = torch::empty({out, in}, torch::kFloat64);
   const auto* p = q.packed.data_ptr<uint8_t>();
-  const auto* aq = q.absmax_q.data_ptr<int8_t>();
+  const auto* aq = q.absmax_q.data_ptr<uint8_t>();
   const auto* sc = q.absmax_scale.data_ptr<float>();
+  const auto& map = quant::dynamic_map_values();
   const double mean = q.absmax_mean.item<float>();
   for (int64_t i = 0; i < out * in; ++i) {
     const int64_t blk = i / 64;
-    const double absmax = static_cast<double>(aq[blk]) * sc[blk / 256] + mean;
+    const double absmax = static_cast<double>(map[aq[blk]]) * sc[blk / 256] + mean;
     const int code = i % 2 == 0 ? p[i / 2] >> 4 : p[i / 2] & 15;
     W.view(-1)[i] = kTable[code] * absmax;
   }

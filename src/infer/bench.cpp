@@ -143,8 +143,8 @@ OmniLite decode_model(const Config& cfg, const std::string& weights, const torch
   for (const auto& mod : m->modules(/*include_self=*/false))
     if (auto* q = dynamic_cast<Nf4LinearImpl*>(mod.get())) {  // random codes and block scales around 0.02
       q->weight_packed.random_(0, 256);
-      q->weight_absmax_q.random_(-127, 128);
-      q->weight_absmax_scale.fill_(1e-4);
+      q->weight_absmax_q.random_(0, 256);
+      q->weight_absmax_scale.fill_(0.01);
       q->weight_absmax_mean.fill_(0.02);
     }
   m->to(dev);

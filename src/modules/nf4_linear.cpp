@@ -49,7 +49,7 @@ Nf4LinearImpl::Nf4LinearImpl(int64_t in, int64_t out, bool with_bias) : in_(in),
               "; hint: keep this projection in full precision");
   const int64_t n = in * out, nb = n / quant::kNf4BlockSize;
   weight_packed = register_buffer("weight_packed", torch::zeros({n / 2}, torch::kUInt8));
-  weight_absmax_q = register_buffer("weight_absmax_q", torch::zeros({nb}, torch::kInt8));
+  weight_absmax_q = register_buffer("weight_absmax_q", torch::zeros({nb}, torch::kUInt8));
   weight_absmax_scale = register_buffer("weight_absmax_scale",
                                         torch::zeros({(nb + quant::kAbsmaxBlockSize - 1) / quant::kAbsmaxBlockSize}));
   weight_absmax_mean = register_buffer("weight_absmax_mean", torch::zeros({}));

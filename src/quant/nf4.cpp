@@ -22,6 +22,31 @@ const std::array<float, 16>& nf4_code_values() {
   return v;
 }
 
+const std::array<float, 256>& dynamic_map_values() {
+  // bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8), with the same float32 ops:
+  // for each exponent i in 0..6, the 2^i midpoints of linspace(0.1, 1, 2^i + 1) scaled by +-10^(i - 6); then 0
+  // and 1, sorted.
+  static const std::array<float, 256> map = [] {
+    std::vector<double> data;
+    for (int i = 0; i < 7; ++i) {
+      auto b = torch::linspace(0.1, 1.0, (1 << i) + 1, torch::kFloat32);
+      auto means = (b.narrow(0, 0, b.numel() - 1) + b.narrow(0, 1, b.numel() - 1)) / 2.0;
+      const double scale = std::pow(10.0, i - 6);
+      for (double sign : {1.0, -1.0}) {
+        auto v = (means * (sign * scale)).contiguous();
+        for (int64_t k = 0; k < v.numel(); ++k) data.push_back(v.data_ptr<float>()[k]);
+      }
+    }
+    data.push_back(0.0);
+    data.push_back(1.0);
+    std::sort(data.begin(), data.end());
+    std::array<float, 256> out{};
+    for (size_t k = 0; k < out.size(); ++k) out[k] = static_cast<float>(data.at(k));
+    return out;
+  }();
+  return map;
+}
+
 int64_t Nf4Tensor::numel() const {
   int64_t n = 1;
   for (auto d : shape) n *= d;
@@ -48,8 +73,9 @@ torch::Tensor nf4_nearest_codes(const torch::Tensor& x) {
 namespace {
 
 // The CPU path of the block quantisation in one pass per block (a loop instead of ~8 tensor-wide passes: it is what
-// loading a base checkpoint spends its time on). Same arithmetic as the tensor path: x / max(absmax, 1e-12), code =
-// number of decision boundaries strictly below it. blocks: [nb, 64] fp32 -> (packed [nb * 32] uint8, absmax [nb]).
+// loading a base checkpoint spends its time on). Same arithmetic as the tensor path and as bitsandbytes:
+// x * (1 / max(absmax, 1e-38)) clamped to [-1, 1], code = number of decision boundaries strictly below it.
+// blocks: [nb, 64] fp32 -> (packed [nb * 32] uint8, absmax [nb]).
 std::pair<torch::Tensor, torch::Tensor> quantize_blocks_cpu(const torch::Tensor& blocks) {
   const int64_t nb = blocks.size(0);
   auto packed = torch::empty({nb * kNf4BlockSize / 2}, torch::kUInt8);
@@ -66,10 +92,10 @@ std::pair<torch::Tensor, torch::Tensor> quantize_blocks_cpu(const torch::Tensor&
       float m = 0;
       for (int64_t j = 0; j < kNf4BlockSize; ++j) m = std::max(m, std::abs(x[j]));
       am[b] = m;
-      const float d = std::max(m, 1e-12f);
+      const float r = 1.0f / std::max(m, 1e-38f);
       uint8_t codes[kNf4BlockSize];
       for (int64_t j = 0; j < kNf4BlockSize; ++j) {
-        const float y = x[j] / d;
+        const float y = std::min(1.0f, std::max(-1.0f, x[j] * r));
         int c = 0;
         for (size_t k = 0; k < 15; ++k) c += y > mid[k];
         codes[j] = static_cast<uint8_t>(c);
@@ -95,27 +121,59 @@ Nf4Tensor nf4_quantize(const torch::Tensor& w) {
     std::tie(q.packed, absmax) = quantize_blocks_cpu(blocks);
   } else {
     absmax = blocks.abs().amax(1);
-    auto normalised = blocks / absmax.clamp_min(1e-12).unsqueeze(1);  // [nb, 64] in [-1, 1]
+    auto normalised = (blocks * absmax.clamp_min(1e-38).reciprocal().unsqueeze(1)).clamp(-1, 1);  // [nb, 64]
     auto pairs = nf4_nearest_codes(normalised.reshape(-1)).view({-1, 2});
     q.packed = (pairs.select(1, 0).to(torch::kInt32) * 16 + pairs.select(1, 1).to(torch::kInt32)).to(torch::kUInt8);
   }
-  // Double quantisation of absmax.
+  // Double quantisation of absmax (bitsandbytes' quantize_blockwise of absmax - offset, blocks of 256).
   const int64_t nb = absmax.numel(), ns = (nb + kAbsmaxBlockSize - 1) / kAbsmaxBlockSize;
   q.absmax_mean = absmax.mean();
-  auto centred = absmax - q.absmax_mean;                                         // [nb]
-  auto padded = torch::zeros({ns * kAbsmaxBlockSize}, centred.options());
-  padded.narrow(0, 0, nb).copy_(centred);
-  q.absmax_scale = padded.view({ns, kAbsmaxBlockSize}).abs().amax(1) / 127.0;   // [ns]
-  auto scale = q.absmax_scale.clamp_min(1e-20).repeat_interleave(kAbsmaxBlockSize).narrow(0, 0, nb);
-  q.absmax_q = (centred / scale).round().clamp(-127, 127).to(torch::kInt8);
+  auto centred = (absmax - q.absmax_mean).cpu().contiguous();  // [nb]
+  q.absmax_scale = torch::empty({ns}, torch::kFloat32);
+  q.absmax_q = torch::empty({nb}, torch::kUInt8);
+  const auto& map = dynamic_map_values();
+  const float* c = centred.data_ptr<float>();
+  float* scale = q.absmax_scale.data_ptr<float>();
+  uint8_t* code = q.absmax_q.data_ptr<uint8_t>();
+  const auto zero = static_cast<uint8_t>(std::lower_bound(map.begin(), map.end(), 0.0f) - map.begin());
+  for (int64_t s = 0; s < ns; ++s) {
+    const int64_t b0 = s * kAbsmaxBlockSize, b1 = std::min(nb, b0 + kAbsmaxBlockSize);
+    float m = 0;
+    for (int64_t b = b0; b < b1; ++b) m = std::max(m, std::abs(c[b]));
+    scale[s] = m;
+    for (int64_t b = b0; b < b1; ++b) {
+      if (m == 0) {
+        code[b] = zero;
+        continue;
+      }
+      const float x = c[b] / m;
+      // the nearest map value, ties to the lower one
+      auto hi = std::upper_bound(map.begin(), map.end(), x);
+      int64_t k = std::max<int64_t>(0, (hi - map.begin()) - 1);
+      if (k < 255 && std::abs(x - map[static_cast<size_t>(k) + 1]) < std::abs(x - map[static_cast<size_t>(k)])) ++k;
+      code[b] = static_cast<uint8_t>(k);
+    }
+  }
+  const auto dev = w.device();
+  q.absmax_q = q.absmax_q.to(dev);
+  q.absmax_scale = q.absmax_scale.to(dev);
   q.shape = w.sizes().vec();
   return q;
 }
 
+namespace {
+
+torch::Tensor dynamic_map_table(const torch::Device& dev) {
+  const auto& v = dynamic_map_values();
+  return torch::tensor(std::vector<float>(v.begin(), v.end()), torch::TensorOptions().device(dev));
+}
+
+}  // namespace
+
 torch::Tensor nf4_absmax(const Nf4Tensor& q) {
   const int64_t nb = q.absmax_q.numel();
   auto scale = q.absmax_scale.repeat_interleave(kAbsmaxBlockSize).narrow(0, 0, nb);
-  return q.absmax_q.to(torch::kFloat32) * scale + q.absmax_mean;
+  return dynamic_map_table(q.absmax_q.device()).index_select(0, q.absmax_q.to(torch::kInt64)) * scale + q.absmax_mean;
 }
 
 namespace {
@@ -168,7 +226,8 @@ torch::Tensor nf4_dequantize_rows(const Nf4Tensor& q, int64_t row0, int64_t rows
   const int64_t b0 = row0 * bpr, nb = rows * bpr;
   auto scale_idx = torch::arange(b0, b0 + nb, torch::TensorOptions().dtype(torch::kInt64).device(q.absmax_q.device()))
                        .div(kAbsmaxBlockSize, "floor");
-  auto absmax = q.absmax_q.narrow(0, b0, nb).to(torch::kFloat32) * q.absmax_scale.index_select(0, scale_idx) +
+  auto absmax = dynamic_map_table(q.absmax_q.device()).index_select(0, q.absmax_q.narrow(0, b0, nb).to(torch::kInt64)) *
+                    q.absmax_scale.index_select(0, scale_idx) +
                 q.absmax_mean;
   return decode(packed, absmax).view({rows, in}).to(dtype);
 }

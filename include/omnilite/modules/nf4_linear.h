@@ -31,7 +31,7 @@ struct Nf4LinearImpl : LinearBaseImpl {
 
   int64_t in_, out_;
   torch::Tensor weight_packed;        // [out * in / 2] uint8
-  torch::Tensor weight_absmax_q;      // [out * in / 64] int8
+  torch::Tensor weight_absmax_q;      // [out * in / 64] uint8 (dynamic-map codes)
   torch::Tensor weight_absmax_scale;  // [ceil(out * in / 64 / 256)] float32
   torch::Tensor weight_absmax_mean;   // [] float32
   torch::Tensor bias;                 // [out] float32 buffer (frozen), undefined without bias

@@ -3,8 +3,13 @@
 // A weight is flattened and cut into blocks of 64 values. Each block is scaled by its absmax into [-1, 1] and each
 // value is mapped to the nearest of the 16 NF4 codes (the quantiles of N(0, 1), normalised to [-1, 1], with an
 // exact 0); two 4-bit code indices share a byte, the first value in the high nibble.
-// Double quantisation: the per-block absmax values (fp32), minus their mean, are quantised again to signed 8 bits
-// in blocks of 256 with one fp32 scale per block, so a weight costs 4 + 8/64 + 32/(64*256) = 4.127 bits.
+// The block scaling is bitsandbytes' quantize_4bit: x * (1 / absmax), then the code whose decision boundary
+// (midpoint of neighbouring codes) is the first at or above it.
+// Double quantisation is bitsandbytes' compress_statistics=True: the per-block absmax values (fp32) minus their
+// mean (the offset) are quantised blockwise again, in blocks of 256: each divided by its block's max |.| (the
+// nested absmax, fp32) and mapped to the nearest value (ties to the lower) of bitsandbytes' signed dynamic 8-bit
+// map, so a weight costs 4 + 8/64 + 32/(64*256) = 4.127 bits. The bytes equal bitsandbytes' on the CPU
+// (scripts/check_interop.sh compares every stored byte).
 #pragma once
 
 #include <array>
@@ -19,13 +24,16 @@ constexpr int64_t kAbsmaxBlockSize = 256;   // absmax values per double-quantisa
 
 // The 16 NF4 code values, ascending (index = the 4-bit code).
 const std::array<float, 16>& nf4_code_values();
+// bitsandbytes' signed dynamic 8-bit map, create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8):
+// 256 values in [-1, 1], ascending (index = the 8-bit code of a double-quantised absmax).
+const std::array<float, 256>& dynamic_map_values();
 
 // A quantised tensor. numel must be a multiple of 64 (every linear layer of OMNI-LITE is).
 struct Nf4Tensor {
   torch::Tensor packed;         // [numel / 2] uint8: code of value 2i in the high nibble, 2i+1 in the low nibble
-  torch::Tensor absmax_q;       // [numel / 64] int8: (absmax - absmax_mean) / absmax_scale[block / 256], rounded
-  torch::Tensor absmax_scale;   // [ceil(numel / 64 / 256)] float32: max |absmax - mean| / 127 per 256-block
-  torch::Tensor absmax_mean;    // [] float32: mean of the block absmax values
+  torch::Tensor absmax_q;       // [numel / 64] uint8: dynamic-map code of (absmax - mean) / absmax_scale[block / 256]
+  torch::Tensor absmax_scale;   // [ceil(numel / 64 / 256)] float32: max |absmax - mean| per 256-block (nested_absmax)
+  torch::Tensor absmax_mean;    // [] float32: mean of the block absmax values (bitsandbytes' nested_offset)
   std::vector<int64_t> shape;   // shape of the original tensor
   int64_t numel() const;
 };
