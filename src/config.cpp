@@ -169,7 +169,7 @@ template <class V> void visit_fields(V& v, TrainOptions& o) {
   v("activation_checkpointing", o.activation_checkpointing); v("loader_threads", o.loader_threads);
   v("valid_every", o.valid_every); v("valid_batches", o.valid_batches); v("vq_restart_every", o.vq_restart_every);
   v("base_checkpoint", o.base_checkpoint); v("dist_timeout_s", o.dist_timeout_s); v("bucket_mb", o.bucket_mb);
-  v("zero1", o.zero1);
+  v("zero1", o.zero1); v("tensorboard", o.tensorboard);
 }
 template <class V> void visit_fields(V& v, LoRAOptions& o) {
   v("enabled", o.enabled); v("rank", o.rank); v("alpha", o.alpha); v("dropout", o.dropout);

@@ -166,6 +166,7 @@ struct TrainOptions {
   double bucket_mb = 25;          // data-parallel runs: MiB of gradients per all-reduce bucket
   bool zero1 = false;             // data-parallel runs: ZeRO stage 1, the AdamW state sharded across ranks (each steps
                                   // and broadcasts its share of the parameters; checkpoints stay unsharded)
+  bool tensorboard = true;        // also write every metrics.jsonl scalar as TensorBoard events into RUN/tb/
 };
 
 // Where the training data is.

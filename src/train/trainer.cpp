@@ -22,6 +22,7 @@
 #endif
 
 #include "omnilite/io/checkpoint.h"
+#include "omnilite/io/event_writer.h"
 #include "omnilite/io/hf_export.h"
 #include "omnilite/io/weights_reader.h"
 #include "omnilite/hash.h"
@@ -384,12 +385,22 @@ struct StepWork {
   double lr = 0;                       // the learning rate the step took
 };
 
+// Every trainable parameter's gradient set to none (the sharded optimizer holds a share), as PyTorch's
+// zero_grad(set_to_none=True): a parameter no micro-batch reaches in a step (an expert no token was routed to) has no
+// gradient, and AdamW leaves it and its moments alone. Zeroed gradients instead would let it drift by momentum and
+// decay only once it had been reached since the process started, so a resumed run (whose gradients start undefined)
+// would part from an uninterrupted one at the first step after the resume that leaves an expert idle.
+void clear_grads(torch::optim::Optimizer& opt) {
+  for (auto& group : opt.param_groups())
+    for (auto& p : group.params()) p.mutable_grad() = torch::Tensor();
+}
+
 // grad_accum micro-batches -> backward (one all-reduce per step) -> the logged values reduced over ranks (so every
 // rank decides alike on a non-finite loss) -> gradient norm and clip -> AdamW at the schedule's learning rate when
 // finite. The schedule's horizon is train.steps, so stopping early (--max-steps) and resuming changes nothing.
 StepWork take_step(Session& s, const TrainOptions& tr, const std::vector<std::string>& names) {
   StepWork w;
-  s.checkpoint_opt().zero_grad();  // every trainable parameter's (the sharded optimizer holds a share)
+  clear_grads(s.checkpoint_opt());
   s.stage->begin_step(s.micro, tr.grad_accum);
   for (int64_t a = 0; a < tr.grad_accum; ++a) {
     auto r = s.stage->micro_step(s.micro++);
@@ -439,6 +450,15 @@ json step_metrics(const Session& s, const StepWork& w, const std::vector<std::st
     m["world_size"] = s.dist->world();
   }
   return m;
+}
+
+// Every number of the step's metrics.jsonl line as a TensorBoard scalar (booleans as 0 / 1).
+void write_events(io::EventWriter& events, const json& m) {
+  const int64_t step = m.at("step").get<int64_t>();
+  for (const auto& [k, v] : m.items())
+    if (k != "step" && (v.is_number() || v.is_boolean()))
+      events.scalar(k, step, v.is_boolean() ? (v.get<bool>() ? 1.0 : 0.0) : v.get<double>());
+  events.flush();
 }
 
 // The progress line: step, losses, learning rate, gradient norm, rate, data wait, ETA, validation.
@@ -548,6 +568,10 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
     truncate_metrics(run.out_dir + "/metrics.jsonl", s.step, resumed_metrics);
     metrics.open(run.out_dir + "/metrics.jsonl", std::ios::app);
   }
+  // TensorBoard: a resumed run's file starts at its first new step, where TensorBoard drops the abandoned ones.
+  std::unique_ptr<io::EventWriter> events;
+  if (main && tr.tensorboard)
+    events = std::make_unique<io::EventWriter>(run.out_dir + "/tb", run.resume_dir.empty() ? -1 : s.step + 1);
   s.stage->start(s.micro);
   setup_reducer(s, rt, tr.bucket_mb);
 
@@ -581,6 +605,7 @@ TrainResult train(const Config& cfg, const TrainRunOptions& run) {
         valid_text += log::format(" | %s %.4f", k.c_str(), v);
       }
     if (main) metrics << m.dump() << "\n" << std::flush;
+    if (events) write_events(*events, m);
     if (s.step % tr.log_every == 0 || last || s.step == first_step + 1 || !valid_text.empty()) {
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       log_step(s, w, names, total_steps, dt,

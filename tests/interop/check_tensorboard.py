@@ -1,0 +1,72 @@
+"""TensorBoard reads `omnilite train`'s event files (RUN/tb/): every record's framing and masked CRC-32C checks out
+with TensorBoard's own CRC, and its EventAccumulator returns exactly the scalars of metrics.jsonl (as float32), also
+after a resume from an earlier checkpoint, whose abandoned steps TensorBoard must drop."""
+import json
+import math
+import shutil
+import struct
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+from common import FIX, ROOT, finish, omnilite, report
+
+
+def records_ok(path):
+    """(records, bad): TFRecord framing with masked CRC-32C of the length and of the data."""
+    data, pos, n, bad = path.read_bytes(), 0, 0, 0
+    while pos < len(data):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        (len_crc,) = struct.unpack_from("<I", data, pos + 8)
+        payload = data[pos + 12: pos + 12 + length]
+        (data_crc,) = struct.unpack_from("<I", data, pos + 12 + length)
+        bad += (masked_crc32c(data[pos: pos + 8]) != len_crc) + (masked_crc32c(payload) != data_crc)
+        pos += 16 + length
+        n += 1
+    return n, bad + (pos != len(data))
+
+
+def main():
+    run = FIX / "tb-run"
+    shutil.rmtree(run, ignore_errors=True)
+    cfg = json.loads((FIX / "small-untied.json").read_text())
+    cfg["data"].update({"image_train": [], "image_valid": []})
+    cfg["train"].update({"steps": 8, "batch_size": 2, "seq_len": 32, "log_every": 1, "valid_every": 4,
+                         "ckpt_every": 4, "warmup_steps": 2})
+    cfg_path = FIX / "tb-run.json"
+    cfg_path.write_text(json.dumps(cfg))
+    omnilite("train", "--config", cfg_path, "--out", run, "--max-steps", 6)
+    # As if the run had died after step 6 with its last good checkpoint at step 4: resume from that one.
+    omnilite("train", "--config", cfg_path, "--out", run, "--resume", run / "checkpoints/step_0000004")
+    files = sorted((run / "tb").glob("events.out.tfevents.*"))
+    total = bad = 0
+    for f in files:
+        n, b = records_ok(f)
+        total, bad = total + n, bad + b
+    report(f"tensorboard: TFRecord framing and masked CRC-32C, bad records of {total} in {len(files)} files", bad, 0,
+           bad == 0 and len(files) == 2)
+    ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    want = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        for k, v in m.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                want.setdefault(k, {})[m["step"]] = float(np.float32(v))
+            elif isinstance(v, bool):
+                want.setdefault(k, {})[m["step"]] = float(v)
+    tags = set(ea.Tags()["scalars"])
+    got = {k: {e.step: e.value for e in ea.Scalars(k)} for k in tags}
+    compared = sum(len(v) for v in want.values())
+    wrong = sum(got.get(k, {}).get(s) != v for k, vs in want.items() for s, v in vs.items())
+    extra = sum(len(set(got.get(k, {})) - set(want.get(k, {}))) for k in tags)
+    report(f"tensorboard: EventAccumulator scalars != metrics.jsonl (of {compared}; steps 1-8, resumed at 4)", wrong,
+           0, wrong == 0 and compared > 0)
+    report("tensorboard: scalars TensorBoard shows that metrics.jsonl lacks (abandoned steps 5-6 dropped)", extra, 0,
+           extra == 0)
+    finish()
+
+
+if __name__ == "__main__":
+    main()

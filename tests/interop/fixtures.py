@@ -1,0 +1,67 @@
+"""Builds the interop fixtures under build/interop/ and lists them in fixtures.json.
+
+- small-untied / small-tied: configs/small.json (4096-token vocabulary, 4 layers, 8 experts) with an untied and a
+  tied LM head, randomly initialised in fp32 by `omnilite init`, each exported with `--format hf` in 1, 2 and 3
+  shards (hf-untied-1, hf-untied-2, hf-tied-3, ...).
+- quickstart: the quickstart's trained model (runs/quickstart), exported the same way, when it exists.
+Folders that exist are kept (delete build/interop to rebuild).
+"""
+import json
+import math
+import shutil
+from pathlib import Path
+
+from common import FIX, ROOT, omnilite
+
+
+def sharded(src, out, shards, extra=()):
+    """Exports `src` with --format hf in exactly `shards` shards (the shard size is searched)."""
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out
+    total = None
+    limit = "50GB"
+    for _ in range(8):
+        tmp = out.with_name(out.name + ".try")
+        shutil.rmtree(tmp, ignore_errors=True)
+        omnilite("export", "--checkpoint", src, "--format", "hf", "--out", tmp, "--max-shard-size", limit, *extra)
+        files = sorted(tmp.glob("model*.safetensors"))
+        size = sum(f.stat().st_size for f in files)
+        total = total or size
+        if len(files) == shards:
+            tmp.rename(out)
+            return out
+        limit = str(math.ceil(total / shards * (1.0 + 0.05 * (_ + 1)))) if len(files) > shards or shards > 1 else "50GB"
+    raise RuntimeError(f"could not export {src} in {shards} shards")
+
+
+def main():
+    FIX.mkdir(parents=True, exist_ok=True)
+    base = json.loads((ROOT / "configs/small.json").read_text())
+    listed = {}
+    for tied in (False, True):
+        name = "tied" if tied else "untied"
+        cfg = json.loads(json.dumps(base))
+        cfg["model"]["text"]["tie_word_embeddings"] = tied
+        cfg_path = FIX / f"small-{name}.json"
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+        init = FIX / f"init-{name}"
+        if not (init / "model.safetensors").exists():
+            omnilite("init", "--config", cfg_path, "--out", init, "--dtype", "fp32", "--seed", 11 if tied else 12)
+        listed[f"init-{name}"] = {"path": str(init), "kind": "omnilite", "tied": tied}
+        for shards in (1, 2, 3):
+            out = sharded(init, FIX / f"hf-{name}-{shards}", shards)
+            listed[out.name] = {"path": str(out), "kind": "hf", "tied": tied, "shards": shards, "layout": "per-expert"}
+    qs = ROOT / "runs/quickstart"
+    if (qs / "checkpoints").exists():
+        out = sharded(qs, FIX / "hf-quickstart", 2)
+        listed["hf-quickstart"] = {"path": str(out), "kind": "hf", "tied": bool(
+            json.loads((out / "config.json").read_text())["tie_word_embeddings"]), "shards": 2, "layout": "per-expert",
+            "trained": True}
+        listed["quickstart"] = {"path": str(qs), "kind": "run", "trained": True}
+    (FIX / "fixtures.json").write_text(json.dumps(listed, indent=2))
+    print(f"interop fixtures: {', '.join(listed)} in {FIX}")
+
+
+if __name__ == "__main__":
+    main()
