@@ -153,12 +153,26 @@ TEST_CASE("hf export: shards and index, import is strict and lossless, export ->
   o.tokenizer = dir + "/tok.model";
   const auto a = io::write_hf_export(dir + "/src.safetensors", c, 42, o);
   REQUIRE(a.shards.size() > 2);
-  // The index: total_size, every tensor once, each in the shard that holds it; shards within the limit unless a
-  // single tensor is larger.
+  // The index: total_size, every Mixtral tensor once, each in the shard that holds it; shards within the limit
+  // unless a single tensor is larger. The rest (vision, resampler, flow, VQ-VAE) is in omnilite/multimodal.safetensors,
+  // so the shards hold Mixtral's names only.
   std::ifstream jf(o.out_dir + "/model.safetensors.index.json");
   const json index = json::parse(jf);
   CHECK(index["metadata"]["total_size"].get<uint64_t>() == a.bytes);
-  CHECK(static_cast<int64_t>(index["weight_map"].size()) == a.tensors);
+  io::SafetensorsReader extras(o.out_dir + "/" + io::kMultimodalFile);
+  int64_t mixtral = 0;
+  for (const auto& [name, t] : io::state_tensors(*model)) {
+    INFO(name);
+    if (io::is_mixtral_tensor(name)) {
+      ++mixtral;
+      CHECK(index["weight_map"].contains(io::to_hf_name(name)));
+    } else {
+      CHECK(extras.contains(name));
+    }
+  }
+  CHECK(static_cast<int64_t>(index["weight_map"].size()) == mixtral);
+  CHECK(static_cast<int64_t>(extras.tensors().size()) + mixtral == a.tensors);
+  for (const auto& [n, file] : index["weight_map"].items()) CHECK((n.rfind("model.", 0) == 0 || n == "lm_head.weight"));
   CHECK(a.tensors == static_cast<int64_t>(io::state_tensors(*model).size()));
   uint64_t sum = 0;
   for (const auto& s : a.shards) {
@@ -201,8 +215,11 @@ TEST_CASE("hf export: shards and index, import is strict and lossless, export ->
   o2.tokenizer = back.data.tokenizer;
   io::write_hf_export(o.out_dir, back, state["step"].get<int64_t>(), o2);
   std::set<std::string> files_a, files_b;
-  for (const auto& e : fs::directory_iterator(o.out_dir)) files_a.insert(e.path().filename().string());
-  for (const auto& e : fs::directory_iterator(o2.out_dir)) files_b.insert(e.path().filename().string());
+  for (const auto& e : fs::recursive_directory_iterator(o.out_dir))
+    if (e.is_regular_file()) files_a.insert(fs::relative(e.path(), o.out_dir).string());
+  for (const auto& e : fs::recursive_directory_iterator(o2.out_dir))
+    if (e.is_regular_file()) files_b.insert(fs::relative(e.path(), o2.out_dir).string());
+  CHECK(files_a.count(io::kMultimodalFile) == 1);
   CHECK(files_a == files_b);
   for (const auto& f : files_a) {
     INFO(f);

@@ -99,7 +99,7 @@ TEST_CASE("marker strings typed in a prompt or a document are plain text, never 
   CHECK_FALSE(out.empty());
   CHECK(out.size() <= 4);
   // The documents training reads go through the same encoder.
-  const auto stream = tokenize_documents({"a <image> b"}, tok, t.eos_id);
+  const auto stream = tokenize_documents({"a <image> b"}, tok, t.bos_id, t.eos_id);
   CHECK(stream.eq(t.image_id).sum().item<int64_t>() == 0);
 }
 

@@ -57,18 +57,13 @@ TEST_CASE("trained tokenizer reserves the image markers at ids 3..6 and round-tr
     CHECK_FALSE(ids.empty());
     CHECK(tok.decode(ids) == text);  // byte fallback keeps unseen characters
   }
-  // Marker strings in text are plain text: spelled by byte pieces, never the placeholder ids, and decoded back.
+  // Marker strings in text are plain text: the markers are control symbols, which SentencePiece never reads out of
+  // text, so "<image>" is spelled by ordinary pieces, never the placeholder ids, and decodes back.
   const std::string typed = "what is <image> here <image_begin><gen_image><image_end>";
   auto ids = tok.encode(typed);
   for (int64_t marker : {3, 4, 5, 6}) CHECK(std::count(ids.begin(), ids.end(), marker) == 0);
   CHECK(tok.decode(ids) == typed);
-  std::vector<int64_t> spelled;  // "<image>" as the byte pieces <0x3C> <0x69> ... <0x3E>
-  for (unsigned char ch : std::string("<image>")) {
-    char name[8];
-    std::snprintf(name, sizeof name, "<0x%02X>", ch);
-    spelled.push_back(tok.piece_id(name));
-  }
-  CHECK(std::search(ids.begin(), ids.end(), spelled.begin(), spelled.end()) != ids.end());
+  CHECK(tok.encode("<image>").size() > 1);
 
   auto cfg = testing::load("configs/tiny.json").model;  // vocab 64 < 300 pieces
   REQUIRE_THROWS_WITH(tok.check_compatible(cfg), ContainsText("300 pieces") &&

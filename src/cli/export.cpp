@@ -89,6 +89,8 @@ int run_export(int argc, char** argv) {
       "dtype", "storage type of floating tensors: fp32 or bf16", cxxopts::value<std::string>()->default_value("fp32"))(
       "max-shard-size", "--format hf: largest shard, e.g. 5GB, 500MB (decimal units, as transformers)",
       cxxopts::value<std::string>()->default_value("5GB"))(
+      "quant", "--format hf: none, or nf4 = the attention projections in bitsandbytes' 4-bit serialisation (what "
+               "transformers' load_in_4bit quantises; docs/export.md)", cxxopts::value<std::string>()->default_value("none"))(
       "h,help", "show this help");
   auto args = opts.parse(argc, argv);
   if (args.count("help") || !args.count("checkpoint") || !args.count("out")) {
@@ -105,6 +107,9 @@ int run_export(int argc, char** argv) {
   if (format != "omnilite" && format != "hf")
     throw std::runtime_error("--format \"" + format + "\": expected omnilite or hf");
   const auto dtype = parse_storage_dtype("--dtype", args["dtype"].as<std::string>());
+  if (args["quant"].as<std::string>() != "none" && format != "hf")
+    throw std::runtime_error("--quant " + args["quant"].as<std::string>() + " needs --format hf (bitsandbytes' "
+                             "serialisation); hint: add --format hf");
   const uint64_t shard_bytes = io::parse_byte_size("--max-shard-size", args["max-shard-size"].as<std::string>());
   const std::string source = weights_source(args["checkpoint"].as<std::string>(), "--checkpoint");
   fs::create_directories(out);
@@ -149,6 +154,7 @@ int run_export(int argc, char** argv) {
     o.out_dir = out;
     o.dtype = dtype;
     o.max_shard_bytes = shard_bytes;
+    o.quant = args["quant"].as<std::string>();
     if (fs::exists(cfg.data.tokenizer)) {
       o.tokenizer = cfg.data.tokenizer;
     } else {

@@ -1,7 +1,9 @@
 // omnilite generate / score / caption: inference from a checkpoint (KV-cached sampling; per-token log-probabilities).
-// Text prompts are encoded with the checkpoint's tokenizer (data.tokenizer) and preceded by eos, the document
-// separator the model was trained with, so a prompt reads as the start of a document.
+// Text prompts are encoded with the checkpoint's tokenizer (data.tokenizer) and preceded by bos, as every training
+// document is (bos, text, eos: the Llama and Mistral convention), so a prompt reads as the start of a document and
+// the Hugging Face export's tokenizer (add_bos_token) gives the same ids.
 #include <cmath>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <sstream>
@@ -30,7 +32,7 @@ std::vector<int64_t> encode_prompt(const Tokenizer& tok, const Config& cfg, cons
                                    const std::string& flag) {
   if (text.find_first_not_of(" \t\r\n") == std::string::npos)
     throw std::runtime_error(flag + " is empty; hint: give some text, e.g. " + flag + " \"Once upon a time\"");
-  std::vector<int64_t> ids{cfg.model.tokens.eos_id};
+  std::vector<int64_t> ids{cfg.model.tokens.bos_id};  // as Llama and Mistral prompts (and training documents) begin
   const auto body = tok.encode(text);
   ids.insert(ids.end(), body.begin(), body.end());
   return ids;
@@ -71,7 +73,9 @@ int run_generate(int argc, char** argv) {
       "temperature", "sampling temperature; 0 = greedy", cxxopts::value<double>()->default_value("0.8"))(
       "top-k", "sample among the k most probable tokens (0 = all)", cxxopts::value<int64_t>()->default_value("0"))(
       "top-p", "sample among the most probable tokens whose mass reaches p (1 = all)", cxxopts::value<double>()->default_value("1.0"))(
-      "seed", "sampling seed: the same seed gives the same text", cxxopts::value<uint64_t>()->default_value("0"));
+      "seed", "sampling seed: the same seed gives the same text", cxxopts::value<uint64_t>()->default_value("0"))(
+      "json", "print {\"prompt_tokens\": [...], \"tokens\": [...] (eos included when drawn), \"text\": ...} at the end "
+              "instead of streaming");
   auto args = opts.parse(argc, argv);
   if (args.count("help") || !args.count("checkpoint") || !args.count("prompt")) {
     std::cout << opts.help() << "\nExample:\n  omnilite generate --checkpoint runs/quickstart --prompt \"The meaning of "
@@ -95,9 +99,13 @@ int run_generate(int argc, char** argv) {
   std::vector<int64_t> generated;
   std::string shown;
   const int64_t eos = m.cfg.model.tokens.eos_id;
+  const bool as_json = args.count("json") > 0;
+  std::vector<int64_t> drawn;
   generate_text(*m.model, prompt, max_new, s, [&](int64_t id) {
+    drawn.push_back(id);
     if (id == eos) return;
     generated.push_back(id);
+    if (as_json) return;
     // Decode everything so far and print what is new (pieces join with spaces and bytes only as a whole).
     const std::string text = tok.decode(generated);
     if (text.size() > shown.size() && text.compare(0, shown.size(), shown) == 0) {
@@ -105,25 +113,61 @@ int run_generate(int argc, char** argv) {
       shown = text;
     }
   });
+  if (as_json) {
+    std::cout << nlohmann::json({{"prompt_tokens", prompt}, {"tokens", drawn}, {"text", tok.decode(generated)}}).dump()
+              << "\n";
+    return 0;
+  }
   std::cout << "\n";
   return 0;
 }
+
+namespace {
+
+// score --lines FILE: every non-empty line as a prompt of its own; one JSON object or one summary line per line.
+int score_lines(LoadedModel& m, const std::string& path, bool as_json) {
+  std::ifstream f(path);
+  if (!f) throw std::runtime_error("--lines \"" + path + "\" cannot be opened");
+  Tokenizer tok(m.cfg.data.tokenizer);
+  std::string line;
+  size_t lineno = 0;
+  while (std::getline(f, line)) {
+    ++lineno;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    const auto ids = encode_prompt(tok, m.cfg, line, "--lines line " + std::to_string(lineno));
+    const auto lp = score_tokens(*m.model, ids);
+    if (as_json) {
+      std::cout << nlohmann::json({{"line", lineno}, {"tokens", ids}, {"logprobs", lp}}).dump() << "\n";
+      continue;
+    }
+    double sum = 0;
+    for (double v : lp) sum += v;
+    std::cout << lineno << "\t" << ids.size() << " tokens\tlog-probability " << sum << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
 
 int run_score(int argc, char** argv) {
   cxxopts::Options opts(argv[0], "Per-token log-probabilities of a text or of token ids under a checkpoint: "
                                  "logprobs[i] = log p(tokens[i+1] | tokens[0..i]).");
   add_checkpoint_flags(opts, "run folder (newest checkpoint), checkpoint, init or export folder");
   opts.add_options()(
-      "text", "text to score (encoded with the checkpoint's tokenizer, preceded by eos)", cxxopts::value<std::string>())(
+      "text", "text to score (encoded with the checkpoint's tokenizer, preceded by bos)", cxxopts::value<std::string>())(
       "tokens", "comma-separated token ids to score as they are, e.g. 2,15,7", cxxopts::value<std::string>())(
-      "json", "print {\"tokens\": [...], \"logprobs\": [...]}");
+      "lines", "text file: each non-empty line scored as a --text of its own (one result per line)",
+      cxxopts::value<std::string>())(
+      "json", "print {\"tokens\": [...], \"logprobs\": [...]} (one object per line with --lines)");
   auto args = opts.parse(argc, argv);
-  if (args.count("help") || !args.count("checkpoint") || args.count("text") + args.count("tokens") != 1) {
-    std::cout << opts.help() << "\nGive exactly one of --text or --tokens. Example:\n"
+  if (args.count("help") || !args.count("checkpoint") ||
+      args.count("text") + args.count("tokens") + args.count("lines") != 1) {
+    std::cout << opts.help() << "\nGive exactly one of --text, --tokens or --lines. Example:\n"
                  "  omnilite score --checkpoint runs/quickstart --text \"a photo of a sandal.\" --json\n";
     return args.count("help") ? 0 : 2;
   }
   auto m = load_from_args(args);
+  if (args.count("lines")) return score_lines(m, args["lines"].as<std::string>(), args.count("json") > 0);
   std::vector<int64_t> ids;
   std::unique_ptr<Tokenizer> tok;
   if (args.count("text")) {

@@ -12,13 +12,16 @@ int run_tokenizer(int argc, char** argv) {
   cxxopts::Options opts(argv[0],
                         "Train a SentencePiece tokenizer (ACTION train) or encode/decode text with one (ACTION encode). "
                         "Trained models reserve ids 0 <unk>, 1 <s>, 2 </s>, 3 <image>, 4 <image_begin>, 5 <image_end>, "
-                        "6 <gen_image> (the defaults of model.tokens) and fall back to bytes for unseen characters.");
+                        "6 <gen_image> (the defaults of model.tokens; the markers are control symbols, never read from text) and fall "
+                        "back to bytes for unseen characters. The default is byte-fallback BPE with Llama's trainer "
+                        "settings, which transformers and llama.cpp split exactly as SentencePiece does.");
   opts.positional_help("ACTION");
   opts.add_options()("action", "train | encode", cxxopts::value<std::string>())(
       "input", "train: text files, .txt (one sentence per line) or .jsonl ({\"text\": ...}); repeat or comma-separate",
       cxxopts::value<std::vector<std::string>>())(
       "vocab-size", "train: pieces in the model", cxxopts::value<int64_t>()->default_value("4096"))(
-      "model-type", "train: unigram or bpe", cxxopts::value<std::string>()->default_value("unigram"))(
+      "model-type", "train: bpe (byte-fallback BPE as Llama and Mistral ship it) or unigram",
+      cxxopts::value<std::string>()->default_value("bpe"))(
       "seed", "train: sampling seed", cxxopts::value<uint64_t>()->default_value("1234"))(
       "out", "train: output .model path (its .vocab is written beside it)", cxxopts::value<std::string>())(
       "model", "encode: the SentencePiece .model to use", cxxopts::value<std::string>())(

@@ -56,10 +56,12 @@ DocumentSet read_documents(const std::vector<std::string>& paths) {
   return out;
 }
 
-torch::Tensor tokenize_documents(const std::vector<std::string>& docs, const Tokenizer& tok, int64_t eos_id) {
+torch::Tensor tokenize_documents(const std::vector<std::string>& docs, const Tokenizer& tok, int64_t bos_id,
+                                 int64_t eos_id) {
   std::vector<int64_t> ids;
   for (const auto& d : docs) {
     auto piece = tok.encode(d);
+    ids.push_back(bos_id);
     ids.insert(ids.end(), piece.begin(), piece.end());
     ids.push_back(eos_id);
   }

@@ -245,7 +245,11 @@ std::string train_tokenizer(const TokenizerTrainOptions& o, const std::string& o
   const std::string tmp_prefix = prefix + ".partial";
   const std::string args = "--input=" + tmp + " --model_prefix=" + tmp_prefix + " --vocab_size=" +
                            std::to_string(o.vocab_size) + " --model_type=" + o.model_type +
-                           " --character_coverage=1.0 --byte_fallback=true --user_defined_symbols=" + symbols +
+                           " --character_coverage=1.0 --byte_fallback=true --control_symbols=" + symbols +
+                           // Llama's and Mistral's trainer settings: text is kept as it is (no NFKC, whitespace
+                           // runs kept), digits are single pieces; llama.cpp and transformers split the same way.
+                           " --normalization_rule_name=identity --remove_extra_whitespaces=false"
+                           " --allow_whitespace_only_pieces=true --split_digits=true" +
                            " --input_sentence_size=" + std::to_string(o.max_sentences) +
                            " --shuffle_input_sentence=true --minloglevel=2 --num_threads=2";
   char err[kErrLen] = {0};

@@ -39,11 +39,11 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 void text_perplexity(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, int64_t max_rows, json& out) {
   auto valid = read_documents(cfg.data.text_valid);
   if (valid.documents.empty()) return;
-  auto rows = pack_sequences(tokenize_documents(valid.documents, tok, cfg.model.tokens.eos_id), cfg.train.seq_len,
+  auto rows = pack_sequences(tokenize_documents(valid.documents, tok, cfg.model.tokens.bos_id, cfg.model.tokens.eos_id), cfg.train.seq_len,
                              "data.text_valid");
   rows = rows.narrow(0, 0, std::min(rows.size(0), max_rows));
   // Unigram: add-one smoothed counts over the training text.
-  auto train_stream = tokenize_documents(read_documents(cfg.data.text_train).documents, tok, cfg.model.tokens.eos_id);
+  auto train_stream = tokenize_documents(read_documents(cfg.data.text_train).documents, tok, cfg.model.tokens.bos_id, cfg.model.tokens.eos_id);
   const int64_t V = cfg.model.text.vocab_size;
   auto counts = torch::bincount(train_stream, {}, V).to(torch::kFloat64) + 1.0;
   auto log_p = (counts / counts.sum()).log();  // [V]
@@ -304,7 +304,7 @@ void moe_task(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, cons
   // Text tokens: held-out packed rows.
   auto valid = read_documents(cfg.data.text_valid);
   if (!valid.documents.empty()) {
-    auto rows = pack_sequences(tokenize_documents(valid.documents, tok, cfg.model.tokens.eos_id), cfg.train.seq_len,
+    auto rows = pack_sequences(tokenize_documents(valid.documents, tok, cfg.model.tokens.bos_id, cfg.model.tokens.eos_id), cfg.train.seq_len,
                                "data.text_valid");
     rows = rows.narrow(0, 0, std::min(rows.size(0), o.moe_rows));
     auto r = model.forward({rows.to(dev)});

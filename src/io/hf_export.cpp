@@ -1,6 +1,9 @@
 #include "omnilite/io/hf_export.h"
 
 #include <cctype>
+#include <cstring>
+#include <functional>
+#include <memory>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -9,6 +12,7 @@
 #include <stdexcept>
 
 #include "omnilite/io/checkpoint.h"
+#include "omnilite/quant/nf4.h"
 #include "omnilite/io/safetensors.h"
 #include "omnilite/io/weights_reader.h"
 
@@ -125,6 +129,8 @@ const std::vector<KeyRule>& key_map() {
   return rules;
 }
 
+bool is_mixtral_tensor(const std::string& n) { return n.rfind("text.", 0) == 0 || n == "lm_head.weight"; }
+
 std::string to_hf_name(const std::string& n) { return translate(n, true); }
 std::string from_hf_name(const std::string& n) { return translate(n, false); }
 
@@ -177,7 +183,8 @@ json hf_config(const Config& cfg, int64_t step, torch::ScalarType dtype) {
       {"max_position_embeddings", t.max_position_embeddings},
       {"initializer_range", 0.02},
       {"rms_norm_eps", t.rms_norm_eps},
-      {"rope_theta", t.rope_theta},
+      {"rope_theta", t.rope_theta},  // read by llama.cpp's converter and transformers 4
+      {"rope_parameters", {{"rope_theta", t.rope_theta}, {"rope_type", "default"}}},  // transformers 5
       {"tie_word_embeddings", t.tie_word_embeddings},
       {"num_local_experts", cfg.model.moe.num_experts},
       {"num_experts_per_tok", cfg.model.moe.top_k},
@@ -190,14 +197,15 @@ json hf_config(const Config& cfg, int64_t step, torch::ScalarType dtype) {
       {"bos_token_id", tk.bos_id},
       {"eos_token_id", tk.eos_id},
       {"pad_token_id", tk.pad_id},
-      {"torch_dtype", dtype_label(dtype)},
+      {"dtype", dtype_label(dtype)},
       {"omnilite",
        {{"version", kCheckpointVersion},
         {"stage", "omni"},
         {"step", step},
         {"config", to_json(stored)},
         {"prefixes", prefixes},
-        {"key_map", "docs/export.md of OMNI-LITE: the text backbone under Mixtral's names, the rest under the prefixes"}}},
+        {"key_map", "docs/export.md of OMNI-LITE: the text backbone under Mixtral's names in model*.safetensors, the "
+                     "rest under the prefixes in omnilite/multimodal.safetensors"}}},
   };
 }
 
@@ -227,31 +235,109 @@ uint64_t parse_byte_size(const std::string& flag, const std::string& text) {
   return v;
 }
 
+namespace {
+
+// bitsandbytes' serialisation of one Linear4bit weight (nf4, blocksize 64, double quantisation), as
+// QuantState.as_dict(packed=True) and transformers' save_pretrained write it.
+struct Bnb4bit {
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;  // suffix ("" = the weight itself) -> tensor
+};
+
+Bnb4bit bnb_serialise(const torch::Tensor& w, torch::ScalarType dtype) {
+  const auto q = quant::nf4_quantize(w);
+  const auto& codes = quant::nf4_code_values();
+  const auto& map = quant::dynamic_map_values();
+  json state = {{"quant_type", "nf4"}, {"blocksize", quant::kNf4BlockSize}, {"dtype", dtype_label(dtype)},
+                {"shape", w.sizes().vec()}, {"nested_blocksize", quant::kAbsmaxBlockSize},
+                {"nested_dtype", "float32"}, {"nested_offset", static_cast<double>(q.absmax_mean.item<float>())}};
+  const std::string js = state.dump();
+  auto js_bytes = torch::empty({static_cast<int64_t>(js.size())}, torch::kUInt8);
+  std::memcpy(js_bytes.data_ptr<uint8_t>(), js.data(), js.size());
+  Bnb4bit b;
+  b.tensors = {{"", q.packed.view({-1, 1})},
+               {".absmax", q.absmax_q},
+               {".quant_map", torch::tensor(std::vector<float>(codes.begin(), codes.end()))},
+               {".nested_absmax", q.absmax_scale},
+               {".nested_quant_map", torch::tensor(std::vector<float>(map.begin(), map.end()))},
+               {".quant_state.bitsandbytes__nf4", js_bytes}};
+  return b;
+}
+
+// The weights transformers' bitsandbytes integration stores in 4 bits (its nn.Linear modules but the LM head).
+bool bnb_quantised(const std::string& omnilite_name) {
+  static const std::regex re(R"(text\.layers\.[0-9]+\.self_attn\.[qkvo]_proj\.weight)");
+  return std::regex_match(omnilite_name, re);
+}
+
+json bnb_quantization_config() {
+  return {{"quant_method", "bitsandbytes"}, {"load_in_4bit", true}, {"load_in_8bit", false},
+          {"bnb_4bit_quant_type", "nf4"}, {"bnb_4bit_use_double_quant", true}, {"bnb_4bit_compute_dtype", "float32"},
+          {"bnb_4bit_quant_storage", "uint8"}, {"llm_int8_skip_modules", nullptr}, {"llm_int8_threshold", 6.0},
+          {"llm_int8_has_fp16_weight", false}, {"llm_int8_enable_fp32_cpu_offload", false}};
+}
+
+// One tensor to write: its stored name, type and shape, and how to make it.
+struct Item {
+  TensorSpec spec;
+  std::function<torch::Tensor()> make;
+  uint64_t bytes = 0;
+};
+
+uint64_t bytes_of(const TensorSpec& s) {
+  uint64_t b = c10::elementSize(s.dtype);
+  for (auto d : s.shape) b *= static_cast<uint64_t>(d);
+  return b;
+}
+
+void write_file(const std::string& path, const std::vector<Item>& items) {
+  std::vector<TensorSpec> specs;
+  for (const auto& it : items) specs.push_back(it.spec);
+  SafetensorsWriter w(path, specs, {{"format", "pt"}});
+  for (const auto& it : items) w.write(it.spec.name, it.make());
+  w.commit();
+}
+
+}  // namespace
+
 HfExportResult write_hf_export(const std::string& src, const Config& cfg, int64_t step, const HfExportOptions& o) {
-  const json config = hf_config(cfg, step, o.dtype);  // refuses models Mixtral cannot express, before any work
+  json config = hf_config(cfg, step, o.dtype);  // refuses models Mixtral cannot express, before any work
+  if (o.quant != "none" && o.quant != "nf4")
+    throw std::runtime_error("--quant \"" + o.quant + "\": expected none or nf4");
+  if (o.quant == "nf4") config["quantization_config"] = bnb_quantization_config();
   WeightsReader r(src);
   r.verify_checksum();
   fs::create_directories(o.out_dir);
 
-  // Tensors in OMNI-LITE name order, greedily packed into shards of at most max_shard_bytes.
-  struct Item {
-    std::string name;  // OMNI-LITE name; spec.name is the Hugging Face one
-    TensorSpec spec;
-    uint64_t bytes;
-  };
+  // The Mixtral tensors in OMNI-LITE name order, greedily packed into shards of at most max_shard_bytes; the rest
+  // into the multimodal file.
   std::vector<std::vector<Item>> shards(1);
+  std::vector<Item> extras;
   uint64_t in_shard = 0, total = 0;
   for (const auto& [name, e] : r.tensors()) {
-    Item it{name, {to_hf_name(name), c10::isFloatingType(e.dtype) ? o.dtype : e.dtype, e.shape}, 0};
-    it.bytes = c10::elementSize(it.spec.dtype);
-    for (auto d : e.shape) it.bytes *= static_cast<uint64_t>(d);
-    if (!shards.back().empty() && in_shard + it.bytes > o.max_shard_bytes) {
-      shards.emplace_back();
-      in_shard = 0;
+    const std::string n = name;
+    const auto dtype = c10::isFloatingType(e.dtype) ? o.dtype : e.dtype;
+    if (!is_mixtral_tensor(n)) {
+      extras.push_back({{n, dtype, e.shape}, [&r, n, dtype] { return r.load(n).to(dtype); }});
+      continue;
     }
-    in_shard += it.bytes;
-    total += it.bytes;
-    shards.back().push_back(std::move(it));
+    std::vector<Item> items;
+    const std::string hf = to_hf_name(n);
+    if (o.quant == "nf4" && bnb_quantised(n)) {
+      for (const auto& [suffix, t] : bnb_serialise(r.load(n), o.dtype).tensors)
+        items.push_back({{hf + suffix, t.scalar_type(), t.sizes().vec()}, [t] { return t; }});
+    } else {
+      items.push_back({{hf, dtype, e.shape}, [&r, n, dtype] { return r.load(n).to(dtype); }});
+    }
+    for (auto& it : items) {
+      it.bytes = bytes_of(it.spec);
+      if (!shards.back().empty() && in_shard + it.bytes > o.max_shard_bytes) {
+        shards.emplace_back();
+        in_shard = 0;
+      }
+      in_shard += it.bytes;
+      total += it.bytes;
+      shards.back().push_back(std::move(it));
+    }
   }
 
   // Everything is written into a staging folder first and moved into place at the end, so a failed export leaves
@@ -263,34 +349,37 @@ HfExportResult write_hf_export(const std::string& src, const Config& cfg, int64_
   json weight_map = json::object();
   for (size_t k = 0; k < shards.size(); ++k) {
     const std::string file = shards.size() == 1 ? "model.safetensors" : shard_name(k, shards.size());
-    std::vector<TensorSpec> specs;
-    for (const auto& it : shards[k]) specs.push_back(it.spec);
-    SafetensorsWriter w(stage + "/" + file, specs, {{"format", "pt"}});
-    for (const auto& it : shards[k]) {
-      w.write(it.spec.name, r.load(it.name).to(it.spec.dtype));
-      weight_map[it.spec.name] = file;
-      ++res.tensors;
-    }
-    w.commit();
+    write_file(stage + "/" + file, shards[k]);
+    for (const auto& it : shards[k]) weight_map[it.spec.name] = file;
+    res.tensors += static_cast<int64_t>(shards[k].size());
     res.shards.push_back(file);
+  }
+  if (!extras.empty()) {
+    fs::create_directories(fs::path(stage + "/" + kMultimodalFile).parent_path());
+    write_file(stage + "/" + kMultimodalFile, extras);
+    res.tensors += static_cast<int64_t>(extras.size());
   }
   res.bytes = total;
   if (shards.size() > 1)
     write_file_synced(stage + "/" + kIndex,
                       json{{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}}.dump(2) + "\n");
   write_file_synced(stage + "/config.json", config.dump(2) + "\n");
+  write_file_synced(stage + "/generation_config.json",
+                    json{{"bos_token_id", cfg.model.tokens.bos_id}, {"eos_token_id", cfg.model.tokens.eos_id},
+                         {"pad_token_id", cfg.model.tokens.pad_id}}.dump(2) + "\n");
   if (!o.tokenizer.empty()) {
     if (!fs::exists(o.tokenizer))
       throw std::runtime_error("tokenizer \"" + o.tokenizer + "\" (data.tokenizer of the checkpoint) does not exist; "
                                "hint: run from the folder the checkpoint was trained in, or set --set data.tokenizer=...");
     fs::copy_file(o.tokenizer, stage + "/tokenizer.model", fs::copy_options::overwrite_existing);
-    const auto& tk = cfg.model.tokens;
-    // SentencePiece's reserved pieces; OMNI-LITE prompts start with eos (the document separator), not bos.
+    // Llama's convention, as OMNI-LITE frames documents and prompts: bos first, no eos. The image markers are
+    // SentencePiece control symbols, which transformers makes special tokens; split_special_tokens keeps it from
+    // reading them out of plain text, as SentencePiece (and OMNI-LITE) never does.
     write_file_synced(stage + "/tokenizer_config.json",
                       json{{"tokenizer_class", "LlamaTokenizer"}, {"bos_token", "<s>"}, {"eos_token", "</s>"},
-                           {"unk_token", "<unk>"}, {"add_bos_token", false}, {"add_eos_token", false},
-                           {"model_max_length", cfg.model.text.max_position_embeddings},
-                           {"omnilite_prompt_prefix_id", tk.eos_id}}.dump(2) + "\n");
+                           {"unk_token", "<unk>"}, {"add_bos_token", true}, {"add_eos_token", false},
+                           {"split_special_tokens", true}, {"legacy", false},
+                           {"model_max_length", cfg.model.text.max_position_embeddings}}.dump(2) + "\n");
     write_file_synced(stage + "/special_tokens_map.json",
                       json{{"bos_token", "<s>"}, {"eos_token", "</s>"}, {"unk_token", "<unk>"}}.dump(2) + "\n");
   }
@@ -298,14 +387,18 @@ HfExportResult write_hf_export(const std::string& src, const Config& cfg, int64_
   // Into place: weights first, config last; then files of an earlier export that this one does not have.
   std::set<std::string> written;
   for (const auto& e : fs::directory_iterator(stage)) written.insert(e.path().filename().string());
-  for (const auto& name : written)
-    if (name != "config.json") fs::rename(stage + "/" + name, o.out_dir + "/" + name);
+  for (const auto& name : written) {
+    if (name == "config.json") continue;
+    if (fs::is_directory(stage + "/" + name)) fs::remove_all(o.out_dir + "/" + name);
+    fs::rename(stage + "/" + name, o.out_dir + "/" + name);
+  }
   fs::rename(stage + "/config.json", o.out_dir + "/config.json");
   fs::remove_all(stage);
   for (const auto& e : fs::directory_iterator(o.out_dir)) {
     const std::string name = e.path().filename().string();
     if (is_weights_file(name) && !written.count(name)) fs::remove(e.path());
   }
+  if (extras.empty()) fs::remove_all(o.out_dir + "/omnilite");
   fsync_directory(o.out_dir);
   return res;
 }

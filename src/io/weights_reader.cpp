@@ -88,6 +88,12 @@ WeightsReader::WeightsReader(const std::string& path) : path_(path) {
   std::vector<std::string> names;
   for (const auto& s : stored) names.push_back(s.first);
   hf_names_ = has_hf_names(names);
+  // An export keeps its non-Mixtral tensors (OMNI-LITE names, which the key map leaves as they are) beside the shards.
+  const std::string extras = path + "/" + kMultimodalFile;
+  if (hf_names_ && fs::is_directory(path) && fs::exists(extras)) {
+    files_.push_back(std::make_unique<SafetensorsReader>(extras));
+    for (const auto& [name, e] : files_.back()->tensors()) stored.emplace_back(name, files_.size() - 1);
+  }
   for (const auto& [name, i] : stored) {
     const std::string key = hf_names_ ? from_hf_name(name) : name;
     if (!tensors_.emplace(key, files_[i]->tensors().at(name)).second)

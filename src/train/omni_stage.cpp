@@ -183,7 +183,7 @@ class OmniStage : public TrainStage {
         log::warn(log::format("%s: skipped %lld malformed lines", what.c_str(), static_cast<long long>(docs.skipped)));
       if (docs.documents.empty())
         throw std::runtime_error(what + ": no documents in the given files; hint: run scripts/prepare_data.sh");
-      auto rows = pack_sequences(tokenize_documents(docs.documents, tok, cfg.model.tokens.eos_id), cfg.train.seq_len, what);
+      auto rows = pack_sequences(tokenize_documents(docs.documents, tok, cfg.model.tokens.bos_id, cfg.model.tokens.eos_id), cfg.train.seq_len, what);
       log::info(log::format("data: %s: %zu documents -> %lld rows of %lld tokens", what.c_str(), docs.documents.size(),
                             static_cast<long long>(rows.size(0)), static_cast<long long>(cfg.train.seq_len)));
       return rows;

@@ -23,8 +23,10 @@ struct DocumentSet {
 // Reads every file; throws naming a file that cannot be opened or has an unknown extension.
 DocumentSet read_documents(const std::vector<std::string>& paths);
 
-// Every document tokenized, EOS after each, concatenated: [sum of lengths] int64.
-torch::Tensor tokenize_documents(const std::vector<std::string>& docs, const Tokenizer& tok, int64_t eos_id);
+// Every document tokenized as Llama and Mistral frame it, BOS before and EOS after each, concatenated:
+// [sum of (length + 2)] int64. Prompts start with BOS too (the Hugging Face export's add_bos_token).
+torch::Tensor tokenize_documents(const std::vector<std::string>& docs, const Tokenizer& tok, int64_t bos_id,
+                                 int64_t eos_id);
 
 // stream [L] -> rows [floor(L / seq_len), seq_len]; the tail that does not fill a row is dropped. Throws when not
 // even one row fits (an empty dataset is an error before step 1).

@@ -45,12 +45,14 @@ class Tokenizer {
 struct TokenizerTrainOptions {
   std::vector<std::string> inputs;  // .txt (one sentence per line) or .jsonl ({"text": ...} per line) files
   int64_t vocab_size = 4096;        // pieces in the model, markers and bytes included
-  std::string model_type = "unigram";  // SentencePiece algorithm: unigram or bpe
+  std::string model_type = "bpe";   // SentencePiece algorithm: bpe (what Llama and Mistral ship) or unigram
   int64_t max_sentences = 200000;   // sentences sampled for training
   uint64_t seed = 1234;             // sampling seed (SentencePiece's random seed)
 };
 
-// Trains a SentencePiece model with byte fallback and the reserved markers; writes out_path (a .model file; the
+// Trains a SentencePiece model with byte fallback, Llama's trainer settings (identity normalisation, whitespace runs
+// kept, split digits) and the reserved markers as control symbols (never produced from text, so text that spells
+// a marker reads as plain text in every runtime); writes out_path (a .model file; the
 // suffix is added when missing) and its .vocab beside it, and returns the .model path written. Throws with the
 // inputs and the SentencePiece status on failure.
 std::string train_tokenizer(const TokenizerTrainOptions& opts, const std::string& out_path);

@@ -4,10 +4,19 @@
 //   config.json                       Mixtral's config keys ("architectures": ["MixtralForCausalLM"], hidden_size, ...)
 //                                     plus "omnilite": {version, stage, step, config (the whole OMNI-LITE config),
 //                                     prefixes (what each non-Mixtral prefix holds)}
-//   model.safetensors                 all tensors, when they fit in one shard, or
+//   model.safetensors                 the Mixtral tensors, when they fit in one shard, or
 //   model-0000K-of-0000N.safetensors  shards of at most --max-shard-size bytes (a larger tensor gets its own shard)
 //   + model.safetensors.index.json    {"metadata": {"total_size"}, "weight_map": {tensor: shard file}}
+//   omnilite/multimodal.safetensors   the vision encoder, resampler, flow head and VQ-VAE, in a subfolder so that
+//                                     tools reading every *.safetensors of the folder (llama.cpp's converter, vLLM)
+//                                     and transformers meet a clean Mixtral checkpoint
 //   tokenizer.model                   the SentencePiece model, and tokenizer_config.json / special_tokens_map.json
+//
+// With quant = "nf4" the linear layers transformers' bitsandbytes integration quantises (every nn.Linear but the
+// LM head: the attention projections; its fused experts and router are parameters, not nn.Linear) are stored as
+// bitsandbytes serialises a Linear4bit: the packed codes [n/2, 1] uint8 under the weight's name, and .absmax,
+// .quant_map, .nested_absmax, .nested_quant_map and .quant_state.bitsandbytes__nf4 beside it, with a
+// "quantization_config" in config.json.
 //
 // Tensor names follow kKeyMap (one table, read in both directions): the text backbone takes Mixtral's names
 // (model.embed_tokens, model.layers.N.self_attn.q_proj, model.layers.N.block_sparse_moe.experts.M.w1, ...), the
@@ -56,7 +65,13 @@ struct HfExportOptions {
   torch::ScalarType dtype = torch::kBFloat16;  // storage type of floating tensors
   uint64_t max_shard_bytes = 5'000'000'000;    // shard size limit (transformers' default: 5 GB)
   std::string tokenizer;                       // SentencePiece model to copy ("" = none)
+  std::string quant = "none";                  // "nf4": bitsandbytes 4-bit serialisation of the attention weights
 };
+
+// The directory and file of the non-Mixtral tensors inside an export folder.
+constexpr const char* kMultimodalFile = "omnilite/multimodal.safetensors";
+// True for the tensors the Mixtral part of an export holds (the text backbone and LM head).
+bool is_mixtral_tensor(const std::string& omnilite_name);
 
 struct HfExportResult {
   int64_t tensors = 0;        // tensors written
