@@ -84,8 +84,10 @@ TEST_CASE("NF4 round trip: per-value error within half the code gap, absmax code
   auto q = quant::nf4_quantize(w);
   REQUIRE(q.packed.numel() == w.numel() / 2);
   REQUIRE(q.absmax_q.numel() == w.numel() / 64);
-  // Double-quantised absmax: the offset is the mean absmax, and each code is the nearest value of the dynamic map
-  // (ties to the lower) to (absmax - mean) / the max |absmax - mean| of its 256-block, found by a naive scan in double.
+  // Double-quantised absmax: the offset is the mean absmax, and each code is bitsandbytes' CPU rule for
+  // x = (absmax - mean) / the max |absmax - mean| of its 256-block: x's bin of 65536 over [-1, 1], then the number of
+  // map midpoints below the bin's value (a naive scan here), which is the nearest map value to x unless x lies
+  // within one bin of a midpoint.
   auto true_absmax = w.reshape({-1, 64}).abs().amax(1);
   auto dq_absmax = quant::nf4_absmax(q);
   CHECK(q.absmax_mean.item<float>() == true_absmax.mean().item<float>());
@@ -93,20 +95,27 @@ TEST_CASE("NF4 round trip: per-value error within half the code gap, absmax code
     const auto& map = quant::dynamic_map_values();
     auto centred = (true_absmax - true_absmax.mean()).to(torch::kFloat64);
     const int64_t nb = centred.numel();
-    int64_t wrong = 0;
+    int64_t wrong = 0, far = 0;
     for (int64_t s0 = 0; s0 < nb; s0 += 256) {
       auto blk = centred.narrow(0, s0, std::min<int64_t>(256, nb - s0));
       const double m = blk.abs().max().item<double>();
       CHECK(q.absmax_scale[s0 / 256].item<double>() == Approx(m).epsilon(1e-6));
       for (int64_t b = 0; b < blk.numel(); ++b) {
         const double x = blk[b].item<double>() / m;
-        size_t best = 0;
+        const auto bin = static_cast<int64_t>(std::floor((x + 1) / 2 * 65535 + 0.5));
+        const double centre = -1.0 + 2.0 * static_cast<double>(bin) / 65535;
+        size_t code = 0;
+        for (size_t k = 0; k + 1 < map.size(); ++k) code += 0.5 * (map[k] + map[k + 1]) < centre;
+        size_t nearest = 0;
         for (size_t k = 1; k < map.size(); ++k)
-          if (std::abs(x - map[k]) < std::abs(x - map[best])) best = k;
-        wrong += q.absmax_q[s0 + b].item<uint8_t>() != best;
+          if (std::abs(x - map[k]) < std::abs(x - map[nearest])) nearest = k;
+        const auto got = q.absmax_q[s0 + b].item<uint8_t>();
+        wrong += got != code;
+        far += std::abs(x - map[got]) > std::abs(x - map[nearest]) + 2.0 / 65535;
       }
     }
     CHECK(wrong == 0);
+    CHECK(far == 0);  // never more than a bin width farther than the nearest map value
   }
   // Values: |w - dq| <= absmax * max half gap between codes + |absmax error|.
   double max_half_gap = 0;

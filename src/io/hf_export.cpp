@@ -378,7 +378,7 @@ HfExportResult write_hf_export(const std::string& src, const Config& cfg, int64_
     write_file_synced(stage + "/tokenizer_config.json",
                       json{{"tokenizer_class", "LlamaTokenizer"}, {"bos_token", "<s>"}, {"eos_token", "</s>"},
                            {"unk_token", "<unk>"}, {"add_bos_token", true}, {"add_eos_token", false},
-                           {"split_special_tokens", true}, {"legacy", false},
+                           {"split_special_tokens", true}, {"legacy", true},
                            {"model_max_length", cfg.model.text.max_position_embeddings}}.dump(2) + "\n");
     write_file_synced(stage + "/special_tokens_map.json",
                       json{{"bos_token", "<s>"}, {"eos_token", "</s>"}, {"unk_token", "<unk>"}}.dump(2) + "\n");

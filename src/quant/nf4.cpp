@@ -23,29 +23,60 @@ const std::array<float, 16>& nf4_code_values() {
 }
 
 const std::array<float, 256>& dynamic_map_values() {
-  // bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8), with the same float32 ops:
-  // for each exponent i in 0..6, the 2^i midpoints of linspace(0.1, 1, 2^i + 1) scaled by +-10^(i - 6); then 0
-  // and 1, sorted.
+  // bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8) as PyTorch evaluates it in
+  // float32: for each exponent i in 0..6, the 2^i midpoints of linspace(0.1, 1, 2^i + 1) (PyTorch's CPU linspace:
+  // start + step * k for the lower half, end - step * (n - 1 - k) for the upper, each rounded once, as a fused
+  // multiply-add) scaled by +-10^(i - 6); then 0 and 1, sorted.
   static const std::array<float, 256> map = [] {
-    std::vector<double> data;
+    std::vector<float> data;
     for (int i = 0; i < 7; ++i) {
-      auto b = torch::linspace(0.1, 1.0, (1 << i) + 1, torch::kFloat32);
-      auto means = (b.narrow(0, 0, b.numel() - 1) + b.narrow(0, 1, b.numel() - 1)) / 2.0;
-      const double scale = std::pow(10.0, i - 6);
-      for (double sign : {1.0, -1.0}) {
-        auto v = (means * (sign * scale)).contiguous();
-        for (int64_t k = 0; k < v.numel(); ++k) data.push_back(v.data_ptr<float>()[k]);
+      const int n = (1 << i) + 1;
+      const float start = 0.1f, end = 1.0f, step = (end - start) / static_cast<float>(n - 1);
+      std::vector<float> b(static_cast<size_t>(n));
+      for (int k = 0; k < n; ++k)
+        b[static_cast<size_t>(k)] = k < n / 2 ? std::fma(step, static_cast<float>(k), start)
+                                              : std::fma(-step, static_cast<float>(n - 1 - k), end);
+      const auto scale = static_cast<float>(std::pow(10.0, i - 6));
+      for (int k = 0; k + 1 < n; ++k) {
+        const float mean = (b[static_cast<size_t>(k)] + b[static_cast<size_t>(k) + 1]) / 2.0f;
+        data.push_back(scale * mean);
+        data.push_back(-scale * mean);
       }
     }
-    data.push_back(0.0);
-    data.push_back(1.0);
+    data.push_back(0.0f);
+    data.push_back(1.0f);
     std::sort(data.begin(), data.end());
     std::array<float, 256> out{};
-    for (size_t k = 0; k < out.size(); ++k) out[k] = static_cast<float>(data.at(k));
+    std::copy(data.begin(), data.end(), out.begin());
     return out;
   }();
   return map;
 }
+
+namespace {
+
+constexpr int kDynamicLutSize = 65536;
+
+// bitsandbytes' CPU quantize_blockwise looks each normalised value up in 65536 bins over [-1, 1]: bin i (value
+// -1 + 2i / 65535) holds the first map index whose upper midpoint is not below it.
+const std::array<uint8_t, kDynamicLutSize>& dynamic_map_lut() {
+  static const std::array<uint8_t, kDynamicLutSize> lut = [] {
+    const auto& map = dynamic_map_values();
+    std::array<float, 255> mid{};
+    for (size_t i = 0; i < mid.size(); ++i) mid[i] = 0.5f * (map[i] + map[i + 1]);
+    std::array<uint8_t, kDynamicLutSize> t{};
+    size_t code = 0;
+    for (int i = 0; i < kDynamicLutSize; ++i) {
+      const float val = -1.0f + (2.0f * static_cast<float>(i)) / static_cast<float>(kDynamicLutSize - 1);
+      while (code < mid.size() && mid[code] < val) ++code;
+      t[static_cast<size_t>(i)] = static_cast<uint8_t>(code);
+    }
+    return t;
+  }();
+  return lut;
+}
+
+}  // namespace
 
 int64_t Nf4Tensor::numel() const {
   int64_t n = 1;
@@ -131,27 +162,28 @@ Nf4Tensor nf4_quantize(const torch::Tensor& w) {
   auto centred = (absmax - q.absmax_mean).cpu().contiguous();  // [nb]
   q.absmax_scale = torch::empty({ns}, torch::kFloat32);
   q.absmax_q = torch::empty({nb}, torch::kUInt8);
-  const auto& map = dynamic_map_values();
+  const auto& lut = dynamic_map_lut();
   const float* c = centred.data_ptr<float>();
   float* scale = q.absmax_scale.data_ptr<float>();
   uint8_t* code = q.absmax_q.data_ptr<uint8_t>();
-  const auto zero = static_cast<uint8_t>(std::lower_bound(map.begin(), map.end(), 0.0f) - map.begin());
   for (int64_t s = 0; s < ns; ++s) {
     const int64_t b0 = s * kAbsmaxBlockSize, b1 = std::min(nb, b0 + kAbsmaxBlockSize);
     float m = 0;
     for (int64_t b = b0; b < b1; ++b) m = std::max(m, std::abs(c[b]));
     scale[s] = m;
+    const float inv = m == 0 ? 0.0f : 1.0f / m;  // bitsandbytes stores code 0 for an all-zero block
     for (int64_t b = b0; b < b1; ++b) {
       if (m == 0) {
-        code[b] = zero;
+        code[b] = 0;
         continue;
       }
-      const float x = c[b] / m;
-      // the nearest map value, ties to the lower one
-      auto hi = std::upper_bound(map.begin(), map.end(), x);
-      int64_t k = std::max<int64_t>(0, (hi - map.begin()) - 1);
-      if (k < 255 && std::abs(x - map[static_cast<size_t>(k) + 1]) < std::abs(x - map[static_cast<size_t>(k)])) ++k;
-      code[b] = static_cast<uint8_t>(k);
+      // (v + 1) / 2 * 65535, rounded half up, in float32 step by step as bitsandbytes computes the bin
+      const float v = std::min(1.0f, std::max(-1.0f, c[b] * inv));
+      float t = v + 1.0f;
+      t = t * 0.5f;
+      t = t * static_cast<float>(kDynamicLutSize - 1);
+      t = t + 0.5f;
+      code[b] = lut[static_cast<size_t>(static_cast<uint16_t>(t))];
     }
   }
   const auto dev = w.device();

@@ -32,6 +32,7 @@ def main():
     shutil.rmtree(run, ignore_errors=True)
     cfg = json.loads((FIX / "small-untied.json").read_text())
     cfg["data"].update({"image_train": [], "image_valid": []})
+    cfg["train"].update({"caption_batch_size": 0, "gen_batch_size": 0})
     cfg["train"].update({"steps": 8, "batch_size": 2, "seq_len": 32, "log_every": 1, "valid_every": 4,
                          "ckpt_every": 4, "warmup_steps": 2})
     cfg_path = FIX / "tb-run.json"

@@ -6,10 +6,11 @@
 // The block scaling is bitsandbytes' quantize_4bit: x * (1 / absmax), then the code whose decision boundary
 // (midpoint of neighbouring codes) is the first at or above it.
 // Double quantisation is bitsandbytes' compress_statistics=True: the per-block absmax values (fp32) minus their
-// mean (the offset) are quantised blockwise again, in blocks of 256: each divided by its block's max |.| (the
-// nested absmax, fp32) and mapped to the nearest value (ties to the lower) of bitsandbytes' signed dynamic 8-bit
-// map, so a weight costs 4 + 8/64 + 32/(64*256) = 4.127 bits. The bytes equal bitsandbytes' on the CPU
-// (scripts/check_interop.sh compares every stored byte).
+// mean (the offset) are quantised blockwise again, in blocks of 256: each multiplied by 1 / its block's max |.|
+// (the nested absmax, fp32) and coded by bitsandbytes' signed dynamic 8-bit map as its CPU kernel does it, through
+// 65536 bins over [-1, 1] (each bin takes the map value nearest its centre, so a value within one bin width, 3e-5,
+// of a midpoint may take the farther neighbour). A weight costs 4 + 8/64 + 32/(64*256) = 4.127 bits. The bytes
+// equal bitsandbytes' (scripts/check_interop.sh compares every stored byte).
 #pragma once
 
 #include <array>
