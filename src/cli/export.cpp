@@ -69,6 +69,24 @@ int64_t restore_plain(const std::string& source, const std::string& out, torch::
   return static_cast<int64_t>(specs.size());
 }
 
+// --format peft: the adapter of a QLoRA run in PEFT's layout for the hf export's MixtralForCausalLM.
+int export_peft(const cxxopts::ParseResult& args, const std::string& out) {
+  if (!args.count("adapter"))
+    throw std::runtime_error("--format peft needs --adapter RUN (a QLoRA run folder or checkpoint); hint: omnilite "
+                             "export --adapter runs/qlora --format peft --out exports/qlora-peft");
+  if (args.count("merge")) throw std::runtime_error("--format peft writes the adapter itself; drop --merge");
+  const std::string adir = io::latest_checkpoint(args["adapter"].as<std::string>());
+  const Config cfg = parse_config(io::read_checkpoint_state(adir)["config"]);
+  const auto res = io::write_peft_adapter(adir, cfg, out);
+  if (!res.skipped.empty())
+    log::warn(log::format("export: %zu adapted modules outside the text backbone (e.g. %s) are not in the PEFT adapter "
+                          "(PEFT's MixtralForCausalLM has no such modules); OMNI-LITE's own checkpoint keeps them",
+                          res.skipped.size(), res.skipped.front().c_str()));
+  log::info(log::format("export: %lld PEFT tensors (r = %lld) -> %s", static_cast<long long>(res.tensors),
+                        static_cast<long long>(res.rank), out.c_str()));
+  return 0;
+}
+
 }  // namespace
 
 int run_export(int argc, char** argv) {
@@ -83,8 +101,9 @@ int run_export(int argc, char** argv) {
   opts.add_options()("checkpoint", "base checkpoint: run folder (newest checkpoint), checkpoint, init or export folder, "
                                    "or a .safetensors file", cxxopts::value<std::string>())(
       "adapter", "QLoRA run folder or checkpoint folder holding adapter_model.safetensors", cxxopts::value<std::string>())(
-      "merge", "merge the adapters into the base (required with --adapter)")(
-      "format", "omnilite or hf", cxxopts::value<std::string>()->default_value("omnilite"))(
+      "merge", "merge the adapters into the base (with --format omnilite or hf)")(
+      "format", "omnilite, hf, or peft (--adapter RUN alone: the adapter for PEFT on the hf export)",
+      cxxopts::value<std::string>()->default_value("omnilite"))(
       "out", "output folder (files are replaced only once the new ones are complete)", cxxopts::value<std::string>())(
       "dtype", "storage type of floating tensors: fp32 or bf16", cxxopts::value<std::string>()->default_value("fp32"))(
       "max-shard-size", "--format hf: largest shard, e.g. 5GB, 500MB (decimal units, as transformers)",
@@ -93,19 +112,22 @@ int run_export(int argc, char** argv) {
                "transformers' load_in_4bit quantises; docs/export.md)", cxxopts::value<std::string>()->default_value("none"))(
       "h,help", "show this help");
   auto args = opts.parse(argc, argv);
-  if (args.count("help") || !args.count("checkpoint") || !args.count("out")) {
+  if (args.count("help") || !(args.count("checkpoint") || args["format"].as<std::string>() == "peft") ||
+      !args.count("out")) {
     std::cout << opts.help()
               << "\nExamples:\n  omnilite export --checkpoint runs/quickstart --format hf --out exports/quickstart-hf\n"
                  "  omnilite export --checkpoint runs/init-bf16 --adapter runs/qlora --merge --format hf --dtype bf16 "
                  "--out exports/qlora-hf\n"
                  "  omnilite export --checkpoint exports/quickstart-hf --out runs/imported   (back to --format omnilite)\n"
+                 "  omnilite export --adapter runs/qlora --format peft --out exports/qlora-peft   (PeftModel.from_pretrained)\n"
                  "  omnilite export --checkpoint runs/init-bf16 --out runs/init-fp32 --dtype fp32\n"
                  "See docs/export.md for the key map and loading the export in transformers.\n";
     return args.count("help") ? 0 : 2;
   }
   const std::string out = args["out"].as<std::string>(), format = args["format"].as<std::string>();
-  if (format != "omnilite" && format != "hf")
-    throw std::runtime_error("--format \"" + format + "\": expected omnilite or hf");
+  if (format != "omnilite" && format != "hf" && format != "peft")
+    throw std::runtime_error("--format \"" + format + "\": expected omnilite, hf or peft");
+  if (format == "peft") return export_peft(args, out);
   const auto dtype = parse_storage_dtype("--dtype", args["dtype"].as<std::string>());
   if (args["quant"].as<std::string>() != "none" && format != "hf")
     throw std::runtime_error("--quant " + args["quant"].as<std::string>() + " needs --format hf (bitsandbytes' "

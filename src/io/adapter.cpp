@@ -4,12 +4,14 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <regex>
 #include <set>
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
 
 #include "omnilite/io/checkpoint.h"
+#include "omnilite/io/hf_export.h"
 #include "omnilite/io/weights_reader.h"
 #include "omnilite/io/safetensors.h"
 #include "omnilite/modules/lora_linear.h"
@@ -233,6 +235,144 @@ MergedAdapter merge_adapter(const std::string& base, const std::string& adapter_
   r.tensors = write_merged_weights(*model, out_file, dtype, {{"format", "pt"}});
   r.step = state.value("step", int64_t{0});
   return r;
+}
+
+namespace {
+
+// The LoRA factors of one projection of the adapter file (OMNI-LITE path without ".weight"), or undefined ones.
+struct Factors {
+  torch::Tensor a, b;  // [r, in], [out, r]
+};
+
+Factors factors_of(const SafetensorsReader& r, const std::string& module) {
+  const std::string base = kPeftPrefix + module;
+  if (!r.contains(base + ".lora_A.weight")) return {};
+  return {r.load(base + ".lora_A.weight").to(torch::kFloat32), r.load(base + ".lora_B.weight").to(torch::kFloat32)};
+}
+
+// [r, in] -> [R, in] and [out, r] -> [out, R], zeros added.
+Factors padded(const Factors& f, int64_t R) {
+  const int64_t r = f.a.size(0);
+  return {torch::cat({f.a, torch::zeros({R - r, f.a.size(1)})}), torch::cat({f.b, torch::zeros({f.b.size(0), R - r})}, 1)};
+}
+
+// Per-expert pairs (A_e [R, in], B_e [out, R]) -> PEFT's stacked lora_A [R*E, in] and lora_B [out, R*E] with expert
+// e's column k at k*E + e.
+Factors stacked(const std::vector<Factors>& experts) {
+  std::vector<torch::Tensor> as, bs;
+  for (const auto& f : experts) {
+    as.push_back(f.a);
+    bs.push_back(f.b);
+  }
+  auto b = torch::stack(bs, 2);                   // [out, R, E]
+  return {torch::cat(as), b.reshape({b.size(0), -1})};  // [E*R, in] expert-major; [out, R*E] column k*E + e
+}
+
+}  // namespace
+
+PeftExport write_peft_adapter(const std::string& adapter_dir, const Config& cfg, const std::string& out_dir) {
+  const std::string file = adapter_dir + "/adapter_model.safetensors";
+  if (!fs::exists(file))
+    throw std::runtime_error("--adapter \"" + adapter_dir + "\" holds no adapter_model.safetensors; hint: pass a QLoRA "
+                             "run folder or one of its checkpoints");
+  SafetensorsReader r(file);
+  r.verify_checksum();
+  const int64_t rank = cfg.lora.rank, layers = cfg.model.text.num_layers, E = cfg.model.moe.num_experts;
+  PeftExport res;
+  // Which projections hold adapters.
+  std::set<std::string> modules;
+  for (const auto& [name, e] : r.tensors()) {
+    const auto at = name.find(".lora_A.weight");
+    if (at != std::string::npos) modules.insert(name.substr(kPeftPrefix.size(), at - kPeftPrefix.size()));
+  }
+  bool experts = false;
+  for (const auto& m : modules) experts = experts || m.find(".moe.experts.") != std::string::npos;
+  const int64_t R = experts ? 2 * rank : rank;
+  res.rank = R;
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  std::set<std::string> attn_names;
+  static const std::regex attn(R"(text\.layers\.[0-9]+\.self_attn\.([qkvo]_proj))");
+  for (const auto& m : modules) {
+    std::smatch sm;
+    if (std::regex_match(m, sm, attn)) {
+      const auto f = padded(factors_of(r, m), R);
+      const std::string hf = to_hf_name(m + ".weight");
+      const std::string path = "base_model.model." + hf.substr(0, hf.size() - 7);
+      out.emplace_back(path + ".lora_A.weight", f.a.contiguous());
+      out.emplace_back(path + ".lora_B.weight", f.b.contiguous());
+      attn_names.insert(sm[1].str());
+    } else if (m.find(".moe.experts.") == std::string::npos) {
+      res.skipped.push_back(m);
+    }
+  }
+  bool gate_up = false, down = false;
+  if (experts) {
+    const int64_t I = cfg.model.moe.expert_hidden, H = cfg.model.text.hidden_size;
+    for (int64_t l = 0; l < layers; ++l) {
+      std::vector<Factors> gu, dn;
+      bool any_gu = false, any_dn = false;
+      for (int64_t e = 0; e < E; ++e) {
+        const std::string p = "text.layers." + std::to_string(l) + ".moe.experts." + std::to_string(e) + ".";
+        auto w1 = factors_of(r, p + "w1"), w3 = factors_of(r, p + "w3"), w2 = factors_of(r, p + "w2");
+        any_gu = any_gu || w1.a.defined() || w3.a.defined();
+        any_dn = any_dn || w2.a.defined();
+        if (!w1.a.defined()) w1 = {torch::zeros({rank, H}), torch::zeros({I, rank})};
+        if (!w3.a.defined()) w3 = {torch::zeros({rank, H}), torch::zeros({I, rank})};
+        if (!w2.a.defined()) w2 = {torch::zeros({rank, I}), torch::zeros({H, rank})};
+        auto b = torch::zeros({2 * I, R});
+        b.narrow(0, 0, I).narrow(1, 0, rank).copy_(w1.b);
+        b.narrow(0, I, I).narrow(1, rank, rank).copy_(w3.b);
+        gu.push_back({torch::cat({w1.a, w3.a}), b});
+        dn.push_back(padded(w2, R));
+      }
+      const std::string path = "base_model.model.model.layers." + std::to_string(l) + ".mlp.experts.";
+      if (any_gu) {
+        const auto f = stacked(gu);
+        const std::string at = any_dn ? path + "base_layer." : path;  // gate_up_proj's wrapper is the inner one
+        out.emplace_back(at + "lora_A.weight", f.a.contiguous());
+        out.emplace_back(at + "lora_B.weight", f.b.contiguous());
+        gate_up = true;
+      }
+      if (any_dn) {
+        const auto f = stacked(dn);
+        out.emplace_back(path + "lora_A.weight", f.a.contiguous());
+        out.emplace_back(path + "lora_B.weight", f.b.contiguous());
+        down = true;
+      }
+    }
+  }
+  if (out.empty())
+    throw std::runtime_error("adapter \"" + file + "\" adapts nothing of the text backbone (only " +
+                             std::to_string(res.skipped.size()) + " other modules), so PEFT's Mixtral has no place "
+                             "for it; hint: lora.target_modules text.layers.*.self_attn.* or text.layers.*.moe.experts.*");
+  json target_parameters = json::array();
+  if (gate_up && down) target_parameters = {"mlp.experts.down_proj", "mlp.experts.gate_up_proj"};
+  else if (gate_up) target_parameters = {"mlp.experts.gate_up_proj"};
+  else if (down) target_parameters = {"mlp.experts.down_proj"};
+  json config = {{"peft_type", "LORA"},
+                 {"task_type", "CAUSAL_LM"},
+                 {"r", R},
+                 {"lora_alpha", cfg.lora.alpha * static_cast<double>(R) / static_cast<double>(rank)},
+                 {"lora_dropout", 0.0},
+                 {"target_modules", std::vector<std::string>(attn_names.begin(), attn_names.end())},
+                 {"target_parameters", target_parameters},
+                 {"bias", "none"},
+                 {"fan_in_fan_out", false},
+                 {"inference_mode", true},
+                 {"init_lora_weights", true},
+                 {"use_rslora", false},
+                 {"use_dora", false},
+                 {"rank_pattern", json::object()},
+                 {"alpha_pattern", json::object()},
+                 {"modules_to_save", nullptr},
+                 {"base_model_name_or_path", nullptr},
+                 {"omnilite", {{"lora_rank", rank}, {"lora_alpha", cfg.lora.alpha}, {"lora_dropout", cfg.lora.dropout},
+                               {"source", adapter_dir}}}};
+  fs::create_directories(out_dir);
+  save_safetensors(out_dir + "/adapter_model.safetensors", out, {{"format", "pt"}});
+  write_file_synced(out_dir + "/adapter_config.json", config.dump(2) + "\n");
+  res.tensors = static_cast<int64_t>(out.size());
+  return res;
 }
 
 }  // namespace omnilite::io

@@ -52,6 +52,20 @@ def main():
         for shards in (1, 2, 3):
             out = sharded(init, FIX / f"hf-{name}-{shards}", shards)
             listed[out.name] = {"path": str(out), "kind": "hf", "tied": tied, "shards": shards, "layout": "per-expert"}
+    # A QLoRA run (fp32 base, so PEFT on the fp32 export sees the base training saw; dropout 0.05 as users run it)
+    # on the untied model, text only, its LoRA factors trained away from zero.
+    qcfg = json.loads((FIX / "small-untied.json").read_text())
+    qcfg["data"].update({"image_train": [], "image_valid": []})
+    qcfg["train"].update({"caption_batch_size": 0, "gen_batch_size": 0, "steps": 10, "batch_size": 2, "seq_len": 32,
+                          "lr": 5e-3, "warmup_steps": 1, "ckpt_every": 10, "log_every": 5})
+    qcfg["lora"] = {"enabled": True, "rank": 4, "alpha": 8, "dropout": 0.05, "base_dtype": "fp32"}
+    qcfg_path = FIX / "qlora.json"
+    qcfg_path.write_text(json.dumps(qcfg, indent=2))
+    qrun = FIX / "qlora-run"
+    if not (qrun / "checkpoints").exists():
+        omnilite("train", "--config", qcfg_path, "--base", FIX / "init-untied", "--out", qrun)
+    listed["qlora-run"] = {"path": str(qrun), "kind": "qlora", "base": str(FIX / "init-untied"),
+                           "base_hf": str(FIX / "hf-untied-1")}
     qs = ROOT / "runs/quickstart"
     if (qs / "checkpoints").exists():
         out = sharded(qs, FIX / "hf-quickstart", 2)

@@ -11,6 +11,7 @@
 
 #include <map>
 #include <string>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -46,5 +47,29 @@ struct MergedAdapter {
 // the folder when its config has lora.enabled = false.
 MergedAdapter merge_adapter(const std::string& base, const std::string& adapter_dir, const std::string& out_file,
                             torch::ScalarType dtype);
+
+}  // namespace omnilite::io
+
+namespace omnilite::io {
+
+// What write_peft_adapter wrote.
+struct PeftExport {
+  int64_t tensors = 0;                // tensors in adapter_model.safetensors
+  int64_t rank = 0;                   // PEFT's r (2 * lora.rank when experts are adapted, see below)
+  std::vector<std::string> skipped;   // adapted modules PEFT's Mixtral has no place for (vision, resampler, ...)
+};
+// The adapter of a QLoRA checkpoint folder (`adapter_dir`, trained with `cfg`) in the layout that PEFT applies to
+// MixtralForCausalLM of the pinned transformers (`omnilite export --adapter RUN --format peft`), written into
+// `out_dir`: adapter_config.json and adapter_model.safetensors under Hugging Face module paths.
+//   attention projections  target_modules: base_model.model.model.layers.N.self_attn.P.lora_{A,B}.weight
+//   experts                target_parameters ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]: transformers
+//                          fuses each layer's experts into gate_up_proj [E, 2I, H] and down_proj [E, H, I], and
+//                          PEFT adapts each with one stacked pair (lora_A [R*E, in], lora_B [out, R*E], expert e's
+//                          rank-k column at k*E + e); gate_up_proj's wrapper is the inner one (".base_layer.").
+//                          w1 and w3 keep their own factors as one rank-2r pair: A = [A1; A3], B = [[B1, 0], [0, B3]].
+// Every module then has rank R = 2r (the attention and down_proj factors padded with zeros) and lora_alpha 2 alpha,
+// so each delta, (alpha / r) B A, is unchanged. lora_dropout is written as 0: PEFT refuses dropout on adapted
+// parameters (it only matters when training on with PEFT). Throws naming the folder when it holds no adapter.
+PeftExport write_peft_adapter(const std::string& adapter_dir, const Config& cfg, const std::string& out_dir);
 
 }  // namespace omnilite::io
