@@ -199,6 +199,8 @@ struct LoRAOptions {
                                              "resampler.*", "vision.*"};
   std::string base_dtype = "nf4";  // frozen bases of builder-made projections: "nf4" or "fp32"
   std::vector<std::string> full_precision = {"flow.*"};  // projections kept out of NF4 (besides in % 64 != 0)
+  std::string init_adapter;        // adapter the run starts from instead of B = 0: a QLoRA run or checkpoint
+                                   // folder, or a PEFT adapter folder of the hf export (same rank, alpha, targets)
 };
 
 // A config file: {"model": {...}, "runtime": {...}, "train": {...}, "data": {...}, "lora": {...}}.

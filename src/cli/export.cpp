@@ -147,9 +147,10 @@ int run_export(int argc, char** argv) {
   json provenance = {{"base", source}, {"merged", false}};
   if (args.count("adapter")) {
     if (!args.count("merge"))
-      throw std::runtime_error("--adapter without --merge: the adapter folder already is the PEFT export; hint: add "
-                               "--merge to write merged full-precision weights");
-    const std::string adir = io::latest_checkpoint(args["adapter"].as<std::string>());
+      throw std::runtime_error("--adapter without --merge: hint: add --merge to write merged full-precision weights, "
+                               "or --format peft for the adapter in PEFT's layout");
+    const std::string given = args["adapter"].as<std::string>();
+    const std::string adir = io::is_peft_adapter(given) ? given : io::latest_checkpoint(given);
     if (!fs::exists(adir + "/adapter_model.safetensors"))
       throw std::runtime_error("--adapter \"" + adir + "\" holds no adapter_model.safetensors; hint: pass the run "
                                "folder or a checkpoint of a lora.enabled run");
@@ -157,7 +158,8 @@ int run_export(int argc, char** argv) {
     merged_tmp = format == "hf" ? out + "/.merged.tmp" : "";
     if (!merged_tmp.empty()) fs::create_directories(merged_tmp);
     const std::string merged_file = (merged_tmp.empty() ? out : merged_tmp) + "/model.safetensors";
-    apply_runtime(parse_config(io::read_checkpoint_state(adir)["config"]).runtime);  // the run's threads, once
+    if (!io::is_peft_adapter(adir))
+      apply_runtime(parse_config(io::read_checkpoint_state(adir)["config"]).runtime);  // the run's threads, once
     const auto merged = io::merge_adapter(source, adir, merged_file, dtype);
     cfg = merged.cfg;
     step = merged.step;

@@ -222,6 +222,21 @@ int64_t write_merged_weights(const torch::nn::Module& model, const std::string& 
 
 MergedAdapter merge_adapter(const std::string& base, const std::string& adapter_dir, const std::string& out_file,
                             torch::ScalarType dtype) {
+  if (is_peft_adapter(adapter_dir)) {
+    const std::string base_dir = fs::is_regular_file(base) ? fs::path(base).parent_path().string() : base;
+    MergedAdapter r;
+    r.cfg = parse_config(read_checkpoint_state(base_dir)["config"]);
+    const auto peft = read_peft_adapter(adapter_dir, r.cfg.model);
+    r.cfg.lora = peft.lora;
+    r.cfg.lora.base_dtype = "fp32";
+    OmniLite model(r.cfg.model, *make_linear_builder(r.cfg));
+    load_base_weights(*model, base);
+    if (load_adapter_tensors(*model, peft.tensors, "PEFT adapter \"" + adapter_dir + "\"") != 0)
+      throw std::runtime_error("PEFT adapter \"" + adapter_dir + "\" does not cover the projections it names");
+    model->eval();
+    r.tensors = write_merged_weights(*model, out_file, dtype, {{"format", "pt"}});
+    return r;
+  }
   const auto state = read_checkpoint_state(adapter_dir);
   MergedAdapter r;
   r.cfg = parse_config(state["config"]);
@@ -373,6 +388,117 @@ PeftExport write_peft_adapter(const std::string& adapter_dir, const Config& cfg,
   write_file_synced(out_dir + "/adapter_config.json", config.dump(2) + "\n");
   res.tensors = static_cast<int64_t>(out.size());
   return res;
+}
+
+bool is_peft_adapter(const std::string& dir) {
+  std::ifstream f(dir + "/adapter_config.json");
+  if (!f || !fs::exists(dir + "/adapter_model.safetensors")) return false;
+  const auto j = json::parse(f, nullptr, false);
+  if (!j.is_object() || j.value("peft_type", std::string()) != "LORA") return false;
+  SafetensorsReader r(dir + "/adapter_model.safetensors");
+  for (const auto& [name, e] : r.tensors())
+    if (name.rfind("base_model.model.model.", 0) == 0) return true;
+  return false;
+}
+
+PeftAdapter read_peft_adapter(const std::string& dir, const ModelConfig& model) {
+  const std::string cfg_path = dir + "/adapter_config.json", file = dir + "/adapter_model.safetensors";
+  std::ifstream f(cfg_path);
+  const auto j = json::parse(f, nullptr, false);
+  if (!j.is_object()) throw std::runtime_error("\"" + cfg_path + "\" is not JSON");
+  auto refuse = [&](const std::string& what) {
+    throw std::runtime_error("PEFT adapter \"" + dir + "\": " + what + "; OMNI-LITE's LoRA has one rank and alpha for "
+                             "every projection and no bias; hint: train it with plain LoRA");
+  };
+  for (const char* k : {"rank_pattern", "alpha_pattern"})
+    if (j.contains(k) && j[k].is_object() && !j[k].empty()) refuse(std::string(k) + " is set");
+  for (const char* k : {"use_rslora", "use_dora"})
+    if (j.value(k, false)) refuse(std::string(k) + " is true");
+  if (j.value("bias", std::string("none")) != "none") refuse("bias is " + j.value("bias", std::string()));
+  PeftAdapter out;
+  out.lora.enabled = true;
+  out.lora.rank = j.value("r", int64_t{0});
+  out.lora.alpha = j.value("lora_alpha", 0.0);
+  out.lora.dropout = j.value("lora_dropout", 0.0);
+  if (out.lora.rank <= 0) refuse("r is " + std::to_string(out.lora.rank));
+  const int64_t R = out.lora.rank, E = model.moe.num_experts, I = model.moe.expert_hidden;
+  SafetensorsReader r(file);
+  r.verify_checksum();
+  static const std::regex attn(
+      R"(base_model\.model\.(model\.layers\.[0-9]+\.self_attn\.([qkvo]_proj))\.lora_([AB])\.weight)");
+  static const std::regex experts(R"(base_model\.model\.model\.layers\.([0-9]+)\.mlp\.experts\.(base_layer\.)?lora_([AB])\.weight)");
+  const bool nested = [&] {
+    for (const auto& [name, e] : r.tensors())
+      if (name.find(".experts.base_layer.") != std::string::npos) return true;
+    return false;
+  }();
+  const auto params = j.value("target_parameters", std::vector<std::string>());
+  auto targets = [&](const std::string& p) { return std::find(params.begin(), params.end(), p) != params.end(); };
+  std::set<std::string> patterns;
+  for (const auto& [name, e] : r.tensors()) {
+    std::smatch m;
+    if (std::regex_match(name, m, attn)) {
+      const std::string omni = from_hf_name(m[1].str() + ".weight");
+      out.tensors.emplace_back(kPeftPrefix + omni.substr(0, omni.size() - 7) + ".lora_" + m[3].str() + ".weight",
+                               r.load(name));
+      patterns.insert("text.layers.*.self_attn." + m[2].str());
+      continue;
+    }
+    if (std::regex_match(name, m, experts)) {
+      if (m[3].str() == "B") continue;  // read with its A below
+      // The inner wrapper (".base_layer.") is gate_up_proj's when both are adapted; a lone one is the one targeted.
+      const bool gate_up = m[2].matched || (!nested && targets("mlp.experts.gate_up_proj"));
+      const std::string layer = m[1].str();
+      const auto a = r.load(name).to(torch::kFloat32);                                        // [R*E, in]
+      const auto b = r.load(name.substr(0, name.size() - 13) + "lora_B.weight").to(torch::kFloat32);  // [out, R*E]
+      if (a.size(0) != R * E || b.size(1) != R * E)
+        refuse("\"" + name + "\" has " + std::to_string(a.size(0)) + " rows for r = " + std::to_string(R) + " and " +
+               std::to_string(E) + " experts");
+      const auto bs = b.view({b.size(0), R, E});
+      for (int64_t e = 0; e < E; ++e) {
+        const std::string p = kPeftPrefix + "text.layers." + layer + ".moe.experts." + std::to_string(e) + ".";
+        const auto ae = a.narrow(0, e * R, R).contiguous();
+        const auto be = bs.select(2, e).contiguous();  // [out, R]
+        if (gate_up) {
+          out.tensors.emplace_back(p + "w1.lora_A.weight", ae);
+          out.tensors.emplace_back(p + "w1.lora_B.weight", be.narrow(0, 0, I).contiguous());
+          out.tensors.emplace_back(p + "w3.lora_A.weight", ae.clone());
+          out.tensors.emplace_back(p + "w3.lora_B.weight", be.narrow(0, I, I).contiguous());
+        } else {
+          out.tensors.emplace_back(p + "w2.lora_A.weight", ae);
+          out.tensors.emplace_back(p + "w2.lora_B.weight", be);
+        }
+      }
+      patterns.insert(gate_up ? "text.layers.*.moe.experts.*.w1" : "text.layers.*.moe.experts.*.w2");
+      if (gate_up) patterns.insert("text.layers.*.moe.experts.*.w3");
+      continue;
+    }
+    throw std::runtime_error("PEFT adapter \"" + file + "\": tensor \"" + name + "\" is outside what OMNI-LITE maps "
+                             "(attention projections and experts of MixtralForCausalLM); hint: see docs/interop.md");
+  }
+  out.lora.target_modules.assign(patterns.begin(), patterns.end());
+  return out;
+}
+
+int64_t load_adapter_tensors(torch::nn::Module& model,
+                             const std::vector<std::pair<std::string, torch::Tensor>>& tensors, const std::string& what) {
+  std::map<std::string, torch::Tensor> params;
+  for (auto& p : model.named_parameters())
+    if (is_adapter_key(p.key())) params[kPeftPrefix + p.key()] = p.value();
+  torch::NoGradGuard ng;
+  std::set<std::string> seen;
+  for (const auto& [name, t] : tensors) {
+    auto it = params.find(name);
+    if (it == params.end())
+      throw std::runtime_error(what + ": tensor \"" + name + "\" has no LoRA parameter in the model; hint: the "
+                               "adapter was trained with other target modules or another model config");
+    if (t.sizes() != it->second.sizes())
+      throw std::runtime_error(what + ": tensor \"" + name + "\" has shape " + c10::str(t.sizes()) + ", the model "
+                               "expects " + c10::str(it->second.sizes()));
+    it->second.copy_(t);
+    seen.insert(name);
+  }
+  return static_cast<int64_t>(params.size() - seen.size());
 }
 
 }  // namespace omnilite::io

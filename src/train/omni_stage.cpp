@@ -67,6 +67,7 @@ class OmniStage : public TrainStage {
                                  "hint: `omnilite init --config FILE --out DIR` writes a full-size one");
       io::load_base_weights(*model_, tr.base_checkpoint);
       log::info("qlora: base weights from " + tr.base_checkpoint);
+      if (!cfg.lora.init_adapter.empty()) start_adapter(cfg.lora);
       train_adapters_only(*model_);
     } else if (!tr.base_checkpoint.empty()) {
       // A full fine-tune: every weight starts from the base and trains (strict: every mismatch is named).
@@ -200,6 +201,26 @@ class OmniStage : public TrainStage {
     torch::Tensor rows;  // [R, seq_len]
     EpochSampler order;
   };
+
+  // lora.init_adapter: the factors a run starts from, an OMNI-LITE adapter or a PEFT one (which must imply the
+  // run's own rank, alpha and adapted projections; every LoRA parameter of the model is filled).
+  void start_adapter(const LoRAOptions& lora) {
+    const std::string& dir = lora.init_adapter;
+    if (!io::is_peft_adapter(dir)) {
+      io::load_adapter(*model_, io::latest_checkpoint(dir));
+      log::info("qlora: adapters start from " + dir);
+      return;
+    }
+    const auto peft = io::read_peft_adapter(dir, cfg_.model);
+    if (peft.lora.rank != lora.rank || peft.lora.alpha != lora.alpha)
+      throw std::runtime_error(log::format("lora.init_adapter \"%s\" is a PEFT adapter of r = %lld, lora_alpha = %g, "
+                                           "the run has lora.rank = %lld, lora.alpha = %g; hint: set them alike",
+                                           dir.c_str(), static_cast<long long>(peft.lora.rank), peft.lora.alpha,
+                                           static_cast<long long>(lora.rank), lora.alpha));
+    const int64_t fresh = io::load_adapter_tensors(*model_, peft.tensors, "lora.init_adapter \"" + dir + "\"");
+    log::info(log::format("qlora: adapters start from the PEFT adapter %s (%lld LoRA tensors it does not hold, e.g. "
+                          "of the vision encoder, start afresh)", dir.c_str(), static_cast<long long>(fresh)));
+  }
 
   OmniMicro make(int64_t m, const TextData* text, const MultimodalSampler* mm, bool ordered = false) const {
     OmniMicro b;

@@ -70,8 +70,61 @@ def main():
             compared += 1
     report(f"peft: merge_and_unload() vs omnilite export --merge, max relative |diff| over {compared} matrices",
            worst, WEIGHT_BOUND, worst <= WEIGHT_BOUND)
-    finish()
+
+
+def reverse():
+    """An adapter PEFT trained (here: PEFT-initialised with random A and B) on the hf export of the base loads into
+    OMNI-LITE: `omnilite export --checkpoint BASE --adapter PEFT_DIR --merge --format hf` scores as PeftModel does."""
+    from peft import LoraConfig, get_peft_model
+    fx = fixtures()["qlora-run"]
+    base = MixtralForCausalLM.from_pretrained(fx["base_hf"], dtype=torch.float32)
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"],
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], init_lora_weights=False)
+    model = get_peft_model(base, cfg)
+    model.eval()
+    src_dir, merged_dir = FIX / "peft-trained", FIX / "peft-trained-merged-hf"
+    model.save_pretrained(src_dir)
+    omnilite("export", "--checkpoint", fx["base"], "--adapter", src_dir, "--merge", "--format", "hf",
+             "--out", merged_dir)
+    lines = held_out_lines(20)
+    src = FIX / "peft-lines.txt"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    scored = [json.loads(l) for l in omnilite("score", "--checkpoint", merged_dir, "--lines", src, "--json")
+              .strip().splitlines()]
+    worst = 0.0
+    with torch.no_grad():
+        for s in scored:
+            ids = torch.tensor([s["tokens"]])
+            lp = torch.log_softmax(model(ids).logits.double(), -1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+            worst = max(worst, (lp - torch.tensor(s["logprobs"], dtype=torch.float64)).abs().max().item())
+    report(f"peft -> omnilite: a PEFT-made adapter merged by omnilite, log-probs of {len(scored)} lines, max |diff|",
+           worst, LOGPROB_BOUND, worst <= LOGPROB_BOUND)
+    # The same adapter as the starting adapter of an OMNI-LITE run (lora.init_adapter), one step at lr 1e-12.
+    run = FIX / "peft-started-run"
+    if run.exists():
+        import shutil
+        shutil.rmtree(run)
+    qcfg = json.loads((FIX / "qlora.json").read_text())
+    qcfg["lora"].update({"alpha": 16, "init_adapter": str(src_dir)})
+    qcfg["train"].update({"steps": 1, "lr": 1e-12, "ckpt_every": 1})
+    (FIX / "peft-started.json").write_text(json.dumps(qcfg))
+    omnilite("train", "--config", FIX / "peft-started.json", "--base", fx["base"], "--out", run)
+    run_merged = FIX / "peft-started-merged-hf"
+    omnilite("export", "--checkpoint", fx["base"], "--adapter", run, "--merge", "--format", "hf", "--out", run_merged)
+    scored = [json.loads(l) for l in omnilite("score", "--checkpoint", run_merged, "--lines", src, "--json")
+              .strip().splitlines()]
+    worst = 0.0
+    with torch.no_grad():
+        for s in scored:
+            ids = torch.tensor([s["tokens"]])
+            lp = torch.log_softmax(model(ids).logits.double(), -1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+            worst = max(worst, (lp - torch.tensor(s["logprobs"], dtype=torch.float64)).abs().max().item())
+    report(f"peft -> omnilite: a run started from the PEFT adapter (lora.init_adapter), log-probs, max |diff|",
+           worst, LOGPROB_BOUND, worst <= LOGPROB_BOUND)
 
 
 if __name__ == "__main__":
     main()
+    reverse()
+    finish()

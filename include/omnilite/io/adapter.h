@@ -44,7 +44,8 @@ struct MergedAdapter {
 };
 // Builds the adapter run's model (checkpoint folder `adapter_dir`), loads the base weights of `base` and the
 // adapters, and writes the merged plain weights to `out_file` as `dtype` (`omnilite export --merge`). Throws naming
-// the folder when its config has lora.enabled = false.
+// the folder when its config has lora.enabled = false. `adapter_dir` may also be a PEFT adapter (is_peft_adapter):
+// the model is then the base's, with the lora options the adapter implies and a full-precision (fp32) base.
 MergedAdapter merge_adapter(const std::string& base, const std::string& adapter_dir, const std::string& out_file,
                             torch::ScalarType dtype);
 
@@ -71,5 +72,23 @@ struct PeftExport {
 // so each delta, (alpha / r) B A, is unchanged. lora_dropout is written as 0: PEFT refuses dropout on adapted
 // parameters (it only matters when training on with PEFT). Throws naming the folder when it holds no adapter.
 PeftExport write_peft_adapter(const std::string& adapter_dir, const Config& cfg, const std::string& out_dir);
+
+// True when `dir` holds a PEFT adapter under Hugging Face module paths (adapter_config.json with peft_type LORA and
+// adapter_model.safetensors with "base_model.model.model." names), e.g. one PEFT trained on the hf export.
+bool is_peft_adapter(const std::string& dir);
+// A PEFT adapter read back as OMNI-LITE's: the lora options it implies (r, lora_alpha, lora_dropout, target_modules
+// of the adapted projections) and the factors under OMNI-LITE names ("base_model.model.text.layers.N..."). The
+// stacked expert pairs are split per expert; gate_up_proj's pair gives w1 and w3 the same A (rows [0, I) and
+// [I, 2I) of B), which is exact. Throws naming the setting for what OMNI-LITE's LoRA cannot express (rank_pattern,
+// alpha_pattern, rsLoRA, DoRA, biases, modules outside the attention projections and experts).
+struct PeftAdapter {
+  LoRAOptions lora;                                              // enabled, rank, alpha, dropout, target_modules
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;    // OMNI-LITE adapter names -> factors
+};
+PeftAdapter read_peft_adapter(const std::string& dir, const ModelConfig& model);
+// Copies the factors into the model's LoRA parameters; throws naming a tensor the model lacks or shapes differ.
+// Returns how many LoRA parameters of the model the tensors did not cover (they keep their values).
+int64_t load_adapter_tensors(torch::nn::Module& model,
+                             const std::vector<std::pair<std::string, torch::Tensor>>& tensors, const std::string& what);
 
 }  // namespace omnilite::io
