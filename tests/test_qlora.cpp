@@ -286,6 +286,74 @@ TEST_CASE("QLoRA model: only adapters get gradients, PEFT adapter files round tr
   CHECK_THROWS_WITH(io::load_adapter(*wrong_rank, dir), ContainsText("has shape") && ContainsText("lora.rank"));
 }
 
+TEST_CASE("PEFT layout: each delta from PEFT's stacked expert pairs equals OMNI-LITE's, and reads back exactly",
+          "[qlora][peft]") {
+  torch::manual_seed(21);
+  Config c = testing::tiny_qlora("fp32");
+  OmniLite model(c.model, *make_linear_builder(c));
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : model->named_parameters())
+      if (p.key().find(".lora_B.") != std::string::npos) p.value().normal_(0, 0.02);
+  }
+  const auto dir = testing::fresh_temp_dir("peft_layout");
+  io::save_adapter(*model, c.lora, dir + "/omni");
+  const auto res = io::write_peft_adapter(dir + "/omni", c, dir + "/peft");
+  CHECK_FALSE(res.skipped.empty());  // the vision and resampler adapters have no place in PEFT's Mixtral
+  const int64_t r = c.lora.rank, R = res.rank, E = c.model.moe.num_experts, I = c.model.moe.expert_hidden;
+  REQUIRE(R == 2 * r);
+  std::ifstream f(dir + "/peft/adapter_config.json");
+  const auto pc = nlohmann::json::parse(f);
+  const double peft_scale = pc["lora_alpha"].get<double>() / pc["r"].get<double>(), scale = c.lora.alpha / r;
+  CHECK(peft_scale == Approx(scale));
+  io::SafetensorsReader pr(dir + "/peft/adapter_model.safetensors");
+  auto params = model->named_parameters();
+  auto delta = [&](const std::string& m) {  // OMNI-LITE's (alpha / r) B A of a projection, in double
+    return params[m + ".lora_B.weight"].to(torch::kFloat64).matmul(params[m + ".lora_A.weight"].to(torch::kFloat64)) *
+           scale;
+  };
+  for (int64_t l = 0; l < c.model.text.num_layers; ++l) {
+    const std::string hf = "base_model.model.model.layers." + std::to_string(l) + ".";
+    // PEFT's ParamWrapper.get_delta_weight for (experts, out, in) parameters, written out by its definition:
+    // A [R*E, in] -> (E, R, in); B [out, R*E] -> (out, R, E); delta_e[o, i] = sum_k B[o, k, e] A[e, k, i] * scale.
+    auto peft_delta = [&](const std::string& prefix, int64_t e) {
+      auto a = pr.load(prefix + "lora_A.weight").to(torch::kFloat64);
+      auto b = pr.load(prefix + "lora_B.weight").to(torch::kFloat64);
+      auto ae = a.view({E, R, a.size(1)}).select(0, e);   // [R, in]
+      auto be = b.view({b.size(0), R, E}).select(2, e);   // [out, R]
+      return be.matmul(ae) * peft_scale;
+    };
+    for (int64_t e = 0; e < E; ++e) {
+      const std::string p = "text.layers." + std::to_string(l) + ".moe.experts." + std::to_string(e) + ".";
+      INFO(p);
+      auto gate_up = peft_delta(hf + "mlp.experts.base_layer.", e);  // [2I, H]
+      CHECK(testing::max_rel_err(gate_up.narrow(0, 0, I), delta(p + "w1")) < 1e-12);
+      CHECK(testing::max_rel_err(gate_up.narrow(0, I, I), delta(p + "w3")) < 1e-12);
+      CHECK(testing::max_rel_err(peft_delta(hf + "mlp.experts.", e), delta(p + "w2")) < 1e-12);
+    }
+    const std::string q = hf + "self_attn.q_proj.";
+    auto pq = pr.load(q + "lora_B.weight").to(torch::kFloat64).matmul(pr.load(q + "lora_A.weight").to(torch::kFloat64));
+    CHECK(testing::max_rel_err(pq * peft_scale, delta("text.layers." + std::to_string(l) + ".self_attn.q_proj")) < 1e-12);
+  }
+  // Read back: every text adapter's delta is the model's (w1 and w3 now share A; R = 2r).
+  const auto back = io::read_peft_adapter(dir + "/peft", c.model);
+  CHECK(back.lora.rank == R);
+  Config c2 = c;
+  c2.lora = back.lora;
+  c2.lora.base_dtype = "fp32";
+  OmniLite other(c2.model, *make_linear_builder(c2));
+  CHECK(io::load_adapter_tensors(*other, back.tensors, "test") == 0);
+  auto oparams = other->named_parameters();
+  const double scale2 = back.lora.alpha / back.lora.rank;
+  for (const auto& m : {"text.layers.0.self_attn.k_proj", "text.layers.1.moe.experts.2.w1", "text.layers.1.moe.experts.2.w3",
+                        "text.layers.0.moe.experts.0.w2"}) {
+    INFO(m);
+    auto d = oparams[std::string(m) + ".lora_B.weight"].to(torch::kFloat64)
+                 .matmul(oparams[std::string(m) + ".lora_A.weight"].to(torch::kFloat64)) * scale2;
+    CHECK(testing::max_rel_err(d, delta(m)) < 1e-12);
+  }
+}
+
 TEST_CASE("base checkpoints load into QLoRA models quantised, bad ones are refused by name", "[qlora]") {
   torch::manual_seed(10);
   const auto dir = testing::fresh_temp_dir("qlora_base");
