@@ -10,7 +10,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import MixtralForCausalLM
 
-from common import FIX, finish, fixtures, held_out_lines, omnilite, report
+from common import FIX, finish, fixtures, held_out_lines, max_logprob_diff, omnilite, report, score_lines
 
 LOGPROB_BOUND = 1e-4
 WEIGHT_BOUND = 1e-5
@@ -37,17 +37,8 @@ def main():
     mism = sum(not torch.equal(held[k], saved[k]) for k in set(saved) & set(held))
     report("peft: adapter tensors PEFT does not hold (or holds differently)", len(unused) + mism, 0,
            not unused and mism == 0)
-    lines = held_out_lines(20)
-    src = FIX / "peft-lines.txt"
-    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    scored = [json.loads(l) for l in omnilite("score", "--checkpoint", merged_dir, "--lines", src, "--json")
-              .strip().splitlines()]
-    worst = 0.0
-    with torch.no_grad():
-        for s in scored:
-            ids = torch.tensor([s["tokens"]])
-            lp = torch.log_softmax(model(ids).logits.double(), -1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
-            worst = max(worst, (lp - torch.tensor(s["logprobs"], dtype=torch.float64)).abs().max().item())
+    scored = score_lines(merged_dir, held_out_lines(20))
+    worst = max_logprob_diff(model, scored)
     report(f"peft: log-probs of {len(scored)} held-out lines, max |PeftModel - omnilite score (merged export)|",
            worst, LOGPROB_BOUND, worst <= LOGPROB_BOUND)
     merged = model.merge_and_unload()
@@ -87,17 +78,8 @@ def reverse():
     model.save_pretrained(src_dir)
     omnilite("export", "--checkpoint", fx["base"], "--adapter", src_dir, "--merge", "--format", "hf",
              "--out", merged_dir)
-    lines = held_out_lines(20)
-    src = FIX / "peft-lines.txt"
-    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    scored = [json.loads(l) for l in omnilite("score", "--checkpoint", merged_dir, "--lines", src, "--json")
-              .strip().splitlines()]
-    worst = 0.0
-    with torch.no_grad():
-        for s in scored:
-            ids = torch.tensor([s["tokens"]])
-            lp = torch.log_softmax(model(ids).logits.double(), -1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
-            worst = max(worst, (lp - torch.tensor(s["logprobs"], dtype=torch.float64)).abs().max().item())
+    scored = score_lines(merged_dir, held_out_lines(20))
+    worst = max_logprob_diff(model, scored)
     report(f"peft -> omnilite: a PEFT-made adapter merged by omnilite, log-probs of {len(scored)} lines, max |diff|",
            worst, LOGPROB_BOUND, worst <= LOGPROB_BOUND)
     # The same adapter as the starting adapter of an OMNI-LITE run (lora.init_adapter), one step at lr 1e-12.
@@ -112,15 +94,8 @@ def reverse():
     omnilite("train", "--config", FIX / "peft-started.json", "--base", fx["base"], "--out", run)
     run_merged = FIX / "peft-started-merged-hf"
     omnilite("export", "--checkpoint", fx["base"], "--adapter", run, "--merge", "--format", "hf", "--out", run_merged)
-    scored = [json.loads(l) for l in omnilite("score", "--checkpoint", run_merged, "--lines", src, "--json")
-              .strip().splitlines()]
-    worst = 0.0
-    with torch.no_grad():
-        for s in scored:
-            ids = torch.tensor([s["tokens"]])
-            lp = torch.log_softmax(model(ids).logits.double(), -1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
-            worst = max(worst, (lp - torch.tensor(s["logprobs"], dtype=torch.float64)).abs().max().item())
-    report(f"peft -> omnilite: a run started from the PEFT adapter (lora.init_adapter), log-probs, max |diff|",
+    worst = max_logprob_diff(model, score_lines(run_merged, held_out_lines(20)))
+    report("peft -> omnilite: a run started from the PEFT adapter (lora.init_adapter), log-probs, max |diff|",
            worst, LOGPROB_BOUND, worst <= LOGPROB_BOUND)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
-from common import FIX, ROOT, finish, omnilite, report
+from common import FIX, finish, omnilite, report
 
 
 def records_ok(path):

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from transformers import MixtralForCausalLM
 
-from common import FIX, finish, fixtures, held_out_lines, omnilite, report
+from common import finish, fixtures, held_out_lines, max_logprob_diff, omnilite, report, score_lines
 
 LOGPROB_BOUND = 1e-4
 
@@ -17,13 +17,6 @@ def exported_tensor(folder, name):
     shard = json.loads(index.read_text())["weight_map"][name] if index.exists() else "model.safetensors"
     with safe_open(str(folder / shard), "pt") as f:
         return f.get_tensor(name)
-
-
-def score_lines(path, lines):
-    src = FIX / "lines.txt"
-    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    out = omnilite("score", "--checkpoint", path, "--lines", src, "--json")
-    return [json.loads(l) for l in out.strip().splitlines()]
 
 
 def main():
@@ -51,12 +44,7 @@ def main():
         report(f"{name}: fused experts (gate_up_proj, down_proj) vs exported w1/w3/w2, max |diff|", worst, 0.0,
                worst == 0.0)
         scored = score_lines(path, lines)
-        worst = 0.0
-        with torch.no_grad():
-            for s in scored:
-                ids = torch.tensor([s["tokens"]])
-                lp = torch.log_softmax(model(ids).logits.double(), -1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
-                worst = max(worst, (lp - torch.tensor(s["logprobs"], dtype=torch.float64)).abs().max().item())
+        worst = max_logprob_diff(model, scored)
         report(f"{name}: log-probs of {len(scored)} held-out lines, max |transformers - omnilite score|", worst,
                LOGPROB_BOUND, worst <= LOGPROB_BOUND)
         differ = 0

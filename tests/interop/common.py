@@ -40,6 +40,26 @@ def held_out_lines(n=40):
     return out
 
 
+def score_lines(checkpoint, lines):
+    """`omnilite score --lines` of `lines` under `checkpoint`: [{"line", "tokens", "logprobs"}] per line."""
+    src = FIX / "score-lines.txt"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = omnilite("score", "--checkpoint", checkpoint, "--lines", src, "--json")
+    return [json.loads(l) for l in out.strip().splitlines()]
+
+
+def max_logprob_diff(model, scored):
+    """Max |log p| difference between a transformers (or PEFT) causal LM and omnilite's scores of the same tokens."""
+    import torch
+    worst = 0.0
+    with torch.no_grad():
+        for s in scored:
+            ids = torch.tensor([s["tokens"]])
+            lp = torch.log_softmax(model(ids).logits.double(), -1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+            worst = max(worst, (lp - torch.tensor(s["logprobs"], dtype=torch.float64)).abs().max().item())
+    return worst
+
+
 def report(check, measured, bound, ok):
     """One table row; `measured` and `bound` are printed as given (numbers or short text)."""
     row = {"check": check, "measured": measured, "bound": bound, "ok": bool(ok)}
