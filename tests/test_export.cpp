@@ -18,6 +18,7 @@
 #include "omnilite/io/weights_reader.h"
 #include "omnilite/modules/omnilite.h"
 #include "omnilite/modules/qlora_builder.h"
+#include "omnilite/quant/nf4.h"
 
 using namespace omnilite;
 namespace fs = std::filesystem;
@@ -333,4 +334,45 @@ TEST_CASE("hf export and import: broken folders and inexpressible models give er
   CHECK(io::parse_byte_size("--max-shard-size", "64KB") == 64'000ull);
   CHECK(io::parse_byte_size("--max-shard-size", "123") == 123ull);
   CHECK_THROWS_WITH(io::parse_byte_size("--max-shard-size", "5 gigs"), ContainsText("\"5 gigs\""));
+}
+
+TEST_CASE("hf export --quant nf4: bitsandbytes' Linear4bit tensors for the attention, the rest as it was",
+          "[export][hf][nf4]") {
+  torch::manual_seed(31);
+  const auto dir = testing::fresh_temp_dir("hf_nf4");
+  Config c = testing::load("configs/tiny.json");
+  OmniLite model(c.model);
+  io::save_module(*model, dir + "/src.safetensors");
+  io::HfExportOptions o;
+  o.out_dir = dir + "/q";
+  o.dtype = torch::kFloat32;
+  o.quant = "nf4";
+  io::write_hf_export(dir + "/src.safetensors", c, 1, o);
+  std::ifstream cf(o.out_dir + "/config.json");
+  const json config = json::parse(cf);
+  CHECK(config["quantization_config"]["quant_method"] == "bitsandbytes");
+  CHECK(config["quantization_config"]["bnb_4bit_use_double_quant"] == true);
+  io::SafetensorsReader r(o.out_dir + "/model.safetensors");
+  io::SafetensorsReader src(dir + "/src.safetensors");
+  const std::string w = "model.layers.1.self_attn.k_proj.weight";
+  const auto orig = src.load("text.layers.1.self_attn.k_proj.weight");
+  const auto q = quant::nf4_quantize(orig);
+  // The packed codes [n/2, 1] and the double-quantised statistics, as nf4_quantize makes them.
+  CHECK(r.tensors().at(w).dtype == torch::kUInt8);
+  CHECK(r.tensors().at(w).shape == std::vector<int64_t>{orig.numel() / 2, 1});
+  CHECK(torch::equal(r.load(w).view(-1), q.packed));
+  CHECK(torch::equal(r.load(w + ".absmax"), q.absmax_q));
+  CHECK(torch::equal(r.load(w + ".nested_absmax"), q.absmax_scale));
+  CHECK(r.load(w + ".quant_map").numel() == 16);
+  CHECK(r.load(w + ".nested_quant_map").numel() == 256);
+  auto js = r.load(w + ".quant_state.bitsandbytes__nf4");
+  const json state = json::parse(std::string(reinterpret_cast<const char*>(js.data_ptr<uint8_t>()), js.numel()));
+  CHECK(state["quant_type"] == "nf4");
+  CHECK(state["blocksize"] == 64);
+  CHECK(state["shape"] == json(orig.sizes().vec()));
+  CHECK(state["nested_offset"].get<double>() == Approx(q.absmax_mean.item<float>()).epsilon(1e-7));
+  // Experts and norms stay full precision (transformers quantises nn.Linear modules only).
+  CHECK(r.tensors().at("model.layers.0.block_sparse_moe.experts.1.w2.weight").dtype == torch::kFloat32);
+  // OMNI-LITE does not read 4-bit exports back yet, and says so.
+  CHECK_THROWS_WITH(io::WeightsReader(o.out_dir), ContainsText("bitsandbytes 4-bit") && ContainsText("hint"));
 }

@@ -88,6 +88,11 @@ WeightsReader::WeightsReader(const std::string& path) : path_(path) {
   std::vector<std::string> names;
   for (const auto& s : stored) names.push_back(s.first);
   hf_names_ = has_hf_names(names);
+  for (const auto& n : names)
+    if (n.size() > 30 && n.compare(n.size() - 30, 30, ".quant_state.bitsandbytes__nf4") == 0)
+      throw std::runtime_error("checkpoint \"" + path + "\" holds bitsandbytes 4-bit weights (\"" + n + "\"); OMNI-LITE "
+                               "does not read them back yet; hint: export the full-precision model (--quant none) "
+                               "and quantise on load with lora.base_dtype = nf4");
   // An export keeps its non-Mixtral tensors (OMNI-LITE names, which the key map leaves as they are) beside the shards.
   const std::string extras = path + "/" + kMultimodalFile;
   if (hf_names_ && fs::is_directory(path) && fs::exists(extras)) {
