@@ -336,7 +336,7 @@ TEST_CASE("hf export and import: broken folders and inexpressible models give er
   CHECK_THROWS_WITH(io::parse_byte_size("--max-shard-size", "5 gigs"), ContainsText("\"5 gigs\""));
 }
 
-TEST_CASE("hf export --quant nf4: bitsandbytes' Linear4bit tensors for the attention, the rest as it was",
+TEST_CASE("hf export --quant nf4: bitsandbytes' Linear4bit tensors for the attention, read back as a QLoRA base",
           "[export][hf][nf4]") {
   torch::manual_seed(31);
   const auto dir = testing::fresh_temp_dir("hf_nf4");
@@ -373,6 +373,47 @@ TEST_CASE("hf export --quant nf4: bitsandbytes' Linear4bit tensors for the atten
   CHECK(state["nested_offset"].get<double>() == Approx(q.absmax_mean.item<float>()).epsilon(1e-7));
   // Experts and norms stay full precision (transformers quantises nn.Linear modules only).
   CHECK(r.tensors().at("model.layers.0.block_sparse_moe.experts.1.w2.weight").dtype == torch::kFloat32);
-  // OMNI-LITE does not read 4-bit exports back yet, and says so.
-  CHECK_THROWS_WITH(io::WeightsReader(o.out_dir), ContainsText("bitsandbytes 4-bit") && ContainsText("hint"));
+  // Read back: one tensor of the original shape; load() is the dequantisation, nf4() the codes as stored.
+  io::WeightsReader back(o.out_dir);
+  const std::string k = "text.layers.1.self_attn.k_proj.weight";
+  REQUIRE(back.contains(k));
+  CHECK(back.tensors().at(k).shape == orig.sizes().vec());
+  CHECK(torch::equal(back.load(k), quant::nf4_dequantize(q)));
+  REQUIRE(back.nf4(k).has_value());
+  CHECK(torch::equal(back.nf4(k)->absmax_q, q.absmax_q));
+  CHECK_FALSE(back.nf4("text.layers.1.moe.experts.0.w1.weight").has_value());
+  // A QLoRA model (NF4 base) from the 4-bit export equals one from the fp32 source bit for bit: the attention codes
+  // are taken as they are, not quantised again.
+  Config qc = c;
+  qc.lora.enabled = true;
+  qc.lora.base_dtype = "nf4";
+  OmniLite from_fp32(qc.model, *make_linear_builder(qc)), from_4bit(qc.model, *make_linear_builder(qc));
+  io::load_base_weights(*from_fp32, dir + "/src.safetensors");
+  io::load_base_weights(*from_4bit, o.out_dir);
+  auto b1 = from_fp32->named_buffers(), b2 = from_4bit->named_buffers();
+  for (const auto& item : b1) {
+    INFO(item.key());
+    CHECK(torch::equal(item.value(), b2[item.key()]));
+  }
+  torch::NoGradGuard ng;
+  auto tokens = torch::randint(7, 64, {1, 9}, torch::kInt64);
+  from_fp32->eval();
+  from_4bit->eval();
+  CHECK(torch::equal(from_fp32->forward({tokens}).logits, from_4bit->forward({tokens}).logits));
+  // Another 4-bit flavour is refused by name.
+  {
+    auto st = r.load(w + ".quant_state.bitsandbytes__nf4");
+    std::string text(reinterpret_cast<const char*>(st.data_ptr<uint8_t>()), st.numel());
+    text.replace(text.find("\"nf4\""), 5, "\"fp4\"");
+    std::vector<std::pair<std::string, torch::Tensor>> all;
+    for (const auto& [n, e] : r.tensors()) all.emplace_back(n, r.load(n));
+    for (auto& [n, t] : all)
+      if (n == w + ".quant_state.bitsandbytes__nf4")
+        t = torch::from_blob(text.data(), {static_cast<int64_t>(text.size())}, torch::kUInt8).clone();
+    fs::create_directories(dir + "/fp4");
+    fs::copy_file(o.out_dir + "/config.json", dir + "/fp4/config.json");
+    io::save_safetensors(dir + "/fp4/model.safetensors", all, {{"format", "pt"}});
+    CHECK_THROWS_WITH(io::WeightsReader(dir + "/fp4"), ContainsText(w) && ContainsText("fp4") &&
+                                                          ContainsText("blocksize 64"));
+  }
 }

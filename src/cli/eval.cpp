@@ -12,9 +12,34 @@
 #include "omnilite/cli/commands.h"
 #include "omnilite/eval/evaluate.h"
 #include "omnilite/io/checkpoint.h"
+#include "omnilite/io/event_writer.h"
+#include "omnilite/log.h"
 #include "omnilite/runtime.h"
 
 namespace omnilite::cli {
+
+namespace {
+
+// eval's numbers as scalars "eval/KEY" and its PNG reports as images "eval/NAME", at the evaluated step.
+void write_eval_events(const std::string& tb_dir, const nlohmann::json& r) {
+  io::EventWriter events(tb_dir);
+  const int64_t step = r.value("step", int64_t{0});
+  int64_t images = 0;
+  for (const auto& [k, v] : r.items()) {
+    if (v.is_number()) events.scalar("eval/" + k, step, v.get<double>());
+    if (!v.is_string()) continue;
+    const std::string path = v.get<std::string>();
+    if (path.size() > 4 && path.compare(path.size() - 4, 4, ".png") == 0 && std::filesystem::exists(path)) {
+      events.png_file("eval/" + std::filesystem::path(path).stem().string(), step, path);
+      ++images;
+    }
+  }
+  events.flush();
+  log::info(log::format("eval: the numbers and %lld PNG reports are in TensorBoard's %s", static_cast<long long>(images),
+                        tb_dir.c_str()));
+}
+
+}  // namespace
 
 int run_eval(int argc, char** argv) {
   EvalOptions d;
@@ -68,6 +93,10 @@ int run_eval(int argc, char** argv) {
   if (!o.device.empty()) ck.runtime.device = o.device;
   apply_runtime(ck.runtime);
   const auto r = evaluate(o);
+  // A run folder's TensorBoard events get eval's numbers and PNG reports at the checkpoint's step.
+  const std::string ckdir = io::latest_checkpoint(o.checkpoint), run = io::run_folder_of(ckdir);
+  if (ck.train.tensorboard && run != ckdir && std::filesystem::exists(run + "/metrics.jsonl"))
+    write_eval_events(run + "/tb", r);
   if (args.count("json")) std::cout << r.dump(2) << "\n";
   return 0;
 }

@@ -129,7 +129,8 @@ void load_base_weights(torch::nn::Module& model, const std::string& path) {
         shape_problem(name, entry.shape, {nf4->out_, nf4->in_});
         continue;
       }
-      nf4->set_weight(r.load(name).to(torch::kFloat32));  // quantised here; the fp32 copy dies with this scope
+      if (auto q = r.nf4(name)) nf4->set_quantized(*q);  // a bitsandbytes 4-bit base: its codes as they are
+      else nf4->set_weight(r.load(name).to(torch::kFloat32));  // quantised here; the fp32 copy dies with this scope
       for (const char* b : {"weight_packed", "weight_absmax_q", "weight_absmax_scale", "weight_absmax_mean"})
         covered.insert(owner + "." + b);
     } else if (state.count(owner + "." + leaf)) {

@@ -7,6 +7,8 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <stdexcept>
 
 namespace omnilite::io {
@@ -138,6 +140,22 @@ void EventWriter::image(const std::string& tag, int64_t step, const std::string&
   std::string payload;
   field_bytes(payload, 4, img);
   record(event(step, summary_value(tag, payload)));
+}
+
+void EventWriter::png_file(const std::string& tag, int64_t step, const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  const std::string png((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  // signature (8 bytes), then the IHDR chunk: length, "IHDR", width and height (big endian), depth, colour type
+  if (png.size() < 26 || png.compare(0, 8, "\x89PNG\r\n\x1a\n") != 0 || png.compare(12, 4, "IHDR") != 0)
+    throw std::runtime_error("\"" + path + "\" is not a PNG file; TensorBoard images are PNGs");
+  auto be32 = [&](size_t at) {
+    uint32_t v = 0;
+    for (size_t k = 0; k < 4; ++k) v = v << 8 | static_cast<unsigned char>(png[at + k]);
+    return static_cast<int>(v);
+  };
+  const int colour = static_cast<unsigned char>(png[25]);
+  const int channels = colour == 0 ? 1 : colour == 4 ? 2 : colour == 6 ? 4 : 3;  // grey, grey+alpha, RGBA, RGB
+  image(tag, step, png, be32(20), be32(16), channels);
 }
 
 void EventWriter::flush() {

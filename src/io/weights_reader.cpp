@@ -2,6 +2,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
@@ -11,11 +12,57 @@
 
 namespace omnilite::io {
 namespace fs = std::filesystem;
+using json = nlohmann::json;
 
 namespace {
 
 constexpr const char* kSingle = "model.safetensors";
 constexpr const char* kIndex = "model.safetensors.index.json";
+const std::string kBnbState = ".quant_state.bitsandbytes__nf4";
+const char* const kBnbSuffixes[] = {".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
+                                    ".quant_state.bitsandbytes__nf4"};
+
+// The JSON quant state of bitsandbytes 4-bit weight `w` in `f`, checked against what OMNI-LITE's NF4 is: nf4 codes,
+// blocks of 64, double quantisation in blocks of 256, the same code tables. Throws naming the weight otherwise.
+json bnb_state(const SafetensorsReader& f, const std::string& w, const std::string& path) {
+  auto bytes = f.load(w + kBnbState);
+  const json s = json::parse(std::string(reinterpret_cast<const char*>(bytes.data_ptr<uint8_t>()), bytes.numel()),
+                             nullptr, false);
+  auto refuse = [&](const std::string& why) {
+    throw std::runtime_error("checkpoint \"" + path + "\": 4-bit weight \"" + w + "\" " + why + "; OMNI-LITE reads "
+                             "bitsandbytes nf4 with blocksize 64 and double quantisation (bnb_4bit_use_double_quant)");
+  };
+  if (!s.is_object()) refuse("has a quant state that is not JSON");
+  if (s.value("quant_type", std::string()) != "nf4") refuse("is " + s.value("quant_type", std::string("?")));
+  if (s.value("blocksize", 0) != quant::kNf4BlockSize) refuse("has blocksize " + std::to_string(s.value("blocksize", 0)));
+  if (!s.contains("nested_offset") || s.value("nested_blocksize", 0) != quant::kAbsmaxBlockSize)
+    refuse("is not double-quantised in blocks of 256");
+  if (!s.contains("shape") || !s["shape"].is_array()) refuse("has no shape");
+  const auto& codes = quant::nf4_code_values();
+  const auto& map = quant::dynamic_map_values();
+  const auto qm = f.load(w + ".quant_map").to(torch::kFloat32).contiguous();
+  const auto nm = f.load(w + ".nested_quant_map").to(torch::kFloat32).contiguous();
+  if (qm.numel() != 16 || !std::equal(codes.begin(), codes.end(), qm.data_ptr<float>()) || nm.numel() != 256 ||
+      !std::equal(map.begin(), map.end(), nm.data_ptr<float>()))
+    refuse("has code tables other than bitsandbytes' NF4 and dynamic maps");
+  return s;
+}
+
+// The logical tensor of a 4-bit weight: the quant state's shape and dtype (offsets are the codes').
+TensorEntry bnb_entry(const SafetensorsReader& f, const std::string& w, const std::string& path) {
+  const json s = bnb_state(f, w, path);
+  TensorEntry e = f.tensors().at(w);
+  e.shape = s["shape"].get<std::vector<int64_t>>();
+  const std::string dt = s.value("dtype", std::string("float32"));
+  e.dtype = dt == "bfloat16" ? torch::kBFloat16 : dt == "float16" ? torch::kFloat16 : torch::kFloat32;
+  int64_t n = 1;
+  for (auto d : e.shape) n *= d;
+  const uint64_t bytes = f.tensors().at(w).end - f.tensors().at(w).begin;
+  if (n % quant::kNf4BlockSize != 0 || bytes != static_cast<uint64_t>(n / 2))
+    throw std::runtime_error("checkpoint \"" + path + "\": 4-bit weight \"" + w + "\" holds " + std::to_string(bytes) +
+                             " bytes for shape " + c10::str(c10::IntArrayRef(e.shape)));
+  return e;
+}
 
 }  // namespace
 
@@ -88,26 +135,54 @@ WeightsReader::WeightsReader(const std::string& path) : path_(path) {
   std::vector<std::string> names;
   for (const auto& s : stored) names.push_back(s.first);
   hf_names_ = has_hf_names(names);
-  for (const auto& n : names)
-    if (n.size() > 30 && n.compare(n.size() - 30, 30, ".quant_state.bitsandbytes__nf4") == 0)
-      throw std::runtime_error("checkpoint \"" + path + "\" holds bitsandbytes 4-bit weights (\"" + n + "\"); OMNI-LITE "
-                               "does not read them back yet; hint: export the full-precision model (--quant none) "
-                               "and quantise on load with lora.base_dtype = nf4");
   // An export keeps its non-Mixtral tensors (OMNI-LITE names, which the key map leaves as they are) beside the shards.
   const std::string extras = path + "/" + kMultimodalFile;
   if (hf_names_ && fs::is_directory(path) && fs::exists(extras)) {
     files_.push_back(std::make_unique<SafetensorsReader>(extras));
     for (const auto& [name, e] : files_.back()->tensors()) stored.emplace_back(name, files_.size() - 1);
   }
+  // bitsandbytes 4-bit weights: the codes stand for the weight; the state tensors beside them are not tensors of
+  // their own.
+  std::set<std::string> quantised, companions;
+  for (const auto& [name, i] : stored)
+    if (name.size() > kBnbState.size() && name.compare(name.size() - kBnbState.size(), kBnbState.size(), kBnbState) == 0)
+      quantised.insert(name.substr(0, name.size() - kBnbState.size()));
+  for (const auto& w : quantised)
+    for (const char* s : kBnbSuffixes) companions.insert(w + s);
   for (const auto& [name, i] : stored) {
+    if (companions.count(name)) continue;
     const std::string key = hf_names_ ? from_hf_name(name) : name;
+    if (quantised.count(name)) {
+      TensorEntry e = bnb_entry(*files_[i], name, path);
+      if (!tensors_.emplace(key, e).second)
+        throw std::runtime_error("checkpoint \"" + path + "\": two tensors map to \"" + key + "\"");
+      where_[key] = {i, name};
+      bnb_[key] = {i, name};
+      continue;
+    }
     if (!tensors_.emplace(key, files_[i]->tensors().at(name)).second)
       throw std::runtime_error("checkpoint \"" + path + "\": two tensors map to \"" + key + "\"");
     where_[key] = {i, name};
   }
 }
 
+std::optional<quant::Nf4Tensor> WeightsReader::nf4(const std::string& name) const {
+  auto it = bnb_.find(name);
+  if (it == bnb_.end()) return std::nullopt;
+  const auto& f = *files_[it->second.file];
+  const std::string& w = it->second.stored;
+  const json state = bnb_state(f, w, path_);
+  quant::Nf4Tensor q;
+  q.packed = f.load(w).reshape(-1);
+  q.absmax_q = f.load(w + ".absmax").reshape(-1);
+  q.absmax_scale = f.load(w + ".nested_absmax").to(torch::kFloat32).reshape(-1);
+  q.absmax_mean = torch::tensor(state.at("nested_offset").get<double>(), torch::kFloat32);
+  q.shape = state.at("shape").get<std::vector<int64_t>>();
+  return q;
+}
+
 torch::Tensor WeightsReader::load(const std::string& name) const {
+  if (auto q = nf4(name)) return quant::nf4_dequantize(*q).to(tensors_.at(name).dtype);
   auto it = where_.find(name);
   if (it == where_.end()) throw std::runtime_error("checkpoint \"" + path_ + "\" has no tensor \"" + name + "\"");
   return files_[it->second.file]->load(it->second.stored);

@@ -56,6 +56,18 @@ Nf4LinearImpl::Nf4LinearImpl(int64_t in, int64_t out, bool with_bias) : in_(in),
   if (with_bias) bias = register_buffer("bias", torch::zeros({out}));
 }
 
+void Nf4LinearImpl::set_quantized(const quant::Nf4Tensor& q) {
+  TORCH_CHECK(q.shape == std::vector<int64_t>({out_, in_}) && q.packed.numel() == weight_packed.numel() &&
+                  q.absmax_q.numel() == weight_absmax_q.numel() && q.absmax_scale.numel() == weight_absmax_scale.numel(),
+              "Nf4Linear: expected 4-bit codes of a [", out_, ", ", in_, "] weight, got shape ",
+              c10::IntArrayRef(q.shape));
+  torch::NoGradGuard ng;
+  weight_packed.copy_(q.packed);
+  weight_absmax_q.copy_(q.absmax_q);
+  weight_absmax_scale.copy_(q.absmax_scale);
+  weight_absmax_mean.copy_(q.absmax_mean);
+}
+
 void Nf4LinearImpl::set_weight(const torch::Tensor& w, const torch::Tensor& b) {
   TORCH_CHECK(w.dim() == 2 && w.size(0) == out_ && w.size(1) == in_, "Nf4Linear: expected a weight [", out_, ", ",
               in_, "], got ", w.sizes());

@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -68,6 +69,29 @@ def main():
            0, wrong == 0 and compared > 0)
     report("tensorboard: scalar events beyond metrics.jsonl's, duplicates included (abandoned steps 5-6 dropped)", extra, 0,
            extra == 0)
+    # eval of the run: its numbers and PNG reports go to the same tb/ folder at the checkpoint's step.
+    omnilite("eval", "--checkpoint", run, "--tasks", "ppl,moe")
+    result = json.loads((run / "eval.json").read_text())
+    ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    pngs = {k: v for k, v in result.items() if isinstance(v, str) and v.endswith(".png")}
+    images = set(ea.Tags()["images"])
+    bad = 0
+    for key, path in pngs.items():
+        tag = "eval/" + Path(path).stem
+        if tag not in images:
+            bad += 1
+            continue
+        ev = ea.Images(tag)[-1]
+        data = Path(path).read_bytes()
+        w, h = struct.unpack(">II", data[16:24])
+        bad += ev.encoded_image_string != data or ev.width != w or ev.height != h or ev.step != result["step"]
+    report(f"tensorboard: eval's PNG reports ({len(pngs)}) as images, missing or different", bad, 0,
+           bad == 0 and len(pngs) >= 2)
+    got = {e.step: e.value for e in ea.Scalars("eval/text_ppl")} if "eval/text_ppl" in ea.Tags()["scalars"] else {}
+    want = float(np.float32(result["text_ppl"]))
+    report("tensorboard: eval/text_ppl at the checkpoint's step != eval.json's", abs(got.get(result["step"], -1) - want),
+           0.0, got.get(result["step"]) == want)
     finish()
 
 

@@ -30,6 +30,8 @@ class EventWriter {
   void scalar(const std::string& tag, int64_t step, double value);
   // One image, PNG-encoded (`png` holds the file's bytes), of `height` x `width` with `channels` colours.
   void image(const std::string& tag, int64_t step, const std::string& png, int height, int width, int channels);
+  // A PNG file as an image (its size and colours read from the IHDR chunk); throws naming a file that is not a PNG.
+  void png_file(const std::string& tag, int64_t step, const std::string& path);
   // Pushes the records written so far to the file (called after each step, so a crash loses at most one step).
   void flush();
   // The event file.

@@ -1,11 +1,16 @@
 // The weights of a checkpoint, wherever they are stored: one .safetensors file, a checkpoint folder holding
 // model.safetensors, or a sharded folder (model.safetensors.index.json naming each tensor's shard, as transformers
 // writes it). Files with Hugging Face names (an `omnilite export --format hf`) are read under their OMNI-LITE names
-// through the key map, so every loader sees one namespace.
+// through the key map, so every loader sees one namespace. A weight stored as bitsandbytes serialises a Linear4bit
+// (nf4, blocksize 64, double quantisation: the packed codes under the weight's name, .absmax, .quant_map,
+// .nested_absmax, .nested_quant_map and .quant_state.bitsandbytes__nf4 beside it, as `export --quant nf4` and
+// transformers' save_pretrained write them) is one tensor of the quant state's shape and dtype: load() dequantises
+// it, nf4() hands the codes over as they are (a QLoRA base then never exists in full precision).
 #pragma once
 
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -13,6 +18,7 @@
 #include <torch/torch.h>
 
 #include "omnilite/io/safetensors.h"
+#include "omnilite/quant/nf4.h"
 
 namespace omnilite::io {
 
@@ -25,8 +31,10 @@ class WeightsReader {
   // Tensors by OMNI-LITE name.
   const std::map<std::string, TensorEntry>& tensors() const { return tensors_; }
   bool contains(const std::string& name) const { return tensors_.count(name) > 0; }
-  // A CPU copy of the named tensor; throws naming it if absent.
+  // A CPU copy of the named tensor (a 4-bit one dequantised); throws naming it if absent.
   torch::Tensor load(const std::string& name) const;
+  // The NF4 codes of a tensor stored in bitsandbytes' 4-bit form, or nullopt for a plain one.
+  std::optional<quant::Nf4Tensor> nf4(const std::string& name) const;
   // Checks every file's CRC (see SafetensorsReader::verify_checksum).
   void verify_checksum() const;
   // What was opened (for messages): the file, or the folder.
@@ -45,6 +53,7 @@ class WeightsReader {
   bool hf_names_ = false;
   std::vector<std::unique_ptr<SafetensorsReader>> files_;
   std::map<std::string, Where> where_;
+  std::map<std::string, Where> bnb_;  // OMNI-LITE name -> the packed codes of a bitsandbytes 4-bit weight
   std::map<std::string, TensorEntry> tensors_;
 };
 

@@ -24,6 +24,8 @@ struct Nf4LinearImpl : LinearBaseImpl {
   int64_t out_features() const override { return out_; }
   // Quantises w [out, in] into the buffers (and copies b when given).
   void set_weight(const torch::Tensor& w, const torch::Tensor& b = {});
+  // Takes codes quantised elsewhere (a bitsandbytes 4-bit checkpoint) as they are; throws when the shape differs.
+  void set_quantized(const quant::Nf4Tensor& q);
   // The quantised weight as a Nf4Tensor view of the buffers.
   quant::Nf4Tensor weight_nf4() const;
   // dequant(W) [out, in] in `dtype`.
