@@ -434,7 +434,11 @@ PeftAdapter read_peft_adapter(const std::string& dir, const ModelConfig& model) 
     return false;
   }();
   const auto params = j.value("target_parameters", std::vector<std::string>());
-  auto targets = [&](const std::string& p) { return std::find(params.begin(), params.end(), p) != params.end(); };
+  auto targets = [&](const std::string& leaf) {  // "mlp.experts.gate_up_proj", "experts.gate_up_proj", ...
+    return std::any_of(params.begin(), params.end(), [&](const std::string& p) {
+      return p.size() >= leaf.size() && p.compare(p.size() - leaf.size(), leaf.size(), leaf) == 0;
+    });
+  };
   std::set<std::string> patterns;
   for (const auto& [name, e] : r.tensors()) {
     std::smatch m;
@@ -448,7 +452,7 @@ PeftAdapter read_peft_adapter(const std::string& dir, const ModelConfig& model) 
     if (std::regex_match(name, m, experts)) {
       if (m[3].str() == "B") continue;  // read with its A below
       // The inner wrapper (".base_layer.") is gate_up_proj's when both are adapted; a lone one is the one targeted.
-      const bool gate_up = m[2].matched || (!nested && targets("mlp.experts.gate_up_proj"));
+      const bool gate_up = m[2].matched || (!nested && targets("gate_up_proj"));
       const std::string layer = m[1].str();
       const auto a = r.load(name).to(torch::kFloat32);                                        // [R*E, in]
       const auto b = r.load(name.substr(0, name.size() - 13) + "lora_B.weight").to(torch::kFloat32);  // [out, R*E]
