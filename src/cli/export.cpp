@@ -129,6 +129,9 @@ int run_export(int argc, char** argv) {
     throw std::runtime_error("--format \"" + format + "\": expected omnilite, hf or peft");
   if (format == "peft") return export_peft(args, out);
   const auto dtype = parse_storage_dtype("--dtype", args["dtype"].as<std::string>());
+  if (args["quant"].as<std::string>() != "none" && args["quant"].as<std::string>() != "nf4")
+    throw std::runtime_error("--quant \"" + args["quant"].as<std::string>() + "\": expected none or nf4 (bitsandbytes "
+                             "nf4 with double quantisation)");
   if (args["quant"].as<std::string>() != "none" && format != "hf")
     throw std::runtime_error("--quant " + args["quant"].as<std::string>() + " needs --format hf (bitsandbytes' "
                              "serialisation); hint: add --format hf");
