@@ -15,6 +15,9 @@ stamp="$venv/.requirements.sha256"
 want=$(sha256sum "$req" | cut -d' ' -f1)
 if [[ ! -x $venv/bin/python || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   echo "check_interop: creating $venv from $req (PyPI; large downloads, once per machine)"
+  if ! python3 -c 'import venv, ensurepip' 2> /dev/null; then  # Debian's python3 needs python3-venv for this
+    apt-get update -qq && apt-get install -y -qq python3-venv > /dev/null
+  fi
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet -r "$req"
@@ -24,6 +27,10 @@ fi
 source scripts/lib/data.sh
 ensure_data_and_tokenizer
 "$venv/bin/python" tests/interop/fixtures.py
+if [[ ! -d runs/quickstart/checkpoints ]]; then
+  echo "check_interop: no runs/quickstart: the checks on a trained model are left out (run ./scripts/quickstart.sh" \
+       "first for them)"
+fi
 build=${BUILD_DIR:-build}
 rm -f "$build/interop/results.jsonl"
 status=0
