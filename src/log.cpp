@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 namespace omnilite::log {
@@ -22,17 +23,24 @@ int quiet_level() {
   }();
   return level;
 }
+
+// Progress goes to stderr, so that what a command prints on stdout (--json, scores, generated text) is its result
+// alone and can be piped.
+spdlog::logger& logger() {
+  static const std::shared_ptr<spdlog::logger> l = spdlog::stderr_color_mt("omnilite");
+  return *l;
+}
 }  // namespace
 
 void set_rank(long long rank) { g_rank = rank; }
 
 void info(const std::string& msg) {
-  if (g_rank == 0 && quiet_level() < 1) spdlog::info("{}", msg);
+  if (g_rank == 0 && quiet_level() < 1) logger().info("{}", msg);
 }
 void warn(const std::string& msg) {
   if (quiet_level() >= 2) return;
-  if (g_rank == 0) spdlog::warn("{}", msg);
-  else spdlog::warn("rank {}: {}", g_rank, msg);
+  if (g_rank == 0) logger().warn("{}", msg);
+  else logger().warn("rank {}: {}", g_rank, msg);
 }
 
 std::string format(const char* fmt, ...) {

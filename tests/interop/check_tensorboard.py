@@ -70,8 +70,7 @@ def main():
     report("tensorboard: scalar events beyond metrics.jsonl's, duplicates included (abandoned steps 5-6 dropped)", extra, 0,
            extra == 0)
     # eval of the run: its numbers and PNG reports go to the same tb/ folder at the checkpoint's step.
-    omnilite("eval", "--checkpoint", run, "--tasks", "ppl,moe")
-    result = json.loads((run / "eval.json").read_text())
+    result = json.loads(omnilite("eval", "--checkpoint", run, "--tasks", "ppl,moe", "--json"))  # stdout: JSON alone
     ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0})
     ea.Reload()
     pngs = {k: v for k, v in result.items() if isinstance(v, str) and v.endswith(".png")}
