@@ -27,7 +27,11 @@ int quiet_level() {
 // Progress goes to stderr, so that what a command prints on stdout (--json, scores, generated text) is its result
 // alone and can be piped.
 spdlog::logger& logger() {
-  static const std::shared_ptr<spdlog::logger> l = spdlog::stderr_color_mt("omnilite");
+  static const std::shared_ptr<spdlog::logger> l = [] {
+    auto made = spdlog::stderr_color_mt("omnilite");
+    made->set_pattern("[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] %v");  // spdlog's default look, without the logger's name
+    return made;
+  }();
   return *l;
 }
 }  // namespace
