@@ -1,9 +1,11 @@
 // QLoRA weights on disk.
 //
-// Adapters use PEFT's layout, so that PEFT (and anything reading it) loads them as they are:
+// A QLoRA checkpoint's adapters use PEFT's file layout under OMNI-LITE's module paths:
 //   adapter_model.safetensors  "base_model.model.<module path>.lora_A.weight" [r, in] and ".lora_B.weight" [out, r]
 //   adapter_config.json        {"peft_type": "LORA", "r", "lora_alpha", "lora_dropout", "target_modules" (a regular
 //                              expression matched against full module paths), "bias": "none", ...}
+// PEFT applies an adapter to transformers' Mixtral only under Hugging Face paths: write_peft_adapter below writes
+// that form, and read_peft_adapter reads it back.
 // Base weights come from plain checkpoints (the names of a model without adapters, e.g. `omnilite init` or a
 // pretraining run); a projection that is LoRA-wrapped finds its weight under "<path>.base_layer", and an NF4 base
 // quantises the tensor as it is read, so the full-precision model never exists in memory at once.
