@@ -171,15 +171,21 @@ nlohmann::json bench_decode(const Config& cfg, const torch::Device& dev, const s
   in.cache = &cache;
   in.tokens = ids;
   synchronize(dev);
+  // Greedy over the text ids [16, V) that the prompt is drawn from: a random model may otherwise pick an image
+  // placeholder id, which the forward pass refuses without an image. logits [1, T, V] at position t -> [1, 1].
+  const int64_t first = 16, span = cfg.model.text.vocab_size - first;
+  auto greedy = [&](const torch::Tensor& logits, int64_t t) {
+    return (logits.select(1, t).narrow(-1, first, span).argmax(-1) + first).view({1, 1});
+  };
   auto t0 = Clock::now();
-  auto next = model->forward(in).logits.select(1, prompt - 1).argmax(-1).view({1, 1});
+  auto next = greedy(model->forward(in).logits, prompt - 1);
   synchronize(dev);
   const double prefill_s = seconds_since(t0);
   in.tokens = next;  // one warm-up decode step, then the timed ones
-  in.tokens = model->forward(in).logits.select(1, 0).argmax(-1).view({1, 1});
+  in.tokens = greedy(model->forward(in).logits, 0);
   synchronize(dev);
   t0 = Clock::now();
-  for (int64_t i = 0; i < new_tokens; ++i) in.tokens = model->forward(in).logits.select(1, 0).argmax(-1).view({1, 1});
+  for (int64_t i = 0; i < new_tokens; ++i) in.tokens = greedy(model->forward(in).logits, 0);
   synchronize(dev);
   const double decode_s = seconds_since(t0) / static_cast<double>(new_tokens);
   const double peak_rss = peak_resident_bytes();  // before the copy's buffers exist

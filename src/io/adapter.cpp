@@ -69,25 +69,13 @@ void load_adapter(torch::nn::Module& model, const std::string& dir) {
   const std::string path = dir + "/adapter_model.safetensors";
   SafetensorsReader r(path);
   r.verify_checksum();
-  std::set<std::string> expected;
-  torch::NoGradGuard ng;
-  for (auto& p : model.named_parameters()) {
-    if (!is_adapter_key(p.key())) continue;
-    const std::string name = kPeftPrefix + p.key();
-    expected.insert(name);
-    if (!r.contains(name))
-      throw std::runtime_error("adapter \"" + path + "\": missing tensor \"" + name + "\"; hint: the adapter was "
-                               "trained with other lora.target_modules or another model config");
-    auto t = r.load(name);
-    if (t.sizes() != p.value().sizes())
-      throw std::runtime_error("adapter \"" + path + "\": tensor \"" + name + "\" has shape " + c10::str(t.sizes()) +
-                               ", the model expects " + c10::str(p.value().sizes()) + "; hint: another lora.rank?");
-    p.value().copy_(t);
-  }
-  for (const auto& [name, e] : r.tensors())
-    if (!expected.count(name))
-      throw std::runtime_error("adapter \"" + path + "\": unexpected tensor \"" + name + "\" that the model does not "
-                               "have; hint: the adapter was trained with other lora.target_modules");
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  for (const auto& [name, e] : r.tensors()) tensors.emplace_back(name, r.load(name));
+  const auto missing = load_adapter_tensors(model, tensors, "adapter \"" + path + "\"");
+  if (!missing.empty())
+    throw std::runtime_error("adapter \"" + path + "\": missing tensor \"" + missing.front() + "\" (and " +
+                             std::to_string(missing.size() - 1) + " more); hint: the adapter was trained with other "
+                             "lora.target_modules or another model config");
 }
 
 void load_base_weights(torch::nn::Module& model, const std::string& path) {
@@ -223,33 +211,33 @@ int64_t write_merged_weights(const torch::nn::Module& model, const std::string& 
 
 MergedAdapter merge_adapter(const std::string& base, const std::string& adapter_dir, const std::string& out_file,
                             torch::ScalarType dtype) {
-  if (is_peft_adapter(adapter_dir)) {
-    const std::string base_dir = fs::is_regular_file(base) ? fs::path(base).parent_path().string() : base;
-    MergedAdapter r;
-    r.cfg = parse_config(read_checkpoint_state(base_dir)["config"]);
-    const auto peft = read_peft_adapter(adapter_dir, r.cfg.model);
-    r.cfg.lora = peft.lora;
-    r.cfg.lora.base_dtype = "fp32";
-    OmniLite model(r.cfg.model, *make_linear_builder(r.cfg));
-    load_base_weights(*model, base);
-    if (load_adapter_tensors(*model, peft.tensors, "PEFT adapter \"" + adapter_dir + "\"") != 0)
-      throw std::runtime_error("PEFT adapter \"" + adapter_dir + "\" does not cover the projections it names");
-    model->eval();
-    r.tensors = write_merged_weights(*model, out_file, dtype, {{"format", "pt"}});
-    return r;
-  }
-  const auto state = read_checkpoint_state(adapter_dir);
   MergedAdapter r;
-  r.cfg = parse_config(state["config"]);
-  if (!r.cfg.lora.enabled)
-    throw std::runtime_error("adapter checkpoint \"" + adapter_dir + "\": its config has lora.enabled = false; "
-                             "hint: pass the folder of a QLoRA run");
+  std::vector<std::pair<std::string, torch::Tensor>> peft_tensors;
+  const bool peft = is_peft_adapter(adapter_dir);
+  if (peft) {  // the base's model with the lora options the adapter implies, on a full-precision base
+    const std::string base_dir = fs::is_regular_file(base) ? fs::path(base).parent_path().string() : base;
+    r.cfg = parse_config(read_checkpoint_state(base_dir)["config"]);
+    auto read = read_peft_adapter(adapter_dir, r.cfg.model);
+    r.cfg.lora = read.lora;
+    r.cfg.lora.base_dtype = "fp32";
+    peft_tensors = std::move(read.tensors);
+  } else {
+    const auto state = read_checkpoint_state(adapter_dir);
+    r.cfg = parse_config(state["config"]);
+    r.step = state.value("step", int64_t{0});
+    if (!r.cfg.lora.enabled)
+      throw std::runtime_error("adapter checkpoint \"" + adapter_dir + "\": its config has lora.enabled = false; "
+                               "hint: pass the folder of a QLoRA run");
+  }
   OmniLite model(r.cfg.model, *make_linear_builder(r.cfg));
   load_base_weights(*model, base);
-  load_adapter(*model, adapter_dir);
+  if (!peft) {
+    load_adapter(*model, adapter_dir);
+  } else if (!load_adapter_tensors(*model, peft_tensors, "PEFT adapter \"" + adapter_dir + "\"").empty()) {
+    throw std::runtime_error("PEFT adapter \"" + adapter_dir + "\" does not cover the projections it names");
+  }
   model->eval();
   r.tensors = write_merged_weights(*model, out_file, dtype, {{"format", "pt"}});
-  r.step = state.value("step", int64_t{0});
   return r;
 }
 
@@ -485,8 +473,9 @@ PeftAdapter read_peft_adapter(const std::string& dir, const ModelConfig& model) 
   return out;
 }
 
-int64_t load_adapter_tensors(torch::nn::Module& model,
-                             const std::vector<std::pair<std::string, torch::Tensor>>& tensors, const std::string& what) {
+std::vector<std::string> load_adapter_tensors(torch::nn::Module& model,
+                                              const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                                              const std::string& what) {
   std::map<std::string, torch::Tensor> params;
   for (auto& p : model.named_parameters())
     if (is_adapter_key(p.key())) params[kPeftPrefix + p.key()] = p.value();
@@ -495,15 +484,18 @@ int64_t load_adapter_tensors(torch::nn::Module& model,
   for (const auto& [name, t] : tensors) {
     auto it = params.find(name);
     if (it == params.end())
-      throw std::runtime_error(what + ": tensor \"" + name + "\" has no LoRA parameter in the model; hint: the "
-                               "adapter was trained with other target modules or another model config");
+      throw std::runtime_error(what + ": unexpected tensor \"" + name + "\" that the model does not have; hint: the "
+                               "adapter was trained with other lora.target_modules or another model config");
     if (t.sizes() != it->second.sizes())
       throw std::runtime_error(what + ": tensor \"" + name + "\" has shape " + c10::str(t.sizes()) + ", the model "
-                               "expects " + c10::str(it->second.sizes()));
+                               "expects " + c10::str(it->second.sizes()) + "; hint: another lora.rank?");
     it->second.copy_(t);
     seen.insert(name);
   }
-  return static_cast<int64_t>(params.size() - seen.size());
+  std::vector<std::string> missing;
+  for (const auto& [name, p] : params)
+    if (!seen.count(name)) missing.push_back(name);
+  return missing;
 }
 
 }  // namespace omnilite::io

@@ -48,9 +48,11 @@ json bnb_state(const SafetensorsReader& f, const std::string& w, const std::stri
   return s;
 }
 
-// The logical tensor of a 4-bit weight: the quant state's shape and dtype (offsets are the codes').
-TensorEntry bnb_entry(const SafetensorsReader& f, const std::string& w, const std::string& path) {
+// The logical tensor of a 4-bit weight: the quant state's shape and dtype (offsets are the codes'); `offset` gets
+// the state's nested_offset.
+TensorEntry bnb_entry(const SafetensorsReader& f, const std::string& w, const std::string& path, double& offset) {
   const json s = bnb_state(f, w, path);
+  offset = s.at("nested_offset").get<double>();
   TensorEntry e = f.tensors().at(w);
   e.shape = s["shape"].get<std::vector<int64_t>>();
   const std::string dt = s.value("dtype", std::string("float32"));
@@ -153,11 +155,11 @@ WeightsReader::WeightsReader(const std::string& path) : path_(path) {
     if (companions.count(name)) continue;
     const std::string key = hf_names_ ? from_hf_name(name) : name;
     if (quantised.count(name)) {
-      TensorEntry e = bnb_entry(*files_[i], name, path);
-      if (!tensors_.emplace(key, e).second)
+      double offset = 0;
+      if (!tensors_.emplace(key, bnb_entry(*files_[i], name, path, offset)).second)
         throw std::runtime_error("checkpoint \"" + path + "\": two tensors map to \"" + key + "\"");
       where_[key] = {i, name};
-      bnb_[key] = {i, name};
+      bnb_[key] = offset;
       continue;
     }
     if (!tensors_.emplace(key, files_[i]->tensors().at(name)).second)
@@ -169,15 +171,15 @@ WeightsReader::WeightsReader(const std::string& path) : path_(path) {
 std::optional<quant::Nf4Tensor> WeightsReader::nf4(const std::string& name) const {
   auto it = bnb_.find(name);
   if (it == bnb_.end()) return std::nullopt;
-  const auto& f = *files_[it->second.file];
-  const std::string& w = it->second.stored;
-  const json state = bnb_state(f, w, path_);
+  const auto& at = where_.at(name);
+  const auto& f = *files_[at.file];
+  const std::string& w = at.stored;
   quant::Nf4Tensor q;
   q.packed = f.load(w).reshape(-1);
   q.absmax_q = f.load(w + ".absmax").reshape(-1);
   q.absmax_scale = f.load(w + ".nested_absmax").to(torch::kFloat32).reshape(-1);
-  q.absmax_mean = torch::tensor(state.at("nested_offset").get<double>(), torch::kFloat32);
-  q.shape = state.at("shape").get<std::vector<int64_t>>();
+  q.absmax_mean = torch::tensor(it->second, torch::kFloat32);
+  q.shape = tensors_.at(name).shape;
   return q;
 }
 

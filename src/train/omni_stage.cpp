@@ -217,9 +217,9 @@ class OmniStage : public TrainStage {
                                            "the run has lora.rank = %lld, lora.alpha = %g; hint: set them alike",
                                            dir.c_str(), static_cast<long long>(peft.lora.rank), peft.lora.alpha,
                                            static_cast<long long>(lora.rank), lora.alpha));
-    const int64_t fresh = io::load_adapter_tensors(*model_, peft.tensors, "lora.init_adapter \"" + dir + "\"");
-    log::info(log::format("qlora: adapters start from the PEFT adapter %s (%lld LoRA tensors it does not hold, e.g. "
-                          "of the vision encoder, start afresh)", dir.c_str(), static_cast<long long>(fresh)));
+    const auto fresh = io::load_adapter_tensors(*model_, peft.tensors, "lora.init_adapter \"" + dir + "\"");
+    log::info(log::format("qlora: adapters start from the PEFT adapter %s (%zu LoRA tensors it does not hold, e.g. "
+                          "of the vision encoder, start afresh)", dir.c_str(), fresh.size()));
   }
 
   OmniMicro make(int64_t m, const TextData* text, const MultimodalSampler* mm, bool ordered = false) const {

@@ -89,8 +89,10 @@ struct PeftAdapter {
 };
 PeftAdapter read_peft_adapter(const std::string& dir, const ModelConfig& model);
 // Copies the factors into the model's LoRA parameters; throws naming a tensor the model lacks or shapes differ.
-// Returns how many LoRA parameters of the model the tensors did not cover (they keep their values).
-int64_t load_adapter_tensors(torch::nn::Module& model,
-                             const std::vector<std::pair<std::string, torch::Tensor>>& tensors, const std::string& what);
+// Returns the LoRA parameters of the model the tensors did not cover (they keep their values). `what` names the
+// source in errors. load_adapter is this on an adapter file, with every parameter required.
+std::vector<std::string> load_adapter_tensors(torch::nn::Module& model,
+                                              const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                                              const std::string& what);
 
 }  // namespace omnilite::io

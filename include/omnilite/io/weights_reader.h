@@ -53,7 +53,7 @@ class WeightsReader {
   bool hf_names_ = false;
   std::vector<std::unique_ptr<SafetensorsReader>> files_;
   std::map<std::string, Where> where_;
-  std::map<std::string, Where> bnb_;  // OMNI-LITE name -> the packed codes of a bitsandbytes 4-bit weight
+  std::map<std::string, double> bnb_;  // bitsandbytes 4-bit weights (checked once, on open): name -> nested_offset
   std::map<std::string, TensorEntry> tensors_;
 };
 
