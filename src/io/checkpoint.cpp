@@ -9,6 +9,7 @@
 #include <set>
 #include <stdexcept>
 
+#include "omnilite/io/gguf.h"
 #include "omnilite/io/hf_export.h"
 #include "omnilite/io/weights_reader.h"
 #include "omnilite/log.h"
@@ -102,6 +103,9 @@ void write_file_synced(const std::string& path, const std::string& text) {
 
 std::string latest_checkpoint(const std::string& dir) {
   if (fs::exists(dir + "/state.json") || is_hf_export(dir)) return dir;
+  if (fs::is_regular_file(dir) && is_gguf_file(dir))
+    throw std::runtime_error("\"" + dir + "\" is a GGUF file; hint: import it into a checkpoint folder first: omnilite "
+                             "export --checkpoint " + dir + " --out runs/imported [--multimodal CHECKPOINT]");
   const std::string ck = fs::exists(dir + "/checkpoints") ? dir + "/checkpoints" : dir;
   std::vector<std::string> names;
   if (fs::is_directory(ck))
