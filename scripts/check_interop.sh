@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The interop suite: the real libraries read what OMNI-LITE writes (docs/interop.md).
 #   1. A git-ignored virtual environment, .venv-interop/, with the versions pinned in
-#      scripts/interop/requirements.txt, from PyPI (about 4 GB, once per machine; rebuilt when the pins change).
+#      scripts/interop/requirements.txt, from PyPI (about 4 GB, once per machine; rebuilt when the pins change), and
+#      llama.cpp built from llama-cpp-python's source distribution (scripts/interop/build_llama_cpp.sh, ~10 min).
 #   2. The build (./scripts/setup.sh) and the embedded data and tokenizer, as the quickstart makes them.
 #   3. The fixtures under build/interop/: tiny random models (tied and untied LM head, exported in 1, 2 and 3 shards)
 #      and, when runs/quickstart exists, the quickstart's trained model.
@@ -23,6 +24,7 @@ if [[ ! -x $venv/bin/python || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   "$venv/bin/pip" install --quiet -r "$req"
   echo "$want" > "$stamp"
 fi
+scripts/interop/build_llama_cpp.sh "$venv"  # llama.cpp and llama-cpp-python, from source (once per machine)
 ./scripts/setup.sh
 source scripts/lib/data.sh
 ensure_data_and_tokenizer

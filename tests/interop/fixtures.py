@@ -4,6 +4,9 @@
   tied LM head, randomly initialised in fp32 by `omnilite init`, each exported with `--format hf` in 1, 2 and 3
   shards (hf-untied-1, hf-untied-2, hf-tied-3, ...).
 - quickstart: the quickstart's trained model (runs/quickstart), exported the same way, when it exists.
+- gguf-*: the untied and tied random models and the quickstart model exported with `--format gguf` in every
+  `--type` (f32, f16, bf16, q8_0, q4_0), and each imported back (`export --checkpoint X.gguf --multimodal`): the
+  OMNI-LITE model on the GGUF's dequantised weights.
 Folders that exist are kept (delete build/interop to rebuild).
 """
 import json
@@ -12,6 +15,8 @@ import shutil
 from pathlib import Path
 
 from common import FIX, ROOT, omnilite
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
 def sharded(src, out, shards, extra=()):
@@ -73,6 +78,21 @@ def main():
             json.loads((out / "config.json").read_text())["tie_word_embeddings"]), "shards": 2, "layout": "per-expert",
             "trained": True}
         listed["quickstart"] = {"path": str(qs), "kind": "run", "trained": True}
+    sources = {"untied": FIX / "init-untied", "tied": FIX / "init-tied"}
+    if (qs / "checkpoints").exists():
+        sources["quickstart"] = qs
+    for name, src in sources.items():
+        for t in GGUF_TYPES:
+            out = FIX / f"gguf-{name}-{t}.gguf"
+            if not out.exists():
+                omnilite("export", "--checkpoint", src, "--format", "gguf", "--type", t, "--out", out)
+            back = FIX / f"gguf-{name}-{t}.imported"
+            if not (back / "state.json").exists():
+                shutil.rmtree(back, ignore_errors=True)
+                omnilite("export", "--checkpoint", out, "--multimodal", src, "--out", back)
+            listed[out.stem] = {"path": str(out), "kind": "gguf", "type": t, "source": str(src),
+                                "imported": str(back), "trained": name == "quickstart",
+                                "hf": str(FIX / ("hf-quickstart" if name == "quickstart" else f"hf-{name}-1"))}
     (FIX / "fixtures.json").write_text(json.dumps(listed, indent=2))
     print(f"interop fixtures: {', '.join(listed)} in {FIX}")
 
