@@ -7,6 +7,7 @@
 - gguf-*: the untied and tied random models and the quickstart model exported with `--format gguf` in every
   `--type` (f32, f16, bf16, q8_0, q4_0), and each imported back (`export --checkpoint X.gguf --multimodal`): the
   OMNI-LITE model on the GGUF's dequantised weights.
+- init-unigram: the untied model with a unigram tokenizer, for the export's warning (llama.cpp splits it otherwise).
 Folders that exist are kept (delete build/interop to rebuild).
 """
 import json
@@ -93,6 +94,18 @@ def main():
             listed[out.stem] = {"path": str(out), "kind": "gguf", "type": t, "source": str(src),
                                 "imported": str(back), "trained": name == "quickstart",
                                 "hf": str(FIX / ("hf-quickstart" if name == "quickstart" else f"hf-{name}-1"))}
+    # A unigram tokenizer (what llama.cpp cannot reproduce) on the untied model: the export must warn with the share.
+    uni = FIX / "unigram.model"
+    if not uni.exists():
+        omnilite("tokenizer", "train", "--input", ROOT / "data/generated/text/train.txt", "--vocab-size", 4096,
+                 "--model-type", "unigram", "--out", uni)
+    ucfg = json.loads((FIX / "small-untied.json").read_text())
+    ucfg["data"]["tokenizer"] = str(uni)
+    (FIX / "small-unigram.json").write_text(json.dumps(ucfg, indent=2))
+    uinit = FIX / "init-unigram"
+    if not (uinit / "model.safetensors").exists():
+        omnilite("init", "--config", FIX / "small-unigram.json", "--out", uinit, "--dtype", "fp32", "--seed", 12)
+    listed["init-unigram"] = {"path": str(uinit), "kind": "unigram", "tokenizer": str(uni)}
     (FIX / "fixtures.json").write_text(json.dumps(listed, indent=2))
     print(f"interop fixtures: {', '.join(listed)} in {FIX}")
 
