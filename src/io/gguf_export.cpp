@@ -9,6 +9,7 @@
 #include "omnilite/io/hf_export.h"
 #include "omnilite/io/safetensors.h"
 #include "omnilite/io/weights_reader.h"
+#include "omnilite/log.h"
 #include "omnilite/modules/linear.h"
 #include "omnilite/modules/omnilite.h"
 
@@ -358,6 +359,7 @@ GgufImportResult import_gguf(const std::string& path, const std::string& out_dir
                                    ", the model expects " + c10::str(init.sizes()));
         w.write(name, v.to(init.scalar_type()).contiguous());
       }
+      log::info(log::format("import: piece %zu/%zu (%s)", k + 1, parts.size(), parts[k].prefix.c_str()));
     }
     w.commit();
   }
