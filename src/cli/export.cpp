@@ -219,7 +219,7 @@ int run_export(int argc, char** argv) {
   // A GGUF is a file: a merged model is staged in a folder beside it.
   const std::string folder = format == "gguf" ? out + ".tmp.d" : out;
   if (format == "gguf" && !fs::path(out).parent_path().empty()) fs::create_directories(fs::path(out).parent_path());
-  fs::create_directories(folder);
+  if (format != "gguf" || args.count("adapter")) fs::create_directories(folder);
   if (format != "gguf" && fs::equivalent(out, state_dir(source)))
     throw std::runtime_error("--out \"" + out + "\" is the checkpoint being read; hint: choose another folder");
   if (format == "hf" ? fs::exists(out + "/state.json") : io::is_hf_export(out))
