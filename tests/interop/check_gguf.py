@@ -9,7 +9,9 @@
   (the GGUF imported back); greedy
   decoding of 32 tokens from 5 held-out prompts gives `omnilite generate --temperature 0`'s tokens (f32).
 - llama.cpp's convert_hf_to_gguf.py converts the `--format hf` export as it is; its f32 GGUF holds the tensors of
-  OMNI-LITE's f32 GGUF byte for byte, and its log-probs equal OMNI-LITE's.
+  OMNI-LITE's f32 GGUF byte for byte, and its log-probs equal OMNI-LITE's; imported into OMNI-LITE (a GGUF without
+  OMNI-LITE's metadata, as one made elsewhere), it scores as the original checkpoint.
+- A unigram tokenizer's export warns with the share of lines llama.cpp splits otherwise, which llama.cpp confirms.
 """
 from importlib import metadata
 import os
