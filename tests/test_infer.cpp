@@ -115,6 +115,40 @@ TEST_CASE("sampler: temperature 0 and top-k 1 are greedy, the seed fixes the dra
   CHECK(g == ref);
 }
 
+TEST_CASE("generate never emits an image placeholder, even from a model that prefers them", "[infer]") {
+  // The LM head sees only hidden dim 0 (the final norm zeroes the rest) and maps it to +c for <image>, -c for
+  // <gen_image> and 0 elsewhere: one of the two placeholders is the argmax at every step. Decoding must pass over
+  // both (the forward refuses a placeholder without its image) and take the next best: id 0, the first of the ties.
+  Config c = testing::load("configs/tiny.json");
+  torch::manual_seed(34);
+  OmniLite model(c.model);
+  model->eval();
+  {
+    torch::NoGradGuard ng;
+    auto params = model->named_parameters();
+    auto w = params["lm_head.weight"];
+    w.zero_();
+    w[c.model.tokens.image_id][0] = 50.0;
+    w[c.model.tokens.gen_image_id][0] = -50.0;
+    auto norm = params["text.norm.weight"];
+    norm.zero_();
+    norm[0] = 1.0;
+  }
+  for (double temperature : {0.0, 1.0}) {
+    TextSampling s;
+    s.temperature = temperature;
+    s.seed = 3;
+    const auto out = generate_text(*model, {1, 20, 21}, 8, s);
+    INFO("temperature " << temperature);
+    REQUIRE(out.size() == 8);
+    for (auto id : out) {
+      CHECK(id != c.model.tokens.image_id);
+      CHECK(id != c.model.tokens.gen_image_id);
+    }
+    if (temperature == 0.0) CHECK(out == std::vector<int64_t>(8, 0));
+  }
+}
+
 TEST_CASE("score: logprobs[i] = log p(tokens[i+1] | tokens[..i]), recomputed prefix by prefix", "[infer][score]") {
   Config c = testing::load("configs/tiny.json");
   torch::manual_seed(33);

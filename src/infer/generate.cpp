@@ -167,7 +167,11 @@ std::vector<int64_t> generate_text(OmniLiteImpl& model, const std::vector<int64_
     OmniInput in;
     in.tokens = tokens;
     in.cache = &cache;
-    auto logits = model.forward(in).logits[0][tokens.size(1) - 1];  // [V]
+    auto logits = model.forward(in).logits[0][tokens.size(1) - 1].clone();  // [V]
+    // The image placeholders only ever stand for image content the caller supplies; text decoding never emits one
+    // (the next step could not embed it).
+    for (int64_t id : {model.cfg.tokens.image_id, model.cfg.tokens.gen_image_id})
+      if (id >= 0 && id < logits.size(0)) logits[id] = -std::numeric_limits<float>::infinity();
     const int64_t next = sample_next(logits, o, gen);
     out.push_back(next);
     if (on_token) on_token(next);

@@ -53,7 +53,8 @@ struct TextSampling {
 int64_t sample_next(const torch::Tensor& logits, const TextSampling& o, at::Generator& gen);
 
 // Continues `prompt` with KV-cached decoding until eos (kept) or max_new ids; on_token (may be empty) sees each id
-// as it is chosen. Throws for an empty prompt or one that fills max_position_embeddings.
+// as it is chosen. The image placeholders (tokens.image_id, gen_image_id) are never chosen: they stand for images the
+// caller supplies. Throws for an empty prompt or one that fills max_position_embeddings.
 std::vector<int64_t> generate_text(OmniLiteImpl& model, const std::vector<int64_t>& prompt, int64_t max_new,
                                    const TextSampling& o, const std::function<void(int64_t)>& on_token = {});
 
