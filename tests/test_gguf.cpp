@@ -92,7 +92,7 @@ Config tiny_saved(const std::string& dir, bool tied, uint64_t seed) {
 
 }  // namespace
 
-TEST_CASE("gguf quantisers: llama.cpp's Q8_0 and Q4_0 reference blocks, by hand", "[gguf]") {
+TEST_CASE("gguf quantisers: llama.cpp's Q8_0 and Q4_0 reference blocks by hand", "[gguf]") {
   // Q8_0: d = amax / 127 as fp16, q = round(x / d) half away from zero.
   std::vector<float> x(32);
   for (int i = 0; i < 32; ++i) x[i] = 0.25f * static_cast<float>(i - 16);  // -4 .. 3.75; amax 4
@@ -133,7 +133,7 @@ TEST_CASE("gguf quantisers: llama.cpp's Q8_0 and Q4_0 reference blocks, by hand"
   }
 }
 
-TEST_CASE("gguf file: metadata and tensors of every type round-trip; broken files are refused by name", "[gguf]") {
+TEST_CASE("gguf file: metadata and tensors of every type round-trip and broken files are refused by name", "[gguf]") {
   const auto dir = testing::fresh_temp_dir("gguf_file");
   torch::manual_seed(2);
   auto a = torch::randn({3, 64}), b = torch::randn({5, 32});
@@ -186,7 +186,7 @@ TEST_CASE("gguf file: metadata and tensors of every type round-trip; broken file
   REQUIRE_THROWS_WITH(io::parse_ggml_type("--type", "q5_k"), ContainsText("--type \"q5_k\": expected f32"));
 }
 
-TEST_CASE("gguf permutation: q/k rows go from rotate-half to adjacent pairs, per head, and back", "[gguf]") {
+TEST_CASE("gguf permutation: q/k rows go from rotate-half to adjacent pairs per head and back", "[gguf]") {
   // head_dim 4, 2 heads: each head's rows [0 1 2 3] become [0 2 1 3] (convert_hf_to_gguf.py's LlamaModel.permute).
   auto w = torch::arange(8, torch::kFloat32).unsqueeze(1).expand({8, 3}).contiguous();
   auto p = io::permute_for_gguf(w, 2);
@@ -237,7 +237,7 @@ TEST_CASE("gguf export: a llama-architecture forward of the file gives OMNI-LITE
   }
 }
 
-TEST_CASE("gguf import: f32 is lossless, q8_0 gives the dequantised weights; the config and tokenizer come back",
+TEST_CASE("gguf import: f32 is lossless and q8_0 gives the dequantised weights with the config and tokenizer back",
           "[gguf][export]") {
   const auto dir = testing::fresh_temp_dir("gguf_import");
   const Config c = tiny_saved(dir, false, 13);
@@ -297,7 +297,7 @@ TEST_CASE("gguf import: f32 is lossless, q8_0 gives the dequantised weights; the
   REQUIRE_THROWS_WITH(io::import_gguf(dir + "/m.gguf", dir + "/text-only", ""), ContainsText("already holds"));
 }
 
-TEST_CASE("llama.cpp's SPM tokeniser: equals SentencePiece on a BPE model, differs on a unigram model",
+TEST_CASE("llama.cpp's SPM tokeniser equals SentencePiece on a BPE model and differs on a unigram model",
           "[gguf][tokenizer]") {
   const auto dir = testing::fresh_temp_dir("gguf_spm");
   // A corpus with digits, whitespace runs, non-ASCII text and marker strings.
