@@ -7,8 +7,8 @@
 //   --format gguf         : the text backbone as llama.cpp's GGUF (io/gguf_export.h), --type f32 ... q4_0
 //   --checkpoint X.gguf   : a GGUF imported into an OMNI-LITE checkpoint folder (--format omnilite)
 #include <filesystem>
-#include <fstream>
 #include <iostream>
+#include <sstream>
 
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
@@ -17,6 +17,7 @@
 #include "omnilite/config.h"
 #include "omnilite/io/adapter.h"
 #include "omnilite/io/checkpoint.h"
+#include "omnilite/data/text_dataset.h"
 #include "omnilite/data/tokenizer.h"
 #include "omnilite/io/gguf.h"
 #include "omnilite/io/gguf_export.h"
@@ -94,13 +95,16 @@ int export_peft(const cxxopts::ParseResult& args, const std::string& out) {
   return 0;
 }
 
-// The first `limit` non-empty lines of the files (fortune files' "%" separators left out).
-std::vector<std::string> text_lines(const std::vector<std::string>& files, size_t limit) {
+// The first `limit` non-empty lines of the held-out documents (read as training reads them: .txt or .jsonl).
+std::vector<std::string> held_out_lines(const std::vector<std::string>& files, size_t limit) {
+  std::vector<std::string> present;
+  for (const auto& f : files)
+    if (fs::exists(f)) present.push_back(f);
   std::vector<std::string> out;
-  for (const auto& f : files) {
-    std::ifstream in(f);
-    for (std::string line; out.size() < limit && std::getline(in, line);)
-      if (!line.empty() && line != "%") out.push_back(line);
+  for (const auto& doc : read_documents(present).documents) {
+    std::stringstream ss(doc);
+    for (std::string line; out.size() < limit && std::getline(ss, line);)
+      if (!line.empty()) out.push_back(line);
   }
   return out;
 }
@@ -108,7 +112,7 @@ std::vector<std::string> text_lines(const std::vector<std::string>& files, size_
 // What llama.cpp will read of the GGUF's vocabulary: its SPM tokenisation of the held-out lines beside
 // SentencePiece's, the ids the model was trained on. A difference is warned about with the measured share.
 void check_llama_tokenizer(const Config& cfg) {
-  const auto lines = text_lines(cfg.data.text_valid, 2000);
+  const auto lines = held_out_lines(cfg.data.text_valid, 2000);
   if (lines.empty()) {
     log::warn("export: no held-out text (data.text_valid) to compare llama.cpp's tokenisation with SentencePiece's");
     return;

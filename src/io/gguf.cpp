@@ -326,8 +326,19 @@ GgufWriter::GgufWriter(std::string path, const GgufMetadata& metadata, std::vect
   tmp_ = path_ + ".tmp";
   fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (fd_ < 0) fail(tmp_, std::string("cannot create: ") + std::strerror(errno));
-  if (::write(fd_, o.buf.data(), o.buf.size()) != static_cast<ssize_t>(o.buf.size()))
-    fail(tmp_, std::string("write failed: ") + std::strerror(errno));
+  write_all(reinterpret_cast<const uint8_t*>(o.buf.data()), o.buf.size());
+}
+
+void GgufWriter::write_all(const uint8_t* p, size_t left) {
+  while (left > 0) {
+    const ssize_t w = ::write(fd_, p, left);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      fail(tmp_, std::string("write failed (disk full?): ") + std::strerror(errno));
+    }
+    p += w;
+    left -= static_cast<size_t>(w);
+  }
 }
 
 GgufWriter::~GgufWriter() {
@@ -341,20 +352,9 @@ void GgufWriter::write(const std::string& name, const std::vector<uint8_t>& data
   if (t.name != name || t.bytes != data.size())
     fail(path_, "expected tensor \"" + t.name + "\" of " + std::to_string(t.bytes) + " bytes next, got \"" + name +
                     "\" of " + std::to_string(data.size()));
-  std::vector<uint8_t> chunk = data;
-  chunk.resize(align(data.size()), 0);  // padding up to the next tensor's offset
-  const uint8_t* p = chunk.data();
-  size_t left = chunk.size();
-  while (left > 0) {
-    const ssize_t w = ::write(fd_, p, left);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      fail(tmp_, std::string("write failed (disk full?): ") + std::strerror(errno));
-    }
-    p += w;
-    left -= static_cast<size_t>(w);
-  }
-  written_ += chunk.size();
+  static const uint8_t zeros[kAlignment] = {};
+  write_all(data.data(), data.size());
+  write_all(zeros, align(data.size()) - data.size());  // padding up to the next tensor's offset
   ++next_;
 }
 

@@ -300,7 +300,7 @@ GgufImportResult import_gguf(const std::string& path, const std::string& out_dir
     if (!std::regex_match(name, m, layer_re)) return {"", -1};
     const int64_t n = std::stoll(m[1].str());
     const std::string rest = m[2].str();
-    const std::map<std::string, std::string> direct = {
+    static const std::map<std::string, std::string> direct = {
         {"input_layernorm.weight", "attn_norm"}, {"self_attn.q_proj.weight", "attn_q"},
         {"self_attn.k_proj.weight", "attn_k"}, {"self_attn.v_proj.weight", "attn_v"},
         {"self_attn.o_proj.weight", "attn_output"}, {"post_attention_layernorm.weight", "ffn_norm"},

@@ -86,10 +86,11 @@ class GgufWriter {
   const std::vector<GgufTensorInfo>& tensors() const { return tensors_; }
 
  private:
+  void write_all(const uint8_t* p, size_t n);  // to the temporary file; throws naming it (disk full?)
+
   std::string path_, tmp_;
   std::vector<GgufTensorInfo> tensors_;
   size_t next_ = 0;
-  uint64_t written_ = 0;  // bytes of the data section so far
   int fd_ = -1;
   bool committed_ = false;
 };
