@@ -169,7 +169,9 @@ template <class V> void visit_fields(V& v, TrainOptions& o) {
   v("activation_checkpointing", o.activation_checkpointing); v("loader_threads", o.loader_threads);
   v("valid_every", o.valid_every); v("valid_batches", o.valid_batches); v("vq_restart_every", o.vq_restart_every);
   v("base_checkpoint", o.base_checkpoint); v("dist_timeout_s", o.dist_timeout_s); v("bucket_mb", o.bucket_mb);
-  v("zero1", o.zero1); v("tensorboard", o.tensorboard);
+  v("zero1", o.zero1); v("tensorboard", o.tensorboard); v("sft_batch_size", o.sft_batch_size);
+  v("sft_seq_len", o.sft_seq_len); v("sft_packing", o.sft_packing); v("train_on_input", o.train_on_input);
+  v("document_masks", o.document_masks);
 }
 template <class V> void visit_fields(V& v, LoRAOptions& o) {
   v("enabled", o.enabled); v("rank", o.rank); v("alpha", o.alpha); v("dropout", o.dropout);
@@ -180,6 +182,7 @@ template <class V> void visit_fields(V& v, DataOptions& o) {
   v("tokenizer", o.tokenizer); v("text_train", o.text_train); v("text_valid", o.text_valid);
   v("image_train", o.image_train); v("image_valid", o.image_valid); v("image_root", o.image_root);
   v("max_images", o.max_images); v("vqvae", o.vqvae); v("classifier", o.classifier);
+  v("sft_train", o.sft_train); v("sft_valid", o.sft_valid);
 }
 template <class V> void visit_fields(V& v, Config& o) {
   v.section("model", o.model); v.section("runtime", o.runtime); v.section("train", o.train);
@@ -290,14 +293,22 @@ void validate(const Config& c) {
   for (auto [k2, x] : {std::pair<const char*, int64_t>{"train.batch_size", tr.batch_size},
                        {"train.caption_batch_size", tr.caption_batch_size},
                        {"train.gen_batch_size", tr.gen_batch_size}, {"train.image_seq_len", tr.image_seq_len},
+                       {"train.sft_batch_size", tr.sft_batch_size}, {"train.sft_seq_len", tr.sft_seq_len},
                        {"train.loader_threads", tr.loader_threads}, {"train.valid_every", tr.valid_every},
                        {"train.vq_restart_every", tr.vq_restart_every}, {"data.max_images", c.data.max_images}}) {
     if (x < 0) fail(k2, std::to_string(x), "must be >= 0");
   }
   if (!(tr.stage == "omni" || tr.stage == "vqvae" || tr.stage == "classifier"))
     fail("train.stage", "\"" + tr.stage + "\"", "must be \"omni\", \"vqvae\" or \"classifier\"");
-  if (tr.stage == "omni" && tr.batch_size + tr.caption_batch_size + tr.gen_batch_size == 0)
-    fail("train.batch_size", "0", "train.batch_size + caption_batch_size + gen_batch_size must be positive");
+  if (tr.stage == "omni" && tr.batch_size + tr.caption_batch_size + tr.gen_batch_size + tr.sft_batch_size == 0)
+    fail("train.batch_size", "0", "train.batch_size + caption_batch_size + gen_batch_size + sft_batch_size must be "
+         "positive");
+  if (tr.sft_seq_len > t.max_position_embeddings)
+    fail("train.sft_seq_len", std::to_string(tr.sft_seq_len),
+         "must be at most model.text.max_position_embeddings = " + std::to_string(t.max_position_embeddings));
+  if (tr.stage == "omni" && tr.sft_batch_size > 0 && c.data.sft_train.empty())
+    fail("data.sft_train", "[]", "must name at least one .json / .jsonl file of conversations when "
+         "train.sft_batch_size > 0");
   if (tr.stage != "omni" && tr.batch_size <= 0)
     fail("train.batch_size", std::to_string(tr.batch_size), "must be positive (images per micro-batch)");
   if (!(tr.flow_time == "logit_normal" || tr.flow_time == "uniform"))

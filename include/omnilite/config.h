@@ -147,6 +147,14 @@ struct TrainOptions {
   int64_t caption_batch_size = 0; // omni: image -> caption samples per micro-batch (image understanding)
   int64_t gen_batch_size = 0;     // omni: caption -> image samples per micro-batch (rectified-flow generation)
   int64_t image_seq_len = 0;      // omni: tokens per image-caption row (0 = the shortest that holds every sample)
+  int64_t sft_batch_size = 0;     // omni: rows of conversations (data.sft_train) per micro-batch (supervised fine-tuning)
+  int64_t sft_seq_len = 0;        // omni: tokens per conversation row (0 = the longest sample; a longer one is skipped)
+  bool sft_packing = true;        // omni: pack several conversations into a row, each attending only to itself
+                                  // (block-diagonal causal mask, positions from 0 per sample); false = one per row
+  bool train_on_input = false;    // omni: conversations' loss on every token, not only the assistant turns and their
+                                  // end-of-turn token
+  bool document_masks = false;    // omni: packed text rows attend within their own document (a new one at each BOS,
+                                  // positions from 0); false = across document boundaries, as GPT-style packing does
   double cfg_dropout = 0.1;       // omni: probability that a generation sample's prompt is dropped (for CFG)
   std::string flow_time = "logit_normal";  // omni: flow-time distribution, "logit_normal" (SD3) or "uniform"
   double flow_time_mean = 0.0;    // omni: mean of the logit-normal's underlying normal
@@ -179,6 +187,10 @@ struct DataOptions {
   // [, "label": k]} or a COCO captions .json ({"images": [{id, file_name}], "annotations": [{image_id, caption}]}).
   std::vector<std::string> image_train = {"data/generated/fashion-mnist/train"};
   std::vector<std::string> image_valid = {"data/generated/fashion-mnist/t10k"};  // held-out image-caption sources
+  // Conversations for supervised fine-tuning (train.sft_batch_size rows per micro-batch): .json / .jsonl records,
+  // instruction (Alpaca), chat ({"messages": ...}) or image conversations (LLaVA); docs/training.md has the formats.
+  std::vector<std::string> sft_train = {};
+  std::vector<std::string> sft_valid = {};  // held-out conversations (valid_loss_sft)
   std::string image_root;         // folder of relative image paths ("" = the folder of the .jsonl / .json file)
   int64_t max_images = 0;         // images read per source list (0 = all)
   std::string vqvae;              // omni: VQ-VAE run or checkpoint folder (stage "vqvae") whose frozen encoder

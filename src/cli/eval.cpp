@@ -47,12 +47,17 @@ int run_eval(int argc, char** argv) {
                                  "unigram baseline), caption (accuracy and BLEU-4 of greedy captions of held-out "
                                  "images), t2i (generated images judged by the classifier of data.classifier, and "
                                  "the Frechet distance of its features to real ones), recon (VQ-VAE PSNR and codebook "
-                                 "usage), moe (per-layer expert load on text and image tokens). Writes eval.json "
+                                 "usage), moe (per-layer expert load on text and image tokens), vqa (exact-match accuracy of answers to "
+                                 "questions about images, per question type). Writes eval.json "
                                  "(with step, config hash and seed) and the PNG reports into the run folder (or "
                                  "--out). docs/evaluation.md explains every number.");
   add_checkpoint_flags(opts, "run folder (its newest checkpoint) or checkpoint folder");
   opts.add_options()(
-      "tasks", "comma-separated ppl,caption,t2i,recon,moe or all", cxxopts::value<std::string>()->default_value("all"))(
+      "tasks", "comma-separated ppl,caption,t2i,recon,moe,vqa or all", cxxopts::value<std::string>()->default_value("all"))(
+      "data", "vqa: .json / .jsonl conversation files (LLaVA records; default: data.sft_valid of the config)",
+      cxxopts::value<std::vector<std::string>>())(
+      "vqa-questions", "vqa: answers scored at most (0 = all)", cxxopts::value<int64_t>()->default_value(std::to_string(d.vqa_questions)))(
+      "max-answer-tokens", "vqa: longest generated answer", cxxopts::value<int64_t>()->default_value(std::to_string(d.max_answer_tokens)))(
       "json", "print the results as JSON on stdout")(
       "out", "folder for eval.json and the PNGs (default: the run folder)", cxxopts::value<std::string>())(
       "classifier", "classifier run or checkpoint folder (default: data.classifier of the config)", cxxopts::value<std::string>())(
@@ -65,13 +70,19 @@ int run_eval(int argc, char** argv) {
       "moe-rows", "held-out text rows and captioned images routed for moe", cxxopts::value<int64_t>()->default_value(std::to_string(d.moe_rows)))(
       "seed", "sampling seed", cxxopts::value<uint64_t>()->default_value("0"));
   auto args = opts.parse(argc, argv);
-  if (args.count("help") || !args.count("checkpoint")) {
+  if (args.count("help") || !(args.count("checkpoint") || args.count("adapter"))) {
     std::cout << opts.help() << "\nExamples:\n  omnilite eval --checkpoint runs/quickstart --json\n"
+                 "  omnilite eval --checkpoint runs/quickstart --adapter runs/sft --tasks vqa --data "
+                 "data/generated/sft/valid.jsonl\n"
                  "  omnilite eval --checkpoint runs/quickstart --tasks ppl,moe --out runs/quickstart/eval-moe\n";
     return args.count("help") ? 0 : 2;
   }
   EvalOptions o;
-  o.checkpoint = args["checkpoint"].as<std::string>();
+  if (args.count("checkpoint")) o.checkpoint = args["checkpoint"].as<std::string>();
+  if (args.count("adapter")) o.adapter = args["adapter"].as<std::string>();
+  if (args.count("data")) o.vqa_data = args["data"].as<std::vector<std::string>>();
+  o.vqa_questions = args["vqa-questions"].as<int64_t>();
+  o.max_answer_tokens = args["max-answer-tokens"].as<int64_t>();
   if (args.count("out")) o.out_dir = args["out"].as<std::string>();
   if (args.count("classifier")) o.classifier = args["classifier"].as<std::string>();
   if (args.count("device")) o.device = args["device"].as<std::string>();
@@ -85,16 +96,17 @@ int run_eval(int argc, char** argv) {
   o.tasks = parse_eval_tasks(args["tasks"].as<std::string>());
   o.seed = args["seed"].as<uint64_t>();
   if (o.caption_images < 0 || o.t2i_per_class < 0 || o.recon_images < 0 || o.flow_steps < 1 || o.text_rows < 1 ||
-      o.moe_rows < 1)
-    throw std::invalid_argument("--caption-images, --t2i-per-class and --recon-images must be >= 0, --flow-steps, "
-                                "--text-rows and --moe-rows >= 1");
+      o.moe_rows < 1 || o.vqa_questions < 0 || o.max_answer_tokens < 1)
+    throw std::invalid_argument("--caption-images, --t2i-per-class, --recon-images and --vqa-questions must be >= 0, "
+                                "--flow-steps, --text-rows, --moe-rows and --max-answer-tokens >= 1");
   // The checkpoint's threads and seed, once for the process (evaluate() leaves them alone).
-  Config ck = parse_config(io::read_checkpoint_state(io::latest_checkpoint(o.checkpoint))["config"]);
+  const std::string read_from = o.adapter.empty() ? o.checkpoint : o.adapter;
+  Config ck = parse_config(io::read_checkpoint_state(io::latest_checkpoint(read_from))["config"]);
   if (!o.device.empty()) ck.runtime.device = o.device;
   apply_runtime(ck.runtime);
   const auto r = evaluate(o);
   // A run folder's TensorBoard events get eval's numbers and PNG reports at the checkpoint's step.
-  const std::string ckdir = io::latest_checkpoint(o.checkpoint), run = io::run_folder_of(ckdir);
+  const std::string ckdir = io::latest_checkpoint(read_from), run = io::run_folder_of(ckdir);
   if (ck.train.tensorboard && run != ckdir && std::filesystem::exists(run + "/metrics.jsonl"))
     write_eval_events(run + "/tb", r);
   if (args.count("json")) std::cout << r.dump(2) << "\n";

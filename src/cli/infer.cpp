@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "omnilite/cli/commands.h"
+#include "omnilite/data/chat.h"
 #include "omnilite/data/image_dataset.h"
 #include "omnilite/data/mm_batch.h"
 #include "omnilite/data/tokenizer.h"
@@ -24,6 +25,8 @@ namespace omnilite::cli {
 void add_checkpoint_flags(cxxopts::Options& opts, const std::string& accepts) {
   opts.add_options()("checkpoint", accepts, cxxopts::value<std::string>())(
       "device", "cpu, cuda or cuda:N (default: the checkpoint's runtime.device)", cxxopts::value<std::string>())(
+      "adapter", "a QLoRA run folder: its adapters over --checkpoint as the base (omit --checkpoint for the run's "
+      "train.base_checkpoint), unmerged, on NF4 bases as they trained", cxxopts::value<std::string>())(
       "h,help", "show this help");
 }
 namespace {
@@ -40,8 +43,9 @@ std::vector<int64_t> encode_prompt(const Tokenizer& tok, const Config& cfg, cons
 
 // The checkpoint of --checkpoint on --device (or the checkpoint's own device).
 LoadedModel load_from_args(const cxxopts::ParseResult& args) {
-  auto m = load_omni_checkpoint(args["checkpoint"].as<std::string>(),
-                                args.count("device") ? args["device"].as<std::string>() : "");
+  auto m = load_omni_checkpoint(args.count("checkpoint") ? args["checkpoint"].as<std::string>() : "",
+                                args.count("device") ? args["device"].as<std::string>() : "",
+                                args.count("adapter") ? args["adapter"].as<std::string>() : "");
   apply_runtime(m.cfg.runtime);  // the checkpoint's threads and seed, once for the process
   return m;
 }
@@ -77,7 +81,7 @@ int run_generate(int argc, char** argv) {
       "json", "print {\"prompt_tokens\": [...], \"tokens\": [...] (eos included when drawn), \"text\": ...} at the end "
               "instead of streaming");
   auto args = opts.parse(argc, argv);
-  if (args.count("help") || !args.count("checkpoint") || !args.count("prompt")) {
+  if (args.count("help") || !(args.count("checkpoint") || args.count("adapter")) || !args.count("prompt")) {
     std::cout << opts.help() << "\nExample:\n  omnilite generate --checkpoint runs/quickstart --prompt \"The meaning of "
                  "life\" --max-new-tokens 40 --temperature 0.7 --top-p 0.9 --seed 1\n";
     return args.count("help") ? 0 : 2;
@@ -160,7 +164,7 @@ int run_score(int argc, char** argv) {
       cxxopts::value<std::string>())(
       "json", "print {\"tokens\": [...], \"logprobs\": [...]} (one object per line with --lines)");
   auto args = opts.parse(argc, argv);
-  if (args.count("help") || !args.count("checkpoint") ||
+  if (args.count("help") || !(args.count("checkpoint") || args.count("adapter")) ||
       args.count("text") + args.count("tokens") + args.count("lines") != 1) {
     std::cout << opts.help() << "\nGive exactly one of --text, --tokens or --lines. Example:\n"
                  "  omnilite score --checkpoint runs/quickstart --text \"a photo of a sandal.\" --json\n";
@@ -200,7 +204,7 @@ int run_caption(int argc, char** argv) {
                                                     cxxopts::value<std::string>())(
       "max-new-tokens", "longest caption", cxxopts::value<int64_t>()->default_value("32"));
   auto args = opts.parse(argc, argv);
-  if (args.count("help") || !args.count("checkpoint") || !args.count("image")) {
+  if (args.count("help") || !(args.count("checkpoint") || args.count("adapter")) || !args.count("image")) {
     std::cout << opts.help() << "\nExample:\n  omnilite caption --checkpoint runs/quickstart --image shoe.png\n";
     return args.count("help") ? 0 : 2;
   }
@@ -233,7 +237,7 @@ int run_imagine(int argc, char** argv) {
       "cfg", "guidance weight W (1 = no guidance)", cxxopts::value<double>()->default_value("3.0"))(
       "seed", "noise seed: the same seed gives the same image", cxxopts::value<uint64_t>()->default_value("0"));
   auto args = opts.parse(argc, argv);
-  if (args.count("help") || !args.count("checkpoint") || !args.count("prompt") || !args.count("out")) {
+  if (args.count("help") || !(args.count("checkpoint") || args.count("adapter")) || !args.count("prompt") || !args.count("out")) {
     std::cout << opts.help() << "\nExample:\n  omnilite imagine --checkpoint runs/quickstart --prompt \"a photo of a "
                  "sneaker.\" --out sneaker.png --steps 25 --cfg 3 --seed 1\n";
     return args.count("help") ? 0 : 2;
@@ -257,6 +261,141 @@ int run_imagine(int argc, char** argv) {
   auto image = m.model->vqvae->decode_normalized(imagine_latents(*m.model, prompt, so)).clamp(-1, 1).cpu();
   write_image_grid(image, 1, out);
   std::cout << "wrote " << out << " (" << image.size(3) << "x" << image.size(2) << ")\n";
+  return 0;
+}
+
+}  // namespace omnilite::cli
+
+namespace omnilite::cli {
+namespace {
+
+// [N, C, S, S] model images of image files (centre square, as `caption` reads them).
+torch::Tensor model_images(const std::vector<std::string>& files, const ModelConfig& mc) {
+  std::vector<torch::Tensor> out;
+  for (const auto& f : files) {
+    auto pixels = decode_image_file(f);  // [H, W, 3] uint8; throws naming the file
+    const int64_t H = pixels.size(0), W = pixels.size(1), side = std::min(H, W);
+    pixels = pixels.narrow(0, (H - side) / 2, side).narrow(1, (W - side) / 2, side).contiguous();
+    out.push_back(to_model_images(pixels.unsqueeze(0), mc.vision.image_size, mc.vision.in_channels));
+  }
+  return torch::cat(out, 0);
+}
+
+}  // namespace
+
+int run_chat(int argc, char** argv) {
+  cxxopts::Options opts(argv[0], "Hold a conversation in the terminal under the chat template (docs/inference.md): "
+                                 "each answer streams to stdout, and the KV cache keeps the conversation, so a turn "
+                                 "costs only its own tokens. Commands: /image FILE attaches an image to your next "
+                                 "message, /draw PROMPT writes a PNG of what the model draws, /reset starts over, "
+                                 "/quit (or end of input) ends.");
+  add_checkpoint_flags(opts, "run folder (newest checkpoint), checkpoint, init or export folder");
+  opts.add_options()("image", "an image file shown with the first message", cxxopts::value<std::string>())(
+      "system", "a system message (folded into the first user turn)", cxxopts::value<std::string>())(
+      "max-new-tokens", "longest answer", cxxopts::value<int64_t>()->default_value("128"))(
+      "temperature", "sampling temperature; 0 = greedy", cxxopts::value<double>()->default_value("0"))(
+      "top-k", "sample among the k most probable tokens (0 = all)", cxxopts::value<int64_t>()->default_value("0"))(
+      "top-p", "sample among the most probable tokens whose mass reaches p (1 = all)",
+      cxxopts::value<double>()->default_value("1.0"))(
+      "seed", "sampling and drawing seed", cxxopts::value<uint64_t>()->default_value("0"))(
+      "draw-dir", "folder of the /draw pictures (chat_draw_N.png)", cxxopts::value<std::string>()->default_value("."))(
+      "steps", "/draw: Euler steps", cxxopts::value<int64_t>()->default_value("25"))(
+      "cfg", "/draw: guidance weight (1 = none)", cxxopts::value<double>()->default_value("3.0"));
+  auto args = opts.parse(argc, argv);
+  if (args.count("help") || !(args.count("checkpoint") || args.count("adapter"))) {
+    std::cout << opts.help() << "\nExamples:\n  omnilite chat --checkpoint runs/quickstart --adapter runs/sft --image "
+                 "data/generated/sft/images/valid/00000.png\n  printf 'What is this?\\n/quit\\n' | omnilite chat "
+                 "--adapter runs/sft --image shoe.png\n";
+    return args.count("help") ? 0 : 2;
+  }
+  TextSampling ts;
+  ts.temperature = args["temperature"].as<double>();
+  ts.top_k = args["top-k"].as<int64_t>();
+  ts.top_p = args["top-p"].as<double>();
+  ts.seed = args["seed"].as<uint64_t>();
+  const int64_t max_new = args["max-new-tokens"].as<int64_t>();
+  if (max_new < 1) throw std::runtime_error("--max-new-tokens must be >= 1, got " + std::to_string(max_new));
+  if (ts.temperature < 0 || ts.top_k < 0 || !(ts.top_p > 0 && ts.top_p <= 1))
+    throw std::runtime_error("--temperature and --top-k must be >= 0, --top-p in (0, 1]");
+  std::vector<std::string> attached;
+  if (args.count("image")) attached.push_back(args["image"].as<std::string>());
+  auto m = load_from_args(args);
+  Tokenizer tok(m.cfg.data.tokenizer);
+  const auto layout = chat_layout(m.cfg.model);
+  const std::string system = args.count("system") ? args["system"].as<std::string>() : "";
+  KVCache cache;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(ts.seed);
+  std::vector<int64_t> pending;  // ids sampled but not yet in the cache (the answer's last id, its eos)
+  bool first = true;
+  int64_t drawn = 0;
+  std::cerr << "chat: " << m.dir << " (/image FILE, /draw PROMPT, /reset, /quit)\n";
+  std::string line;
+  while (std::cerr << "> " << std::flush, std::getline(std::cin, line)) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    try {
+      if (line == "/quit" || line == "/exit") break;
+      if (line == "/reset") {
+        cache = KVCache();
+        pending.clear();
+        first = true;
+        std::cerr << "chat: the conversation starts over\n";
+        continue;
+      }
+      if (line.rfind("/image ", 0) == 0) {
+        const std::string f = line.substr(7);
+        decode_image_file(f);  // refuse a file that does not decode now, naming it
+        attached.push_back(f);
+        std::cerr << "chat: " << f << " goes with your next message\n";
+        continue;
+      }
+      if (line.rfind("/draw ", 0) == 0) {
+        // A drawing turn as fine-tuning shows it: [INST] PROMPT [/INST] then the image block (a conversation of
+        // its own; the chat's cache is untouched).
+        auto ids = encode_chat({{"user", {ChatPart{false, line.substr(6), ""}}}}, tok, layout, false, true).ids;
+        ids.erase(ids.begin());  // imagine_latents puts bos first itself
+        SampleOptions so;
+        so.steps = args["steps"].as<int64_t>();
+        so.cfg_scale = args["cfg"].as<double>();
+        so.seed = ts.seed + static_cast<uint64_t>(drawn);
+        torch::NoGradGuard ng;
+        auto image = m.model->vqvae->decode_normalized(imagine_latents(*m.model, ids, so)).clamp(-1, 1).cpu();
+        const std::string out = args["draw-dir"].as<std::string>() + "/chat_draw_" + std::to_string(++drawn) +
+                                picture_extension();
+        write_image_grid(image, 1, out);
+        std::cout << "[wrote " << out << "]\n" << std::flush;
+        continue;
+      }
+      if (line[0] == '/') throw std::runtime_error("unknown command \"" + line + "\"; expected /image FILE, /draw "
+                                                   "PROMPT, /reset or /quit");
+      ChatMessage user{"user", {}};
+      for (const auto& f : attached) user.parts.push_back({true, "", f});
+      user.parts.push_back({false, attached.empty() ? line : "\n" + line, ""});
+      std::vector<ChatMessage> turn;
+      if (first && !system.empty()) turn.push_back({"system", {ChatPart{false, system, ""}}});
+      turn.push_back(user);
+      auto t = encode_chat(turn, tok, layout, false, /*add_generation_prompt=*/true);
+      if (!first) t.ids.erase(t.ids.begin());  // one bos per conversation
+      std::vector<int64_t> ids = pending;
+      ids.insert(ids.end(), t.ids.begin(), t.ids.end());
+      auto images = t.shown.empty() ? torch::Tensor() : model_images(t.shown, m.cfg.model);
+      std::vector<int64_t> answer;
+      std::string shown;
+      auto reply = continue_text(*m.model, cache, ids, images, max_new, ts, gen, [&](int64_t id) {
+        if (id == m.cfg.model.tokens.eos_id) return;
+        answer.push_back(id);
+        const std::string text = tok.decode(answer);  // pieces join with spaces only once decoded together
+        if (text.size() > shown.size()) std::cout << text.substr(shown.size()) << std::flush;
+        shown = text;
+      });
+      std::cout << "\n" << std::flush;
+      pending = {reply.back()};
+      if (reply.back() != m.cfg.model.tokens.eos_id) pending.push_back(m.cfg.model.tokens.eos_id);
+      attached.clear();
+      first = false;
+    } catch (const std::exception& e) {
+      std::cerr << "chat: " << e.what() << "\n";
+    }
+  }
   return 0;
 }
 

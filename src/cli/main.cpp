@@ -44,6 +44,9 @@ const std::vector<Subcommand>& subcommands() {
       {"imagine", "generate an image from a prompt (rectified flow, Euler + CFG, cached prompt) into a PNG",
        omnilite::cli::run_imagine},
       {"score", "per-token log-probabilities of a text or token ids (--json)", omnilite::cli::run_score},
+      {"chat", "a conversation in the terminal under the chat template (streamed, KV cache kept, /image, /draw)",
+       omnilite::cli::run_chat},
+      {"data", "data preparation: the fine-tuning quickstart's SFT set (sft-demo)", omnilite::cli::run_data},
       {"tokenizer", "train a SentencePiece tokenizer with the image markers reserved, or encode text with one",
        omnilite::cli::run_tokenizer},
   };

@@ -3,7 +3,11 @@
 
 #include <cxxopts.hpp>
 
+#include <nlohmann/json.hpp>
+
 #include "omnilite/cli/commands.h"
+#include "omnilite/config.h"
+#include "omnilite/data/chat.h"
 #include "omnilite/data/tokenizer.h"
 
 namespace omnilite::cli {
@@ -26,6 +30,14 @@ int run_tokenizer(int argc, char** argv) {
       "out", "train: output .model path (its .vocab is written beside it)", cxxopts::value<std::string>())(
       "model", "encode: the SentencePiece .model to use", cxxopts::value<std::string>())(
       "text", "encode: text to encode; the ids and the decoded text are printed", cxxopts::value<std::string>())(
+      "chat", "encode: a .json / .jsonl file of conversations (docs/training.md): one JSON line per record with its "
+      "ids under the chat template and its loss targets", cxxopts::value<std::string>())(
+      "generation-prompt", "encode --chat: drop each record's last answer and end at the prompt of the next one",
+      cxxopts::value<bool>()->default_value("false"))(
+      "train-on-input", "encode --chat: targets on every token, not only the answers",
+      cxxopts::value<bool>()->default_value("false"))(
+      "config", "encode --chat: the config whose model.tokens and image sizes lay out the ids (default: the full "
+      "model's)", cxxopts::value<std::string>())(
       "h,help", "show this help");
   opts.parse_positional({"action"});
   auto args = opts.parse(argc, argv);
@@ -33,7 +45,8 @@ int run_tokenizer(int argc, char** argv) {
     std::cout << opts.help()
               << "\nExamples:\n  omnilite tokenizer train --input data/generated/text/train.jsonl --vocab-size 4096 "
                  "--out data/generated/tokenizer.model\n  omnilite tokenizer encode --model data/generated/tokenizer.model "
-                 "--text \"a pair of trousers\"\n";
+                 "--text \"a pair of trousers\"\n  omnilite tokenizer encode --model data/generated/tokenizer.model "
+                 "--chat data/generated/sft/train.jsonl\n";
     return args.count("help") ? 0 : 2;
   }
   const std::string action = args["action"].as<std::string>();
@@ -51,9 +64,21 @@ int run_tokenizer(int argc, char** argv) {
     return 0;
   }
   if (action == "encode") {
-    if (!args.count("model") || !args.count("text"))
-      throw std::runtime_error("tokenizer encode: --model FILE and --text TEXT are required");
+    if (!args.count("model") || !(args.count("text") || args.count("chat")))
+      throw std::runtime_error("tokenizer encode: --model FILE and --text TEXT (or --chat FILE) are required");
     Tokenizer tok(args["model"].as<std::string>());
+    if (args.count("chat")) {
+      const ModelConfig m = args.count("config") ? load_config_file(args["config"].as<std::string>()).model
+                                                 : ModelConfig();
+      const bool prompt = args["generation-prompt"].as<bool>();
+      for (const auto& r : read_chat_records({args["chat"].as<std::string>()}).records) {
+        auto msgs = r.messages;
+        if (prompt) msgs.pop_back();
+        const auto t = encode_chat(msgs, tok, chat_layout(m), args["train-on-input"].as<bool>(), prompt);
+        std::cout << nlohmann::json{{"where", r.where}, {"ids", t.ids}, {"targets", t.target}}.dump() << "\n";
+      }
+      return 0;
+    }
     const auto ids = tok.encode(args["text"].as<std::string>());
     for (size_t i = 0; i < ids.size(); ++i) std::cout << (i ? " " : "") << ids[i];
     std::cout << "\n" << tok.decode(ids) << "\n";

@@ -183,6 +183,8 @@ void read_coco_source(const std::string& path, Builder& b) {
 
 torch::Tensor decode_image_file(const std::string& path) { return decode_native(path); }
 
+torch::Tensor load_image(const std::string& path, int64_t size) { return sized(decode_native(path), size); }
+
 bool have_opencv() { return OMNILITE_HAVE_OPENCV != 0; }
 const char* picture_extension() { return have_opencv() ? ".png" : ".ppm"; }
 
@@ -250,12 +252,18 @@ void write_image_grid(const torch::Tensor& images, int64_t cols, const std::stri
     const int64_t r = i / cols, q = i % cols;
     grid.narrow(0, pad + r * (h + pad), h).narrow(1, pad + q * (w + pad), w).copy_(u8[i].permute({1, 2, 0}));
   }
+  write_image_file(grid, path);
+}
+
+void write_image_file(const torch::Tensor& rgb, const std::string& path) {
+  TORCH_CHECK(rgb.dim() == 3 && rgb.size(2) == 3 && rgb.scalar_type() == torch::kUInt8,
+              "write_image_file: expected [H, W, 3] uint8, got ", rgb.sizes());
   if (is_pnm_path(path)) {
-    write_ppm(path, grid);
+    write_ppm(path, rgb.contiguous());
     return;
   }
 #if OMNILITE_HAVE_OPENCV
-  grid = grid.flip(2).contiguous();  // RGB -> BGR for OpenCV
+  auto grid = rgb.flip(2).contiguous();  // RGB -> BGR for OpenCV
   cv::Mat m(static_cast<int>(grid.size(0)), static_cast<int>(grid.size(1)), CV_8UC3, grid.data_ptr<uint8_t>());
   const std::string tmp = path + ".tmp.png";
   if (!cv::imwrite(tmp, m)) throw std::runtime_error("cannot write image \"" + tmp + "\"");

@@ -56,15 +56,12 @@ int64_t EpochSampler::at(int64_t k) const {
   return it->second[static_cast<size_t>(k % n_)];
 }
 
-namespace {
-// splitmix64: independent seeds for (seed, stream, micro).
-uint64_t mix(uint64_t x) {
+uint64_t splitmix64(uint64_t x) {
   x += 0x9E3779B97F4A7C15ULL;
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
   return x ^ (x >> 31);
 }
-}  // namespace
 
 MultimodalSampler::MultimodalSampler(const ImageCaptionSet& data, const Tokenizer& tok, const ModelConfig& model,
                                      const TrainOptions& train, uint64_t seed, int64_t rank, int64_t world)
@@ -79,8 +76,8 @@ MultimodalSampler::MultimodalSampler(const ImageCaptionSet& data, const Tokenize
       time_mean_(train.flow_time_mean),
       time_std_(train.flow_time_std),
       seed_(seed),
-      caption_order_(data.size(), mix(seed ^ 0xC0FFEEULL)),
-      gen_order_(data.size(), mix(seed ^ 0xBEEFULL)) {
+      caption_order_(data.size(), splitmix64(seed ^ 0xC0FFEEULL)),
+      gen_order_(data.size(), splitmix64(seed ^ 0xBEEFULL)) {
   if (data.size() == 0) throw std::runtime_error("image-caption data: no images; hint: run scripts/prepare_data.sh");
   std::unordered_map<std::string, std::vector<int64_t>> cache;
   int64_t longest = 0;
@@ -106,7 +103,7 @@ MultimodalBatch MultimodalSampler::get(int64_t micro) const {
   // The generator of global item `index` (micro-batch times global batch plus position) of stream 1 (captions) or
   // 2 (generation): independent of how micro-batches and ranks split the stream.
   auto item_rng = [&](uint64_t stream, int64_t index) {
-    return std::mt19937_64(mix(seed_ ^ mix(stream ^ mix(static_cast<uint64_t>(index)))));
+    return std::mt19937_64(splitmix64(seed_ ^ splitmix64(stream ^ splitmix64(static_cast<uint64_t>(index)))));
   };
   std::vector<std::vector<int64_t>> rows;
   std::vector<int64_t> cap_idx, gen_idx;

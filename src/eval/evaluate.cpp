@@ -1,5 +1,7 @@
 #include "omnilite/eval/evaluate.h"
 
+#include "omnilite/eval/vqa.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -360,7 +362,7 @@ void moe_task(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, cons
 }
 
 const std::vector<std::string>& all_tasks() {
-  static const std::vector<std::string> t = {"ppl", "caption", "t2i", "recon", "moe"};
+  static const std::vector<std::string> t = {"ppl", "caption", "t2i", "recon", "moe", "vqa"};
   return t;
 }
 
@@ -374,7 +376,7 @@ std::vector<std::string> parse_eval_tasks(const std::string& list) {
   while (std::getline(ss, t, ',')) {
     if (std::find(all_tasks().begin(), all_tasks().end(), t) == all_tasks().end())
       throw std::runtime_error("--tasks \"" + list + "\": unknown task \"" + t + "\"; expected a comma-separated list "
-                               "of ppl, caption, t2i, recon, moe (or all)");
+                               "of ppl, caption, t2i, recon, moe, vqa (or all)");
     out.push_back(t);
   }
   if (out.empty()) throw std::runtime_error("--tasks is empty; expected e.g. ppl,moe or all");
@@ -385,7 +387,7 @@ json evaluate(const EvalOptions& o) {
   for (const auto& t : o.tasks)
     if (std::find(all_tasks().begin(), all_tasks().end(), t) == all_tasks().end())
       throw std::runtime_error("eval: unknown task \"" + t + "\"");
-  auto loaded = load_omni_checkpoint(o.checkpoint, o.device);
+  auto loaded = load_omni_checkpoint(o.checkpoint, o.device, o.adapter);
   const std::string& dir = loaded.dir;
   const Config& cfg = loaded.cfg;
   OmniLite model = loaded.model;
@@ -409,12 +411,25 @@ json evaluate(const EvalOptions& o) {
   if (wants("t2i")) t2i_task(*model, cfg, tok, o, out_dir, out);
   if (wants("recon")) recon_task(*model, cfg, o, out_dir, out);
   if (wants("moe")) moe_task(*model, cfg, tok, o, out_dir, out);
+  if (wants("vqa")) {
+    VqaOptions v;
+    v.data = o.vqa_data.empty() ? cfg.data.sft_valid : o.vqa_data;
+    v.max_questions = o.vqa_questions;
+    v.max_answer_tokens = o.max_answer_tokens;
+    v.answers_file = out_dir + "/vqa_answers.jsonl";
+    if (!v.data.empty()) vqa_task(*model, cfg, tok, v, out);
+    else if (o.tasks.size() < all_tasks().size())
+      throw std::runtime_error("eval vqa: no questions; hint: pass --data FILE.jsonl (LLaVA-format records) or set "
+                               "data.sft_valid");
+    else log::info("eval: vqa skipped (no --data and no data.sft_valid)");
+  }
 
   const std::string metrics = io::run_folder_of(dir) + "/metrics.jsonl";
   if (!have_opencv()) log::info("eval: built without OpenCV: the plots (loss curves, heatmap, captions) are skipped");
   if (fs::exists(metrics) && have_opencv()) {
     const std::string curves = out_dir + "/loss_curves.png", stats = out_dir + "/train_stats.png";
-    write_loss_curves(metrics, {"loss", "loss_clm", "loss_rf", "loss_caption", "loss_aux", "valid_loss_text"}, curves);
+    write_loss_curves(metrics, {"loss", "loss_clm", "loss_rf", "loss_caption", "loss_sft", "loss_aux", "valid_loss_text",
+                                 "valid_loss_sft"}, curves);
     write_training_stats(metrics, stats);
     out["loss_curves"] = curves;
     out["train_stats"] = stats;

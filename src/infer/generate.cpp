@@ -6,7 +6,9 @@
 #include <stdexcept>
 
 #include "omnilite/data/mm_batch.h"
+#include "omnilite/io/adapter.h"
 #include "omnilite/io/checkpoint.h"
+#include "omnilite/modules/qlora_builder.h"
 #include "omnilite/runtime.h"
 #include "omnilite/modules/rfm_head.h"
 
@@ -150,22 +152,23 @@ int64_t sample_next(const torch::Tensor& logits, const TextSampling& o, at::Gene
   return torch::multinomial(probs, 1, /*replacement=*/false, gen).item<int64_t>();
 }
 
-std::vector<int64_t> generate_text(OmniLiteImpl& model, const std::vector<int64_t>& prompt, int64_t max_new,
-                                   const TextSampling& o, const std::function<void(int64_t)>& on_token) {
+std::vector<int64_t> continue_text(OmniLiteImpl& model, KVCache& cache, const std::vector<int64_t>& ids,
+                                   const torch::Tensor& images, int64_t max_new, const TextSampling& o,
+                                   at::Generator& gen, const std::function<void(int64_t)>& on_token) {
   torch::NoGradGuard ng;
-  TORCH_CHECK(!prompt.empty(), "generate: the prompt has no tokens");
+  TORCH_CHECK(!ids.empty(), "generate: the prompt has no tokens");
   const int64_t limit = model.cfg.text.max_position_embeddings;
-  if (static_cast<int64_t>(prompt.size()) >= limit)
-    throw std::runtime_error("generate: the prompt has " + std::to_string(prompt.size()) + " tokens, at least "
-                             "model.text.max_position_embeddings = " + std::to_string(limit) + "; hint: shorten it");
+  if (cache.length() + static_cast<int64_t>(ids.size()) >= limit)
+    throw std::runtime_error("generate: the prompt has " + std::to_string(cache.length() + ids.size()) + " tokens, "
+                             "at least model.text.max_position_embeddings = " + std::to_string(limit) +
+                             "; hint: shorten it (in a chat: /reset)");
   const auto dev = model.text->embed_tokens->weight.device();
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
-  KVCache cache;
-  auto tokens = torch::tensor(prompt, torch::kInt64).view({1, -1}).to(dev);
+  auto tokens = torch::tensor(ids, torch::kInt64).view({1, -1}).to(dev);
   std::vector<int64_t> out;
   for (int64_t i = 0; i < max_new && cache.length() + tokens.size(1) <= limit; ++i) {
     OmniInput in;
     in.tokens = tokens;
+    if (i == 0 && images.defined()) in.images = images.to(dev, model.text->embed_tokens->weight.scalar_type());
     in.cache = &cache;
     auto logits = model.forward(in).logits[0][tokens.size(1) - 1].clone();  // [V]
     // The image placeholders only ever stand for image content the caller supplies; text decoding never emits one
@@ -179,6 +182,13 @@ std::vector<int64_t> generate_text(OmniLiteImpl& model, const std::vector<int64_
     tokens = torch::full({1, 1}, next, torch::TensorOptions().dtype(torch::kInt64).device(dev));
   }
   return out;
+}
+
+std::vector<int64_t> generate_text(OmniLiteImpl& model, const std::vector<int64_t>& prompt, int64_t max_new,
+                                   const TextSampling& o, const std::function<void(int64_t)>& on_token) {
+  KVCache cache;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  return continue_text(model, cache, prompt, torch::Tensor(), max_new, o, gen, on_token);
 }
 
 std::vector<double> score_tokens(OmniLiteImpl& model, const std::vector<int64_t>& ids) {
@@ -202,7 +212,39 @@ std::vector<double> score_tokens(OmniLiteImpl& model, const std::vector<int64_t>
   return std::vector<double>(lp.data_ptr<double>(), lp.data_ptr<double>() + lp.numel());
 }
 
-LoadedModel load_omni_checkpoint(const std::string& run_or_dir, const std::string& device) {
+namespace {
+
+// A QLoRA run's adapters on their base: the run's config builds NF4 (or fp32) bases with LoRA adapters, the base
+// weights load into them (quantised on load, as in training) and the adapters over them, unmerged.
+LoadedModel load_with_adapter(const std::string& base_arg, const std::string& device, const std::string& adapter) {
+  LoadedModel m;
+  m.dir = io::latest_checkpoint(adapter);
+  const auto state = io::read_checkpoint_state(m.dir);
+  m.cfg = parse_config(state["config"]);
+  if (!m.cfg.lora.enabled)
+    throw std::runtime_error("--adapter \"" + adapter + "\" is not a QLoRA run (its config has lora.enabled = "
+                             "false); hint: pass a full checkpoint as --checkpoint alone");
+  const std::string base = base_arg.empty() ? m.cfg.train.base_checkpoint : base_arg;
+  if (base.empty())
+    throw std::runtime_error("--adapter \"" + adapter + "\": no base weights; hint: pass --checkpoint BASE");
+  if (!device.empty()) m.cfg.runtime.device = device;
+  m.step = state.value("step", int64_t{0});
+  const RngState caller_rng = capture_rng();
+  m.model = OmniLite(m.cfg.model, *make_linear_builder(m.cfg));
+  restore_rng(caller_rng);
+  io::load_base_weights(*m.model, base);
+  io::load_adapter(*m.model, m.dir);
+  set_moe_dispatch(*m.model, parse_moe_dispatch(m.cfg.runtime.moe_dispatch));
+  m.model->to(resolve_device(m.cfg.runtime.device));
+  m.model->eval();
+  return m;
+}
+
+}  // namespace
+
+LoadedModel load_omni_checkpoint(const std::string& run_or_dir, const std::string& device,
+                                 const std::string& adapter) {
+  if (!adapter.empty()) return load_with_adapter(run_or_dir, device, adapter);
   LoadedModel m;
   m.dir = io::latest_checkpoint(run_or_dir);
   const auto state = io::read_checkpoint_state(m.dir);

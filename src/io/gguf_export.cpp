@@ -5,6 +5,7 @@
 #include <regex>
 #include <stdexcept>
 
+#include "omnilite/data/chat.h"
 #include "omnilite/io/checkpoint.h"
 #include "omnilite/io/hf_export.h"
 #include "omnilite/io/safetensors.h"
@@ -140,6 +141,7 @@ GgufMetadata metadata_for(const Config& cfg, int64_t step, const GgufExportOptio
       {"tokenizer.ggml.add_bos_token", gguf_bool(true)},
       {"tokenizer.ggml.add_eos_token", gguf_bool(false)},
       {"tokenizer.ggml.add_space_prefix", gguf_bool(spm.add_dummy_prefix)},
+      {"tokenizer.chat_template", gguf_string(chat_template_jinja())},
       {"omnilite.config", gguf_string(to_json(stored).dump())},
       {"omnilite.step", gguf_u32(static_cast<uint64_t>(step))},
   };

@@ -1,5 +1,7 @@
 #include "omnilite/io/hf_export.h"
 
+#include "omnilite/data/chat.h"
+
 #include <cctype>
 #include <cstring>
 #include <functional>
@@ -372,13 +374,15 @@ HfExportResult write_hf_export(const std::string& src, const Config& cfg, int64_
       throw std::runtime_error("tokenizer \"" + o.tokenizer + "\" (data.tokenizer of the checkpoint) does not exist; "
                                "hint: run from the folder the checkpoint was trained in, or set --set data.tokenizer=...");
     fs::copy_file(o.tokenizer, stage + "/tokenizer.model", fs::copy_options::overwrite_existing);
-    // Llama's convention, as OMNI-LITE frames documents and prompts: bos first, no eos. The image markers are
-    // SentencePiece control symbols, which transformers makes special tokens; split_special_tokens keeps it from
-    // reading them out of plain text, as SentencePiece (and OMNI-LITE) never does.
+    // Llama's convention, as OMNI-LITE frames documents and prompts: bos first, no eos. The chat template is
+    // OMNI-LITE's (data/chat.h), so apply_chat_template gives the ids OMNI-LITE fine-tunes on. It writes "<s>" and
+    // "</s>" as text, which only become their ids when special tokens are read out of text: transformers' default,
+    // and every Llama and Mistral tokenizer's (docs/export.md: typed "</s>" or "<image>" are then special in
+    // transformers, while OMNI-LITE and llama.cpp read prompts as plain text).
     write_file_synced(stage + "/tokenizer_config.json",
                       json{{"tokenizer_class", "LlamaTokenizer"}, {"bos_token", "<s>"}, {"eos_token", "</s>"},
                            {"unk_token", "<unk>"}, {"add_bos_token", true}, {"add_eos_token", false},
-                           {"split_special_tokens", true}, {"legacy", true},
+                           {"legacy", true}, {"chat_template", chat_template_jinja()},
                            {"model_max_length", cfg.model.text.max_position_embeddings}}.dump(2) + "\n");
     write_file_synced(stage + "/special_tokens_map.json",
                       json{{"bos_token", "<s>"}, {"eos_token", "</s>"}, {"unk_token", "<unk>"}}.dump(2) + "\n");

@@ -19,6 +19,20 @@ torch::Tensor mixed_attention_mask(const torch::Tensor& tokens, int64_t gen_imag
   return causal.unsqueeze(0).logical_or(same_block).unsqueeze(1);
 }
 
+// segments [B, T] -> [B, T]
+torch::Tensor segment_positions(const torch::Tensor& segments) {
+  const int64_t T = segments.size(1);
+  auto idx = torch::arange(T, segments.options()).unsqueeze(0).expand_as(segments);  // [B, T]
+  auto prev = torch::cat({segments.narrow(1, 0, 1) - 1, segments.narrow(1, 0, T - 1)}, 1);
+  auto start = torch::where(segments.ne(prev), idx, torch::zeros_like(idx));         // index where a segment starts
+  return idx - std::get<0>(start.cummax(1));
+}
+
+// tokens [B, T] -> [B, T]
+torch::Tensor segments_from_bos(const torch::Tensor& tokens, int64_t bos_id) {
+  return tokens.eq(bos_id).to(torch::kInt64).cumsum(1);
+}
+
 OmniLiteImpl::OmniLiteImpl(const ModelConfig& c, const LinearBuilder& builder) : cfg(c) {
   const int64_t D = c.text.hidden_size;
   vision = register_module("vision", VisionEncoder(c.vision, builder, "vision"));
@@ -102,7 +116,15 @@ OmniOutput OmniLiteImpl::forward(const OmniInput& in) {
   const int64_t past = in.cache ? in.cache->length() : 0;
   if (past > 0 && allowed.defined())  // the new tokens see every cached position
     allowed = torch::cat({torch::ones({allowed.size(0), 1, T, past}, allowed.options()), allowed}, 3);
-  auto positions = torch::arange(past, past + T, in.tokens.options());
+  auto positions = torch::arange(past, past + T, in.tokens.options());  // [T]
+  if (in.segments.defined()) {
+    TORCH_CHECK(!in.cache, "OmniLite: packed segments are a training input; hint: decode one sample at a time");
+    TORCH_CHECK(in.segments.sizes() == in.tokens.sizes(), "OmniLite: segments ", in.segments.sizes(),
+                " must match tokens ", in.tokens.sizes());
+    auto same = in.segments.unsqueeze(2).eq(in.segments.unsqueeze(1)).unsqueeze(1);  // [B, 1, T, T]
+    allowed = allowed.defined() ? allowed.logical_and(same) : same;
+    positions = segment_positions(in.segments);                                       // [B, T]
+  }
   auto dec = text->forward(x, positions, allowed, causal, in.cache);
   OmniOutput out;
   out.hidden = dec.hidden;

@@ -60,8 +60,11 @@ void estimate_activations(const Config& cfg, const RecordingBuilder& rec, Memory
   const int64_t mm_len = tr.image_seq_len > 0
                              ? tr.image_seq_len
                              : std::max(m.resampler.num_latents, generated_tokens_per_image(m)) + 32;
-  const double N = static_cast<double>(tr.batch_size * tr.seq_len + mm_rows * mm_len);
-  const double TT = static_cast<double>(tr.batch_size * tr.seq_len * tr.seq_len + mm_rows * mm_len * mm_len);
+  // conversation rows: train.sft_seq_len tokens (0 = the longest sample, unknown here: taken as train.seq_len)
+  const int64_t sft_len = tr.sft_seq_len > 0 ? tr.sft_seq_len : tr.seq_len;
+  const double N = static_cast<double>(tr.batch_size * tr.seq_len + mm_rows * mm_len + tr.sft_batch_size * sft_len);
+  const double TT = static_cast<double>(tr.batch_size * tr.seq_len * tr.seq_len + mm_rows * mm_len * mm_len +
+                                        tr.sft_batch_size * sft_len * sft_len);
   e.tokens = static_cast<int64_t>(N);
   // LoRA extras of one layer: dropout output and mask (when dropout > 0) plus the rank-r activation, per projection.
   double lora_layer = 0;

@@ -6,6 +6,7 @@
 #include "omnilite/data/image_dataset.h"
 #include "omnilite/data/mm_batch.h"
 #include "omnilite/data/prefetcher.h"
+#include "omnilite/data/sft_batch.h"
 #include "omnilite/data/text_dataset.h"
 #include "omnilite/data/tokenizer.h"
 #include "omnilite/io/adapter.h"
@@ -27,6 +28,7 @@ namespace {
 struct OmniMicro {
   torch::Tensor text;     // [B, T] packed text rows (undefined when train.batch_size = 0)
   MultimodalBatch mm;     // image-caption rows (tokens undefined when none)
+  MultimodalBatch sft;    // conversation rows (tokens undefined when none)
 };
 
 // Text targets: every real token (never padding or image placeholders).
@@ -59,6 +61,21 @@ class OmniStage : public TrainStage {
                                                           dist_->rank(), dist_->world());
       }
     }
+    if (tr.sft_batch_size > 0) {
+      sft_ = std::make_unique<SftSampler>(read_chat_records(cfg.data.sft_train, cfg.data.image_root), "data.sft_train",
+                                          tok_, cfg.model, tr, tr.seed, dist_->rank(), dist_->world());
+      if (!cfg.data.sft_valid.empty()) {
+        auto held_out = read_chat_records(cfg.data.sft_valid, cfg.data.image_root);
+        if (held_out.records.empty())
+          log::warn("data.sft_valid: no conversation records in the given files; its validation is skipped");
+        else
+          sft_valid_ = std::make_unique<SftSampler>(held_out, "data.sft_valid", tok_, cfg.model, tr, tr.seed + 1,
+                                                    dist_->rank(), dist_->world());
+      }
+    }
+    if (draws() && cfg.data.vqvae.empty())
+      throw std::runtime_error("data.sft_train: some conversations draw images, whose flow targets need a VQ-VAE; "
+                               "hint: set data.vqvae to a VQ-VAE run folder (train.stage = \"vqvae\")");
     model_ = OmniLite(cfg.model, *make_linear_builder(cfg));
     if (cfg.lora.enabled) {
       // QLoRA: base weights from a plain checkpoint (NF4 bases quantised tensor by tensor); only adapters train.
@@ -74,7 +91,7 @@ class OmniStage : public TrainStage {
       io::load_base_weights(*model_, tr.base_checkpoint);
       log::info("full fine-tune: every weight starts from " + tr.base_checkpoint);
     }
-    if (tr.gen_batch_size > 0) io::load_vqvae_weights(*model_->vqvae, cfg.data.vqvae);
+    if (tr.gen_batch_size > 0 || draws()) io::load_vqvae_weights(*model_->vqvae, cfg.data.vqvae);
     freeze_parameters(*model_->vqvae, [](const std::string&) { return true; });
     set_moe_dispatch(*model_, parse_moe_dispatch(cfg.runtime.moe_dispatch));
     model_->text->checkpoint_layers = tr.activation_checkpointing;
@@ -95,7 +112,7 @@ class OmniStage : public TrainStage {
     else TrainStage::load_weights(dir);
   }
   std::vector<std::string> terms() const override {
-    return {"loss_clm", "loss_rf", "loss_aux", "loss_z", "loss_caption"};
+    return {"loss_clm", "loss_rf", "loss_aux", "loss_z", "loss_caption", "loss_sft"};
   }
   std::string unit() const override { return "tokens"; }
 
@@ -115,7 +132,9 @@ class OmniStage : public TrainStage {
   }
 
   void start(int64_t first) override {
-    loader_ = std::make_unique<Prefetcher<OmniMicro>>([this](int64_t m) { return make(m, text_.get(), mm_.get()); },
+    loader_ = std::make_unique<Prefetcher<OmniMicro>>([this](int64_t m) {
+                                                        return make(m, text_.get(), mm_.get(), sft_.get());
+                                                      },
                                                       cfg_.train.loader_threads, 2 * cfg_.train.loader_threads + 1,
                                                       first);
   }
@@ -133,9 +152,10 @@ class OmniStage : public TrainStage {
     r.loss = l.total;
     r.terms = {{"loss_clm", l.clm.item<double>()}, {"loss_rf", l.rf.item<double>()},
                {"loss_aux", l.aux.item<double>()}, {"loss_z", l.z.item<double>()},
-               {"loss_caption", l.clm_mm.item<double>()}};
+               {"loss_caption", l.clm_mm.item<double>()}, {"loss_sft", l.clm_sft.item<double>()}};
     r.units = static_cast<double>((batch.text.defined() ? batch.text.numel() : 0) +
-                                  (batch.mm.tokens.defined() ? batch.mm.tokens.numel() : 0));
+                                  (batch.mm.tokens.defined() ? batch.mm.tokens.numel() : 0) +
+                                  (batch.sft.tokens.defined() ? batch.sft.tokens.numel() : 0));
     return r;
   }
 
@@ -144,21 +164,24 @@ class OmniStage : public TrainStage {
     torch::NoGradGuard ng;
     model_->eval();
     std::map<std::string, double> out;
-    double text_sum = 0, cap_sum = 0, rf_sum = 0;
+    double text_sum = 0, cap_sum = 0, rf_sum = 0, sft_sum = 0;
     const int64_t n = cfg_.train.valid_batches;
     for (int64_t m = 0; m < n; ++m) {
-      std::vector<OmniMicro> b{make(m, text_valid_.get(), mm_valid_.get(), /*ordered=*/true)};
+      std::vector<OmniMicro> b{make(m, text_valid_.get(), mm_valid_.get(), sft_valid_.get(), /*ordered=*/true)};
       auto l = losses(b[0], count_tokens(b), 0);
       text_sum += l.clm_text.item<double>();
       cap_sum += l.clm_mm.item<double>();
       rf_sum += l.rf.item<double>();
+      sft_sum += l.clm_sft.item<double>();
     }
     model_->train();
-    auto sums = torch::tensor({text_sum, cap_sum, rf_sum}, torch::kFloat64).to(dev_);  // shares of every rank
+    auto sums = torch::tensor({text_sum, cap_sum, rf_sum, sft_sum}, torch::kFloat64).to(dev_);  // shares of every rank
     dist_->all_reduce_sum(sums);
     sums = sums.cpu();
     text_sum = sums[0].item<double>(), cap_sum = sums[1].item<double>(), rf_sum = sums[2].item<double>();
+    sft_sum = sums[3].item<double>();
     if (text_valid_) out["valid_loss_text"] = text_sum / static_cast<double>(n);
+    if (sft_valid_) out["valid_loss_sft"] = sft_sum / static_cast<double>(n);
     if (mm_valid_ && cfg_.train.caption_batch_size + cfg_.train.gen_batch_size > 0)
       out["valid_loss_caption"] = cap_sum / static_cast<double>(n);
     if (mm_valid_ && cfg_.train.gen_batch_size > 0) out["valid_loss_rf"] = rf_sum / static_cast<double>(n);
@@ -222,102 +245,136 @@ class OmniStage : public TrainStage {
                           "of the vision encoder, start afresh)", dir.c_str(), fresh.size()));
   }
 
-  OmniMicro make(int64_t m, const TextData* text, const MultimodalSampler* mm, bool ordered = false) const {
+  OmniMicro make(int64_t m, const TextData* text, const MultimodalSampler* mm, const SftSampler* sft,
+                 bool ordered = false) const {
     OmniMicro b;
     if (text && cfg_.train.batch_size > 0)
       b.text = text->get(m, cfg_.train.batch_size, ordered, dist_->rank(), dist_->world());
     if (mm) b.mm = mm->get(m);
+    if (sft) b.sft = sft->get(m, ordered);
     return b;
   }
 
-  // Whether validation has a batch to read: text rows (train.batch_size > 0) or caption/generation samples.
+  // Whether validation has a batch to read: text rows (train.batch_size > 0), caption/generation samples or
+  // conversation rows.
   bool has_valid_data() const {
     return (text_valid_ && cfg_.train.batch_size > 0) ||
-           (mm_valid_ && cfg_.train.caption_batch_size + cfg_.train.gen_batch_size > 0);
+           (mm_valid_ && cfg_.train.caption_batch_size + cfg_.train.gen_batch_size > 0) || sft_valid_;
   }
+
+  // Whether the conversations draw images (their flow targets need the VQ-VAE).
+  bool draws() const { return sft_ && sft_->draws(); }
 
   // The counts a step's losses are normalised by, summed over its micro-batches and every rank.
   struct StepCounts {
-    double text = 0, mm = 0, gen = 0;  // CLM targets of text rows / caption rows, generated latent tokens
+    double text = 0, mm = 0, sft = 0;  // CLM targets of text rows / caption rows / conversation rows
+    double gen = 0;                    // generated latent tokens (caption -> image rows and drawing turns)
     double router = 0;                 // real tokens that enter the router losses (no padding, no placeholders)
     std::vector<double> router_micro;  // the same per micro-batch (over every rank)
   };
 
-  // Real tokens (never padding or image placeholders): the CLM targets, and the rows of the router statistics.
+  // Real tokens (never padding or image placeholders): the rows of the router statistics.
   torch::Tensor real_tokens(const torch::Tensor& tokens) const { return target_mask(tokens, cfg_.model.tokens); }
+  // The CLM targets of rows: their own (conversations), else every real token.
+  torch::Tensor targets_of(const torch::Tensor& tokens, const torch::Tensor& targets) const {
+    return targets.defined() ? targets : real_tokens(tokens);
+  }
+  static double target_count(const torch::Tensor& mask) {
+    return mask.narrow(1, 1, mask.size(1) - 1).sum().item<double>();  // position 0 is predicted from nothing
+  }
 
   StepCounts count_tokens(const std::vector<OmniMicro>& micros) const {
     const int64_t k = static_cast<int64_t>(micros.size());
-    std::vector<double> v(static_cast<size_t>(3 + k), 0.0);
+    std::vector<double> v(static_cast<size_t>(4 + k), 0.0);  // text, mm, sft, gen, router per micro-batch
     for (int64_t j = 0; j < k; ++j) {
       const auto& b = micros[static_cast<size_t>(j)];
-      for (const auto* t : {&b.text, &b.mm.tokens}) {
-        if (!t->defined()) continue;
-        auto mask = real_tokens(*t);
-        (t == &b.text ? v[0] : v[1]) += mask.narrow(1, 1, mask.size(1) - 1).sum().item<double>();
-        v[static_cast<size_t>(3 + j)] += mask.sum().item<double>();
+      if (b.text.defined()) {
+        v[0] += target_count(real_tokens(b.text));
+        v[static_cast<size_t>(4 + j)] += real_tokens(b.text).sum().item<double>();
       }
-      if (b.mm.tokens.defined() && b.mm.gen_images.defined())
-        v[2] += b.mm.tokens.eq(cfg_.model.tokens.gen_image_id).sum().item<double>();
+      for (const MultimodalBatch* r : {&b.mm, &b.sft}) {
+        if (!r->tokens.defined()) continue;
+        v[r == &b.mm ? 1 : 2] += target_count(targets_of(r->tokens, r->targets));
+        v[static_cast<size_t>(4 + j)] += real_tokens(r->tokens).sum().item<double>();
+        if (r->gen_images.defined()) v[3] += r->tokens.eq(cfg_.model.tokens.gen_image_id).sum().item<double>();
+      }
     }
     auto t = torch::tensor(v, torch::kFloat64).to(dev_);
     if (const auto reduce = reducer()) reduce(t);
     t = t.cpu();
     StepCounts c;
-    c.text = t[0].item<double>(), c.mm = t[1].item<double>(), c.gen = t[2].item<double>();
-    for (int64_t j = 0; j < k; ++j) c.router_micro.push_back(t[3 + j].item<double>());
+    c.text = t[0].item<double>(), c.mm = t[1].item<double>(), c.sft = t[2].item<double>(), c.gen = t[3].item<double>();
+    for (int64_t j = 0; j < k; ++j) c.router_micro.push_back(t[4 + j].item<double>());
     for (double r : c.router_micro) c.router += r;
     return c;
   }
 
   // This rank's shares of the step's values (see stage.h), micro-batch j of the step counted by `n`.
   struct Losses {
-    torch::Tensor total, clm, clm_text, clm_mm, rf, aux, z;
+    torch::Tensor total, clm, clm_text, clm_mm, clm_sft, rf, aux, z;
   };
+
+  // Summed losses of one forward over rows, and what the router losses need of it.
+  struct RowSums {
+    torch::Tensor ce, se;                      // summed CLM cross-entropy, summed RF squared error
+    std::vector<torch::Tensor> router_logits;  // num_layers x [B*T, E]
+    torch::Tensor router_mask;                 // [B*T] real tokens
+  };
+
+  // Rows of text (`tokens` alone) or of images and conversations (MultimodalBatch).
+  RowSums row_sums(const MultimodalBatch& b, bool document_masks) {
+    OmniInput in;
+    in.tokens = b.tokens.to(dev_);
+    if (b.segments.defined()) in.segments = b.segments.to(dev_);
+    else if (document_masks) in.segments = segments_from_bos(in.tokens, cfg_.model.tokens.bos_id);
+    torch::Tensor x0, x1;
+    const auto fdt = model_->text->embed_tokens->weight.scalar_type();  // the model's float type (fp32; f64 in tests)
+    if (b.images.defined()) in.images = b.images.to(dev_, fdt);
+    if (b.gen_images.defined()) {
+      torch::NoGradGuard ng;
+      auto lat = model_->vqvae->encode_normalized(b.gen_images.to(dev_, fdt));  // [Bg, C, h, w]
+      x1 = patchify(lat, cfg_.model.flow.patch_size).reshape({-1, cfg_.model.flow_token_dim()});
+      x0 = b.noise.to(dev_, fdt);
+      in.gen_times = b.times.to(dev_, fdt);
+      in.gen_latents = flow_interpolate(x0, x1, in.gen_times);
+    }
+    auto out = model_->forward(in);
+    const auto targets = targets_of(in.tokens, b.targets.defined() ? b.targets.to(dev_) : torch::Tensor());
+    RowSums r;
+    r.ce = clm_loss(upcast(out.logits), in.tokens, targets) * target_count(targets);
+    r.se = x1.defined() ? rf_loss(upcast(out.velocity), x0, x1) * static_cast<double>(x1.size(0))
+                        : torch::zeros({}, torch::TensorOptions().device(dev_));
+    r.router_logits = std::move(out.router_logits);
+    r.router_mask = real_tokens(in.tokens).reshape(-1);
+    return r;
+  }
 
   Losses losses(const OmniMicro& b, const StepCounts& n, size_t j) {
     AutocastGuard autocast(dev_.is_cuda() && cfg_.runtime.dtype == "bf16");
     auto zero = torch::zeros({}, torch::TensorOptions().device(dev_));
-    Losses l{zero, zero, zero, zero, zero, zero, zero};
+    Losses l{zero, zero, zero, zero, zero, zero, zero, zero};
     std::vector<std::vector<torch::Tensor>> routers;
-    std::vector<torch::Tensor> router_masks;                   // real tokens of each forward, [B*T]
-    torch::Tensor ce_text = zero, ce_mm = zero, se_rf = zero;  // summed losses of this micro-batch
-    if (b.text.defined()) {
-      auto tokens = b.text.to(dev_);
-      auto out = model_->forward({tokens});
-      auto mask = real_tokens(tokens);
-      const double targets = mask.narrow(1, 1, mask.size(1) - 1).sum().item<double>();
-      ce_text = clm_loss(upcast(out.logits), tokens, mask) * targets;
-      routers.push_back(std::move(out.router_logits));
-      router_masks.push_back(mask.reshape(-1));
-    }
-    if (b.mm.tokens.defined()) {
-      OmniInput in;
-      in.tokens = b.mm.tokens.to(dev_);
-      torch::Tensor x0, x1;
-      const auto fdt = model_->text->embed_tokens->weight.scalar_type();  // the model's float type (fp32; f64 in tests)
-      if (b.mm.images.defined()) in.images = b.mm.images.to(dev_, fdt);
-      if (b.mm.gen_images.defined()) {
-        torch::NoGradGuard ng;
-        auto lat = model_->vqvae->encode_normalized(b.mm.gen_images.to(dev_, fdt));  // [Bg, C, h, w]
-        x1 = patchify(lat, cfg_.model.flow.patch_size).reshape({-1, cfg_.model.flow_token_dim()});
-        x0 = b.mm.noise.to(dev_, fdt);
-        in.gen_times = b.mm.times.to(dev_, fdt);
-        in.gen_latents = flow_interpolate(x0, x1, in.gen_times);
-      }
-      auto out = model_->forward(in);
-      auto mask = real_tokens(in.tokens);
-      const double targets = mask.narrow(1, 1, mask.size(1) - 1).sum().item<double>();
-      ce_mm = clm_loss(upcast(out.logits), in.tokens, mask) * targets;
-      if (x1.defined()) se_rf = rf_loss(upcast(out.velocity), x0, x1) * static_cast<double>(x1.size(0));
-      routers.push_back(std::move(out.router_logits));
-      router_masks.push_back(mask.reshape(-1));
-    }
-    // CLM = mean over every target token of the step (text rows and image-caption rows together, all micro-batches
-    // and ranks); RF = mean over its generated latent tokens.
-    l.clm = (ce_text + ce_mm) / std::max(1.0, n.text + n.mm);
+    std::vector<torch::Tensor> router_masks;                                 // real tokens of each forward, [B*T]
+    torch::Tensor ce_text = zero, ce_mm = zero, ce_sft = zero, se_rf = zero;  // summed losses of this micro-batch
+    auto run = [&](const MultimodalBatch& rows, torch::Tensor& ce, bool document_masks) {
+      if (!rows.tokens.defined()) return;
+      auto r = row_sums(rows, document_masks);
+      ce = r.ce;
+      se_rf = se_rf + r.se;
+      routers.push_back(std::move(r.router_logits));
+      router_masks.push_back(r.router_mask);
+    };
+    MultimodalBatch text;
+    text.tokens = b.text;
+    run(text, ce_text, cfg_.train.document_masks);
+    run(b.mm, ce_mm, false);
+    run(b.sft, ce_sft, false);
+    // CLM = mean over every target token of the step (text, image-caption and conversation rows together, all
+    // micro-batches and ranks); RF = mean over its generated latent tokens.
+    l.clm = (ce_text + ce_mm + ce_sft) / std::max(1.0, n.text + n.mm + n.sft);
     l.clm_text = ce_text / std::max(1.0, n.text);
     l.clm_mm = ce_mm / std::max(1.0, n.mm);
+    l.clm_sft = ce_sft / std::max(1.0, n.sft);
     l.rf = se_rf / std::max(1.0, n.gen);
     if (!routers.empty()) {
       std::vector<torch::Tensor> per_layer;
@@ -352,6 +409,7 @@ class OmniStage : public TrainStage {
   std::unique_ptr<TextData> text_, text_valid_;
   ImageCaptionSet images_, images_valid_;
   std::unique_ptr<MultimodalSampler> mm_, mm_valid_;
+  std::unique_ptr<SftSampler> sft_, sft_valid_;
   OmniLite model_{nullptr};
   std::unique_ptr<Prefetcher<OmniMicro>> loader_;
   std::vector<OmniMicro> pending_;    // the current step's micro-batches, read ahead by begin_step

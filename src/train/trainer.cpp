@@ -216,10 +216,11 @@ class ProfileGuard {
 };
 
 // Items per rank and micro-batch of the first data stream the stage reads (omni: text rows, else caption, else
-// generation samples; image stages: images).
+// generation samples, else conversation rows; image stages: images).
 int64_t first_stream_batch(const TrainOptions& tr) {
   if (tr.stage != "omni" || tr.batch_size > 0) return tr.batch_size;
-  return tr.caption_batch_size > 0 ? tr.caption_batch_size : tr.gen_batch_size;
+  if (tr.caption_batch_size > 0) return tr.caption_batch_size;
+  return tr.gen_batch_size > 0 ? tr.gen_batch_size : tr.sft_batch_size;
 }
 
 // The global micro-batch to continue from: the checkpoint's data position (micro-batches of `old_world` ranks with

@@ -14,6 +14,7 @@
 - A unigram tokenizer's export warns with the share of lines llama.cpp splits otherwise, which llama.cpp confirms.
 """
 from importlib import metadata
+import json
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from check_tokenizer import EXTRA
+from check_tokenizer import CHATS, EXTRA
 from common import FIX, ROOT, finish, fixtures, held_out_lines, omnilite, report, score_lines
 
 LLAMA_CPP = ROOT / ".venv-interop" / "llama.cpp"
@@ -114,6 +115,29 @@ def same_tensors(a_path, b_path):
     return differ, len(ta)
 
 
+def check_chat_template(name, fx, m):
+    """The GGUF's tokenizer.chat_template, rendered as llama-cpp-python renders it (Jinja2ChatFormatter) and tokenized
+    by llama.cpp with special tokens parsed, gives omnilite's chat ids."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    template = m.metadata.get("tokenizer.chat_template", "")
+    report(f"{name}: tokenizer.chat_template present", len(template), "> 0", len(template) > 0)
+    if not template:
+        return
+    src = FIX / "chats-gguf.jsonl"
+    src.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in CHATS), encoding="utf-8")
+    model = Path(fx["imported"]) / "tokenizer.model"
+    ours = [json.loads(l)["ids"] for l in omnilite("tokenizer", "encode", "--model", model, "--chat", src)
+            .strip().splitlines()]
+    fmt = Jinja2ChatFormatter(template=template, eos_token="</s>", bos_token="<s>")
+    theirs = [m.tokenize(fmt(messages=c).prompt.encode("utf-8"), add_bos=False, special=True) for c in CHATS]
+    differ = [i for i in range(len(CHATS)) if ours[i] != theirs[i]]
+    if differ:
+        i = differ[0]
+        print(f"first difference, chat {i}:\n  omnilite  {ours[i]}\n  llama.cpp {theirs[i]}")
+    report(f"{name}: llama.cpp's tokens of the rendered tokenizer.chat_template = omnilite's chat ids, chats that "
+           f"differ of {len(CHATS)}", len(differ), 0, not differ)
+
+
 def main():
     fx_all = fixtures()
     ggufs = {n: f for n, f in fx_all.items() if f["kind"] == "gguf"}
@@ -138,6 +162,7 @@ def main():
                 print(f"first difference, line {i}: {all_lines[i]!r}\n  omnilite  {ours[i]}\n  llama.cpp {theirs[i]}")
             report(f"{name}: llama.cpp token ids = omnilite's, lines that differ of {len(all_lines)}", len(differ), 0,
                    not differ)
+            check_chat_template(name, fx, m)
             d = diffs(m, scored_source[src])
             report(f"{name}: log-probs of {len(lines)} held-out lines, f32 KV cache, max |llama.cpp - omnilite "
                    f"score| ({stats(d)})", float(d.max()), EXACT_BOUND, d.max() <= EXACT_BOUND)

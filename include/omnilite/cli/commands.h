@@ -22,6 +22,8 @@ int run_generate(int argc, char** argv);
 int run_score(int argc, char** argv);
 int run_caption(int argc, char** argv);
 int run_imagine(int argc, char** argv);
+int run_data(int argc, char** argv);
+int run_chat(int argc, char** argv);
 
 // The flags of every command that reads one checkpoint: --checkpoint (`accepts` says which folders), --device and
 // -h/--help.

@@ -41,6 +41,8 @@ ImageCaptionSet read_training_images(const DataOptions& data, int64_t size);
 // Decodes one image file with OpenCV into [H, W, 3] uint8 RGB. Throws naming the file when it is missing, empty,
 // a truncated JPEG/PNG or undecodable.
 torch::Tensor decode_image_file(const std::string& path);
+// decode_image_file resized to [size, size, 3] uint8 as the readers resize (area shrinking, bilinear enlarging).
+torch::Tensor load_image(const std::string& path, int64_t size);
 
 // images [N, S, S, 3] uint8 (rows `index`, all when undefined) -> [n, channels, size, size] float in [-1, 1],
 // bilinearly resized when size != S; channels 1 averages RGB.
@@ -50,6 +52,8 @@ torch::Tensor to_model_images(const torch::Tensor& images, int64_t size, int64_t
 // Writes [N, C, H, W] images in [-1, 1] as a grid with `cols` columns (atomically: temporary file + rename): PPM for a
 // .ppm/.pgm/.pnm path, otherwise through OpenCV (PNG, JPEG, ...; an error naming the path in a build without it).
 void write_image_grid(const torch::Tensor& images, int64_t cols, const std::string& path);
+// Writes one [H, W, 3] uint8 RGB image as write_image_grid does (atomically; PPM or through OpenCV).
+void write_image_file(const torch::Tensor& rgb, const std::string& path);
 
 // Whether this build has OpenCV (CMake option OMNILITE_WITH_OPENCV): without it, images are read from Fashion-MNIST
 // IDX and PGM/PPM files only, pictures are written as PPM and the drawn reports (plots, heatmaps) are skipped.

@@ -29,6 +29,9 @@ torch::Tensor pad_rows(const std::vector<std::vector<int64_t>>& rows, int64_t T,
 // Latent tokens of one generated image: (image_size / 2^n / p)^2.
 int64_t generated_tokens_per_image(const ModelConfig& m);
 
+// splitmix64: a well-mixed 64-bit function, for independent seeds of (seed, stream, item).
+uint64_t splitmix64(uint64_t x);
+
 // Sample k of an endless sequence of epochs, each a fresh permutation of [0, n) (epoch_permutation); thread-safe.
 class EpochSampler {
  public:
@@ -50,7 +53,10 @@ struct MultimodalBatch {
   torch::Tensor gen_images;  // [Bg, C, Sq, Sq] float in [-1, 1], to be encoded by the VQ-VAE (undefined if Bg = 0)
   torch::Tensor noise;       // [Bg * G, P] x0 ~ N(0, I)
   torch::Tensor times;       // [Bg * G] flow time of each latent token (one draw per image)
-  torch::Tensor labels;      // [Bc + Bg] int64 class labels (-1 unknown)
+  torch::Tensor labels;      // [Bc + Bg] int64 class labels (-1 unknown); undefined for conversation rows
+  torch::Tensor targets;     // [B, T] bool: the loss targets (conversation rows); undefined = every real token
+  torch::Tensor segments;    // [B, T] int64 sample of each position in a packed row (attention and positions stay
+                             // within a sample); undefined = one sample per row
 };
 
 class MultimodalSampler {

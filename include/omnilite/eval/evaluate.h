@@ -9,6 +9,8 @@
 //            halves of the real ones; t2i_grid.png
 //   recon    VQ-VAE reconstruction PSNR of held-out images and codebook usage (perplexity, used and dead codes);
 //            recon_grid.png (originals above reconstructions)
+//   vqa      questions about images (LLaVA-format records of --data or data.sft_valid) answered greedily under the
+//            chat template, exact match after normalisation: vqa_accuracy and vqa_by_type (eval/vqa.h)
 //   moe      per-layer expert load on held-out text tokens and image tokens (tokens per expert, coefficient of
 //            variation, balancing-loss value, top-k set repeats between adjacent tokens); expert_load.png
 // Every run also writes loss_curves.png and train_stats.png when the run folder has metrics.jsonl, and eval.json
@@ -28,7 +30,8 @@ namespace omnilite {
 
 struct EvalOptions {
   std::string checkpoint;          // run folder (newest checkpoint) or checkpoint folder of an omni run
-  std::vector<std::string> tasks = {"ppl", "caption", "t2i", "recon", "moe"};  // what to measure
+  std::vector<std::string> tasks = {"ppl", "caption", "t2i", "recon", "moe", "vqa"};  // what to measure
+  std::string adapter;             // a QLoRA run folder: its adapters over `checkpoint` ("" = the run's base)
   std::string classifier;          // classifier run/checkpoint ("" = data.classifier of the checkpoint's config)
   std::string device;              // "" = runtime.device of the checkpoint's config
   int64_t caption_images = 500;    // held-out images captioned
@@ -41,6 +44,9 @@ struct EvalOptions {
   int64_t moe_rows = 16;           // held-out text rows and caption rows (with images) routed for `moe`
   std::string out_dir;             // where eval.json and the PNGs go ("" = the run folder)
   uint64_t seed = 0;               // sampling seed
+  std::vector<std::string> vqa_data;  // vqa: conversation files (eval/vqa.h; empty = data.sft_valid of the config)
+  int64_t vqa_questions = 1000;    // vqa: answers scored at most (0 = all)
+  int64_t max_answer_tokens = 16;  // vqa: longest generated answer
 };
 
 // Runs the tasks whose data is configured; throws with a clear message for a missing checkpoint or data, or an

@@ -57,6 +57,12 @@ int64_t sample_next(const torch::Tensor& logits, const TextSampling& o, at::Gene
 // caller supplies. Throws for an empty prompt or one that fills max_position_embeddings.
 std::vector<int64_t> generate_text(OmniLiteImpl& model, const std::vector<int64_t>& prompt, int64_t max_new,
                                    const TextSampling& o, const std::function<void(int64_t)>& on_token = {});
+// The same after the positions already in `cache`: `ids` (whose image placeholders take `images`, or undefined)
+// follow them, and the sampled ids are drawn with `gen`. The cache then holds ids and every sampled id but the last
+// (a chat feeds that one first in its next turn), so a conversation continues without recomputing its past.
+std::vector<int64_t> continue_text(OmniLiteImpl& model, KVCache& cache, const std::vector<int64_t>& ids,
+                                   const torch::Tensor& images, int64_t max_new, const TextSampling& o,
+                                   at::Generator& gen, const std::function<void(int64_t)>& on_token = {});
 
 // ids (n >= 2) -> n - 1 values: [i] = log p(ids[i + 1] | ids[0..i]) (fp64 log-softmax of one full forward pass).
 std::vector<double> score_tokens(OmniLiteImpl& model, const std::vector<int64_t>& ids);
@@ -70,8 +76,11 @@ struct LoadedModel {
   int64_t step = 0;            // its training step
 };
 // run_or_dir: a run folder (newest checkpoint), a checkpoint folder, an `init` or `export` folder. Throws for
-// another stage's checkpoint or a QLoRA adapter checkpoint (hint: export --merge).
-LoadedModel load_omni_checkpoint(const std::string& run_or_dir, const std::string& device = "");
+// another stage's checkpoint or a QLoRA adapter checkpoint without `adapter`. With `adapter` (a QLoRA run folder),
+// run_or_dir is the base ("" = the run's train.base_checkpoint): the run's NF4 bases and adapters, unmerged, as
+// they trained; cfg and step are the adapter run's.
+LoadedModel load_omni_checkpoint(const std::string& run_or_dir, const std::string& device = "",
+                                 const std::string& adapter = "");
 
 // Lower-cased text -> index of the class name that occurs first (as a whole word; the longer name wins a tie,
 // so "t-shirt" is not read as "shirt"), or -1 when none occurs.

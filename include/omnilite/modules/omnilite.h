@@ -5,7 +5,8 @@
 //    `images` (in row-major order of the batch) replace their embeddings;
 //  - image generation: a run of `tokens.gen_image_id`, one per latent token; their embeddings are the flow head's
 //    input embedding of the next rows of `gen_latents` (noisy latents x_t at times `gen_times`).
-// Attention is causal, except that the tokens of one generated-image run see each other (Transfusion).
+// Attention is causal, except that the tokens of one generated-image run see each other (Transfusion); with
+// `segments`, packed samples see only themselves.
 // Module names (the checkpoint keys): vision, resampler, text, lm_head, flow, vqvae.
 #pragma once
 
@@ -32,6 +33,9 @@ struct OmniInput {
   torch::Tensor images = {};       // [N_img, C, H, W] float, one per image_id run; undefined when none
   torch::Tensor gen_latents = {};  // [n_gen, P] noisy latent tokens, one per gen_image_id token; undefined when none
   torch::Tensor gen_times = {};    // [n_gen] flow time of each generated token's image, in [0, 1]
+  torch::Tensor segments = {};     // [B, T] int64 packed samples: a position attends only to earlier positions of its
+                                   // own segment (a run of equal ids), and positions restart at 0 in each; undefined =
+                                   // one sample per row. Not with a cache.
   bool compute_logits = true; // false skips the LM head (e.g. flow-only steps)
   KVCache* cache = nullptr;   // inference: tokens continue the cached positions (see kv_cache.h); every row of the
                               // batch shares the cache's length
@@ -50,6 +54,12 @@ torch::Tensor generated_block_ids(const torch::Tensor& tokens, int64_t gen_image
 // Attention mask of a mixed sequence: allowed[b, 0, i, j] = j <= i or (i, j in the same generated block).
 // tokens: [B, T] -> bool [B, 1, T, T]
 torch::Tensor mixed_attention_mask(const torch::Tensor& tokens, int64_t gen_image_id);
+
+// segments [B, T] int64 -> positions [B, T] int64: the index of each position within its segment (a run of equal
+// ids).
+torch::Tensor segment_positions(const torch::Tensor& segments);
+// tokens [B, T] -> segments [B, T] int64: a new segment at every bos_id (packed documents each start with BOS).
+torch::Tensor segments_from_bos(const torch::Tensor& tokens, int64_t bos_id);
 
 struct OmniLiteImpl : torch::nn::Module {
   explicit OmniLiteImpl(const ModelConfig& cfg, const LinearBuilder& builder = LinearBuilder());

@@ -11,11 +11,11 @@
 namespace omnilite {
 
 struct RopeTables {
-  torch::Tensor cos;  // [T, rope_dim]
-  torch::Tensor sin;  // [T, rope_dim]
+  torch::Tensor cos;  // [T, rope_dim], or [B, T, rope_dim] for per-row positions (packed samples)
+  torch::Tensor sin;  // the same shape as cos
 };
 
-// positions: [T] int64 -> tables in `dtype` on the positions' device (angles computed in fp32, fp64 for fp64).
+// positions: [T] or [B, T] int64 -> tables in `dtype` on the positions' device (angles computed in fp32, fp64 for fp64).
 RopeTables rope_tables(const torch::Tensor& positions, int64_t rope_dim, double theta, torch::ScalarType dtype);
 
 // x: [B, H, T, head_dim] -> same shape, first rope_dim dims of each head rotated.

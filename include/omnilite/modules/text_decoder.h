@@ -19,7 +19,7 @@ struct TextDecoderOutput {
 struct TextDecoderImpl : torch::nn::Module {
   TextDecoderImpl(const TextOptions& text, const MoEOptions& moe, const LinearBuilder& builder,
                   const std::string& path);
-  // x: [B, T, D] input embeddings, positions: [T] int64, allowed/causal as attention_core -> hidden [B, T, D]
+  // x: [B, T, D] input embeddings, positions: [T] or [B, T] int64, allowed/causal as attention_core -> hidden [B, T, D]
   // With `cache` (inference; not with activation checkpointing), x continues the cached positions.
   TextDecoderOutput forward(const torch::Tensor& x, const torch::Tensor& positions, const torch::Tensor& allowed,
                             bool causal, KVCache* cache = nullptr);

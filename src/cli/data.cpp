@@ -1,0 +1,209 @@
+// omnilite data sft-demo: the fine-tuning quickstart's SFT set, built from the embedded data (Fashion-MNIST and the
+// fortunes corpus), in the formats a user brings (docs/training.md).
+//
+// train.jsonl: image conversations about training images (LLaVA records, and the messages form with image parts),
+// two questions each from three types -- "what" (what is shown), "yes/no" (worn on the feet? is this a <class>?) and
+// "which" (a <class> or a <class>?) -- drawing turns ("Draw a sandal." -> a training image of the class) and
+// instruction records from the text corpus. valid.jsonl: one question per held-out (t10k) image, asked in phrasings
+// that training never uses, with the question type in "type" for `omnilite eval --tasks vqa`.
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <random>
+
+#include <cxxopts.hpp>
+#include <nlohmann/json.hpp>
+
+#include "omnilite/cli/commands.h"
+#include "omnilite/data/idx.h"
+#include "omnilite/data/image_dataset.h"
+#include "omnilite/data/text_dataset.h"
+#include "omnilite/log.h"
+
+namespace omnilite::cli {
+namespace {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+bool worn_on_feet(int64_t label) { return label == 5 || label == 7 || label == 9; }  // sandal, sneaker, ankle boot
+
+std::string with_article(const std::string& c) { return (c[0] == 'a' ? "an " : "a ") + c; }
+std::string capitalised(std::string s) {
+  s[0] = static_cast<char>(std::toupper(static_cast<unsigned char>(s[0])));
+  return s;
+}
+
+// One question about an image of class `label`, of `type`, in the training or the held-out phrasings.
+std::pair<std::string, std::string> question(const std::string& type, int64_t label, bool held_out,
+                                             std::mt19937_64& rng) {
+  const auto& names = fashion_mnist_classes();
+  const int64_t n = static_cast<int64_t>(names.size());
+  auto pick = [&](const std::vector<std::string>& v) { return v[rng() % v.size()]; };
+  auto other = [&] { return (label + 1 + static_cast<int64_t>(rng() % static_cast<uint64_t>(n - 1))) % n; };
+  const std::string c = names[static_cast<size_t>(label)];
+  if (type == "what") {
+    const auto q = held_out ? std::string("What is in this image?")
+                            : pick({"What is shown in this picture?", "What is this?", "What kind of item is this?"});
+    return {q, capitalised(with_article(c)) + "."};
+  }
+  if (type == "yes/no") {
+    if (rng() % 2 == 0) {
+      const auto q = held_out ? std::string("Is this item worn on the feet?")
+                              : pick({"Is this worn on the feet?", "Do you wear this on your feet?"});
+      return {q, worn_on_feet(label) ? "Yes." : "No."};
+    }
+    const int64_t asked = rng() % 2 == 0 ? label : other();
+    const std::string a = with_article(names[static_cast<size_t>(asked)]);
+    const auto q = held_out ? "Is this picture of " + a + "?"
+                            : pick({"Is this " + a + "?", "Does this picture show " + a + "?"});
+    return {q, asked == label ? "Yes." : "No."};
+  }
+  // which of two named classes, the right one first or second at random
+  const int64_t wrong = other();
+  const bool first = rng() % 2 == 0;
+  const std::string a = with_article(names[static_cast<size_t>(first ? label : wrong)]),
+                    b = with_article(names[static_cast<size_t>(first ? wrong : label)]);
+  const auto q = held_out ? "Is it " + a + " or " + b + "?"
+                          : pick({"Is this " + a + " or " + b + "?", "Which one is this: " + a + " or " + b + "?"});
+  return {q, capitalised(with_article(c)) + "."};
+}
+
+// images [N, S, S, 3] uint8 -> files DIR/NNNNN.EXT (relative paths returned)
+std::vector<std::string> write_images(const torch::Tensor& images, int64_t count, const std::string& root,
+                                      const std::string& sub) {
+  fs::create_directories(root + "/" + sub);
+  std::vector<std::string> paths;
+  for (int64_t i = 0; i < count; ++i) {
+    char name[32];
+    std::snprintf(name, sizeof name, "/%05lld", static_cast<long long>(i));
+    const std::string rel = sub + name + picture_extension();
+    if (!fs::exists(root + "/" + rel)) write_image_file(images[i], root + "/" + rel);
+    paths.push_back(rel);
+  }
+  return paths;
+}
+
+void write_jsonl(const std::vector<json>& records, const std::string& path) {
+  std::ofstream f(path + ".tmp");
+  for (const auto& r : records) f << r.dump() << "\n";
+  f.close();
+  if (!f) throw std::runtime_error("cannot write \"" + path + "\"");
+  fs::rename(path + ".tmp", path);
+}
+
+int sft_demo(const cxxopts::ParseResult& args) {
+  const std::string images = args["images"].as<std::string>(), out = args["out"].as<std::string>();
+  const int64_t n_train = args["train-images"].as<int64_t>(), n_valid = args["valid-images"].as<int64_t>();
+  const double draw_share = args["draw-share"].as<double>(), text_share = args["text-share"].as<double>();
+  if (n_train < 1 || n_valid < 1) throw std::runtime_error("--train-images and --valid-images must be >= 1");
+  if (!(draw_share >= 0 && text_share >= 0 && draw_share + text_share < 1))
+    throw std::runtime_error("--draw-share and --text-share must be >= 0 with a sum below 1");
+  std::mt19937_64 rng(args["seed"].as<uint64_t>());
+  ImageLoadOptions io;
+  io.size = 28;
+  io.max_images = n_train;
+  const auto train = read_image_captions({images + "/train"}, io);
+  io.max_images = n_valid;
+  const auto valid = read_image_captions({images + "/t10k"}, io);
+  fs::create_directories(out);
+  const auto train_paths = write_images(train.images, train.size(), out, "images/train");
+  const auto valid_paths = write_images(valid.images, valid.size(), out, "images/valid");
+  const std::vector<std::string> types = {"what", "yes/no", "which"};
+  const auto& names = fashion_mnist_classes();
+
+  std::vector<json> recs;
+  for (int64_t i = 0; i < train.size(); ++i) {
+    const int64_t label = train.labels[i].item<int64_t>();
+    const auto t1 = types[rng() % 3], t2 = types[rng() % 3];
+    const auto [q1, a1] = question(t1, label, false, rng);
+    const auto [q2, a2] = question(t2, label, false, rng);
+    const std::string& img = train_paths[static_cast<size_t>(i)];
+    if (rng() % 3 == 0) {  // the messages form with an image part
+      recs.push_back({{"messages", {{{"role", "user"}, {"content", {{{"type", "image"}, {"image", img}},
+                                                                   {{"type", "text"}, {"text", "\n" + q1}}}}},
+                                   {{"role", "assistant"}, {"content", a1}},
+                                   {{"role", "user"}, {"content", q2}},
+                                   {{"role", "assistant"}, {"content", a2}}}}});
+    } else {
+      recs.push_back({{"image", img}, {"conversations", {{{"from", "human"}, {"value", "<image>\n" + q1}},
+                                                         {{"from", "gpt"}, {"value", a1}},
+                                                         {{"from", "human"}, {"value", q2}},
+                                                         {{"from", "gpt"}, {"value", a2}}}}});
+    }
+  }
+  // drawing turns: "Draw a sandal." -> a training image of that class
+  const int64_t n_vqa = static_cast<int64_t>(recs.size());
+  const auto n_draw = static_cast<int64_t>(static_cast<double>(n_vqa) * draw_share / (1 - draw_share - text_share));
+  const auto n_text = static_cast<int64_t>(static_cast<double>(n_vqa) * text_share / (1 - draw_share - text_share));
+  for (int64_t k = 0; k < n_draw; ++k) {
+    const int64_t i = static_cast<int64_t>(rng() % static_cast<uint64_t>(train.size()));
+    const std::string c = names[static_cast<size_t>(train.labels[i].item<int64_t>())];
+    const std::vector<std::string> asks = {"Draw " + with_article(c) + ".", "Make a picture of " + with_article(c) + "."};
+    recs.push_back({{"messages", {{{"role", "user"}, {"content", asks[rng() % 2]}},
+                                 {{"role", "assistant"},
+                                  {"content", {{{"type", "image"}, {"image", train_paths[static_cast<size_t>(i)]}}}}}}}});
+  }
+  // instruction records from the text corpus: continue a fortune from its first line
+  const auto docs = read_documents({args["text"].as<std::string>()}).documents;
+  int64_t added = 0;
+  for (size_t d = 0; d < docs.size() && added < n_text; ++d) {
+    const auto& doc = docs[(d * 7919) % docs.size()];
+    const size_t nl = doc.find('\n');
+    if (nl == std::string::npos || doc.size() > 300) continue;
+    recs.push_back({{"instruction", "Continue the text."}, {"input", doc.substr(0, nl)}, {"output", doc.substr(nl + 1)}});
+    ++added;
+  }
+  std::shuffle(recs.begin(), recs.end(), rng);
+  write_jsonl(recs, out + "/train.jsonl");
+
+  std::vector<json> held;
+  for (int64_t i = 0; i < valid.size(); ++i) {
+    const int64_t label = valid.labels[i].item<int64_t>();
+    for (const auto& t : types) {
+      const auto [q, a] = question(t, label, true, rng);
+      held.push_back({{"image", valid_paths[static_cast<size_t>(i)]}, {"type", t},
+                      {"conversations", {{{"from", "human"}, {"value", "<image>\n" + q}}, {{"from", "gpt"}, {"value", a}}}}});
+    }
+  }
+  write_jsonl(held, out + "/valid.jsonl");
+  std::cout << "wrote " << out << "/train.jsonl (" << n_vqa << " image conversations, " << n_draw << " drawing turns, "
+            << added << " instruction records) and " << out << "/valid.jsonl (" << held.size()
+            << " held-out questions on " << valid.size() << " test images)\n";
+  return 0;
+}
+
+}  // namespace
+
+int run_data(int argc, char** argv) {
+  cxxopts::Options opts(argv[0], "Data preparation. ACTION sft-demo writes the fine-tuning quickstart's SFT set from "
+                                 "the embedded data: image conversations about Fashion-MNIST training images (LLaVA "
+                                 "records and the messages form; questions of type what, yes/no and which), drawing "
+                                 "turns and instruction records from the text corpus into OUT/train.jsonl, and one "
+                                 "question per held-out test image, in phrasings training never uses, into "
+                                 "OUT/valid.jsonl (docs/training.md).");
+  opts.positional_help("ACTION");
+  opts.add_options()("action", "sft-demo", cxxopts::value<std::string>())(
+      "images", "sft-demo: the Fashion-MNIST folder (train-* and t10k-* IDX files)",
+      cxxopts::value<std::string>()->default_value("data/generated/fashion-mnist"))(
+      "text", "sft-demo: the text corpus of the instruction records",
+      cxxopts::value<std::string>()->default_value("data/generated/text/train.txt"))(
+      "out", "output folder", cxxopts::value<std::string>()->default_value("data/generated/sft"))(
+      "train-images", "sft-demo: training images with a conversation each", cxxopts::value<int64_t>()->default_value("6000"))(
+      "valid-images", "sft-demo: held-out images, three questions each", cxxopts::value<int64_t>()->default_value("300"))(
+      "draw-share", "sft-demo: share of drawing records", cxxopts::value<double>()->default_value("0.15"))(
+      "text-share", "sft-demo: share of instruction records", cxxopts::value<double>()->default_value("0.1"))(
+      "seed", "sft-demo: seed of the questions and the order", cxxopts::value<uint64_t>()->default_value("1"))(
+      "h,help", "show this help");
+  opts.parse_positional({"action"});
+  auto args = opts.parse(argc, argv);
+  if (args.count("help") || !args.count("action")) {
+    std::cout << opts.help() << "\nExample:\n  omnilite data sft-demo --out data/generated/sft\n";
+    return args.count("help") ? 0 : 2;
+  }
+  const std::string action = args["action"].as<std::string>();
+  if (action == "sft-demo") return sft_demo(args);
+  throw std::runtime_error("data: unknown action \"" + action + "\"; expected sft-demo");
+}
+
+}  // namespace omnilite::cli
