@@ -44,19 +44,24 @@ std::pair<std::string, std::string> question(const std::string& type, int64_t la
   const std::string c = names[static_cast<size_t>(label)];
   if (type == "what") {
     const auto q = held_out ? std::string("What is in this image?")
-                            : pick({"What is shown in this picture?", "What is this?", "What kind of item is this?"});
+                            : pick({"What is shown in this picture?", "What is this?", "What kind of item is this?",
+                                    "What does the image show?", "Name the item in the picture.",
+                                    "What is pictured here?"});
     return {q, capitalised(with_article(c)) + "."};
   }
   if (type == "yes/no") {
     if (rng() % 2 == 0) {
       const auto q = held_out ? std::string("Is this item worn on the feet?")
-                              : pick({"Is this worn on the feet?", "Do you wear this on your feet?"});
+                              : pick({"Is this worn on the feet?", "Do you wear this on your feet?",
+                                      "Is the item in the picture worn on the feet?", "Is this footwear?"});
       return {q, worn_on_feet(label) ? "Yes." : "No."};
     }
     const int64_t asked = rng() % 2 == 0 ? label : other();
     const std::string a = with_article(names[static_cast<size_t>(asked)]);
     const auto q = held_out ? "Is this picture of " + a + "?"
-                            : pick({"Is this " + a + "?", "Does this picture show " + a + "?"});
+                            : pick({"Is this " + a + "?", "Does this picture show " + a + "?",
+                                    "Is the item in the image " + a + "?", "Is this an image of " + a + "?",
+                                    "Is there " + a + " in the picture?", "Is it " + a + "?"});
     return {q, asked == label ? "Yes." : "No."};
   }
   // which of two named classes, the right one first or second at random
@@ -65,7 +70,9 @@ std::pair<std::string, std::string> question(const std::string& type, int64_t la
   const std::string a = with_article(names[static_cast<size_t>(first ? label : wrong)]),
                     b = with_article(names[static_cast<size_t>(first ? wrong : label)]);
   const auto q = held_out ? "Is it " + a + " or " + b + "?"
-                          : pick({"Is this " + a + " or " + b + "?", "Which one is this: " + a + " or " + b + "?"});
+                          : pick({"Is this " + a + " or " + b + "?", "Which one is this: " + a + " or " + b + "?",
+                                  "Is the picture showing " + a + " or " + b + "?", "Which is shown, " + a + " or " + b +
+                                  "?"});
   return {q, capitalised(with_article(c)) + "."};
 }
 

@@ -50,6 +50,19 @@ LoadedModel load_from_args(const cxxopts::ParseResult& args) {
   return m;
 }
 
+// --temperature, --top-k, --top-p and --seed, checked.
+TextSampling sampling_from_args(const cxxopts::ParseResult& args) {
+  TextSampling s;
+  s.temperature = args["temperature"].as<double>();
+  s.top_k = args["top-k"].as<int64_t>();
+  s.top_p = args["top-p"].as<double>();
+  s.seed = args["seed"].as<uint64_t>();
+  if (s.temperature < 0) throw std::runtime_error("--temperature must be >= 0, got " + std::to_string(s.temperature));
+  if (s.top_k < 0) throw std::runtime_error("--top-k must be >= 0, got " + std::to_string(s.top_k));
+  if (!(s.top_p > 0 && s.top_p <= 1)) throw std::runtime_error("--top-p must be in (0, 1], got " + std::to_string(s.top_p));
+  return s;
+}
+
 std::vector<int64_t> parse_ids(const std::string& list) {
   std::vector<int64_t> ids;
   std::stringstream ss(list);
@@ -86,15 +99,8 @@ int run_generate(int argc, char** argv) {
                  "life\" --max-new-tokens 40 --temperature 0.7 --top-p 0.9 --seed 1\n";
     return args.count("help") ? 0 : 2;
   }
-  TextSampling s;
-  s.temperature = args["temperature"].as<double>();
-  s.top_k = args["top-k"].as<int64_t>();
-  s.top_p = args["top-p"].as<double>();
-  s.seed = args["seed"].as<uint64_t>();
+  const TextSampling s = sampling_from_args(args);
   const int64_t max_new = args["max-new-tokens"].as<int64_t>();
-  if (s.temperature < 0) throw std::runtime_error("--temperature must be >= 0, got " + std::to_string(s.temperature));
-  if (s.top_k < 0) throw std::runtime_error("--top-k must be >= 0, got " + std::to_string(s.top_k));
-  if (!(s.top_p > 0 && s.top_p <= 1)) throw std::runtime_error("--top-p must be in (0, 1], got " + std::to_string(s.top_p));
   if (max_new < 1) throw std::runtime_error("--max-new-tokens must be >= 1, got " + std::to_string(max_new));
   auto m = load_from_args(args);
   Tokenizer tok(m.cfg.data.tokenizer);
@@ -308,15 +314,9 @@ int run_chat(int argc, char** argv) {
                  "--adapter runs/sft --image shoe.png\n";
     return args.count("help") ? 0 : 2;
   }
-  TextSampling ts;
-  ts.temperature = args["temperature"].as<double>();
-  ts.top_k = args["top-k"].as<int64_t>();
-  ts.top_p = args["top-p"].as<double>();
-  ts.seed = args["seed"].as<uint64_t>();
+  const TextSampling ts = sampling_from_args(args);
   const int64_t max_new = args["max-new-tokens"].as<int64_t>();
   if (max_new < 1) throw std::runtime_error("--max-new-tokens must be >= 1, got " + std::to_string(max_new));
-  if (ts.temperature < 0 || ts.top_k < 0 || !(ts.top_p > 0 && ts.top_p <= 1))
-    throw std::runtime_error("--temperature and --top-k must be >= 0, --top-p in (0, 1]");
   std::vector<std::string> attached;
   if (args.count("image")) attached.push_back(args["image"].as<std::string>());
   auto m = load_from_args(args);

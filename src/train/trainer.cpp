@@ -541,7 +541,22 @@ TrainBenchResult bench_train_steps(const Config& cfg, int64_t steps, int64_t war
   return r;
 }
 
-TrainResult train(const Config& cfg, const TrainRunOptions& run) {
+// train.base_checkpoint as a pretraining run folder: its newest checkpoint, fixed for the run (and its resumes) by the
+// config the run stores.
+namespace {
+Config with_resolved_base(const Config& in) {
+  Config c = in;
+  std::string& base = c.train.base_checkpoint;
+  if (!base.empty() && !io::has_weights(base) && fs::is_directory(base + "/checkpoints")) {
+    base = io::latest_checkpoint(base);
+    log::info("train.base_checkpoint: the run folder's newest checkpoint, " + base);
+  }
+  return c;
+}
+}  // namespace
+
+TrainResult train(const Config& cfg_in, const TrainRunOptions& run) {
+  const Config cfg = with_resolved_base(cfg_in);
   const auto& tr = cfg.train;
   const auto anomaly = anomaly_detection();
   const int64_t total_steps = run.max_steps >= 0 ? run.max_steps : tr.steps;

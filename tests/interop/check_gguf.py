@@ -221,8 +221,12 @@ def main():
         got = score_lines(back, lines)
         same_ids = all(a["tokens"] == b["tokens"] for a, b in zip(ref, got))
         worst = max(float(np.abs(np.array(a["logprobs"]) - np.array(b["logprobs"])).max()) for a, b in zip(ref, got))
+        # fp32 rounding: the import carries no runtime section, so it scores with the default thread split
+        # (runtime.threads 0, blas_threads 1), whose GEMMs sum in another order than the quickstart's (1 / 0); its
+        # only other config difference, rms_norm_eps stored as f32, is the same float. Measured 5.9e-6 on the
+        # trained model, 0 on the random ones (2026-12-02).
         report(f"{name}: the converter's GGUF imported into OMNI-LITE (no omnilite metadata), same ids: {same_ids}; "
-               f"max |log-prob - the original checkpoint's|", worst, 1e-6, same_ids and worst <= 1e-6)
+               f"max |log-prob - the original checkpoint's|", worst, 2e-5, same_ids and worst <= 2e-5)
         del m
     # A unigram tokenizer: the export warns with the share of held-out lines whose ids llama.cpp changes; llama.cpp
     # itself on that GGUF gives the same count.

@@ -25,8 +25,8 @@ namespace omnilite::io {
 void save_adapter(const torch::nn::Module& model, const LoRAOptions& opts, const std::string& dir);
 // Loads adapter_model.safetensors of `dir` into `model`; throws naming a missing, unexpected or mis-shaped tensor.
 void load_adapter(torch::nn::Module& model, const std::string& dir);
-// Loads a plain checkpoint (a .safetensors file, or a folder holding model.safetensors) into a model that may hold
-// LoRA and NF4 projections. Every tensor of the model except the adapters must be covered; throws naming a
+// Loads a plain checkpoint (a .safetensors file, a folder holding model.safetensors, or a training run folder: its
+// newest checkpoint) into a model that may hold LoRA and NF4 projections. Every tensor of the model except the adapters must be covered; throws naming a
 // missing, unexpected or mis-shaped tensor.
 void load_base_weights(torch::nn::Module& model, const std::string& path);
 
