@@ -50,6 +50,18 @@ LoadedModel load_from_args(const cxxopts::ParseResult& args) {
   return m;
 }
 
+// [N, C, S, S] model images of image files (each centre-cropped to a square).
+torch::Tensor model_images(const std::vector<std::string>& files, const ModelConfig& mc) {
+  std::vector<torch::Tensor> out;
+  for (const auto& f : files) {
+    auto pixels = decode_image_file(f);  // [H, W, 3] uint8; throws naming the file
+    const int64_t H = pixels.size(0), W = pixels.size(1), side = std::min(H, W);
+    pixels = pixels.narrow(0, (H - side) / 2, side).narrow(1, (W - side) / 2, side).contiguous();
+    out.push_back(to_model_images(pixels.unsqueeze(0), mc.vision.image_size, mc.vision.in_channels));
+  }
+  return torch::cat(out, 0);
+}
+
 // --temperature, --top-k, --top-p and --seed, checked.
 TextSampling sampling_from_args(const cxxopts::ParseResult& args) {
   TextSampling s;
@@ -216,13 +228,11 @@ int run_caption(int argc, char** argv) {
   }
   const int64_t max_new = args["max-new-tokens"].as<int64_t>();
   if (max_new < 1) throw std::runtime_error("--max-new-tokens must be >= 1, got " + std::to_string(max_new));
-  auto pixels = decode_image_file(args["image"].as<std::string>());  // [H, W, 3] uint8; throws naming the file
-  const int64_t H = pixels.size(0), W = pixels.size(1), side = std::min(H, W);
-  pixels = pixels.narrow(0, (H - side) / 2, side).narrow(1, (W - side) / 2, side);  // centre square
+  decode_image_file(args["image"].as<std::string>());  // refuse a bad file before loading the model, naming it
   auto m = load_from_args(args);
   Tokenizer tok(m.cfg.data.tokenizer);
   const auto& mc = m.cfg.model;
-  auto images = to_model_images(pixels.unsqueeze(0).contiguous(), mc.vision.image_size, mc.vision.in_channels);
+  auto images = model_images({args["image"].as<std::string>()}, mc);
   auto row = caption_row({}, mc.resampler.num_latents, mc.tokens);
   row.pop_back();  // without eos: the caption follows
   auto gen = greedy_generate(*m.model, torch::tensor(row, torch::kInt64).view({1, -1}), images, max_new);
@@ -273,21 +283,6 @@ int run_imagine(int argc, char** argv) {
 }  // namespace omnilite::cli
 
 namespace omnilite::cli {
-namespace {
-
-// [N, C, S, S] model images of image files (centre square, as `caption` reads them).
-torch::Tensor model_images(const std::vector<std::string>& files, const ModelConfig& mc) {
-  std::vector<torch::Tensor> out;
-  for (const auto& f : files) {
-    auto pixels = decode_image_file(f);  // [H, W, 3] uint8; throws naming the file
-    const int64_t H = pixels.size(0), W = pixels.size(1), side = std::min(H, W);
-    pixels = pixels.narrow(0, (H - side) / 2, side).narrow(1, (W - side) / 2, side).contiguous();
-    out.push_back(to_model_images(pixels.unsqueeze(0), mc.vision.image_size, mc.vision.in_channels));
-  }
-  return torch::cat(out, 0);
-}
-
-}  // namespace
 
 int run_chat(int argc, char** argv) {
   cxxopts::Options opts(argv[0], "Hold a conversation in the terminal under the chat template (docs/inference.md): "
