@@ -122,7 +122,8 @@ struct Writer {
 template <class V> void visit_fields(V& v, VisionOptions& o) {
   v("image_size", o.image_size); v("in_channels", o.in_channels); v("patch_size", o.patch_size);
   v("width", o.width); v("depth", o.depth); v("num_heads", o.num_heads); v("mlp_dim", o.mlp_dim);
-  v("norm_eps", o.norm_eps);
+  v("norm_eps", o.norm_eps); v("class_token", o.class_token); v("pre_norm", o.pre_norm);
+  v("activation", o.activation); v("final_norm", o.final_norm);
 }
 template <class V> void visit_fields(V& v, ResamplerOptions& o) {
   v("num_latents", o.num_latents); v("depth", o.depth); v("num_heads", o.num_heads); v("ff_mult", o.ff_mult);
@@ -257,6 +258,8 @@ void validate(const Config& c) {
   if (!(t.rope_theta > 1.0)) fail("model.text.rope_theta", num(t.rope_theta), "must be greater than 1");
   if (!(t.rms_norm_eps > 0.0)) fail("model.text.rms_norm_eps", num(t.rms_norm_eps), "must be positive");
   if (!(v.norm_eps > 0.0)) fail("model.vision.norm_eps", num(v.norm_eps), "must be positive");
+  if (v.activation != "gelu" && v.activation != "quick_gelu")
+    fail("model.vision.activation", "\"" + v.activation + "\"", "must be \"gelu\" or \"quick_gelu\"");
   if (!(m.resampler.norm_eps > 0.0)) fail("model.resampler.norm_eps", num(m.resampler.norm_eps), "must be positive");
   if (m.moe.top_k > m.moe.num_experts)
     fail("model.moe.top_k", std::to_string(m.moe.top_k),

@@ -29,7 +29,13 @@ struct VisionOptions {
   int64_t depth = 12;          // number of pre-norm ViT blocks (card: 12)
   int64_t num_heads = 16;      // attention heads per ViT block (card: 16)
   int64_t mlp_dim = 4096;      // hidden width of the GELU MLP (card: 4096)
-  double norm_eps = 1e-6;      // LayerNorm epsilon (1e-6, as in ViT)
+  double norm_eps = 1e-6;      // LayerNorm epsilon (1e-6, as in ViT; CLIP: 1e-5)
+  // CLIP's variant (an HF CLIPVisionModel imports only with class_token, pre_norm and quick_gelu, see init --from):
+  bool class_token = false;    // a learned class embedding before the patches; pos_embed row 0 is its position
+  bool pre_norm = false;       // a LayerNorm over the embeddings before block 0 (CLIP's pre_layrnorm)
+  std::string activation = "gelu";  // MLP activation: "gelu" (erf, ViT) or "quick_gelu" (x * sigmoid(1.702 x), CLIP)
+  bool final_norm = true;      // a LayerNorm over every output token (ViT); false: the last block's output as is
+                               // (CLIP's hidden states, LLaVA's features)
 };
 
 // Perceiver Resampler (card layer 3): vision features -> num_latents tokens of the text width.

@@ -17,6 +17,7 @@
 #include "omnilite/data/mm_batch.h"
 #include "omnilite/data/tokenizer.h"
 #include "omnilite/infer/generate.h"
+#include "omnilite/io/safetensors.h"
 #include "omnilite/runtime.h"
 #include "omnilite/log.h"
 
@@ -237,6 +238,37 @@ int run_caption(int argc, char** argv) {
   row.pop_back();  // without eos: the caption follows
   auto gen = greedy_generate(*m.model, torch::tensor(row, torch::kInt64).view({1, -1}), images, max_new);
   std::cout << tok.decode(ids_before_eos(gen[0], mc.tokens)) << "\n";
+  return 0;
+}
+
+int run_embed(int argc, char** argv) {
+  cxxopts::Options opts(argv[0], "Image features: the vision encoder's output tokens ([N, P, width], P patches, plus the "
+                                 "class token with model.vision.class_token) and the resampler's image tokens ([N, "
+                                 "num_latents, hidden]) of each image, written as one safetensors file (tensors "
+                                 "\"vision\" and \"image_tokens\", fp32).");
+  add_checkpoint_flags(opts, "run folder (newest checkpoint), checkpoint, init or export folder");
+  opts.add_options()("image", "image file (repeatable): PNG, JPEG, ... as OpenCV reads it, or PGM/PPM; centre-cropped "
+                              "and resized to model.vision.image_size", cxxopts::value<std::vector<std::string>>())(
+      "out", ".safetensors file to write (atomically)", cxxopts::value<std::string>());
+  auto args = opts.parse(argc, argv);
+  if (args.count("help") || !(args.count("checkpoint") || args.count("adapter")) || !args.count("image") ||
+      !args.count("out")) {
+    std::cout << opts.help() << "\nExample:\n  omnilite embed --checkpoint runs/llava-init --image a.png --image b.png "
+                 "--out features.safetensors\n";
+    return args.count("help") ? 0 : 2;
+  }
+  const auto files = args["image"].as<std::vector<std::string>>();
+  for (const auto& f : files) decode_image_file(f);  // refuse a bad file before loading the model, naming it
+  auto m = load_from_args(args);
+  torch::NoGradGuard ng;
+  m.model->eval();
+  auto images = model_images(files, m.cfg.model).to(m.model->vision->patch_embed->proj->weight.device());
+  auto vision = m.model->vision->forward(images);
+  auto tokens = m.model->resampler->forward(vision);
+  const std::string out = args["out"].as<std::string>();
+  io::save_safetensors(out, {{"vision", vision.to(torch::kCPU, torch::kFloat32).contiguous()},
+                             {"image_tokens", tokens.to(torch::kCPU, torch::kFloat32).contiguous()}});
+  log::info("embed: " + out + ": vision " + c10::str(vision.sizes()) + ", image_tokens " + c10::str(tokens.sizes()));
   return 0;
 }
 

@@ -41,6 +41,8 @@ const std::vector<Subcommand>& subcommands() {
       {"generate", "continue a text prompt (KV-cached; temperature, top-k, top-p, seed), streamed to stdout",
        omnilite::cli::run_generate},
       {"caption", "describe an image file (ViT + resampler, greedy KV-cached decoding)", omnilite::cli::run_caption},
+      {"embed", "image features: the vision encoder's tokens and the resampler's image tokens, into a safetensors "
+                "file", omnilite::cli::run_embed},
       {"imagine", "generate an image from a prompt (rectified flow, Euler + CFG, cached prompt) into a PNG",
        omnilite::cli::run_imagine},
       {"score", "per-token log-probabilities of a text or token ids (--json)", omnilite::cli::run_score},

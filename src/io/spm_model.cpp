@@ -157,15 +157,38 @@ SpmModel read_spm_model(const std::string& path) {
   return m;
 }
 
-void write_spm_model(const SpmModel& m, const std::string& path) {
-  Writer out;
-  for (const auto& p : m.pieces) {
+namespace {
+// The ModelProto.pieces entries of `pieces` (field 1: piece, score, type).
+void write_pieces(Writer& out, const std::vector<SpmPiece>& pieces) {
+  for (const auto& p : pieces) {
     Writer piece;
     piece.s(1, p.piece);
     piece.f(2, p.score);
     piece.u(3, static_cast<uint64_t>(p.type));
     out.s(1, piece.out);
   }
+}
+
+void replace_file(const std::string& path, const std::string& bytes) {
+  const std::string tmp = path + ".tmp";
+  write_file_synced(tmp, bytes);
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw std::runtime_error("cannot write \"" + path + "\"");
+}
+}  // namespace
+
+void append_spm_pieces(const std::string& in, const std::vector<SpmPiece>& pieces, const std::string& out) {
+  read_spm_model(in);  // a ModelProto with pieces, or the error that names the file
+  std::ifstream f(in, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  Writer extra;
+  write_pieces(extra, pieces);
+  replace_file(out, ss.str() + extra.out);
+}
+
+void write_spm_model(const SpmModel& m, const std::string& path) {
+  Writer out;
+  write_pieces(out, m.pieces);
   Writer trainer;
   trainer.u(3, static_cast<uint64_t>(m.model_type));
   trainer.u(4, m.pieces.size());
@@ -180,9 +203,7 @@ void write_spm_model(const SpmModel& m, const std::string& path) {
   norm.u(4, m.remove_extra_whitespaces);
   norm.u(5, m.escape_whitespaces);
   out.s(3, norm.out);
-  const std::string tmp = path + ".tmp";
-  write_file_synced(tmp, out.out);
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw std::runtime_error("cannot write \"" + path + "\"");
+  replace_file(path, out.out);
 }
 
 LlamaSpmTokenizer::LlamaSpmTokenizer(SpmModel m) : m_(std::move(m)) {

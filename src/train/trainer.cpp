@@ -59,7 +59,7 @@ std::unique_ptr<torch::optim::AdamW> make_optimizer(torch::nn::Module& model, co
   for (const auto& p : model.named_parameters()) {
     if (!p.value().requires_grad() || (keep && !keep(p.value()))) continue;
     const std::string& k = p.key();
-    const bool embedding_like = k == "text.embed_tokens.weight" || k.find("pos_embed") != std::string::npos ||
+    const bool embedding_like = k == "text.embed_tokens.weight" || k.find("pos_embed") != std::string::npos || k.find("cls_token") != std::string::npos ||
                                 k == "resampler.latents" || k.find("codebook") != std::string::npos;
     (p.value().dim() >= 2 && !embedding_like ? decay : no_decay).push_back(p.value());
   }

@@ -24,6 +24,7 @@ int run_caption(int argc, char** argv);
 int run_imagine(int argc, char** argv);
 int run_data(int argc, char** argv);
 int run_chat(int argc, char** argv);
+int run_embed(int argc, char** argv);
 
 // The flags of every command that reads one checkpoint: --checkpoint (`accepts` says which folders), --device and
 // -h/--help.

@@ -44,6 +44,10 @@ struct SpmModel {
 SpmModel read_spm_model(const std::string& path);
 // Writes `m` as a ModelProto (pieces, trainer spec with the flags above, normaliser spec without a table).
 void write_spm_model(const SpmModel& m, const std::string& path);
+// Copies the .model file `in` to `out` (atomically) with `pieces` appended after its own: the bytes of `in` are kept
+// as they are (normaliser table, trainer spec and all), the new pieces follow as further entries of the repeated
+// field, which is how protobuf appends to one.
+void append_spm_pieces(const std::string& in, const std::vector<SpmPiece>& pieces, const std::string& out);
 
 // llama.cpp's SPM tokeniser over a vocabulary.
 class LlamaSpmTokenizer {

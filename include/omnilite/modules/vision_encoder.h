@@ -1,5 +1,7 @@
 // Vision Transformer (card layer 2): patch embedding, `depth` pre-norm blocks, final LayerNorm.
 // Block: x = x + proj(MHA(LN(x))); x = x + fc2(GELU(fc1(LN(x)))). Attention is bidirectional over patches.
+// CLIP's variant (vision.class_token, pre_norm, activation = quick_gelu, final_norm = false) is the same blocks:
+// CLIP's separate q, k and v projections are the rows of the fused qkv (io/part_import concatenates them).
 #pragma once
 
 #include <torch/torch.h>
@@ -16,6 +18,7 @@ struct ViTBlockImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x);
 
   int64_t num_heads;
+  bool quick_gelu;                       // vision.activation = "quick_gelu"
   torch::nn::LayerNorm norm1{nullptr};
   std::shared_ptr<LinearBaseImpl> qkv;   // W -> 3W, with bias (fused q, k, v as in timm)
   std::shared_ptr<LinearBaseImpl> proj;  // W -> W, with bias
@@ -27,12 +30,13 @@ TORCH_MODULE(ViTBlock);
 
 struct VisionEncoderImpl : torch::nn::Module {
   VisionEncoderImpl(const VisionOptions& opts, const LinearBuilder& builder, const std::string& path);
-  // images: [N, C, H, W] -> features [N, P, W], P = (H/patch) * (W/patch)
+  // images: [N, C, H, W] -> features [N, P, W], P = (H/patch) * (W/patch) (+ 1 with a class token)
   torch::Tensor forward(const torch::Tensor& images);
 
   PatchEmbed patch_embed{nullptr};
-  torch::nn::ModuleList blocks;      // depth ViT blocks: blocks.0 .. blocks.{depth-1}
-  torch::nn::LayerNorm norm{nullptr};
+  torch::nn::LayerNorm pre_norm{nullptr};  // vision.pre_norm only
+  torch::nn::ModuleList blocks;            // depth ViT blocks: blocks.0 .. blocks.{depth-1}
+  torch::nn::LayerNorm norm{nullptr};      // vision.final_norm only
 };
 TORCH_MODULE(VisionEncoder);
 
