@@ -177,6 +177,7 @@ template <class V> void visit_fields(V& v, TrainOptions& o) {
 template <class V> void visit_fields(V& v, LoRAOptions& o) {
   v("enabled", o.enabled); v("rank", o.rank); v("alpha", o.alpha); v("dropout", o.dropout);
   v("target_modules", o.target_modules); v("base_dtype", o.base_dtype); v("full_precision", o.full_precision);
+  v("modules_to_save", o.modules_to_save);
   v("init_adapter", o.init_adapter);
 }
 template <class V> void visit_fields(V& v, DataOptions& o) {

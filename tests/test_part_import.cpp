@@ -10,7 +10,10 @@
 #include <nlohmann/json.hpp>
 
 #include "helpers.h"
+#include "omnilite/data/image_dataset.h"
 #include "omnilite/data/tokenizer.h"
+#include "omnilite/infer/generate.h"
+#include "omnilite/io/adapter.h"
 #include "omnilite/io/checkpoint.h"
 #include "omnilite/io/hf_export.h"
 #include "omnilite/io/init_checkpoint.h"
@@ -18,7 +21,11 @@
 #include "omnilite/io/safetensors.h"
 #include "omnilite/io/spm_model.h"
 #include "omnilite/io/weights_reader.h"
+#include "omnilite/modules/lora_linear.h"
 #include "omnilite/modules/omnilite.h"
+#include "omnilite/modules/qlora_builder.h"
+#include "omnilite/train/memory_estimate.h"
+#include "omnilite/train/trainer.h"
 
 using namespace omnilite;
 namespace fs = std::filesystem;
@@ -303,4 +310,101 @@ TEST_CASE("part import: a SentencePiece tokenizer gains the image markers, the v
   CHECK(stored.data.tokenizer == dir + "/init/tokenizer.model");
   CHECK(io::WeightsReader(dir + "/init").tensors().at("text.embed_tokens.weight").shape[0] == n + 4);
   Tokenizer(stored.data.tokenizer).check_compatible(stored.model);  // what train checks before step 1
+}
+
+TEST_CASE("LLaVA recipe at tiny scale: init --from a CLIP folder, stage 1 trains the resampler alone, stage 2 QLoRA "
+          "with the resampler in full (lora.modules_to_save), merged as trained", "[parts][recipe]") {
+  const auto dir = testing::fresh_temp_dir("parts_llava");
+  Config base = testing::tiny_text_config(dir);
+  base.model.vision = clip_config().model.vision;
+  write_clip_folder(dir + "/clip", base.model.vision, 2, "vision_model.");
+  init_from(base, dir + "/init", {"vision=" + dir + "/clip"});
+  // LLaVA records about two images (PPM, read without OpenCV too).
+  torch::manual_seed(3);
+  for (int i = 0; i < 2; ++i)
+    write_image_file(torch::randint(0, 256, {28, 28, 3}, torch::kInt64).to(torch::kUInt8),
+                     dir + "/img" + std::to_string(i) + ".ppm");
+  {
+    std::ofstream f(dir + "/llava.json");
+    json records = json::array();
+    for (int i = 0; i < 6; ++i)
+      records.push_back({{"image", "img" + std::to_string(i % 2) + ".ppm"},
+                         {"conversations", {{{"from", "human"}, {"value", "<image>\nthe coat"}},
+                                            {{"from", "gpt"}, {"value", i % 2 ? "a red bag" : "the blue boot"}}}}});
+    f << records.dump();
+  }
+  // The recipes as committed, on this folder and at this size (the model comes from the base: no model section).
+  auto recipe = [&](const std::string& file, const std::string& base_dir, const std::string& out) {
+    json j = read_config_json(testing::source_path(file));
+    REQUIRE(!j.contains("model"));
+    for (const std::string s : {"runtime.device=\"cpu\"", "runtime.dtype=\"fp32\"", "runtime.threads=1",
+                                "train.steps=3", "train.warmup_steps=0", "train.sft_batch_size=2",
+                                "train.sft_seq_len=64", "train.tensorboard=false", "train.ckpt_every=3"})
+      apply_config_override(j, s);
+    j["train"]["base_checkpoint"] = base_dir;
+    j["data"]["sft_train"] = {dir + "/llava.json"};
+    j["data"]["image_root"] = dir;
+    j = io::with_base_model(j, base_dir);
+    Config c = parse_config(j);
+    if (c.lora.enabled) c.lora.rank = 4;
+    TrainRunOptions run;
+    run.out_dir = dir + "/" + out;
+    train(c, run);
+    return c;
+  };
+  const Config c1 = recipe("configs/llava-stage1.json", dir + "/init", "stage1");
+  CHECK(c1.model.vision.class_token);  // the init's model
+  CHECK(c1.data.tokenizer == base.data.tokenizer);
+  io::WeightsReader init(dir + "/init"), s1(io::latest_checkpoint(dir + "/stage1"));
+  int64_t changed = 0, unchanged_elsewhere = 0, others = 0;
+  for (const auto& [name, e] : init.tensors()) {
+    const bool same = torch::equal(init.load(name), s1.load(name));
+    if (name.rfind("resampler.", 0) == 0) changed += same ? 0 : 1;
+    else {
+      ++others;
+      unchanged_elsewhere += same ? 1 : 0;
+    }
+  }
+  CHECK(changed > 0);
+  CHECK(unchanged_elsewhere == others);  // ViT, LLM, flow head and VQ-VAE frozen
+
+  const Config c2 = recipe("configs/llava-stage2.json", dir + "/stage1", "stage2");
+  const std::string ck2 = io::latest_checkpoint(dir + "/stage2");
+  io::SafetensorsReader adapter(ck2 + "/adapter_model.safetensors");
+  int64_t lora = 0, saved = 0;
+  for (const auto& [name, e] : adapter.tensors()) {
+    if (name.find(".lora_") != std::string::npos) ++lora;
+    else {
+      ++saved;
+      CHECK(name.rfind("base_model.model.resampler.", 0) == 0);
+    }
+  }
+  CHECK(lora > 0);
+  CHECK(saved == static_cast<int64_t>(std::count_if(s1.tensors().begin(), s1.tensors().end(), [](const auto& kv) {
+          return kv.first.rfind("resampler.", 0) == 0;
+        })));
+  const auto trained_latents = adapter.load("base_model.model.resampler.latents");
+  CHECK(!torch::equal(trained_latents, s1.load("resampler.latents")));
+  // The memory estimate counts what trains: the adapters and the resampler in full.
+  {
+    OmniLite q(c2.model, *make_linear_builder(c2));
+    train_adapters_only(*q, c2.lora.modules_to_save);
+    int64_t trainable = 0;
+    for (const auto& p : q->parameters()) trainable += p.requires_grad() ? p.numel() : 0;
+    CHECK(estimate_training_memory(c2).trainable_params == trainable);
+  }
+  // Unmerged (NF4 bases + adapters + the trained resampler) and merged give the same logits, and the merged file
+  // holds the resampler as trained.
+  auto unmerged = load_omni_checkpoint(dir + "/stage1", "", dir + "/stage2");
+  io::merge_adapter(dir + "/stage1", ck2, dir + "/merged.safetensors", torch::kFloat32);
+  io::SafetensorsReader merged(dir + "/merged.safetensors");
+  CHECK(torch::equal(merged.load("resampler.latents"), trained_latents));
+  OmniLite plain(c2.model);
+  io::load_module(*plain, dir + "/merged.safetensors");
+  plain->eval();
+  torch::NoGradGuard ng;
+  OmniInput in;
+  in.tokens = torch::tensor({1, 4, 3, 3, 3, 3, 5, 20, 30}, torch::kInt64).view({1, -1});
+  in.images = torch::rand({1, 3, 28, 28}) * 2 - 1;
+  CHECK(testing::max_rel_err(unmerged.model->forward(in).logits, plain->forward(in).logits) < 1e-4);
 }

@@ -219,6 +219,10 @@ struct LoRAOptions {
   std::vector<std::string> full_precision = {"flow.*"};  // projections kept out of NF4 (besides in % 64 != 0)
   std::string init_adapter;        // adapter the run starts from instead of B = 0: a QLoRA run or checkpoint
                                    // folder, or a PEFT adapter folder of the hf export (same rank, alpha, targets)
+  // Parameters trained in full beside the adapters (PEFT's modules_to_save), by checkpoint-name pattern, e.g.
+  // "resampler.*" (LLaVA stage 2): their projections are plain fp32 (no NF4, no adapter), they are saved with the
+  // adapters, and merging writes them as trained.
+  std::vector<std::string> modules_to_save;
 };
 
 // A config file: {"model": {...}, "runtime": {...}, "train": {...}, "data": {...}, "lora": {...}}.

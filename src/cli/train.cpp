@@ -37,7 +37,9 @@ int run_train(int argc, char** argv) {
                  "  omnilite train --config configs/small.json --out runs/small --resume runs/small --max-steps 400\n"
                  "  omnilite train --config configs/small.json --set train.batch_size=8 --set train.freeze='[\"vision.*\"]'\n"
                  "  scripts/launch.sh --nproc 2 -- omnilite train --config configs/small.json --out runs/dp\n"
-                 "A config may start with \"extends\": \"base.json\" to change only some keys of another.\n"
+                 "A config may start with \"extends\": \"base.json\" to change only some keys of another. A config\n"
+                 "without a \"model\" section trains the model of its train.base_checkpoint (and its data.tokenizer\n"
+                 "unless data names one), e.g. after `omnilite init --from` (configs/llava-stage1.json).\n"
                  "Data-parallel: run the same command as N processes (scripts/launch.sh, torchrun, srun); RANK, WORLD_SIZE,\n"
                  "LOCAL_RANK, MASTER_ADDR, MASTER_PORT say who is who; the batch sizes are per rank; train.zero1 shards the\n"
                  "optimizer state, train.dist_timeout_s bounds every wait (docs/distributed.md).\n";
@@ -45,9 +47,18 @@ int run_train(int argc, char** argv) {
   }
   const std::string path = args["config"].as<std::string>();
   auto j = read_config_json(path);
-  if (args.count("set"))
-    for (const auto& s : args["set"].as<std::vector<std::string>>()) apply_config_override(j, s);
-  if (args.count("base")) j["train"]["base_checkpoint"] = args["base"].as<std::string>();
+  const bool has_model = j.contains("model");
+  auto apply_sets = [&] {
+    if (args.count("set"))
+      for (const auto& s : args["set"].as<std::vector<std::string>>()) apply_config_override(j, s);
+    if (args.count("base")) j["train"]["base_checkpoint"] = args["base"].as<std::string>();
+  };
+  apply_sets();
+  const std::string base = j.contains("train") ? j["train"].value("base_checkpoint", std::string()) : "";
+  if (!has_model && !base.empty()) {  // the base's model, with --set model.* applied over it
+    j = io::with_base_model(j, base);
+    apply_sets();
+  }
   const Config cfg = parse_config(j);
   TrainRunOptions run;
   if (args.count("resume")) run.resume_dir = args["resume"].as<std::string>();

@@ -32,13 +32,26 @@ bool is_adapter_key(const std::string& k) {
   return k.find(".lora_A.") != std::string::npos || k.find(".lora_B.") != std::string::npos;
 }
 
+// What an adapter checkpoint holds of a model: the LoRA factors and the parameters of lora.modules_to_save.
+bool saved_with_adapter(const std::string& k, const std::vector<std::string>& modules_to_save) {
+  return is_adapter_key(k) || matches_any(k, modules_to_save);
+}
+
+// lora.modules_to_save as an adapter checkpoint's adapter_config.json records it (none when absent).
+std::vector<std::string> modules_to_save_of(const std::string& dir) {
+  std::ifstream f(dir + "/adapter_config.json");
+  const auto j = json::parse(f, nullptr, false);
+  if (!j.is_object() || !j.contains("omnilite_modules_to_save")) return {};
+  return j["omnilite_modules_to_save"].get<std::vector<std::string>>();
+}
+
 }  // namespace
 
 void save_adapter(const torch::nn::Module& model, const LoRAOptions& o, const std::string& dir) {
   fs::create_directories(dir);
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
   for (const auto& p : model.named_parameters())
-    if (is_adapter_key(p.key())) tensors.emplace_back(kPeftPrefix + p.key(), p.value().detach().cpu());
+    if (saved_with_adapter(p.key(), o.modules_to_save)) tensors.emplace_back(kPeftPrefix + p.key(), p.value().detach().cpu());
   if (tensors.empty()) throw std::runtime_error("save_adapter: the model has no LoRA adapters");
   save_safetensors(dir + "/adapter_model.safetensors", tensors, {{"format", "pt"}});
   std::string regex;
@@ -54,6 +67,7 @@ void save_adapter(const torch::nn::Module& model, const LoRAOptions& o, const st
               {"inference_mode", false},
               {"base_model_name_or_path", "omni-lite"},
               {"omnilite_target_patterns", o.target_modules},
+              {"omnilite_modules_to_save", o.modules_to_save},
               {"omnilite_base_dtype", o.base_dtype}};
   const std::string path = dir + "/adapter_config.json";
   {
@@ -71,7 +85,7 @@ void load_adapter(torch::nn::Module& model, const std::string& dir) {
   r.verify_checksum();
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
   for (const auto& [name, e] : r.tensors()) tensors.emplace_back(name, r.load(name));
-  const auto missing = load_adapter_tensors(model, tensors, "adapter \"" + path + "\"");
+  const auto missing = load_adapter_tensors(model, tensors, "adapter \"" + path + "\"", modules_to_save_of(dir));
   if (!missing.empty())
     throw std::runtime_error("adapter \"" + path + "\": missing tensor \"" + missing.front() + "\" (and " +
                              std::to_string(missing.size() - 1) + " more); hint: the adapter was trained with other "
@@ -291,6 +305,7 @@ PeftExport write_peft_adapter(const std::string& adapter_dir, const Config& cfg,
   for (const auto& [name, e] : r.tensors()) {
     const auto at = name.find(".lora_A.weight");
     if (at != std::string::npos) modules.insert(name.substr(kPeftPrefix.size(), at - kPeftPrefix.size()));
+    else if (!is_adapter_key(name)) res.skipped.push_back(name.substr(kPeftPrefix.size()));  // lora.modules_to_save
   }
   bool experts = false;
   for (const auto& m : modules) experts = experts || m.find(".moe.experts.") != std::string::npos;
@@ -478,10 +493,10 @@ PeftAdapter read_peft_adapter(const std::string& dir, const ModelConfig& model) 
 
 std::vector<std::string> load_adapter_tensors(torch::nn::Module& model,
                                               const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
-                                              const std::string& what) {
+                                              const std::string& what, const std::vector<std::string>& modules_to_save) {
   std::map<std::string, torch::Tensor> params;
   for (auto& p : model.named_parameters())
-    if (is_adapter_key(p.key())) params[kPeftPrefix + p.key()] = p.value();
+    if (saved_with_adapter(p.key(), modules_to_save)) params[kPeftPrefix + p.key()] = p.value();
   torch::NoGradGuard ng;
   std::set<std::string> seen;
   for (const auto& [name, t] : tensors) {

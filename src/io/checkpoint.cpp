@@ -117,6 +117,16 @@ std::string latest_checkpoint(const std::string& dir) {
   return names.back();
 }
 
+nlohmann::json with_base_model(nlohmann::json config, const std::string& base) {
+  const auto state = read_checkpoint_state(latest_checkpoint(base));
+  const auto& from = state["config"];
+  config["model"] = from.at("model");
+  if (!config.contains("data") || !config["data"].contains("tokenizer"))
+    config["data"]["tokenizer"] = from.value("data", nlohmann::json::object()).value("tokenizer", std::string());
+  log::info("config: no model section; the model (and data.tokenizer) of the base " + base);
+  return config;
+}
+
 void load_vqvae_weights(torch::nn::Module& vqvae, const std::string& run_or_checkpoint) {
   const std::string dir = latest_checkpoint(run_or_checkpoint);
   std::ifstream sf(dir + "/state.json");

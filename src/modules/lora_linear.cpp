@@ -1,5 +1,7 @@
 #include "omnilite/modules/lora_linear.h"
 
+#include "omnilite/pattern.h"
+
 namespace omnilite {
 
 LoRALinearImpl::LoRALinearImpl(std::shared_ptr<LinearBaseImpl> base, int64_t rank, double alpha, double p)
@@ -33,8 +35,10 @@ int64_t freeze_parameters(torch::nn::Module& model, const std::function<bool(con
   return n;
 }
 
-int64_t train_adapters_only(torch::nn::Module& model) {
-  return freeze_parameters(model, [](const std::string& name) { return name.find(".lora_") == std::string::npos; });
+int64_t train_adapters_only(torch::nn::Module& model, const std::vector<std::string>& modules_to_save) {
+  return freeze_parameters(model, [&](const std::string& name) {
+    return name.find(".lora_") == std::string::npos && !matches_any(name, modules_to_save);
+  });
 }
 
 }  // namespace omnilite

@@ -1,6 +1,7 @@
 #include "omnilite/modules/param_count.h"
 
 #include "omnilite/modules/omnilite.h"
+#include "omnilite/modules/qlora_builder.h"
 #include "omnilite/pattern.h"
 #include "omnilite/quant/nf4.h"
 
@@ -10,8 +11,9 @@ std::shared_ptr<LinearBaseImpl> RecordingBuilder::make(const std::string& path, 
                                                        bool bias) const {
   RecordedProjection p{in, out, bias, false, false};
   if (lora.enabled) {
-    p.nf4 = lora.base_dtype == "nf4" && in % quant::kNf4BlockSize == 0 && !matches_any(path, lora.full_precision);
-    p.lora = matches_any(path, lora.target_modules);
+    const auto c = qlora_choice(lora, path, in);
+    p.nf4 = c.nf4;
+    p.lora = c.lora;
   }
   seen[path] = p;
   return std::make_shared<PlainLinearImpl>(1, 1, false);

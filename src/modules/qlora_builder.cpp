@@ -7,13 +7,22 @@
 
 namespace omnilite {
 
+QLoRAChoice qlora_choice(const LoRAOptions& o, const std::string& path, int64_t in) {
+  QLoRAChoice c;
+  c.saved = matches_any(path, o.modules_to_save);
+  c.nf4 = !c.saved && o.base_dtype == "nf4" && in % quant::kNf4BlockSize == 0 && !matches_any(path, o.full_precision);
+  c.lora = !c.saved && matches_any(path, o.target_modules);
+  return c;
+}
+
 std::shared_ptr<LinearBaseImpl> QLoRABuilder::make(const std::string& path, int64_t in, int64_t out, bool bias) const {
-  const bool nf4 = opts.base_dtype == "nf4" && in % quant::kNf4BlockSize == 0 && !matches_any(path, opts.full_precision);
+  const auto c = qlora_choice(opts, path, in);
   std::shared_ptr<LinearBaseImpl> base;
-  if (nf4) base = std::make_shared<Nf4LinearImpl>(in, out, bias);
+  if (c.nf4) base = std::make_shared<Nf4LinearImpl>(in, out, bias);
   else base = std::make_shared<PlainLinearImpl>(in, out, bias);
+  if (c.saved) return base;  // trains in full
   for (auto& p : base->parameters()) p.set_requires_grad(false);
-  if (!matches_any(path, opts.target_modules)) return base;
+  if (!c.lora) return base;
   return std::make_shared<LoRALinearImpl>(std::move(base), opts.rank, opts.alpha, opts.dropout);
 }
 

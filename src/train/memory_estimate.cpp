@@ -19,7 +19,8 @@ namespace {
 void estimate_weights(const Config& cfg, const RecordingBuilder& rec, const OmniLiteImpl& model, MemoryEstimate& e) {
   const auto& tr = cfg.train;
   auto trainable_full = [&](const std::string& name) {
-    if (cfg.lora.enabled || name.rfind("vqvae.", 0) == 0) return false;  // omni always freezes the VQ-VAE
+    if (name.rfind("vqvae.", 0) == 0) return false;  // omni always freezes the VQ-VAE
+    if (cfg.lora.enabled) return matches_any(name, cfg.lora.modules_to_save);
     return !matches_any(name, tr.freeze);
   };
   for (const auto& [path, p] : rec.seen) {

@@ -85,7 +85,7 @@ class OmniStage : public TrainStage {
       io::load_base_weights(*model_, tr.base_checkpoint);
       log::info("qlora: base weights from " + tr.base_checkpoint);
       if (!cfg.lora.init_adapter.empty()) start_adapter(cfg.lora);
-      train_adapters_only(*model_);
+      train_adapters_only(*model_, cfg.lora.modules_to_save);
     } else if (!tr.base_checkpoint.empty()) {
       // A full fine-tune: every weight starts from the base and trains (strict: every mismatch is named).
       io::load_base_weights(*model_, tr.base_checkpoint);

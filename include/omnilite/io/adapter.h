@@ -21,7 +21,8 @@
 
 namespace omnilite::io {
 
-// Writes the lora_A / lora_B weights of `model` into `dir` (created if needed; each file atomically).
+// Writes the lora_A / lora_B weights of `model`, and the parameters matching opts.modules_to_save, into `dir`
+// (created if needed; each file atomically). adapter_config.json records the patterns.
 void save_adapter(const torch::nn::Module& model, const LoRAOptions& opts, const std::string& dir);
 // Loads adapter_model.safetensors of `dir` into `model`; throws naming a missing, unexpected or mis-shaped tensor.
 void load_adapter(torch::nn::Module& model, const std::string& dir);
@@ -90,9 +91,11 @@ struct PeftAdapter {
 PeftAdapter read_peft_adapter(const std::string& dir, const ModelConfig& model);
 // Copies the factors into the model's LoRA parameters; throws naming a tensor the model lacks or shapes differ.
 // Returns the LoRA parameters of the model the tensors did not cover (they keep their values). `what` names the
-// source in errors. load_adapter is this on an adapter file, with every parameter required.
+// source in errors. load_adapter is this on an adapter file, with every parameter required. Parameters matching
+// `modules_to_save` (lora.modules_to_save) are loaded as the adapters are.
 std::vector<std::string> load_adapter_tensors(torch::nn::Module& model,
                                               const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
-                                              const std::string& what);
+                                              const std::string& what,
+                                              const std::vector<std::string>& modules_to_save = {});
 
 }  // namespace omnilite::io

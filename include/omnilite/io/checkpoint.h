@@ -38,6 +38,10 @@ std::string run_folder_of(const std::string& path);
 
 // The newest checkpoint folder under a run folder (or the folder itself if it is a checkpoint); throws if none.
 std::string latest_checkpoint(const std::string& dir);
+// A config (JSON, as read from a file) without a "model" section trains the model of its base, as from_pretrained
+// takes the architecture from the checkpoint: `config` with the model section, and data.tokenizer unless it names
+// one, of the base (a run, checkpoint, init or export folder). Throws naming the base when it has no config.
+nlohmann::json with_base_model(nlohmann::json config, const std::string& base);
 // Weights of a VQ-VAE stage run (run folder or checkpoint folder) into `vqvae`; throws naming the folder.
 void load_vqvae_weights(torch::nn::Module& vqvae, const std::string& run_or_checkpoint);
 

@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -35,7 +36,8 @@ TORCH_MODULE(LoRALinear);
 // The one freezing mechanism (train.freeze, QLoRA, the frozen VQ-VAE): every parameter of `model` whose name
 // `frozen` accepts stops training (requires_grad = false). Returns the elements it froze.
 int64_t freeze_parameters(torch::nn::Module& model, const std::function<bool(const std::string&)>& frozen);
-// QLoRA's rule: everything but the adapters (lora_A, lora_B) is frozen.
-int64_t train_adapters_only(torch::nn::Module& model);
+// QLoRA's rule: everything but the adapters (lora_A, lora_B) and the parameters matching `modules_to_save`
+// (lora.modules_to_save) is frozen.
+int64_t train_adapters_only(torch::nn::Module& model, const std::vector<std::string>& modules_to_save = {});
 
 }  // namespace omnilite

@@ -10,6 +10,15 @@
 
 namespace omnilite {
 
+// What QLoRA makes of the projection at `path` with `in` input features (QLoRABuilder builds it, RecordingBuilder
+// counts it).
+struct QLoRAChoice {
+  bool nf4 = false;    // frozen NF4 base (else fp32)
+  bool lora = false;   // wrapped in an adapter (lora.target_modules)
+  bool saved = false;  // trained in full and saved with the adapters (lora.modules_to_save): fp32, no adapter
+};
+QLoRAChoice qlora_choice(const LoRAOptions& o, const std::string& path, int64_t in);
+
 struct QLoRABuilder : LinearBuilder {
   explicit QLoRABuilder(LoRAOptions opts) : opts(std::move(opts)) {}
   std::shared_ptr<LinearBaseImpl> make(const std::string& path, int64_t in_features, int64_t out_features,
