@@ -39,7 +39,13 @@ Config with_tokenizer_part(Config cfg, std::vector<PartSource>& from, const std:
   auto tok = named("tokenizer");
   if (tok == from.end()) {
     const auto text = named("text");
-    if (text == from.end() || !fs::exists(text->path + "/tokenizer.model")) return cfg;
+    if (text == from.end()) return cfg;
+    if (!fs::exists(text->path + "/tokenizer.model")) {
+      log::warn("init: " + text->path + " holds no tokenizer.model; the embedding rows are that checkpoint's token "
+                "ids, so data.tokenizer (" + cfg.data.tokenizer + ") must be the tokenizer it was trained with; hint: "
+                "--from tokenizer=FILE");
+      return cfg;
+    }
     from.push_back({"tokenizer", text->path});
     log::info("init: the tokenizer of " + text->path + " comes with its text backbone");
     tok = std::prev(from.end());

@@ -106,103 +106,114 @@ ExtendedTokenizer extend_tokenizer(const std::string& source, const std::string&
 
 PartImporter::PartImporter(const Config& cfg, const std::vector<PartSource>& sources) : cfg_(cfg) {
   for (const auto& s : sources) {
-    if (s.part == "text") {
-      const std::string what = "--from text=" + s.path;
-      text_dir_ = weights_folder(s.path, what);
-      const json c = read_json_file(s.path + "/config.json", what);
-      if (c.value("model_type", std::string()) != "mixtral")
-        throw std::runtime_error(what + ": config.json model_type = \"" + c.value("model_type", std::string()) +
-                                 "\", expected \"mixtral\" (a MixtralForCausalLM checkpoint)");
-      const auto& t = cfg.model.text;
-      const auto& moe = cfg.model.moe;
-      auto val = [&](const char* k, double dflt) { return c.contains(k) && c[k].is_number() ? c[k].get<double>() : dflt; };
-      const double heads = val("num_attention_heads", 32), hidden = val("hidden_size", 4096);
-      require_same(what, "hidden_size", hidden, "model.text.hidden_size", t.hidden_size);
-      require_same(what, "num_attention_heads", heads, "model.text.num_heads", t.num_heads);
-      require_same(what, "num_key_value_heads", val("num_key_value_heads", 8), "model.text.num_kv_heads", t.num_kv_heads);
-      require_same(what, "head_dim", val("head_dim", hidden / heads), "model.text.head_dim", t.head_dim);
-      require_same(what, "head_dim (Mixtral rotates every dimension)", val("head_dim", hidden / heads),
-                   "model.text.rope_dim", t.rope_dim);
-      require_same(what, "intermediate_size", val("intermediate_size", 14336), "model.moe.expert_hidden", moe.expert_hidden);
-      require_same(what, "num_local_experts", val("num_local_experts", 8), "model.moe.num_experts", moe.num_experts);
-      require_same(what, "num_experts_per_tok", val("num_experts_per_tok", 2), "model.moe.top_k", moe.top_k);
-      const json rope = c.value("rope_parameters", json::object());
-      const double theta = rope.is_object() && rope.contains("rope_theta") ? rope["rope_theta"].get<double>()
-                                                                             : val("rope_theta", 1e6);
-      require_same(what, "rope_theta", theta, "model.text.rope_theta", t.rope_theta);
-      require_same(what, "rms_norm_eps", val("rms_norm_eps", 1e-5), "model.text.rms_norm_eps", t.rms_norm_eps);
-      require_same(what, "tie_word_embeddings", c.value("tie_word_embeddings", false) ? 1 : 0,
-                   "model.text.tie_word_embeddings", t.tie_word_embeddings ? 1 : 0);
-      const double layers = val("num_hidden_layers", 32);
-      if (layers < static_cast<double>(t.num_layers))
-        throw std::runtime_error(what + ": config.json num_hidden_layers = " + num(layers) + " but model.text.num_layers"
-                                 " = " + std::to_string(t.num_layers) + "; hint: the model takes the checkpoint's first"
-                                 " layers, so it may have as many or fewer");
-      text_vocab_ = static_cast<int64_t>(val("vocab_size", 32000));
-      if (text_vocab_ > t.vocab_size)
-        throw std::runtime_error(what + ": config.json vocab_size = " + std::to_string(text_vocab_) + " but model.text."
-                                 "vocab_size = " + std::to_string(t.vocab_size) + "; hint: set model.text.vocab_size to "
-                                 "at least the checkpoint's (or pass --from tokenizer=DIR with its tokenizer)");
-      text_ = std::make_unique<WeightsReader>(text_dir_);
-      log::info(log::format("init: text backbone from %s: %lld of its %lld layers%s", text_dir_.c_str(),
-                            static_cast<long long>(t.num_layers), static_cast<long long>(layers),
-                            text_vocab_ < t.vocab_size ? log::format(", embedding grown from %lld to %lld rows (mean "
-                                                                     "row)", static_cast<long long>(text_vocab_),
-                                                                     static_cast<long long>(t.vocab_size)).c_str()
-                                                       : ""));
-    } else if (s.part == "vision") {
-      const std::string what = "--from vision=" + s.path;
-      vision_dir_ = weights_folder(s.path, what);
-      json c = read_json_file(s.path + "/config.json", what);
-      const std::string type = c.value("model_type", std::string());
-      if (type == "clip") c = c.value("vision_config", json::object());
-      else if (type != "clip_vision_model")
-        throw std::runtime_error(what + ": config.json model_type = \"" + type + "\", expected \"clip_vision_model\" "
-                                 "or \"clip\" (a CLIPVisionModel or CLIPModel checkpoint)");
-      const auto& v = cfg.model.vision;
-      auto val = [&](const char* k, double dflt) { return c.contains(k) && c[k].is_number() ? c[k].get<double>() : dflt; };
-      require_same(what, "hidden_size", val("hidden_size", 768), "model.vision.width", v.width);
-      require_same(what, "num_attention_heads", val("num_attention_heads", 12), "model.vision.num_heads", v.num_heads);
-      require_same(what, "intermediate_size", val("intermediate_size", 3072), "model.vision.mlp_dim", v.mlp_dim);
-      require_same(what, "patch_size", val("patch_size", 32), "model.vision.patch_size", v.patch_size);
-      require_same(what, "image_size", val("image_size", 224), "model.vision.image_size", v.image_size);
-      require_same(what, "num_channels", val("num_channels", 3), "model.vision.in_channels", v.in_channels);
-      require_same(what, "layer_norm_eps", val("layer_norm_eps", 1e-5), "model.vision.norm_eps", v.norm_eps);
-      const std::string act = c.value("hidden_act", std::string("quick_gelu"));
-      if (act != v.activation)
-        throw std::runtime_error(what + ": config.json hidden_act = \"" + act + "\" but model.vision.activation = \"" +
-                                 v.activation + "\"; hint: set model.vision.activation to \"" + act + "\"");
-      if (!v.class_token || !v.pre_norm)
-        throw std::runtime_error(what + ": CLIP has a class token and a pre-norm, model.vision.class_token = " +
-                                 (v.class_token ? "true" : "false") + ", model.vision.pre_norm = " +
-                                 (v.pre_norm ? "true" : "false") + "; hint: set both to true (configs/llava-stage1.json)");
-      const double layers = val("num_hidden_layers", 12);
-      if (layers < static_cast<double>(v.depth))
-        throw std::runtime_error(what + ": config.json num_hidden_layers = " + num(layers) + " but model.vision.depth = " +
-                                 std::to_string(v.depth) + "; hint: the encoder takes the checkpoint's first layers");
-      vision_ = std::make_unique<WeightsReader>(vision_dir_);
-      vision_prefix_ = vision_->contains("vision_model.embeddings.class_embedding") ? "vision_model." : "";
-      pixel_mean_ = kClipMean;
-      pixel_std_ = kClipStd;
-      std::string norm_from = "OpenAI CLIP's image_mean / image_std";
-      if (fs::exists(s.path + "/preprocessor_config.json")) {
-        const json p = read_json_file(s.path + "/preprocessor_config.json", what);
-        if (p.contains("image_mean") && p.contains("image_std")) {
-          pixel_mean_ = p["image_mean"].get<std::vector<double>>();
-          pixel_std_ = p["image_std"].get<std::vector<double>>();
-          norm_from = "preprocessor_config.json";
-        }
-      }
-      if (static_cast<int64_t>(pixel_mean_.size()) != v.in_channels ||
-          static_cast<int64_t>(pixel_std_.size()) != v.in_channels)
-        throw std::runtime_error(what + ": image_mean / image_std have " + std::to_string(pixel_mean_.size()) + " / " +
-                                 std::to_string(pixel_std_.size()) + " values for " + std::to_string(v.in_channels) +
-                                 " channels");
-      log::info(log::format("init: vision encoder from %s: %lld of its %lld layers, pixel normalisation (%s) folded "
-                            "into the patch embedding", vision_dir_.c_str(), static_cast<long long>(v.depth),
-                            static_cast<long long>(layers), norm_from.c_str()));
+    if (s.part == "text") open_text(s.path);
+    else if (s.part == "vision") open_vision(s.path);
+  }
+}
+
+// The Mixtral folder, its config.json checked against model.text and model.moe.
+void PartImporter::open_text(const std::string& dir) {
+  const auto& cfg = cfg_;
+  const PartSource s{"text", dir};
+  const std::string what = "--from text=" + s.path;
+  text_dir_ = weights_folder(s.path, what);
+  const json c = read_json_file(s.path + "/config.json", what);
+  if (c.value("model_type", std::string()) != "mixtral")
+    throw std::runtime_error(what + ": config.json model_type = \"" + c.value("model_type", std::string()) +
+                             "\", expected \"mixtral\" (a MixtralForCausalLM checkpoint)");
+  const auto& t = cfg.model.text;
+  const auto& moe = cfg.model.moe;
+  auto val = [&](const char* k, double dflt) { return c.contains(k) && c[k].is_number() ? c[k].get<double>() : dflt; };
+  const double heads = val("num_attention_heads", 32), hidden = val("hidden_size", 4096);
+  require_same(what, "hidden_size", hidden, "model.text.hidden_size", t.hidden_size);
+  require_same(what, "num_attention_heads", heads, "model.text.num_heads", t.num_heads);
+  require_same(what, "num_key_value_heads", val("num_key_value_heads", 8), "model.text.num_kv_heads", t.num_kv_heads);
+  require_same(what, "head_dim", val("head_dim", hidden / heads), "model.text.head_dim", t.head_dim);
+  require_same(what, "head_dim (Mixtral rotates every dimension)", val("head_dim", hidden / heads),
+               "model.text.rope_dim", t.rope_dim);
+  require_same(what, "intermediate_size", val("intermediate_size", 14336), "model.moe.expert_hidden", moe.expert_hidden);
+  require_same(what, "num_local_experts", val("num_local_experts", 8), "model.moe.num_experts", moe.num_experts);
+  require_same(what, "num_experts_per_tok", val("num_experts_per_tok", 2), "model.moe.top_k", moe.top_k);
+  const json rope = c.value("rope_parameters", json::object());
+  const double theta = rope.is_object() && rope.contains("rope_theta") ? rope["rope_theta"].get<double>()
+                                                                         : val("rope_theta", 1e6);
+  require_same(what, "rope_theta", theta, "model.text.rope_theta", t.rope_theta);
+  require_same(what, "rms_norm_eps", val("rms_norm_eps", 1e-5), "model.text.rms_norm_eps", t.rms_norm_eps);
+  require_same(what, "tie_word_embeddings", c.value("tie_word_embeddings", false) ? 1 : 0,
+               "model.text.tie_word_embeddings", t.tie_word_embeddings ? 1 : 0);
+  const double layers = val("num_hidden_layers", 32);
+  if (layers < static_cast<double>(t.num_layers))
+    throw std::runtime_error(what + ": config.json num_hidden_layers = " + num(layers) + " but model.text.num_layers"
+                             " = " + std::to_string(t.num_layers) + "; hint: the model takes the checkpoint's first"
+                             " layers, so it may have as many or fewer");
+  text_vocab_ = static_cast<int64_t>(val("vocab_size", 32000));
+  if (text_vocab_ > t.vocab_size)
+    throw std::runtime_error(what + ": config.json vocab_size = " + std::to_string(text_vocab_) + " but model.text."
+                             "vocab_size = " + std::to_string(t.vocab_size) + "; hint: set model.text.vocab_size to "
+                             "at least the checkpoint's (or pass --from tokenizer=DIR with its tokenizer)");
+  text_ = std::make_unique<WeightsReader>(text_dir_);
+  log::info(log::format("init: text backbone from %s: %lld of its %lld layers%s", text_dir_.c_str(),
+                        static_cast<long long>(t.num_layers), static_cast<long long>(layers),
+                        text_vocab_ < t.vocab_size ? log::format(", embedding grown from %lld to %lld rows (mean "
+                                                                 "row)", static_cast<long long>(text_vocab_),
+                                                                 static_cast<long long>(t.vocab_size)).c_str()
+                                                   : ""));
+}
+
+// The CLIP folder, its config.json checked against model.vision, and the pixel normalisation to fold.
+void PartImporter::open_vision(const std::string& dir) {
+  const auto& cfg = cfg_;
+  const PartSource s{"vision", dir};
+  const std::string what = "--from vision=" + s.path;
+  vision_dir_ = weights_folder(s.path, what);
+  json c = read_json_file(s.path + "/config.json", what);
+  const std::string type = c.value("model_type", std::string());
+  if (type == "clip") c = c.value("vision_config", json::object());
+  else if (type != "clip_vision_model")
+    throw std::runtime_error(what + ": config.json model_type = \"" + type + "\", expected \"clip_vision_model\" "
+                             "or \"clip\" (a CLIPVisionModel or CLIPModel checkpoint)");
+  const auto& v = cfg.model.vision;
+  auto val = [&](const char* k, double dflt) { return c.contains(k) && c[k].is_number() ? c[k].get<double>() : dflt; };
+  require_same(what, "hidden_size", val("hidden_size", 768), "model.vision.width", v.width);
+  require_same(what, "num_attention_heads", val("num_attention_heads", 12), "model.vision.num_heads", v.num_heads);
+  require_same(what, "intermediate_size", val("intermediate_size", 3072), "model.vision.mlp_dim", v.mlp_dim);
+  require_same(what, "patch_size", val("patch_size", 32), "model.vision.patch_size", v.patch_size);
+  require_same(what, "image_size", val("image_size", 224), "model.vision.image_size", v.image_size);
+  require_same(what, "num_channels", val("num_channels", 3), "model.vision.in_channels", v.in_channels);
+  require_same(what, "layer_norm_eps", val("layer_norm_eps", 1e-5), "model.vision.norm_eps", v.norm_eps);
+  const std::string act = c.value("hidden_act", std::string("quick_gelu"));
+  if (act != v.activation)
+    throw std::runtime_error(what + ": config.json hidden_act = \"" + act + "\" but model.vision.activation = \"" +
+                             v.activation + "\"; hint: set model.vision.activation to \"" + act + "\"");
+  if (!v.class_token || !v.pre_norm)
+    throw std::runtime_error(what + ": CLIP has a class token and a pre-norm, model.vision.class_token = " +
+                             (v.class_token ? "true" : "false") + ", model.vision.pre_norm = " +
+                             (v.pre_norm ? "true" : "false") + "; hint: set both to true (configs/llava-stage1.json)");
+  const double layers = val("num_hidden_layers", 12);
+  if (layers < static_cast<double>(v.depth))
+    throw std::runtime_error(what + ": config.json num_hidden_layers = " + num(layers) + " but model.vision.depth = " +
+                             std::to_string(v.depth) + "; hint: the encoder takes the checkpoint's first layers");
+  vision_ = std::make_unique<WeightsReader>(vision_dir_);
+  vision_prefix_ = vision_->contains("vision_model.embeddings.class_embedding") ? "vision_model." : "";
+  pixel_mean_ = kClipMean;
+  pixel_std_ = kClipStd;
+  std::string norm_from = "OpenAI CLIP's image_mean / image_std";
+  if (fs::exists(s.path + "/preprocessor_config.json")) {
+    const json p = read_json_file(s.path + "/preprocessor_config.json", what);
+    if (p.contains("image_mean") && p.contains("image_std")) {
+      pixel_mean_ = p["image_mean"].get<std::vector<double>>();
+      pixel_std_ = p["image_std"].get<std::vector<double>>();
+      norm_from = "preprocessor_config.json";
     }
   }
+  if (static_cast<int64_t>(pixel_mean_.size()) != v.in_channels ||
+      static_cast<int64_t>(pixel_std_.size()) != v.in_channels)
+    throw std::runtime_error(what + ": image_mean / image_std have " + std::to_string(pixel_mean_.size()) + " / " +
+                             std::to_string(pixel_std_.size()) + " values for " + std::to_string(v.in_channels) +
+                             " channels");
+  log::info(log::format("init: vision encoder from %s: %lld of its %lld layers, pixel normalisation (%s) folded "
+                        "into the patch embedding", vision_dir_.c_str(), static_cast<long long>(v.depth),
+                        static_cast<long long>(layers), norm_from.c_str()));
 }
 
 PartImporter::~PartImporter() = default;

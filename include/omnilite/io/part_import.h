@@ -70,6 +70,8 @@ class PartImporter {
   int64_t imported() const { return imported_; }
 
  private:
+  void open_text(const std::string& dir);
+  void open_vision(const std::string& dir);
   // The CLIP tensors behind a vision tensor and how they combine.
   struct ClipSource {
     std::vector<std::string> names;  // stored names, prefix included
