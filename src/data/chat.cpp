@@ -15,10 +15,6 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 std::string resolve(const std::string& path, const std::string& root) {
   if (path.empty()) throw std::runtime_error("an image path is empty");
   return fs::path(path).is_absolute() || root.empty() ? path : (fs::path(root) / path).string();
@@ -192,8 +188,9 @@ ChatRecord parse_chat_record(const json& j, const std::string& image_root) {
 ChatSet read_chat_records(const std::vector<std::string>& paths, const std::string& image_root) {
   ChatSet out;
   for (const auto& path : paths) {
-    const bool lines = ends_with(path, ".jsonl");
-    if (!lines && !ends_with(path, ".json"))
+    const auto ext = std::filesystem::path(path).extension();
+    const bool lines = ext == ".jsonl";
+    if (!lines && ext != ".json")
       throw std::runtime_error("conversation data \"" + path + "\": unknown extension; expected .json or .jsonl");
     std::ifstream f(path);
     if (!f) throw std::runtime_error("conversation data \"" + path + "\": cannot open");

@@ -21,10 +21,6 @@ using nlohmann::json;
 
 namespace {
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 std::vector<uint8_t> read_bytes(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw std::runtime_error("image \"" + path + "\": cannot open (missing?)");
@@ -193,8 +189,8 @@ ImageCaptionSet read_image_captions(const std::vector<std::string>& sources, con
   for (const auto& src : sources) {
     if (b.full()) break;
     if (fs::exists(src + "-images-idx3-ubyte")) read_idx_source(src, b);
-    else if (ends_with(src, ".jsonl")) read_jsonl_source(src, b);
-    else if (ends_with(src, ".json")) read_coco_source(src, b);
+    else if (fs::path(src).extension() == ".jsonl") read_jsonl_source(src, b);
+    else if (fs::path(src).extension() == ".json") read_coco_source(src, b);
     else
       throw std::runtime_error("image-caption source \"" + src + "\": neither an IDX prefix (" + src +
                                "-images-idx3-ubyte is missing), a .jsonl list nor a COCO captions .json; hint: run "

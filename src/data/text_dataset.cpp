@@ -3,6 +3,7 @@
 #include "omnilite/log.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <numeric>
 #include <random>
@@ -11,24 +12,18 @@
 #include <nlohmann/json.hpp>
 
 namespace omnilite {
-namespace {
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-}  // namespace
 
 DocumentSet read_documents(const std::vector<std::string>& paths) {
   DocumentSet out;
   for (const auto& path : paths) {
-    if (!ends_with(path, ".jsonl") && !ends_with(path, ".txt"))
+    const auto ext = std::filesystem::path(path).extension();
+    if (ext != ".jsonl" && ext != ".txt")
       throw std::runtime_error("text data \"" + path + "\": unknown extension; expected .txt or .jsonl");
     std::ifstream f(path);
     if (!f) throw std::runtime_error("text data \"" + path + "\": cannot open; hint: run scripts/prepare_data.sh");
     std::string line;
     size_t lineno = 0;
-    if (ends_with(path, ".jsonl")) {
+    if (ext == ".jsonl") {
       while (std::getline(f, line)) {
         ++lineno;
         if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
