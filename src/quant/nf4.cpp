@@ -327,6 +327,36 @@ __attribute__((target("avx2,fma"))) void few_rows_avx2(const uint8_t* packed, co
   }
 }
 
+// One row of x (decoding): the same products with four independent accumulators (high / low nibbles of two 8-byte
+// groups), so consecutive FMAs do not wait on each other's latency, as the N-row loop's do.
+__attribute__((target("avx2,fma"))) float one_row_avx2(const uint8_t* packed, const float* absmax, const float* xe,
+                                                        const float* xo, int64_t in, int64_t o) {
+  const float* code = nf4_code_values().data();
+  const __m256 lo8 = _mm256_loadu_ps(code), hi8 = _mm256_loadu_ps(code + 8);
+  const __m256i mask15 = _mm256_set1_epi32(15);
+  const int64_t half = in / 2, bpr = in / kNf4BlockSize;
+  const uint8_t* row = packed + o * half;
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t b = 0; b < bpr; ++b) {
+    const int64_t col0 = b * (kNf4BlockSize / 2);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < kNf4BlockSize / 2; j += 16) {
+      const int64_t c = col0 + j;
+      const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c)));
+      const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c + 8)));
+      a0 = _mm256_fmadd_ps(lookup16(lo8, hi8, _mm256_srli_epi32(b0, 4)), _mm256_loadu_ps(xe + c), a0);
+      a1 = _mm256_fmadd_ps(lookup16(lo8, hi8, _mm256_and_si256(b0, mask15)), _mm256_loadu_ps(xo + c), a1);
+      a2 = _mm256_fmadd_ps(lookup16(lo8, hi8, _mm256_srli_epi32(b1, 4)), _mm256_loadu_ps(xe + c + 8), a2);
+      a3 = _mm256_fmadd_ps(lookup16(lo8, hi8, _mm256_and_si256(b1, mask15)), _mm256_loadu_ps(xo + c + 8), a3);
+    }
+    const __m256 block = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    total = _mm256_fmadd_ps(block, _mm256_set1_ps(absmax[o * bpr + b]), total);
+  }
+  alignas(32) float v[8];
+  _mm256_store_ps(v, total);
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
 bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -359,7 +389,8 @@ torch::Tensor nf4_matmul_few_rows_cpu(const torch::Tensor& x, const Nf4Tensor& q
     for (int64_t o = o0; o < o1; ++o) {
 #if defined(__x86_64__)
       if (avx2) {
-        few_rows_avx2(pp, ap, ep, op, N, in, o, yp + o * N);
+        if (N == 1) yp[o] = one_row_avx2(pp, ap, ep, op, in, o);
+        else few_rows_avx2(pp, ap, ep, op, N, in, o, yp + o * N);
         continue;
       }
 #endif
