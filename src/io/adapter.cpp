@@ -51,7 +51,8 @@ void save_adapter(const torch::nn::Module& model, const LoRAOptions& o, const st
   fs::create_directories(dir);
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
   for (const auto& p : model.named_parameters())
-    if (saved_with_adapter(p.key(), o.modules_to_save)) tensors.emplace_back(kPeftPrefix + p.key(), p.value().detach().cpu());
+    if (saved_with_adapter(p.key(), o.modules_to_save))
+      tensors.emplace_back(kPeftPrefix + p.key(), p.value().detach().cpu());
   if (tensors.empty()) throw std::runtime_error("save_adapter: the model has no LoRA adapters");
   save_safetensors(dir + "/adapter_model.safetensors", tensors, {{"format", "pt"}});
   std::string regex;
@@ -493,7 +494,8 @@ PeftAdapter read_peft_adapter(const std::string& dir, const ModelConfig& model) 
 
 std::vector<std::string> load_adapter_tensors(torch::nn::Module& model,
                                               const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
-                                              const std::string& what, const std::vector<std::string>& modules_to_save) {
+                                              const std::string& what,
+                                              const std::vector<std::string>& modules_to_save) {
   std::map<std::string, torch::Tensor> params;
   for (auto& p : model.named_parameters())
     if (saved_with_adapter(p.key(), modules_to_save)) params[kPeftPrefix + p.key()] = p.value();

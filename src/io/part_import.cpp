@@ -65,7 +65,8 @@ std::vector<PartSource> parse_part_sources(const std::vector<std::string>& specs
     if (eq == std::string::npos || eq + 1 == s.size())
       throw std::runtime_error("--from \"" + s + "\": expected PART=SOURCE (text=DIR, vision=DIR or tokenizer=FILE)");
     if (part != "text" && part != "vision" && part != "tokenizer")
-      throw std::runtime_error("--from \"" + s + "\": unknown part \"" + part + "\"; expected text, vision or tokenizer");
+      throw std::runtime_error("--from \"" + s + "\": unknown part \"" + part +
+                               "\"; expected text, vision or tokenizer");
     if (!seen.insert(part).second) throw std::runtime_error("--from \"" + s + "\": part " + part + " given twice");
     out.push_back({part, s.substr(eq + 1)});
   }
@@ -131,7 +132,8 @@ void PartImporter::open_text(const std::string& dir) {
   require_same(what, "head_dim", val("head_dim", hidden / heads), "model.text.head_dim", t.head_dim);
   require_same(what, "head_dim (Mixtral rotates every dimension)", val("head_dim", hidden / heads),
                "model.text.rope_dim", t.rope_dim);
-  require_same(what, "intermediate_size", val("intermediate_size", 14336), "model.moe.expert_hidden", moe.expert_hidden);
+  require_same(what, "intermediate_size", val("intermediate_size", 14336), "model.moe.expert_hidden",
+               moe.expert_hidden);
   require_same(what, "num_local_experts", val("num_local_experts", 8), "model.moe.num_experts", moe.num_experts);
   require_same(what, "num_experts_per_tok", val("num_experts_per_tok", 2), "model.moe.top_k", moe.top_k);
   const json rope = c.value("rope_parameters", json::object());
@@ -255,7 +257,8 @@ PartImporter::ClipSource PartImporter::clip_source(const std::string& name) cons
     const std::string rest = name.substr(dot + 1);                 // e.g. "qkv.weight"
     const std::string mod = rest.substr(0, rest.find('.')), kind = rest.substr(rest.find('.') + 1);
     if (mod == "qkv")
-      return {{layer + "self_attn.q_proj." + kind, layer + "self_attn.k_proj." + kind, layer + "self_attn.v_proj." + kind},
+      return {{layer + "self_attn.q_proj." + kind, layer + "self_attn.k_proj." + kind,
+               layer + "self_attn.v_proj." + kind},
               K::Concat};
     static const std::map<std::string, std::string> same = {
         {"proj", "self_attn.out_proj"}, {"norm1", "layer_norm1"}, {"norm2", "layer_norm2"}, {"fc1", "mlp.fc1"},
