@@ -90,7 +90,8 @@ void estimate_activations(const Config& cfg, const RecordingBuilder& rec, Memory
   double vision = 0;
   if (tr.caption_batch_size > 0) {
     const auto& v = m.vision;
-    const double P = static_cast<double>((v.image_size / v.patch_size) * (v.image_size / v.patch_size));
+    const double P = static_cast<double>((v.image_size / v.patch_size) * (v.image_size / v.patch_size) +
+                                         (v.class_token ? 1 : 0));  // tokens per image (+ the class token)
     const double block = P * v.width * 8 + 2.0 * v.num_heads * P * P + P * v.mlp_dim * 3;
     vision = static_cast<double>(tr.caption_batch_size) * (v.depth * block + P * v.width * 2);
   }
