@@ -51,8 +51,6 @@ int run_bench(int argc, char** argv) {
       "device", "cpu, cuda or cuda:N (overrides runtime.device)", cxxopts::value<std::string>())(
       "dtype", "fp32 or bf16 (bf16 autocast on CUDA, bf16 GEMMs for `matmul`; overrides runtime.dtype)",
       cxxopts::value<std::string>())(
-      "threads", "LibTorch intra-op threads, 0 = all cores (overrides runtime.threads)", cxxopts::value<int64_t>())(
-      "blas-threads", "OpenBLAS threads (overrides runtime.blas_threads)", cxxopts::value<int64_t>())(
       "moe-dispatch", "auto, loop or grouped: how MoE layers run their experts (overrides runtime.moe_dispatch)",
       cxxopts::value<std::string>())(
       "base", "QLoRA base checkpoint for `train` with a lora config (sets train.base_checkpoint)",
@@ -60,6 +58,7 @@ int run_bench(int argc, char** argv) {
       "warmup", "untimed optimizer steps before the timed ones for `train`", cxxopts::value<int64_t>()->default_value("3"))(
       "profile", "`train`: write the timed steps' LibTorch ops as a Chrome trace to this file", cxxopts::value<std::string>())(
       "json", "print one JSON object")("h,help", "show this help");
+  add_thread_flags(opts);
   opts.parse_positional({"what"});
   auto args = opts.parse(argc, argv);
   if (args.count("help") || !args.count("what")) {
@@ -81,8 +80,7 @@ int run_bench(int argc, char** argv) {
   else if (what != "matmul" && what != "nf4") throw std::runtime_error("bench " + what + ": --config FILE is required");
   if (args.count("device")) cfg.runtime.device = args["device"].as<std::string>();
   if (args.count("dtype")) cfg.runtime.dtype = args["dtype"].as<std::string>();
-  if (args.count("threads")) cfg.runtime.threads = args["threads"].as<int64_t>();
-  if (args.count("blas-threads")) cfg.runtime.blas_threads = args["blas-threads"].as<int64_t>();
+  apply_thread_flags(args, cfg.runtime);
   if (args.count("moe-dispatch")) cfg.runtime.moe_dispatch = args["moe-dispatch"].as<std::string>();
   if (args.count("base")) cfg.train.base_checkpoint = args["base"].as<std::string>();
   validate(cfg);

@@ -103,6 +103,7 @@ int run_eval(int argc, char** argv) {
   const std::string read_from = o.adapter.empty() ? o.checkpoint : o.adapter;
   Config ck = parse_config(io::read_checkpoint_state(io::latest_checkpoint(read_from))["config"]);
   if (!o.device.empty()) ck.runtime.device = o.device;
+  apply_thread_flags(args, ck.runtime);
   apply_runtime(ck.runtime);
   const auto r = evaluate(o);
   // A run folder's TensorBoard events get eval's numbers and PNG reports at the checkpoint's step.

@@ -29,7 +29,20 @@ void add_checkpoint_flags(cxxopts::Options& opts, const std::string& accepts) {
       "adapter", "a QLoRA run folder: its adapters over --checkpoint as the base (omit --checkpoint for the run's "
       "train.base_checkpoint), unmerged, on NF4 bases as they trained", cxxopts::value<std::string>())(
       "h,help", "show this help");
+  add_thread_flags(opts);
 }
+
+void add_thread_flags(cxxopts::Options& opts) {
+  opts.add_options()("threads", "LibTorch intra-op threads, 0 = all cores (overrides runtime.threads)",
+                     cxxopts::value<int64_t>())(
+      "blas-threads", "OpenBLAS threads, 0 = all cores (overrides runtime.blas_threads)", cxxopts::value<int64_t>());
+}
+
+void apply_thread_flags(const cxxopts::ParseResult& args, RuntimeOptions& rt) {
+  if (args.count("threads")) rt.threads = args["threads"].as<int64_t>();
+  if (args.count("blas-threads")) rt.blas_threads = args["blas-threads"].as<int64_t>();
+}
+
 namespace {
 
 std::vector<int64_t> encode_prompt(const Tokenizer& tok, const Config& cfg, const std::string& text,
@@ -47,7 +60,8 @@ LoadedModel load_from_args(const cxxopts::ParseResult& args) {
   auto m = load_omni_checkpoint(args.count("checkpoint") ? args["checkpoint"].as<std::string>() : "",
                                 args.count("device") ? args["device"].as<std::string>() : "",
                                 args.count("adapter") ? args["adapter"].as<std::string>() : "");
-  apply_runtime(m.cfg.runtime);  // the checkpoint's threads and seed, once for the process
+  apply_thread_flags(args, m.cfg.runtime);
+  apply_runtime(m.cfg.runtime);  // the checkpoint's threads (or the flags') and seed, once for the process
   return m;
 }
 

@@ -31,12 +31,12 @@ int run_init(int argc, char** argv) {
       "out", "folder to create; refused if it already holds model.safetensors", cxxopts::value<std::string>())(
       "dtype", "storage type of the weights: bf16 or fp32", cxxopts::value<std::string>()->default_value("bf16"))(
       "seed", "initialisation seed (default runtime.seed)", cxxopts::value<uint64_t>())(
-      "threads", "LibTorch intra-op threads, 0 = all cores (overrides runtime.threads)", cxxopts::value<int64_t>())(
       "from", "PART=SOURCE, repeatable: text=DIR (an HF MixtralForCausalLM folder: embedding, the first "
               "model.text.num_layers layers, norm, LM head; its tokenizer.model too), vision=DIR (an HF "
               "CLIPVisionModel / CLIPModel folder: the first model.vision.depth layers), tokenizer=FILE (a Llama / "
               "Mistral SentencePiece model, extended with the image markers)",
       cxxopts::value<std::vector<std::string>>())("h,help", "show this help");
+  add_thread_flags(opts);
   auto args = opts.parse(argc, argv);
   if (args.count("help") || !args.count("config") || !args.count("out")) {
     std::cout << opts.help() << "\nExample:\n  omnilite init --config configs/omni-lite.json --out runs/init-bf16 --dtype bf16\n"
@@ -48,7 +48,7 @@ int run_init(int argc, char** argv) {
     return args.count("help") ? 0 : 2;
   }
   Config cfg = load_config_file(args["config"].as<std::string>());
-  if (args.count("threads")) cfg.runtime.threads = args["threads"].as<int64_t>();
+  apply_thread_flags(args, cfg.runtime);
   apply_runtime(cfg.runtime);
   io::InitCheckpointOptions o;
   o.out_dir = args["out"].as<std::string>();
