@@ -93,10 +93,12 @@ void load_adapter(torch::nn::Module& model, const std::string& dir) {
                              "lora.target_modules or another model config");
 }
 
+std::string base_weights_path(const std::string& base) {
+  return !has_weights(base) && fs::is_directory(base + "/checkpoints") ? latest_checkpoint(base) : base;
+}
+
 void load_base_weights(torch::nn::Module& model, const std::string& base) {
-  // A pretraining run folder stands for its newest checkpoint.
-  const std::string path =
-      !has_weights(base) && std::filesystem::is_directory(base + "/checkpoints") ? latest_checkpoint(base) : base;
+  const std::string path = base_weights_path(base);
   if (!has_weights(path))
     throw std::runtime_error("base checkpoint \"" + path + "\" does not exist or holds no model.safetensors");
   WeightsReader r(path);

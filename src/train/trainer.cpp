@@ -21,6 +21,7 @@
 #define OMNILITE_HAS_LEGACY_PROFILER 0
 #endif
 
+#include "omnilite/io/adapter.h"
 #include "omnilite/io/checkpoint.h"
 #include "omnilite/io/event_writer.h"
 #include "omnilite/io/hf_export.h"
@@ -59,8 +60,9 @@ std::unique_ptr<torch::optim::AdamW> make_optimizer(torch::nn::Module& model, co
   for (const auto& p : model.named_parameters()) {
     if (!p.value().requires_grad() || (keep && !keep(p.value()))) continue;
     const std::string& k = p.key();
-    const bool embedding_like = k == "text.embed_tokens.weight" || k.find("pos_embed") != std::string::npos || k.find("cls_token") != std::string::npos ||
-                                k == "resampler.latents" || k.find("codebook") != std::string::npos;
+    const bool embedding_like = k == "text.embed_tokens.weight" || k.find("pos_embed") != std::string::npos ||
+                                k.find("cls_token") != std::string::npos || k == "resampler.latents" ||
+                                k.find("codebook") != std::string::npos;
     (p.value().dim() >= 2 && !embedding_like ? decay : no_decay).push_back(p.value());
   }
   auto opts = torch::optim::AdamWOptions(tr.lr).betas({tr.beta1, tr.beta2}).eps(tr.eps).weight_decay(tr.weight_decay);
@@ -547,10 +549,10 @@ namespace {
 Config with_resolved_base(const Config& in) {
   Config c = in;
   std::string& base = c.train.base_checkpoint;
-  if (!base.empty() && !io::has_weights(base) && fs::is_directory(base + "/checkpoints")) {
-    base = io::latest_checkpoint(base);
-    log::info("train.base_checkpoint: the run folder's newest checkpoint, " + base);
-  }
+  if (base.empty()) return c;
+  const std::string resolved = io::base_weights_path(base);
+  if (resolved != base) log::info("train.base_checkpoint: the run folder's newest checkpoint, " + resolved);
+  base = resolved;
   return c;
 }
 }  // namespace

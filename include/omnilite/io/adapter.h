@@ -30,6 +30,8 @@ void load_adapter(torch::nn::Module& model, const std::string& dir);
 // newest checkpoint) into a model that may hold LoRA and NF4 projections. Every tensor of the model except the adapters must be covered; throws naming a
 // missing, unexpected or mis-shaped tensor.
 void load_base_weights(torch::nn::Module& model, const std::string& path);
+// The weights a base names: a pretraining run folder stands for its newest checkpoint, any other path for itself.
+std::string base_weights_path(const std::string& base);
 
 // Writes the plain model that `model` (with LoRA and/or NF4 projections) computes, as one safetensors file at
 // `path`: each LoRA projection's weight becomes base + (alpha / r) B A, with the base dequantised from NF4 exactly
