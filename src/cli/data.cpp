@@ -10,6 +10,7 @@
 #include <fstream>
 #include <iostream>
 #include <random>
+#include <thread>
 
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
@@ -18,6 +19,7 @@
 #include "omnilite/data/idx.h"
 #include "omnilite/data/image_dataset.h"
 #include "omnilite/data/text_dataset.h"
+#include "omnilite/data/token_shards.h"
 #include "omnilite/log.h"
 
 namespace omnilite::cli {
@@ -100,7 +102,8 @@ void write_jsonl(const std::vector<json>& records, const std::string& path) {
 }
 
 int sft_demo(const cxxopts::ParseResult& args) {
-  const std::string images = args["images"].as<std::string>(), out = args["out"].as<std::string>();
+  const std::string images = args["images"].as<std::string>();
+  const std::string out = args.count("out") ? args["out"].as<std::string>() : "data/generated/sft";
   const int64_t n_train = args["train-images"].as<int64_t>(), n_valid = args["valid-images"].as<int64_t>();
   const double draw_share = args["draw-share"].as<double>(), text_share = args["text-share"].as<double>();
   if (n_train < 1 || n_valid < 1) throw std::runtime_error("--train-images and --valid-images must be >= 1");
@@ -180,22 +183,62 @@ int sft_demo(const cxxopts::ParseResult& args) {
   return 0;
 }
 
+// omnilite data tokenize: documents -> token shards (token_shards.h), with a progress line.
+int tokenize(const cxxopts::ParseResult& args) {
+  if (!args.count("input") || !args.count("out"))
+    throw std::runtime_error("data tokenize: needs --input FILE (repeatable) and --out DIR; hint: omnilite data "
+                             "tokenize --input corpus.jsonl --out data/shards");
+  TokenizeOptions o;
+  o.inputs = args["input"].as<std::vector<std::string>>();
+  o.out_dir = args["out"].as<std::string>();
+  o.threads = args["workers"].as<int64_t>();
+  if (o.threads <= 0) o.threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  o.shard_tokens = args["shard-tokens"].as<int64_t>();
+  const Tokenizer tok(args["tokenizer"].as<std::string>());
+  for (auto [piece, id] : {std::pair<const char*, int64_t*>{"<s>", &o.bos_id}, {"</s>", &o.eos_id}})
+    if (tok.piece_id(piece) >= 0) *id = tok.piece_id(piece);
+  log::info(log::format("data tokenize: %zu files -> %s, %lld workers, BOS %lld, EOS %lld", o.inputs.size(),
+                        o.out_dir.c_str(), static_cast<long long>(o.threads), static_cast<long long>(o.bos_id),
+                        static_cast<long long>(o.eos_id)));
+  const auto r = tokenize_to_shards(o, tok, [](const TokenizeResult& p, double total) {
+    const double mb_s = p.bytes / 1e6 / std::max(1e-9, p.seconds);
+    log::info(log::format("tokenize: %.2f of %.2f GB (%.0f%%) | %.1f MB/s | %lld documents, %lld tokens | ETA %.0fs",
+                          p.bytes / 1e9, total / 1e9, 100.0 * p.bytes / std::max(1.0, total), mb_s,
+                          static_cast<long long>(p.documents), static_cast<long long>(p.tokens),
+                          std::max(0.0, total - p.bytes) / 1e6 / std::max(1e-9, mb_s)));
+  });
+  std::cout << "wrote " << r.shards << " shards to " << o.out_dir << ": " << r.documents << " documents, " << r.tokens
+            << " tokens (" << log::format("%.1f MB/s", r.bytes / 1e6 / std::max(1e-9, r.seconds)) << ")"
+            << (r.skipped ? ", " + std::to_string(r.skipped) + " malformed lines skipped" : std::string()) << "\n";
+  return 0;
+}
+
 }  // namespace
 
 int run_data(int argc, char** argv) {
-  cxxopts::Options opts(argv[0], "Data preparation. ACTION sft-demo writes the fine-tuning quickstart's SFT set from "
+  cxxopts::Options opts(argv[0], "Data preparation. ACTION tokenize streams .txt / .jsonl documents into token "
+                                 "shards (Megatron's .bin/.idx, memory-mapped by training; --workers threads, memory "
+                                 "independent of the corpus size): list the folder in data.text_train (docs/training.md, "
+                                 "\"Token shards\"). ACTION sft-demo writes the fine-tuning quickstart's SFT set from "
                                  "the embedded data: image conversations about Fashion-MNIST training images (LLaVA "
                                  "records and the messages form; questions of type what, yes/no and which), drawing "
                                  "turns and instruction records from the text corpus into OUT/train.jsonl, and one "
                                  "question per held-out test image, in phrasings training never uses, into "
                                  "OUT/valid.jsonl (docs/training.md).");
   opts.positional_help("ACTION");
-  opts.add_options()("action", "sft-demo", cxxopts::value<std::string>())(
+  opts.add_options()("action", "tokenize | sft-demo", cxxopts::value<std::string>())(
+      "input", "tokenize: a .txt / .jsonl document file (repeatable), read as training reads it",
+      cxxopts::value<std::vector<std::string>>())(
+      "tokenizer", "tokenize: the SentencePiece model (the run's data.tokenizer)",
+      cxxopts::value<std::string>()->default_value("data/generated/tokenizer.model"))(
+      "workers", "tokenize: tokenizing threads (0 = one per core)", cxxopts::value<int64_t>()->default_value("0"))(
+      "shard-tokens", "tokenize: tokens per shard before the next one starts",
+      cxxopts::value<int64_t>()->default_value("268435456"))(
       "images", "sft-demo: the Fashion-MNIST folder (train-* and t10k-* IDX files)",
       cxxopts::value<std::string>()->default_value("data/generated/fashion-mnist"))(
       "text", "sft-demo: the text corpus of the instruction records",
       cxxopts::value<std::string>()->default_value("data/generated/text/train.txt"))(
-      "out", "output folder", cxxopts::value<std::string>()->default_value("data/generated/sft"))(
+      "out", "output folder (tokenize: required; sft-demo: default data/generated/sft)", cxxopts::value<std::string>())(
       "train-images", "sft-demo: training images with a conversation each", cxxopts::value<int64_t>()->default_value("6000"))(
       "valid-images", "sft-demo: held-out images, three questions each", cxxopts::value<int64_t>()->default_value("300"))(
       "draw-share", "sft-demo: share of drawing records", cxxopts::value<double>()->default_value("0.15"))(
@@ -205,12 +248,14 @@ int run_data(int argc, char** argv) {
   opts.parse_positional({"action"});
   auto args = opts.parse(argc, argv);
   if (args.count("help") || !args.count("action")) {
-    std::cout << opts.help() << "\nExample:\n  omnilite data sft-demo --out data/generated/sft\n";
+    std::cout << opts.help() << "\nExamples:\n  omnilite data tokenize --input corpus.jsonl --out data/shards/corpus\n"
+                 "  omnilite data sft-demo --out data/generated/sft\n";
     return args.count("help") ? 0 : 2;
   }
   const std::string action = args["action"].as<std::string>();
+  if (action == "tokenize") return tokenize(args);
   if (action == "sft-demo") return sft_demo(args);
-  throw std::runtime_error("data: unknown action \"" + action + "\"; expected sft-demo");
+  throw std::runtime_error("data: unknown action \"" + action + "\"; expected tokenize or sft-demo");
 }
 
 }  // namespace omnilite::cli

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <numeric>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -37,15 +38,23 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// The first `max_rows` packed rows of data.text_valid in order, [R, seq_len]; undefined when it has no documents.
+torch::Tensor held_out_rows(const Config& cfg, const Tokenizer& tok, int64_t max_rows) {
+  const PackedText valid(cfg.data.text_valid, "data.text_valid", tok, cfg.model, cfg.train.seq_len, cfg.train.seed);
+  if (valid.rows() == 0) return {};
+  std::vector<int64_t> idx(static_cast<size_t>(std::min(valid.rows(), max_rows)));
+  std::iota(idx.begin(), idx.end(), 0);
+  return valid.gather(idx);
+}
+
 // Held-out text perplexity of the model and of the training unigram distribution on the same target tokens.
 void text_perplexity(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, int64_t max_rows, json& out) {
-  auto valid = read_documents(cfg.data.text_valid);
-  if (valid.documents.empty()) return;
-  auto rows = pack_sequences(tokenize_documents(valid.documents, tok, cfg.model.tokens.bos_id, cfg.model.tokens.eos_id), cfg.train.seq_len,
-                             "data.text_valid");
-  rows = rows.narrow(0, 0, std::min(rows.size(0), max_rows));
-  // Unigram: add-one smoothed counts over the training text.
-  auto train_stream = tokenize_documents(read_documents(cfg.data.text_train).documents, tok, cfg.model.tokens.bos_id, cfg.model.tokens.eos_id);
+  auto rows = held_out_rows(cfg, tok, max_rows);
+  if (!rows.defined()) return;
+  // Unigram: add-one smoothed counts over the training text (of token shards: their first kUnigramTokens).
+  constexpr int64_t kUnigramTokens = int64_t{1} << 26;
+  const PackedText train_text(cfg.data.text_train, "data.text_train", tok, cfg.model, cfg.train.seq_len, 0);
+  auto train_stream = train_text.stream_prefix(kUnigramTokens);
   const int64_t V = cfg.model.text.vocab_size;
   auto counts = torch::bincount(train_stream, {}, V).to(torch::kFloat64) + 1.0;
   auto log_p = (counts / counts.sum()).log();  // [V]
@@ -304,11 +313,7 @@ void moe_task(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, cons
   std::vector<torch::Tensor> heats;
   std::vector<std::string> parts;
   // Text tokens: held-out packed rows.
-  auto valid = read_documents(cfg.data.text_valid);
-  if (!valid.documents.empty()) {
-    auto rows = pack_sequences(tokenize_documents(valid.documents, tok, cfg.model.tokens.bos_id, cfg.model.tokens.eos_id), cfg.train.seq_len,
-                               "data.text_valid");
-    rows = rows.narrow(0, 0, std::min(rows.size(0), o.moe_rows));
+  if (auto rows = held_out_rows(cfg, tok, o.moe_rows); rows.defined()) {
     auto r = model.forward({rows.to(dev)});
     std::vector<std::vector<torch::Tensor>> per_layer;
     std::vector<torch::Tensor> sel;

@@ -27,6 +27,7 @@ namespace {
 
 struct OmniMicro {
   torch::Tensor text;     // [B, T] packed text rows (undefined when train.batch_size = 0)
+  int64_t bad_rows = 0;   // token-shard rows skipped for ids outside the vocabulary
   MultimodalBatch mm;     // image-caption rows (tokens undefined when none)
   MultimodalBatch sft;    // conversation rows (tokens undefined when none)
 };
@@ -44,8 +45,15 @@ class OmniStage : public TrainStage {
     tok_.check_compatible(cfg.model);
     if (tr.batch_size > 0) {
       text_ = std::make_unique<TextData>(cfg.data.text_train, "data.text_train", tok_, cfg, tr.seed);
-      if (!cfg.data.text_valid.empty() && TextData::has_documents(cfg.data.text_valid, "data.text_valid"))
+      if (text_->text.rows() == 0)
+        throw std::runtime_error("data.text_train: no documents in the given files; hint: run scripts/prepare_data.sh");
+      if (!cfg.data.text_valid.empty()) {
         text_valid_ = std::make_unique<TextData>(cfg.data.text_valid, "data.text_valid", tok_, cfg, tr.seed);
+        if (text_valid_->text.rows() == 0) {
+          log::warn("data.text_valid: no documents in the given files; text validation is skipped");
+          text_valid_.reset();
+        }
+      }
     }
     if (tr.caption_batch_size + tr.gen_batch_size > 0) {
       const auto io = image_load_options(cfg.data, std::max(cfg.model.vision.image_size, cfg.model.vqvae.image_size));
@@ -103,6 +111,11 @@ class OmniStage : public TrainStage {
   }
 
   torch::nn::Module& module() override { return *model_; }
+  std::map<std::string, std::string> data_fingerprints() const override {
+    std::map<std::string, std::string> out;
+    if (text_ && text_->text.streamed()) out["data.text_train"] = text_->text.fingerprint();
+    return out;
+  }
   void save_weights(const std::string& dir, int64_t step) override {
     if (cfg_.lora.enabled) io::save_adapter(*model_, cfg_.lora, dir);
     else TrainStage::save_weights(dir, step);
@@ -112,7 +125,9 @@ class OmniStage : public TrainStage {
     else TrainStage::load_weights(dir);
   }
   std::vector<std::string> terms() const override {
-    return {"loss_clm", "loss_rf", "loss_aux", "loss_z", "loss_caption", "loss_sft"};
+    std::vector<std::string> t{"loss_clm", "loss_rf", "loss_aux", "loss_z", "loss_caption", "loss_sft"};
+    if (text_ && text_->text.streamed()) t.insert(t.end(), {"data_bad_rows", "data_bad_shards"});
+    return t;
   }
   std::string unit() const override { return "tokens"; }
 
@@ -153,6 +168,11 @@ class OmniStage : public TrainStage {
     r.terms = {{"loss_clm", l.clm.item<double>()}, {"loss_rf", l.rf.item<double>()},
                {"loss_aux", l.aux.item<double>()}, {"loss_z", l.z.item<double>()},
                {"loss_caption", l.clm_mm.item<double>()}, {"loss_sft", l.clm_sft.item<double>()}};
+    if (text_ && text_->text.streamed()) {
+      r.terms["data_bad_rows"] = static_cast<double>(batch.bad_rows);  // summed over micro-batches and ranks
+      // a constant of the run: given by one share (rank 0, the step's first micro-batch) so that the sum is it
+      r.terms["data_bad_shards"] = i == 0 && dist_->rank() == 0 ? static_cast<double>(text_->text.bad_shards()) : 0.0;
+    }
     r.units = static_cast<double>((batch.text.defined() ? batch.text.numel() : 0) +
                                   (batch.mm.tokens.defined() ? batch.mm.tokens.numel() : 0) +
                                   (batch.sft.tokens.defined() ? batch.sft.tokens.numel() : 0));
@@ -189,40 +209,25 @@ class OmniStage : public TrainStage {
   }
 
  private:
-  // Packed text of some files; rows served in epoch permutations (or in file order for validation).
+  // Packed text rows of a data key (documents or token shards, text_dataset.h), served in epoch permutations (or
+  // in order for validation).
   struct TextData {
-    TextData(const std::vector<std::string>& files, const std::string& what, const Tokenizer& tok, const Config& cfg,
-             uint64_t seed)
-        : rows(load(files, what, tok, cfg)), order(rows.size(0), seed) {}
-    // Whether `files` hold a document; warns when they hold none (held-out data may be empty).
-    static bool has_documents(const std::vector<std::string>& files, const std::string& what) {
-      if (!read_documents(files).documents.empty()) return true;
-      log::warn(what + ": no documents in the given files; text validation is skipped");
-      return false;
+    TextData(const std::vector<std::string>& entries, const std::string& what, const Tokenizer& tok,
+             const Config& cfg, uint64_t seed)
+        : text(entries, what, tok, cfg.model, cfg.train.seq_len, seed) {
+      if (text.rows() > 0) log::info("data: " + text.describe());
     }
-    static torch::Tensor load(const std::vector<std::string>& files, const std::string& what, const Tokenizer& tok,
-                              const Config& cfg) {
-      auto docs = read_documents(files);
-      if (docs.skipped > 0)
-        log::warn(log::format("%s: skipped %lld malformed lines", what.c_str(), static_cast<long long>(docs.skipped)));
-      if (docs.documents.empty())
-        throw std::runtime_error(what + ": no documents in the given files; hint: run scripts/prepare_data.sh");
-      auto rows = pack_sequences(tokenize_documents(docs.documents, tok, cfg.model.tokens.bos_id, cfg.model.tokens.eos_id), cfg.train.seq_len, what);
-      log::info(log::format("data: %s: %zu documents -> %lld rows of %lld tokens", what.c_str(), docs.documents.size(),
-                            static_cast<long long>(rows.size(0)), static_cast<long long>(cfg.train.seq_len)));
-      return rows;
-    }
-    // rows [B, T] of global micro-batch m: this rank's items rank, rank + world, ... of its batch * world rows
-    torch::Tensor get(int64_t m, int64_t batch, bool ordered, int64_t rank, int64_t world) const {
+    // rows [B, T] of global micro-batch m: this rank's items rank, rank + world, ... of its batch * world rows;
+    // `bad` counts shard rows skipped for ids outside the vocabulary
+    torch::Tensor get(int64_t m, int64_t batch, bool ordered, int64_t rank, int64_t world, int64_t* bad) const {
       std::vector<int64_t> idx;
       for (int64_t i = 0; i < batch; ++i) {
         const int64_t k = m * batch * world + rank + world * i;
-        idx.push_back(ordered ? k % rows.size(0) : order.at(k));
+        idx.push_back(ordered ? k % text.rows() : text.shuffled(k));
       }
-      return rows.index_select(0, torch::tensor(idx, torch::kInt64));
+      return text.gather(idx, bad);
     }
-    torch::Tensor rows;  // [R, seq_len]
-    EpochSampler order;
+    PackedText text;
   };
 
   // lora.init_adapter: the factors a run starts from, an OMNI-LITE adapter or a PEFT one (which must imply the
@@ -249,7 +254,7 @@ class OmniStage : public TrainStage {
                  bool ordered = false) const {
     OmniMicro b;
     if (text && cfg_.train.batch_size > 0)
-      b.text = text->get(m, cfg_.train.batch_size, ordered, dist_->rank(), dist_->world());
+      b.text = text->get(m, cfg_.train.batch_size, ordered, dist_->rank(), dist_->world(), &b.bad_rows);
     if (mm) b.mm = mm->get(m);
     if (sft) b.sft = sft->get(m, ordered);
     return b;

@@ -156,6 +156,7 @@ struct Checkpointer {
     json state = {{"version", io::kCheckpointVersion}, {"stage", cfg.train.stage}, {"step", step},
                   {"micro_batches", micro}, {"world_size", world}, {"config", to_json(cfg)}};
     if (!base.is_null()) state["base"] = base;
+    if (const auto sources = stage.data_fingerprints(); !sources.empty()) state["data"] = sources;
     state["metrics"] = metrics;
     io::write_file_synced(tmp + "/state.json", state.dump(2));
     io::fsync_directory(tmp);
@@ -346,6 +347,10 @@ json resume_from(Session& s, const Config& cfg, const std::string& resume_dir, c
     throw std::runtime_error("checkpoint \"" + dir + "\" belongs to train.stage = \"" +
                              state.value("stage", std::string()) + "\", this run is \"" + tr.stage + "\"");
   check_same_base(dir, state, base);
+  for (const auto& [key, print] : s.stage->data_fingerprints())
+    if (state.contains("data") && state["data"].value(key, print) != print)
+      log::warn("resume: " + key + " is not the stream checkpoint \"" + dir + "\" was trained on (its shards changed): "
+                "training goes on from the same position of the new stream, which is not an exact resume");
   s.stage->load_weights(dir);
   torch::load(s.checkpoint_opt(), dir + "/optimizer.pt");
   if (s.zero) s.zero->take_state(*s.full, *s.opt);
@@ -469,8 +474,11 @@ void log_step(const Session& s, const StepWork& w, const std::vector<std::string
               double dt, double eta, const std::string& valid_text) {
   std::string line = log::format("step %lld/%lld | loss %.4f", static_cast<long long>(s.step),
                                  static_cast<long long>(total_steps), w.loss);
-  for (const auto& k : names)
-    line += log::format(" | %s %.4f", k.c_str() + (k.rfind("loss_", 0) == 0 ? 5 : 0), w.sums.at(k));
+  for (const auto& k : names) {
+    const bool count = k.rfind("data_", 0) == 0;  // data counts (bad rows, shards): shown when there are any
+    if (!count) line += log::format(" | %s %.4f", k.c_str() + (k.rfind("loss_", 0) == 0 ? 5 : 0), w.sums.at(k));
+    else if (w.sums.at(k) > 0) line += log::format(" | %s %.0f", k.c_str(), w.sums.at(k));
+  }
   line += log::format(" | lr %.2e | grad %.2f | %.0f %s/s | data wait %.1f%%", w.lr, w.check.grad_norm,
                       w.units / dt, s.stage->unit().c_str(), 100.0 * w.wait_s / dt);
   if (s.reducer) line += log::format(" | all-reduce %.3fs", w.allreduce_s);

@@ -63,6 +63,9 @@ class TrainStage {
   // Held-out metrics (keys start with "valid_"), the same on every rank (each computes its part, then they are
   // summed); empty when the stage has no held-out data.
   virtual std::map<std::string, double> validate() { return {}; }
+  // The identity of each streamed data source (config key -> fingerprint of its shards), kept in state.json beside
+  // the data position (micro_batches), so that a resume on changed shards is told it is no exact resume.
+  virtual std::map<std::string, std::string> data_fingerprints() const { return {}; }
 };
 
 // The stage of cfg.train.stage on `device`; reads its data and reports an empty dataset before step 1. `dist`: the
