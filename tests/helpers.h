@@ -10,6 +10,7 @@
 #include <torch/torch.h>
 
 #include "omnilite/config.h"
+#include "omnilite/data/idx.h"
 #include "omnilite/data/tokenizer.h"
 
 namespace testing {
@@ -90,6 +91,43 @@ inline omnilite::Config tiny_text_config(const std::string& dir) {
   c.data.tokenizer = model;
   c.data.text_train = {corpus};
   c.data.text_valid = {corpus};
+  return c;
+}
+
+// Synthetic images of 4 classes ("<dir>/train", "<dir>/t10k"), a caption corpus, its tokenizer and a tiny
+// multimodal config.
+inline omnilite::Config tiny_multimodal_config(const std::string& dir) {
+  std::filesystem::create_directories(dir);
+  const auto train_prefix = write_synthetic_fashion(dir, "train", 64, 4, 1);
+  const auto valid_prefix = write_synthetic_fashion(dir, "t10k", 16, 4, 2);
+  const std::string corpus = dir + "/corpus.txt", model = dir + "/tok.model";
+  {
+    std::ofstream f(corpus);
+    for (int d = 0; d < 200; ++d)
+      f << omnilite::fashion_caption(d % 4, d / 4) << " " << omnilite::fashion_caption((d + 1) % 4, d) << "\n%\n";
+  }
+  omnilite::TokenizerTrainOptions o;
+  o.inputs = {corpus};
+  o.vocab_size = 290;  // markers + 256 bytes + the characters and a few words of the captions
+  omnilite::train_tokenizer(o, model);
+  omnilite::Config c = load("configs/tiny.json");
+  c.model.text.vocab_size = 320;
+  c.data.tokenizer = model;
+  c.data.text_train = {corpus};
+  c.data.text_valid = {corpus};
+  c.data.image_train = {train_prefix};
+  c.data.image_valid = {valid_prefix};
+  c.train.batch_size = 2;
+  c.train.seq_len = 32;
+  c.train.caption_batch_size = 4;
+  c.train.gen_batch_size = 4;
+  c.train.lr = 3e-3;
+  c.train.warmup_steps = 2;
+  c.train.log_every = 100;
+  c.train.ckpt_every = 4;
+  c.train.keep_last = 5;
+  c.train.steps = 8;
+  c.train.valid_batches = 2;
   return c;
 }
 

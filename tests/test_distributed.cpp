@@ -18,6 +18,8 @@
 #include "omnilite/train/distributed.h"
 #include "omnilite/modules/losses.h"
 #include "omnilite/train/trainer.h"
+#include "omnilite/data/image_dataset.h"
+#include "omnilite/data/token_shards.h"
 
 using namespace omnilite;
 namespace fs = std::filesystem;
@@ -220,6 +222,49 @@ TEST_CASE("2 Gloo ranks of batch b take the steps of 1 process of batch 2b, with
   // rank 0 alone wrote: one metrics line per step, the checkpoint records the world size
   std::ifstream sf(two + "/checkpoints/step_0000005/state.json");
   CHECK(json::parse(sf)["world_size"].get<int64_t>() == 2);
+}
+
+TEST_CASE("2 Gloo ranks streaming token and image shards with loader threads resume to the losses of one run",
+          "[dist][shards]") {
+  if (!have_gloo() || !have_opencv()) return;
+  const std::string dir = testing::fresh_temp_dir("omnilite_test_dist_shards");
+  const std::string half = write_config(dir, 2, 2);
+  Config c = load_config_file(half);
+  TokenizeOptions o;
+  o.inputs = c.data.text_train;
+  o.out_dir = dir + "/shards";
+  o.shard_tokens = 3000;
+  tokenize_to_shards(o, Tokenizer(c.data.tokenizer), nullptr);
+  c.data.text_train = {o.out_dir};
+  ImageLoadOptions io;
+  io.size = 28;
+  ImageShardWriteOptions w;
+  w.out_dir = dir + "/images";
+  w.shard_samples = 10;
+  REQUIRE(write_image_shards(read_image_captions(c.data.image_train, io), w).size() == 4);
+  c.data.image_train = {w.out_dir};
+  c.train.loader_threads = 2;
+  c.train.document_masks = true;
+  const std::string cfg = dir + "/shards.json";
+  std::ofstream(cfg) << to_json(c).dump(2);
+  const std::string one = dir + "/one", two = dir + "/two";
+  REQUIRE(run_shell(launch(2, test_port(30)) + cli() + " train --config " + cfg + " --out " + one + " > " + dir +
+                    "/one.log 2>&1") == 0);
+  REQUIRE(run_shell(launch(2, test_port(31)) + cli() + " train --config " + cfg + " --out " + two +
+                    " --max-steps 3 > " + dir + "/two.log 2>&1") == 0);
+  REQUIRE(run_shell(launch(2, test_port(32)) + cli() + " train --config " + cfg + " --out " + two + " --resume " +
+                    two + " >> " + dir + "/two.log 2>&1") == 0);
+  const auto m1 = testing::metrics_of(one), m2 = testing::metrics_of(two);
+  REQUIRE(m1.size() == 5);
+  REQUIRE(m2.size() == 5);
+  for (size_t s = 0; s < 5; ++s) {
+    INFO("step " << s + 1);
+    CHECK(m2[s]["loss"].get<double>() == m1[s]["loss"].get<double>());
+    CHECK(m2[s]["grad_norm"].get<double>() == m1[s]["grad_norm"].get<double>());
+    CHECK(m2[s]["world_size"].get<int64_t>() == 2);
+    CHECK(m1[s]["data_bad_images"].get<double>() == 0);
+  }
+  CHECK(m1.back()["loss_caption"].get<double>() > 0);
 }
 
 TEST_CASE("QLoRA on 2 ranks reduces the adapters alone and takes the steps of 1 process", "[dist][slow]") {

@@ -21,50 +21,10 @@ using namespace omnilite;
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-namespace {
-
-// Synthetic images of 4 classes, a caption corpus, its tokenizer and a tiny multimodal config.
-Config tiny_multimodal_config(const std::string& dir) {
-  fs::create_directories(dir);
-  const auto train_prefix = testing::write_synthetic_fashion(dir, "train", 64, 4, 1);
-  const auto valid_prefix = testing::write_synthetic_fashion(dir, "t10k", 16, 4, 2);
-  const std::string corpus = dir + "/corpus.txt", model = dir + "/tok.model";
-  {
-    std::ofstream f(corpus);
-    for (int d = 0; d < 200; ++d) f << fashion_caption(d % 4, d / 4) << " " << fashion_caption((d + 1) % 4, d) << "\n%\n";
-  }
-  TokenizerTrainOptions o;
-  o.inputs = {corpus};
-  o.vocab_size = 290;  // markers + 256 bytes + the characters and a few words of the captions
-  train_tokenizer(o, model);
-  Config c = testing::load("configs/tiny.json");
-  c.model.text.vocab_size = 320;
-  c.data.tokenizer = model;
-  c.data.text_train = {corpus};
-  c.data.text_valid = {corpus};
-  c.data.image_train = {train_prefix};
-  c.data.image_valid = {valid_prefix};
-  c.train.batch_size = 2;
-  c.train.seq_len = 32;
-  c.train.caption_batch_size = 4;
-  c.train.gen_batch_size = 4;
-  c.train.lr = 3e-3;
-  c.train.warmup_steps = 2;
-  c.train.log_every = 100;
-  c.train.ckpt_every = 4;
-  c.train.keep_last = 5;
-  c.train.steps = 8;
-  c.train.valid_batches = 2;
-  return c;
-}
-
-
-}  // namespace
-
 TEST_CASE("VQ-VAE, classifier and OMNI-LITE stages train, a multimodal resume is exact, eval reports",
           "[train][slow][multimodal]") {
   const auto base = testing::fresh_temp_dir("multimodal");
-  Config cfg = tiny_multimodal_config(base + "/data");
+  Config cfg = testing::tiny_multimodal_config(base + "/data");
 
   // Stage 1: the VQ-VAE.
   Config vq = cfg;

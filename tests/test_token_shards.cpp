@@ -99,6 +99,7 @@ TEST_CASE("Megatron shards we do not write read as one stream and corrupt ones a
   TokenShards s({dir + "/a", dir + "/y"}, "data.text_train", tok, 1, 2);  // a/ has no shards.json: warned
   CHECK(s.shards() == 2);
   CHECK(s.tokens() == 12);
+  CHECK(s.documents() == 3);
   std::vector<int64_t> got(12);
   s.read(0, 12, got.data());
   CHECK(got == std::vector<int64_t>{1, 10, 11, 12, 2, 1, 13, 2, 1, 5, 6, 2});

@@ -13,6 +13,10 @@
 //             token reads (attention, router, top_k of num_experts experts, final norm, LM head, one embedding row,
 //             plus the KV cache) / read bandwidth of a large buffer measured in the same run (a decoded token
 //             reads its weights, it does not copy them); and prompt tokens/s
+//   loader  : the image-caption loader alone: micro-batches of the config's data.image_train (caption and generation
+//             samples, decoded, resized and tokenized) built by train.loader_threads threads, images/s, and the
+//             start-up (indexing) time
+#include <chrono>
 #include <iostream>
 
 #include <cxxopts.hpp>
@@ -20,12 +24,46 @@
 
 #include "omnilite/cli/commands.h"
 #include "omnilite/config.h"
+#include "omnilite/data/mm_batch.h"
+#include "omnilite/data/prefetcher.h"
 #include "omnilite/infer/bench.h"
 #include "omnilite/modules/param_count.h"
 #include "omnilite/runtime.h"
 #include "omnilite/train/trainer.h"
 
 namespace omnilite::cli {
+namespace {
+
+// bench loader: `steps` micro-batches of the image-caption sampler through the training loader (Prefetcher).
+nlohmann::json bench_image_loader(const Config& cfg, int64_t steps) {
+  const auto& tr = cfg.train;
+  const int64_t per_micro = tr.caption_batch_size + tr.gen_batch_size;
+  if (per_micro < 1)
+    throw std::runtime_error("bench loader: train.caption_batch_size + train.gen_batch_size is 0; hint: --set "
+                             "train.caption_batch_size=16");
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  const Tokenizer tok(cfg.data.tokenizer);
+  const auto images = read_training_images(cfg.data, std::max(cfg.model.vision.image_size, cfg.model.vqvae.image_size));
+  const MultimodalSampler mm(images, tok, cfg.model, tr, tr.seed);
+  const double open_s = std::chrono::duration<double>(clock::now() - t0).count();
+  int64_t bad = 0;
+  Prefetcher<MultimodalBatch> loader([&](int64_t m) { return mm.get(m); }, tr.loader_threads,
+                                     2 * tr.loader_threads + 1, 0);
+  loader.get(0);  // warm-up
+  const auto t1 = clock::now();
+  for (int64_t m = 1; m <= steps; ++m) bad += loader.get(m).bad_images;
+  const double s = std::chrono::duration<double>(clock::now() - t1).count();
+  return {{"samples", images.size()},
+          {"streamed", images.shards != nullptr},
+          {"loader_threads", tr.loader_threads},
+          {"images_per_micro_batch", per_micro},
+          {"open_seconds", open_s},
+          {"images_per_second", static_cast<double>(steps * per_micro) / s},
+          {"bad_images", bad}};
+}
+
+}  // namespace
 
 int run_bench(int argc, char** argv) {
   cxxopts::Options opts(argv[0], "Measure throughput. WHAT is `matmul` (GEMM GFLOP/s, fp32 or --dtype bf16), `forward` (model "
@@ -35,7 +73,7 @@ int run_bench(int argc, char** argv) {
                                  "dequantisation included, against the fp32 one of the same shape) or `decode` (batch-1 "
                                  "KV-cached decoding against the memory-bandwidth bound, and prompt tokens/s).");
   opts.positional_help("WHAT");
-  opts.add_options()("what", "matmul | forward | train | nf4 | decode", cxxopts::value<std::string>())(
+  opts.add_options()("what", "matmul | forward | train | nf4 | decode | loader", cxxopts::value<std::string>())(
       "config", "model config for `forward` (e.g. configs/small.json)", cxxopts::value<std::string>())(
       "size", "matrix side N for `matmul`", cxxopts::value<int64_t>()->default_value("1024"))(
       "batch", "sequences per step for `forward`", cxxopts::value<int64_t>()->default_value("4"))(
@@ -57,6 +95,8 @@ int run_bench(int argc, char** argv) {
       cxxopts::value<std::string>())(
       "warmup", "untimed optimizer steps before the timed ones for `train`", cxxopts::value<int64_t>()->default_value("3"))(
       "profile", "`train`: write the timed steps' LibTorch ops as a Chrome trace to this file", cxxopts::value<std::string>())(
+      "set", "`loader`, `train`: override a config value, KEY=VALUE (repeatable)",
+      cxxopts::value<std::vector<std::string>>())(
       "json", "print one JSON object")("h,help", "show this help");
   add_thread_flags(opts);
   opts.parse_positional({"what"});
@@ -66,17 +106,26 @@ int run_bench(int argc, char** argv) {
                  "  omnilite bench forward --config configs/small.json --backward --threads 2 --blas-threads 1\n"
                  "  omnilite bench train --config configs/small.json --steps 20\n"
                  "  omnilite bench nf4 --tokens 512 --in 2048 --out 768 --steps 50\n"
-                 "  omnilite bench decode --config configs/omni-lite.json --weights nf4 --prompt 512 --new-tokens 32\n";
+                 "  omnilite bench decode --config configs/omni-lite.json --weights nf4 --prompt 512 --new-tokens 32\n"
+                 "  omnilite bench loader --config configs/small.json --set 'data.image_train=[\"data/shards/fmnist\"]'"
+                 " --steps 200\n";
     return args.count("help") ? 0 : 2;
   }
   const std::string what = args["what"].as<std::string>();
-  if (what != "matmul" && what != "forward" && what != "train" && what != "nf4" && what != "decode")
-    throw std::runtime_error("bench: unknown benchmark \"" + what + "\"; expected matmul, forward, train, nf4 or decode");
+  if (what != "matmul" && what != "forward" && what != "train" && what != "nf4" && what != "decode" && what != "loader")
+    throw std::runtime_error("bench: unknown benchmark \"" + what + "\"; expected matmul, forward, train, nf4, decode "
+                             "or loader");
   const int64_t steps = args["steps"].as<int64_t>();
   if (steps < 1) throw std::runtime_error("bench: --steps must be >= 1, got " + std::to_string(steps));
 
   Config cfg;
-  if (args.count("config")) cfg = load_config_file(args["config"].as<std::string>());
+  if (args.count("config") && args.count("set")) {
+    auto j = read_config_json(args["config"].as<std::string>());
+    for (const auto& kv : args["set"].as<std::vector<std::string>>()) apply_config_override(j, kv);
+    cfg = parse_config(j);
+  } else if (args.count("config")) {
+    cfg = load_config_file(args["config"].as<std::string>());
+  }
   else if (what != "matmul" && what != "nf4") throw std::runtime_error("bench " + what + ": --config FILE is required");
   if (args.count("device")) cfg.runtime.device = args["device"].as<std::string>();
   if (args.count("dtype")) cfg.runtime.dtype = args["dtype"].as<std::string>();
@@ -109,6 +158,9 @@ int run_bench(int argc, char** argv) {
     result["config"] = args["config"].as<std::string>();
     result.update(bench_decode(cfg, dev, args["weights"].as<std::string>(), args["prompt"].as<int64_t>(),
                                args["new-tokens"].as<int64_t>()));
+  } else if (what == "loader") {
+    result["config"] = args["config"].as<std::string>();
+    result.update(bench_image_loader(cfg, steps));
   } else if (what == "train") {
     // MFU against a GEMM of the dtype the step computes in
     const bool bf16_step = bf16 && dev.is_cuda();

@@ -6,11 +6,13 @@
 // "which" (a <class> or a <class>?) -- drawing turns ("Draw a sandal." -> a training image of the class) and
 // instruction records from the text corpus. valid.jsonl: one question per held-out (t10k) image, asked in phrasings
 // that training never uses, with the question type in "type" for `omnilite eval --tasks vqa`.
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <random>
 #include <thread>
+#include <tuple>
 
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
@@ -183,6 +185,12 @@ int sft_demo(const cxxopts::ParseResult& args) {
   return 0;
 }
 
+// The ids documents are framed with: the tokenizer's <s> and </s> (SentencePiece's 1 and 2 when it lacks them).
+std::pair<int64_t, int64_t> framing_ids(const Tokenizer& tok) {
+  const int64_t bos = tok.piece_id("<s>"), eos = tok.piece_id("</s>");
+  return {bos >= 0 ? bos : 1, eos >= 0 ? eos : 2};
+}
+
 // omnilite data tokenize: documents -> token shards (token_shards.h), with a progress line.
 int tokenize(const cxxopts::ParseResult& args) {
   if (!args.count("input") || !args.count("out"))
@@ -195,8 +203,7 @@ int tokenize(const cxxopts::ParseResult& args) {
   if (o.threads <= 0) o.threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
   o.shard_tokens = args["shard-tokens"].as<int64_t>();
   const Tokenizer tok(args["tokenizer"].as<std::string>());
-  for (auto [piece, id] : {std::pair<const char*, int64_t*>{"<s>", &o.bos_id}, {"</s>", &o.eos_id}})
-    if (tok.piece_id(piece) >= 0) *id = tok.piece_id(piece);
+  std::tie(o.bos_id, o.eos_id) = framing_ids(tok);
   log::info(log::format("data tokenize: %zu files -> %s, %lld workers, BOS %lld, EOS %lld", o.inputs.size(),
                         o.out_dir.c_str(), static_cast<long long>(o.threads), static_cast<long long>(o.bos_id),
                         static_cast<long long>(o.eos_id)));
@@ -213,32 +220,94 @@ int tokenize(const cxxopts::ParseResult& args) {
   return 0;
 }
 
+// omnilite data inspect: what a shard folder (or .idx) holds, as one JSON line; --tokens OFFSET:COUNT adds the ids.
+int inspect(const cxxopts::ParseResult& args) {
+  if (!args.count("input"))
+    throw std::runtime_error("data inspect: needs --input SHARDS (a folder, .idx or prefix; repeatable)");
+  const Tokenizer tok(args["tokenizer"].as<std::string>());
+  const auto [bos, eos] = framing_ids(tok);
+  const TokenShards shards(args["input"].as<std::vector<std::string>>(), "--input", tok, bos, eos);
+  json out = {{"shards", shards.shards()}, {"bad_shards", shards.bad_shards()}, {"documents", shards.documents()},
+              {"tokens", shards.tokens()}, {"fingerprint", shards.fingerprint()}};
+  if (args.count("tokens")) {
+    const std::string spec = args["tokens"].as<std::string>();
+    const auto colon = spec.find(':');
+    int64_t offset = -1, count = -1;
+    try {
+      offset = std::stoll(spec.substr(0, colon));
+      count = colon == std::string::npos ? 1 : std::stoll(spec.substr(colon + 1));
+    } catch (const std::exception&) {
+    }
+    if (offset < 0 || count < 0 || offset + count > shards.tokens())
+      throw std::runtime_error("data inspect: --tokens \"" + spec + "\": expected OFFSET:COUNT within the " +
+                               std::to_string(shards.tokens()) + " tokens of the stream");
+    std::vector<int64_t> ids(static_cast<size_t>(count));
+    shards.read(offset, count, ids.data());
+    out["ids"] = ids;
+  }
+  std::cout << out.dump() << "\n";
+  return 0;
+}
+
+// omnilite data webdataset: image-caption sources -> WebDataset tar shards (image_shards.h), with a progress line.
+int webdataset(const cxxopts::ParseResult& args) {
+  if (!args.count("input") || !args.count("out"))
+    throw std::runtime_error("data webdataset: needs --input SOURCE (an image-caption source as data.image_train "
+                             "takes; repeatable) and --out DIR");
+  ImageLoadOptions io;
+  io.size = args["size"].as<int64_t>();
+  if (io.size < 1 || io.size > 4096)
+    throw std::runtime_error("data webdataset: --size " + std::to_string(io.size) + " is outside 1 .. 4096");
+  const auto set = read_image_captions(args["input"].as<std::vector<std::string>>(), io);
+  if (set.size() == 0) throw std::runtime_error("data webdataset: the --input sources hold no usable image");
+  ImageShardWriteOptions o;
+  o.out_dir = args["out"].as<std::string>();
+  o.shard_samples = args["shard-samples"].as<int64_t>();
+  o.repeat = args["repeat"].as<int64_t>();
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto paths = write_image_shards(set, o);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  log::info(log::format("data webdataset: %lld samples in %zu shards in %s (%.1f s, %.0f samples/s)",
+                        static_cast<long long>(set.size() * o.repeat), paths.size(), o.out_dir.c_str(), s,
+                        static_cast<double>(set.size() * o.repeat) / std::max(s, 1e-9)));
+  return 0;
+}
+
 }  // namespace
 
 int run_data(int argc, char** argv) {
   cxxopts::Options opts(argv[0], "Data preparation. ACTION tokenize streams .txt / .jsonl documents into token "
                                  "shards (Megatron's .bin/.idx, memory-mapped by training; --workers threads, memory "
                                  "independent of the corpus size): list the folder in data.text_train (docs/training.md, "
-                                 "\"Token shards\"). ACTION sft-demo writes the fine-tuning quickstart's SFT set from "
+                                 "\"Token shards\"). ACTION inspect prints what shards hold (shards, documents, tokens; --tokens "
+                                 "OFFSET:COUNT their ids) as JSON. ACTION webdataset writes image-caption sources as WebDataset .tar shards "
+                                 "(KEY.png, KEY.txt, KEY.json, KEY.cls), streamed by training when the folder is listed in "
+                                 "data.image_train. ACTION sft-demo writes the fine-tuning quickstart's SFT set from "
                                  "the embedded data: image conversations about Fashion-MNIST training images (LLaVA "
                                  "records and the messages form; questions of type what, yes/no and which), drawing "
                                  "turns and instruction records from the text corpus into OUT/train.jsonl, and one "
                                  "question per held-out test image, in phrasings training never uses, into "
                                  "OUT/valid.jsonl (docs/training.md).");
   opts.positional_help("ACTION");
-  opts.add_options()("action", "tokenize | sft-demo", cxxopts::value<std::string>())(
-      "input", "tokenize: a .txt / .jsonl document file (repeatable), read as training reads it",
-      cxxopts::value<std::vector<std::string>>())(
-      "tokenizer", "tokenize: the SentencePiece model (the run's data.tokenizer)",
+  opts.add_options()("action", "tokenize | inspect | webdataset | sft-demo", cxxopts::value<std::string>())(
+      "input", "tokenize: a .txt / .jsonl document file (repeatable), read as training reads it; inspect: a shard "
+      "folder, .idx or prefix (repeatable); webdataset: an image-caption source (repeatable)", cxxopts::value<std::vector<std::string>>())(
+      "tokens", "inspect: OFFSET:COUNT, the ids of the stream there", cxxopts::value<std::string>())(
+      "tokenizer", "tokenize, inspect: the SentencePiece model (the run's data.tokenizer)",
       cxxopts::value<std::string>()->default_value("data/generated/tokenizer.model"))(
       "workers", "tokenize: tokenizing threads (0 = one per core)", cxxopts::value<int64_t>()->default_value("0"))(
       "shard-tokens", "tokenize: tokens per shard before the next one starts",
       cxxopts::value<int64_t>()->default_value("268435456"))(
+      "size", "webdataset: side the images are resized to before they are written",
+      cxxopts::value<int64_t>()->default_value("28"))(
+      "shard-samples", "webdataset: samples per .tar shard", cxxopts::value<int64_t>()->default_value("10000"))(
+      "repeat", "webdataset: write the sources this many times over (distinct keys)",
+      cxxopts::value<int64_t>()->default_value("1"))(
       "images", "sft-demo: the Fashion-MNIST folder (train-* and t10k-* IDX files)",
       cxxopts::value<std::string>()->default_value("data/generated/fashion-mnist"))(
       "text", "sft-demo: the text corpus of the instruction records",
       cxxopts::value<std::string>()->default_value("data/generated/text/train.txt"))(
-      "out", "output folder (tokenize: required; sft-demo: default data/generated/sft)", cxxopts::value<std::string>())(
+      "out", "output folder (tokenize, webdataset: required; sft-demo: default data/generated/sft)", cxxopts::value<std::string>())(
       "train-images", "sft-demo: training images with a conversation each", cxxopts::value<int64_t>()->default_value("6000"))(
       "valid-images", "sft-demo: held-out images, three questions each", cxxopts::value<int64_t>()->default_value("300"))(
       "draw-share", "sft-demo: share of drawing records", cxxopts::value<double>()->default_value("0.15"))(
@@ -249,13 +318,18 @@ int run_data(int argc, char** argv) {
   auto args = opts.parse(argc, argv);
   if (args.count("help") || !args.count("action")) {
     std::cout << opts.help() << "\nExamples:\n  omnilite data tokenize --input corpus.jsonl --out data/shards/corpus\n"
+                 "  omnilite data inspect --input data/shards/corpus --tokens 0:16\n"
+                 "  omnilite data webdataset --input data/generated/fashion-mnist/train --out data/shards/images\n"
                  "  omnilite data sft-demo --out data/generated/sft\n";
     return args.count("help") ? 0 : 2;
   }
   const std::string action = args["action"].as<std::string>();
   if (action == "tokenize") return tokenize(args);
+  if (action == "inspect") return inspect(args);
+  if (action == "webdataset") return webdataset(args);
   if (action == "sft-demo") return sft_demo(args);
-  throw std::runtime_error("data: unknown action \"" + action + "\"; expected tokenize or sft-demo");
+  throw std::runtime_error("data: unknown action \"" + action + "\"; expected tokenize, inspect, webdataset or "
+                           "sft-demo");
 }
 
 }  // namespace omnilite::cli

@@ -91,33 +91,7 @@ void read_idx_source(const std::string& prefix, Builder& b) {
 // OpenCV; throws naming the file and the problem.
 torch::Tensor decode_native(const std::string& path) {
   if (is_pnm_path(path)) return read_pnm(path);
-  const auto bytes = read_bytes(path);
-  if (bytes.empty()) throw std::runtime_error("image \"" + path + "\": the file is empty");
-#if OMNILITE_HAVE_OPENCV
-  const bool jpeg = bytes.size() >= 2 && bytes[0] == 0xFF && bytes[1] == 0xD8;
-  const bool png = bytes.size() >= 8 && bytes[0] == 0x89 && bytes[1] == 'P' && bytes[2] == 'N' && bytes[3] == 'G';
-  if (jpeg) {  // a complete JPEG ends with the end-of-image marker FF D9 (trailing zero padding allowed)
-    size_t end = bytes.size();
-    while (end > 2 && bytes[end - 1] == 0) --end;
-    if (end < 4 || bytes[end - 2] != 0xFF || bytes[end - 1] != 0xD9)
-      throw std::runtime_error("image \"" + path + "\": truncated JPEG (no end-of-image marker)");
-  }
-  if (png) {  // a complete PNG ends with the IEND chunk
-    static const uint8_t iend[] = {'I', 'E', 'N', 'D'};
-    if (bytes.size() < 12 || !std::equal(iend, iend + 4, bytes.end() - 8))
-      throw std::runtime_error("image \"" + path + "\": truncated PNG (no IEND chunk)");
-  }
-  cv::Mat m = cv::imdecode(bytes, cv::IMREAD_COLOR);
-  if (m.empty() || m.depth() != CV_8U)
-    throw std::runtime_error("image \"" + path + "\": OpenCV cannot decode it (" + std::to_string(bytes.size()) +
-                             " bytes); hint: use JPEG or PNG files");
-  cv::Mat rgb;
-  cv::cvtColor(m, rgb, cv::COLOR_BGR2RGB);
-  return torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3}, torch::kUInt8).clone();
-#else
-  throw std::runtime_error("image \"" + path + "\": this build has no OpenCV (OMNILITE_WITH_OPENCV=OFF), so only "
-                           "PGM/PPM images are read; hint: convert the images to .ppm or rebuild with OpenCV");
-#endif
+  return decode_image_bytes(read_bytes(path), "image \"" + path + "\"");
 }
 
 void read_jsonl_source(const std::string& path, Builder& b) {
@@ -177,6 +151,78 @@ void read_coco_source(const std::string& path, Builder& b) {
 
 }  // namespace
 
+torch::Tensor decode_image_bytes(const std::vector<uint8_t>& bytes, const std::string& where) {
+  if (bytes.empty()) throw std::runtime_error(where + ": the file is empty");
+#if OMNILITE_HAVE_OPENCV
+  const bool jpeg = bytes.size() >= 2 && bytes[0] == 0xFF && bytes[1] == 0xD8;
+  const bool png = bytes.size() >= 8 && bytes[0] == 0x89 && bytes[1] == 'P' && bytes[2] == 'N' && bytes[3] == 'G';
+  if (jpeg) {  // a complete JPEG ends with the end-of-image marker FF D9 (trailing zero padding allowed)
+    size_t end = bytes.size();
+    while (end > 2 && bytes[end - 1] == 0) --end;
+    if (end < 4 || bytes[end - 2] != 0xFF || bytes[end - 1] != 0xD9)
+      throw std::runtime_error(where + ": truncated JPEG (no end-of-image marker)");
+  }
+  if (png) {  // a complete PNG ends with the IEND chunk
+    static const uint8_t iend[] = {'I', 'E', 'N', 'D'};
+    if (bytes.size() < 12 || !std::equal(iend, iend + 4, bytes.end() - 8))
+      throw std::runtime_error(where + ": truncated PNG (no IEND chunk)");
+  }
+  cv::Mat m = cv::imdecode(bytes, cv::IMREAD_COLOR);
+  if (m.empty() || m.depth() != CV_8U)
+    throw std::runtime_error(where + ": OpenCV cannot decode it (" + std::to_string(bytes.size()) +
+                             " bytes); hint: use JPEG or PNG files");
+  cv::Mat rgb;
+  cv::cvtColor(m, rgb, cv::COLOR_BGR2RGB);
+  return torch::from_blob(rgb.data, {rgb.rows, rgb.cols, 3}, torch::kUInt8).clone();
+#else
+  throw std::runtime_error(where + ": this build has no OpenCV (OMNILITE_WITH_OPENCV=OFF), so only PGM/PPM image "
+                           "files are read; hint: convert the images to .ppm files or rebuild with OpenCV");
+#endif
+}
+
+torch::Tensor resize_image(const torch::Tensor& rgb, int64_t size) { return sized(rgb, size); }
+
+std::vector<uint8_t> encode_png(const torch::Tensor& rgb) {
+  TORCH_CHECK(rgb.dim() == 3 && rgb.size(2) == 3 && rgb.scalar_type() == torch::kUInt8,
+              "encode_png: expected [H, W, 3] uint8, got ", rgb.sizes());
+#if OMNILITE_HAVE_OPENCV
+  auto bgr = rgb.flip(2).contiguous();
+  cv::Mat m(static_cast<int>(bgr.size(0)), static_cast<int>(bgr.size(1)), CV_8UC3, bgr.data_ptr<uint8_t>());
+  std::vector<uint8_t> out;
+  if (!cv::imencode(".png", m, out)) throw std::runtime_error("encode_png: OpenCV cannot encode the image");
+  return out;
+#else
+  throw std::runtime_error("PNG encoding needs OpenCV, and this build has none (OMNILITE_WITH_OPENCV=OFF)");
+#endif
+}
+
+torch::Tensor ImageCaptionSet::gather(const torch::Tensor& index, int64_t* replaced) const {
+  const int64_t m = in_memory();
+  if (!shards) return index.defined() ? images.index_select(0, index) : images;
+  std::vector<int64_t> idx;
+  if (index.defined()) {
+    auto ix = index.to(torch::kInt64).contiguous();
+    idx.assign(ix.data_ptr<int64_t>(), ix.data_ptr<int64_t>() + ix.numel());
+  } else {
+    for (int64_t i = 0; i < size(); ++i) idx.push_back(i);
+  }
+  // the in-memory rows in one gather, the streamed ones decoded; then put back in the asked order
+  std::vector<int64_t> mem, streamed, mem_pos, streamed_pos;
+  for (size_t p = 0; p < idx.size(); ++p) {
+    TORCH_CHECK(idx[p] >= 0 && idx[p] < size(), "ImageCaptionSet::gather: sample ", idx[p], " of ", size());
+    if (idx[p] < m) mem.push_back(idx[p]), mem_pos.push_back(static_cast<int64_t>(p));
+    else streamed.push_back(idx[p] - m), streamed_pos.push_back(static_cast<int64_t>(p));
+  }
+  if (mem.empty()) return shards->gather(streamed, replaced);
+  auto a = images.index_select(0, torch::tensor(mem, torch::kInt64));
+  if (streamed.empty()) return a;
+  auto b = shards->gather(streamed, replaced);
+  auto out = torch::empty({static_cast<int64_t>(idx.size()), a.size(1), a.size(2), 3}, torch::kUInt8);
+  out.index_copy_(0, torch::tensor(mem_pos, torch::kInt64), a);
+  out.index_copy_(0, torch::tensor(streamed_pos, torch::kInt64), b);
+  return out;
+}
+
 torch::Tensor decode_image_file(const std::string& path) { return decode_native(path); }
 
 torch::Tensor load_image(const std::string& path, int64_t size) { return sized(decode_native(path), size); }
@@ -186,21 +232,31 @@ const char* picture_extension() { return have_opencv() ? ".png" : ".ppm"; }
 
 ImageCaptionSet read_image_captions(const std::vector<std::string>& sources, const ImageLoadOptions& opts) {
   Builder b{opts, {}, {}, {}, 0};
+  std::vector<std::string> tars;  // streamed sources, indexed after the in-memory ones (their samples come last)
   for (const auto& src : sources) {
     if (b.full()) break;
-    if (fs::exists(src + "-images-idx3-ubyte")) read_idx_source(src, b);
+    if (is_image_shard_source(src)) tars.push_back(src);
+    else if (fs::exists(src + "-images-idx3-ubyte")) read_idx_source(src, b);
     else if (fs::path(src).extension() == ".jsonl") read_jsonl_source(src, b);
     else if (fs::path(src).extension() == ".json") read_coco_source(src, b);
     else
       throw std::runtime_error("image-caption source \"" + src + "\": neither an IDX prefix (" + src +
-                               "-images-idx3-ubyte is missing), a .jsonl list nor a COCO captions .json; hint: run "
+                               "-images-idx3-ubyte is missing), a .jsonl list, a COCO captions .json nor tar shards; hint: run "
                                "scripts/prepare_data.sh for the embedded Fashion-MNIST");
   }
   ImageCaptionSet set;
+  if (!tars.empty()) {
+    const int64_t left = opts.max_images > 0 ? opts.max_images - static_cast<int64_t>(b.images.size()) : 0;
+    if (opts.max_images == 0 || left > 0) {
+      auto shards = std::make_shared<ImageShards>(tars, opts.size, left, b.captions, b.labels);
+      b.skipped += shards->skipped();
+      if (shards->size() > 0) set.shards = std::move(shards);
+    }
+  }
   set.skipped = b.skipped;
   if (b.skipped > 0) log::warn(log::format("image-caption data: %lld entries skipped", static_cast<long long>(b.skipped)));
-  if (b.images.empty()) return set;
-  set.images = torch::stack(b.images);
+  if (b.captions.empty()) return set;
+  if (!b.images.empty()) set.images = torch::stack(b.images);
   set.captions = std::move(b.captions);
   set.labels = torch::tensor(b.labels, torch::kInt64);
   return set;

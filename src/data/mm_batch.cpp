@@ -139,9 +139,11 @@ MultimodalBatch MultimodalSampler::get(int64_t micro) const {
   const auto cap_t = torch::tensor(cap_idx, torch::kInt64), gen_t = torch::tensor(gen_idx, torch::kInt64);
   b.labels = data_.labels.index_select(0, torch::cat({cap_t, gen_t}));  // one gather, no per-sample item()
   if (!cap_idx.empty())
-    b.images = to_model_images(data_.images, model_.vision.image_size, model_.vision.in_channels, cap_t);
+    b.images = to_model_images(data_.gather(cap_t, &b.bad_images), model_.vision.image_size,
+                               model_.vision.in_channels);
   if (!gen_idx.empty()) {
-    b.gen_images = to_model_images(data_.images, model_.vqvae.image_size, model_.vqvae.in_channels, gen_t);
+    b.gen_images = to_model_images(data_.gather(gen_t, &b.bad_images), model_.vqvae.image_size,
+                                   model_.vqvae.in_channels);
     b.noise = torch::cat(noise, 0);
     b.times = torch::cat(times, 0);
   }

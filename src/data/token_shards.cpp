@@ -325,6 +325,7 @@ TokenizeResult tokenize_to_shards(const TokenizeOptions& o, const Tokenizer& tok
                {"eos_id", o.eos_id}, {"dtype_code", static_cast<int>(dtype)}, {"documents", r.documents},
                {"tokens", r.tokens}, {"skipped_lines", r.skipped}, {"inputs", o.inputs}, {"shards", shards}};
   write_atomically((fs::path(o.out_dir) / "shards.json").string(), meta.dump(2));
+  r.bytes = total_bytes;  // every input read to its end (documents alone leave out the separators)
   if (progress) progress(r, total_bytes);
   return r;
 }
@@ -402,6 +403,7 @@ TokenShards::TokenShards(const std::vector<std::string>& entries, const std::str
       ++bad_shards_;
       continue;
     }
+    documents_ += static_cast<int64_t>(h.doc_entries) - 1;
     auto s = std::make_unique<Shard>();
     s->bin = p + ".bin";
     s->dtype = h.dtype;

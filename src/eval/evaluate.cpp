@@ -120,7 +120,7 @@ void caption_task(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, 
   for (int64_t s = 0; s < valid.size(); s += 100) {
     const int64_t n = std::min<int64_t>(100, valid.size() - s);
     auto idx = torch::arange(s, s + n, torch::kInt64);
-    auto images = to_model_images(valid.images, cfg.model.vision.image_size, cfg.model.vision.in_channels, idx);
+    auto images = to_model_images(valid.gather(idx), cfg.model.vision.image_size, cfg.model.vision.in_channels);
     auto prefix = pad_rows(std::vector<std::vector<int64_t>>(static_cast<size_t>(n), prefix_row),
                            static_cast<int64_t>(prefix_row.size()), cfg.model.tokens.pad_id);
     auto gen = greedy_generate(model, prefix, images, o.max_caption_tokens);
@@ -149,8 +149,8 @@ void caption_task(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, 
   if (have_opencv()) {
     const int64_t n_shown = static_cast<int64_t>(shown.size());
     const std::string png = out_dir + "/captions.png";
-    write_captioned_grid(to_model_images(valid.images, cfg.model.vqvae.image_size, 3,
-                                         torch::arange(n_shown, torch::kInt64)),
+    write_captioned_grid(to_model_images(valid.gather(torch::arange(n_shown, torch::kInt64)),
+                                         cfg.model.vqvae.image_size, 3),
                          shown, 5, png);
     out["captions_png"] = png;
   }
@@ -183,7 +183,7 @@ void t2i_task(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, cons
   auto held = held_out_images(cfg, S, 2000);
   torch::Tensor real_features;
   if (held.size() > 0) {
-    auto imgs = to_model_images(held.images, S, channels).to(dev);
+    auto imgs = to_model_images(held.gather(), S, channels).to(dev);
     out["classifier_accuracy"] = clf->forward(imgs).argmax(1).cpu().eq(held.labels).to(torch::kFloat64).mean().item<double>();
     real_features = clf->features(imgs).cpu();
   }
@@ -236,7 +236,7 @@ void recon_task(OmniLiteImpl& model, const Config& cfg, const EvalOptions& o, co
   std::vector<torch::Tensor> originals, recons, codes;
   for (int64_t s = 0; s < held.size(); s += 100) {
     auto idx = torch::arange(s, std::min<int64_t>(s + 100, held.size()), torch::kInt64);
-    auto x = to_model_images(held.images, S, cfg.model.vqvae.in_channels, idx).to(dev);
+    auto x = to_model_images(held.gather(idx), S, cfg.model.vqvae.in_channels).to(dev);
     auto r = model.vqvae->forward(x);
     originals.push_back(x.cpu());
     recons.push_back(r.recon.clamp(-1, 1).cpu());
@@ -333,7 +333,7 @@ void moe_task(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, cons
     size_t longest = 0;
     for (const auto& r : rows) longest = std::max(longest, r.size());
     auto tokens = pad_rows(rows, static_cast<int64_t>(longest), cfg.model.tokens.pad_id);
-    auto images = to_model_images(held.images, cfg.model.vision.image_size, cfg.model.vision.in_channels);
+    auto images = to_model_images(held.gather(), cfg.model.vision.image_size, cfg.model.vision.in_channels);
     auto r = model.forward({tokens.to(dev), images.to(dev)});
     std::vector<std::vector<torch::Tensor>> per_layer;
     std::vector<torch::Tensor> sel;

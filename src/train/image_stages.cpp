@@ -46,7 +46,7 @@ class ImageStageBase : public TrainStage {
 
  protected:
   ImageMicro batch(const ImageCaptionSet& set, const torch::Tensor& idx) const {
-    return {to_model_images(set.images, cfg_.model.vqvae.image_size, cfg_.model.vqvae.in_channels, idx),
+    return {to_model_images(set.gather(idx), cfg_.model.vqvae.image_size, cfg_.model.vqvae.in_channels),
             set.labels.index_select(0, idx)};
   }
   // The micro-batch on the device and the seconds spent waiting for it.

@@ -114,6 +114,7 @@ class OmniStage : public TrainStage {
   std::map<std::string, std::string> data_fingerprints() const override {
     std::map<std::string, std::string> out;
     if (text_ && text_->text.streamed()) out["data.text_train"] = text_->text.fingerprint();
+    if (images_.shards) out["data.image_train"] = images_.shards->fingerprint();
     return out;
   }
   void save_weights(const std::string& dir, int64_t step) override {
@@ -127,6 +128,7 @@ class OmniStage : public TrainStage {
   std::vector<std::string> terms() const override {
     std::vector<std::string> t{"loss_clm", "loss_rf", "loss_aux", "loss_z", "loss_caption", "loss_sft"};
     if (text_ && text_->text.streamed()) t.insert(t.end(), {"data_bad_rows", "data_bad_shards"});
+    if (images_.shards) t.insert(t.end(), {"data_bad_images", "data_skipped_images"});
     return t;
   }
   std::string unit() const override { return "tokens"; }
@@ -172,6 +174,11 @@ class OmniStage : public TrainStage {
       r.terms["data_bad_rows"] = static_cast<double>(batch.bad_rows);  // summed over micro-batches and ranks
       // a constant of the run: given by one share (rank 0, the step's first micro-batch) so that the sum is it
       r.terms["data_bad_shards"] = i == 0 && dist_->rank() == 0 ? static_cast<double>(text_->text.bad_shards()) : 0.0;
+    }
+    if (images_.shards) {
+      r.terms["data_bad_images"] = static_cast<double>(batch.mm.bad_images);  // replaced when gathered
+      // samples skipped while the shards were indexed (bad records, truncated tars): a constant, as above
+      r.terms["data_skipped_images"] = i == 0 && dist_->rank() == 0 ? static_cast<double>(images_.skipped) : 0.0;
     }
     r.units = static_cast<double>((batch.text.defined() ? batch.text.numel() : 0) +
                                   (batch.mm.tokens.defined() ? batch.mm.tokens.numel() : 0) +

@@ -1,17 +1,20 @@
-// Image-caption data: Fashion-MNIST IDX files, .jsonl image-caption lists and COCO captions JSON.
+// Image-caption data: Fashion-MNIST IDX files, .jsonl image-caption lists, COCO captions JSON and WebDataset tar
+// shards (image_shards.h).
 //
-// Every source becomes images (uint8, resized to one square size at load), one or more captions per image and an
-// optional class label. Images are decoded with OpenCV. A missing, truncated or undecodable image and a malformed
+// Every source becomes images (uint8, resized to one square size at load, or for tar shards when gathered), one or
+// more captions per image and an optional class label. Images are decoded with OpenCV. A missing, truncated or undecodable image and a malformed
 // JSON line are skipped with a warning naming the file and the line; the count is returned. The model sees images
 // as float [N, C, S, S] in [-1, 1] (to_model_images).
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
 #include <torch/torch.h>
 
 #include "omnilite/config.h"
+#include "omnilite/data/image_shards.h"
 
 namespace omnilite {
 
@@ -22,11 +25,17 @@ struct ImageLoadOptions {
 };
 
 struct ImageCaptionSet {
-  torch::Tensor images;                           // [N, S, S, 3] uint8 (grayscale replicated to 3 channels)
+  torch::Tensor images;                           // [M, S, S, 3] uint8 of the in-memory sources (grayscale
+                                                  // replicated to 3 channels), samples 0 .. M-1
+  std::shared_ptr<const ImageShards> shards;      // samples M .. N-1, streamed from tar shards (null: none)
   std::vector<std::vector<std::string>> captions; // N lists of captions (one is drawn per use)
   torch::Tensor labels;                           // [N] int64 class label, -1 where unknown
   int64_t skipped = 0;                            // images or lines skipped with a warning
-  int64_t size() const { return images.defined() ? images.size(0) : 0; }
+  int64_t in_memory() const { return images.defined() ? images.size(0) : 0; }
+  int64_t size() const { return in_memory() + (shards ? shards->size() : 0); }
+  // The images of samples `index` (all when undefined) as [n, S, S, 3] uint8: rows of `images` or decoded from the
+  // shards (an undecodable one replaced by the next, counted in *replaced). Thread-safe.
+  torch::Tensor gather(const torch::Tensor& index = {}, int64_t* replaced = nullptr) const;
 };
 
 // Reads every source (see DataOptions::image_train for the kinds). Throws naming a source that cannot be opened or
@@ -41,6 +50,13 @@ ImageCaptionSet read_training_images(const DataOptions& data, int64_t size);
 // Decodes one image file with OpenCV into [H, W, 3] uint8 RGB. Throws naming the file when it is missing, empty,
 // a truncated JPEG/PNG or undecodable.
 torch::Tensor decode_image_file(const std::string& path);
+// Decodes an encoded image held in memory (PNG, JPEG, PNM, ... through OpenCV) into [H, W, 3] uint8 RGB; throws
+// naming `where` when it is empty, truncated or undecodable.
+torch::Tensor decode_image_bytes(const std::vector<uint8_t>& bytes, const std::string& where);
+// [H, W, 3] uint8 -> [size, size, 3] as the readers resize (area shrinking, bilinear enlarging).
+torch::Tensor resize_image(const torch::Tensor& rgb, int64_t size);
+// [H, W, 3] uint8 RGB -> the bytes of a PNG file (needs OpenCV).
+std::vector<uint8_t> encode_png(const torch::Tensor& rgb);
 // decode_image_file resized to [size, size, 3] uint8 as the readers resize (area shrinking, bilinear enlarging).
 torch::Tensor load_image(const std::string& path, int64_t size);
 

@@ -57,6 +57,7 @@ struct MultimodalBatch {
   torch::Tensor targets;     // [B, T] bool: the loss targets (conversation rows); undefined = every real token
   torch::Tensor segments;    // [B, T] int64 sample of each position in a packed row (attention and positions stay
                              // within a sample); undefined = one sample per row
+  int64_t bad_images = 0;    // streamed images that did not decode and were replaced by the next sample's
 };
 
 class MultimodalSampler {

@@ -108,6 +108,7 @@ class TokenShards {
   TokenShards& operator=(const TokenShards&) = delete;
 
   int64_t tokens() const { return total_; }  // tokens in the stream
+  int64_t documents() const { return documents_; }  // documents of the readable shards (their boundaries - 1)
   int64_t shards() const { return static_cast<int64_t>(shards_.size()); }
   int64_t bad_shards() const { return bad_shards_; }
   // Identity of the stream (shard names and token counts), recorded in checkpoints.
@@ -124,6 +125,7 @@ class TokenShards {
   std::vector<int64_t> starts_;  // stream offset of each shard's first token, plus the total at the end
   int64_t total_ = 0;
   int64_t bad_shards_ = 0;
+  int64_t documents_ = 0;
   std::string fingerprint_;
 };
 
