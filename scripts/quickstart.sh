@@ -16,15 +16,20 @@ ensure_data_and_tokenizer
 ./build/omnilite tokenizer encode --model data/generated/tokenizer.model --text "a photo of a ankle boot."
 ./build/omnilite info --config configs/omni-lite.json
 
-stage() {  # stage CONFIG RUN_FOLDER
-  local resume=()
-  [[ -d $2/checkpoints ]] && ls "$2"/checkpoints/step_* > /dev/null 2>&1 && resume=(--resume "$2")
-  echo "quickstart: omnilite train --config $1 --out $2 ${resume[*]}"
-  ./build/omnilite train --config "$1" --out "$2" "${resume[@]}"
+# The stages train from the shard formats of the embedded data (scripts/lib/data.sh writes them): images streamed
+# from WebDataset tar shards, text from token shards (docs/training.md, "Token shards" and "Image-caption tar shards").
+images='data.image_train=["data/generated/shards/fashion-mnist-train"]'
+text='data.text_train=["data/generated/shards/text-train"]'
+stage() {  # stage CONFIG RUN_FOLDER [--set KEY=VALUE ...]
+  local config=$1 run=$2 resume=()
+  shift 2
+  [[ -d $run/checkpoints ]] && ls "$run"/checkpoints/step_* > /dev/null 2>&1 && resume=(--resume "$run")
+  echo "quickstart: omnilite train --config $config --out $run $* ${resume[*]}"
+  ./build/omnilite train --config "$config" --out "$run" "$@" "${resume[@]}"
 }
-stage configs/small-vqvae.json runs/quickstart-vqvae
-stage configs/small-classifier.json runs/quickstart-classifier
-stage configs/small.json runs/quickstart
+stage configs/small-vqvae.json runs/quickstart-vqvae --set "$images"
+stage configs/small-classifier.json runs/quickstart-classifier --set "$images"
+stage configs/small.json runs/quickstart --set "$images" --set "$text"
 ./build/omnilite eval --checkpoint runs/quickstart --json
 echo "quickstart: $(( $(date +%s) - start )) s after set-up; results in runs/quickstart/eval.json," \
      "runs/quickstart/t2i_grid.png, runs/quickstart/loss_curves.png"

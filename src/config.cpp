@@ -3,6 +3,7 @@
 #include "omnilite/config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -19,6 +20,8 @@ std::string dump_value(const json& v) {
   std::string s = v.dump();
   return s.size() > 60 ? s.substr(0, 57) + "..." : s;
 }
+
+template <class V> void visit_fields(V& v, MixtureSource& o);
 
 // Reads the fields of one JSON object into a struct, tracking the dotted path for error messages.
 class Reader {
@@ -71,6 +74,18 @@ class Reader {
       out = v->get<std::string>();
     }
   }
+  void operator()(const char* name, std::vector<MixtureSource>& out) {
+    if (const json* v = find(name)) {
+      if (!v->is_array()) throw ConfigError("config: " + key(name) + ": expected an array of objects, got " + dump_value(*v));
+      out.clear();
+      for (size_t i = 0; i < v->size(); ++i) {
+        Reader sub((*v)[i], key(name) + "[" + std::to_string(i) + "]");
+        out.emplace_back();
+        visit_fields(sub, out.back());
+        sub.finish();
+      }
+    }
+  }
   // Nested section: recurse with the section's own field list.
   template <class T>
   void section(const char* name, T& out) {
@@ -111,6 +126,14 @@ struct Writer {
   json j = json::object();
   template <class T>
   void operator()(const char* name, const T& v) { j[name] = v; }
+  void operator()(const char* name, const std::vector<MixtureSource>& v) {
+    j[name] = json::array();
+    for (const auto& m : v) {
+      Writer sub;
+      visit_fields(sub, const_cast<MixtureSource&>(m));
+      j[name].push_back(sub.j);
+    }
+  }
   template <class T>
   void section(const char* name, const T& v) {
     Writer sub;
@@ -184,7 +207,10 @@ template <class V> void visit_fields(V& v, DataOptions& o) {
   v("tokenizer", o.tokenizer); v("text_train", o.text_train); v("text_valid", o.text_valid);
   v("image_train", o.image_train); v("image_valid", o.image_valid); v("image_root", o.image_root);
   v("max_images", o.max_images); v("vqvae", o.vqvae); v("classifier", o.classifier);
-  v("sft_train", o.sft_train); v("sft_valid", o.sft_valid);
+  v("sft_train", o.sft_train); v("sft_valid", o.sft_valid); v("mixture", o.mixture);
+}
+template <class V> void visit_fields(V& v, MixtureSource& o) {
+  v("name", o.name); v("kind", o.kind); v("sources", o.sources); v("weight", o.weight);
 }
 template <class V> void visit_fields(V& v, Config& o) {
   v.section("model", o.model); v.section("runtime", o.runtime); v.section("train", o.train);
@@ -337,9 +363,32 @@ void validate(const Config& c) {
                        {"train.z_coef", tr.z_coef}, {"train.rf_weight", tr.rf_weight}}) {
     if (!(x >= 0.0)) fail(k2, num(x), "must be >= 0");
   }
-  if (tr.stage == "omni" && tr.batch_size > 0 && c.data.text_train.empty())
+  std::set<std::string> mixed, names;  // the kinds data.mixture gives, its names
+  for (size_t i = 0; i < c.data.mixture.size(); ++i) {
+    const auto& m = c.data.mixture[i];
+    const std::string key = "data.mixture[" + std::to_string(i) + "]";
+    if (m.name.empty() || !std::all_of(m.name.begin(), m.name.end(), [](char ch) {
+          return (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') || ch == '_';
+        }))
+      fail(key + ".name", "\"" + m.name + "\"", "must be a non-empty name of a-z, 0-9 and _ (it names mix_<name> in "
+           "metrics.jsonl)");
+    if (!names.insert(m.name).second) fail(key + ".name", "\"" + m.name + "\"", "is used twice; names must be unique");
+    if (m.kind == "sft")
+      fail(key + ".kind", "\"sft\"", "SFT sets do not mix by weight yet; hint: list them in data.sft_train (sampled "
+           "in proportion to their sizes)");
+    if (m.kind != "text" && m.kind != "images") fail(key + ".kind", "\"" + m.kind + "\"", "must be \"text\" or \"images\"");
+    if (m.sources.empty()) fail(key + ".sources", "[]", "must name at least one file or folder");
+    if (!(m.weight > 0.0 && std::isfinite(m.weight))) fail(key + ".weight", num(m.weight), "must be positive");
+    mixed.insert(m.kind);
+  }
+  if (tr.stage == "omni" && tr.batch_size > 0 && c.data.text_train.empty() && !mixed.count("text"))
     fail("data.text_train", "[]", "must name at least one file when train.batch_size > 0");
-  if ((tr.stage != "omni" || tr.caption_batch_size + tr.gen_batch_size > 0) && c.data.image_train.empty())
+  if (tr.stage == "omni" && mixed.count("text") && tr.batch_size <= 0)
+    fail("data.mixture", "[...]", "has text sources but train.batch_size is 0 (no text rows to draw)");
+  if (tr.stage == "omni" && mixed.count("images") && tr.caption_batch_size + tr.gen_batch_size <= 0)
+    fail("data.mixture", "[...]", "has image sources but train.caption_batch_size + gen_batch_size is 0");
+  if ((tr.stage != "omni" || (tr.caption_batch_size + tr.gen_batch_size > 0 && !mixed.count("images"))) &&
+      c.data.image_train.empty())
     fail("data.image_train", "[]", "must name at least one image-caption source for this stage");
   if (tr.stage == "omni" && tr.gen_batch_size > 0 && c.data.vqvae.empty())
     fail("data.vqvae", "\"\"", "must name the VQ-VAE run folder when train.gen_batch_size > 0; hint: train one "

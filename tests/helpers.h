@@ -12,6 +12,7 @@
 #include "omnilite/config.h"
 #include "omnilite/data/idx.h"
 #include "omnilite/data/tokenizer.h"
+#include "omnilite/train/trainer.h"
 
 namespace testing {
 
@@ -92,6 +93,23 @@ inline omnilite::Config tiny_text_config(const std::string& dir) {
   c.data.text_train = {corpus};
   c.data.text_valid = {corpus};
   return c;
+}
+
+// Trains `c` straight through into "<dir>/a", and into "<dir>/b" for `first` steps and then resumed to
+// c.train.steps; returns the two runs' metrics.jsonl lines (for exact-resume checks).
+inline std::pair<std::vector<nlohmann::json>, std::vector<nlohmann::json>> straight_and_resumed(
+    const omnilite::Config& c, const std::string& dir, int64_t first) {
+  omnilite::TrainRunOptions a;
+  a.out_dir = dir + "/a";
+  omnilite::train(c, a);
+  omnilite::TrainRunOptions b;
+  b.out_dir = dir + "/b";
+  b.max_steps = first;
+  omnilite::train(c, b);
+  b.resume_dir = b.out_dir;
+  b.max_steps = c.train.steps;
+  omnilite::train(c, b);
+  return {metrics_of(a.out_dir), metrics_of(b.out_dir)};
 }
 
 // Synthetic images of 4 classes ("<dir>/train", "<dir>/t10k"), a caption corpus, its tokenizer and a tiny

@@ -226,17 +226,7 @@ TEST_CASE("a run streaming its images from tar shards with loader threads resume
   c.train.steps = 6;
   c.train.ckpt_every = 3;
   c.train.loader_threads = 2;
-  TrainRunOptions a;
-  a.out_dir = dir + "/a";
-  train(c, a);
-  TrainRunOptions b;
-  b.out_dir = dir + "/b";
-  b.max_steps = 3;
-  train(c, b);
-  b.resume_dir = b.out_dir;
-  b.max_steps = 6;
-  train(c, b);
-  const auto ma = testing::metrics_of(a.out_dir), mb = testing::metrics_of(b.out_dir);
+  const auto [ma, mb] = testing::straight_and_resumed(c, dir, 3);
   REQUIRE(ma.size() == 6);
   REQUIRE(mb.size() == 6);
   // the broken images drawn, from the sampler's own epoch order: items m * B + i of micro-batch m

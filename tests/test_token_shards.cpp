@@ -279,17 +279,7 @@ TEST_CASE("a run streaming token shards with loader threads resumes exactly and 
   c.train.ckpt_every = 4;
   c.train.loader_threads = 2;
   c.train.document_masks = true;
-  TrainRunOptions a;
-  a.out_dir = dir + "/a";
-  train(c, a);
-  TrainRunOptions b;
-  b.out_dir = dir + "/b";
-  b.max_steps = 4;
-  train(c, b);
-  b.resume_dir = b.out_dir;
-  b.max_steps = 8;
-  train(c, b);
-  const auto ma = testing::metrics_of(a.out_dir), mb = testing::metrics_of(b.out_dir);
+  const auto [ma, mb] = testing::straight_and_resumed(c, dir, 4);
   REQUIRE(ma.size() == 8);
   REQUIRE(mb.size() == 8);
   for (size_t i = 0; i < 8; ++i) {

@@ -183,6 +183,15 @@ struct TrainOptions {
   bool tensorboard = true;        // also write every metrics.jsonl scalar as TensorBoard events into RUN/tb/
 };
 
+// One weighted source of a data mixture (data.mixture; docs/training.md, "Mixtures").
+struct MixtureSource {
+  std::string name;                  // the source in metrics (mix_<name>) and messages: [a-z0-9_]+, unique
+  std::string kind = "text";         // "text": rows of train.batch_size (entries as data.text_train takes them);
+                                     // "images": caption and generation samples (entries as data.image_train)
+  std::vector<std::string> sources;  // its files / folders
+  double weight = 1;                 // its share of its kind's rows: weight / the sum of the kind's weights
+};
+
 // Where the training data is.
 struct DataOptions {
   std::string tokenizer = "data/generated/tokenizer.model";  // SentencePiece model
@@ -190,7 +199,8 @@ struct DataOptions {
   std::vector<std::string> text_valid = {"data/generated/text/valid.txt"};  // held-out documents
   // Image-caption sources: an IDX prefix (".../fashion-mnist/train" -> train-images-idx3-ubyte and
   // train-labels-idx1-ubyte, captions from the class names), a .jsonl of {"image": path, "text": caption
-  // [, "label": k]} or a COCO captions .json ({"images": [{id, file_name}], "annotations": [{image_id, caption}]}).
+  // [, "label": k]}, a COCO captions .json ({"images": [{id, file_name}], "annotations": [{image_id, caption}]})
+  // or WebDataset tar shards (a .tar, or a folder of them; image_shards.h), streamed.
   std::vector<std::string> image_train = {"data/generated/fashion-mnist/train"};
   std::vector<std::string> image_valid = {"data/generated/fashion-mnist/t10k"};  // held-out image-caption sources
   // Conversations for supervised fine-tuning (train.sft_batch_size rows per micro-batch): .json / .jsonl records,
@@ -202,6 +212,9 @@ struct DataOptions {
   std::string vqvae;              // omni: VQ-VAE run or checkpoint folder (stage "vqvae") whose frozen encoder
                                   // supplies the flow targets; required when train.gen_batch_size > 0
   std::string classifier;         // eval: classifier run or checkpoint folder (stage "classifier") for t2i_accuracy
+  // omni stage: weighted sources; the text sources, when any, replace data.text_train, the image ones
+  // data.image_train (each row or sample drawn from one source, deterministically, in proportion to the weights)
+  std::vector<MixtureSource> mixture = {};
 };
 
 // QLoRA fine-tuning: LoRA adapters on some projections, their frozen bases in NF4. Only adapters train.

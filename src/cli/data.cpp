@@ -1,15 +1,20 @@
-// omnilite data sft-demo: the fine-tuning quickstart's SFT set, built from the embedded data (Fashion-MNIST and the
-// fortunes corpus), in the formats a user brings (docs/training.md).
-//
-// train.jsonl: image conversations about training images (LLaVA records, and the messages form with image parts),
-// two questions each from three types -- "what" (what is shown), "yes/no" (worn on the feet? is this a <class>?) and
-// "which" (a <class> or a <class>?) -- drawing turns ("Draw a sandal." -> a training image of the class) and
-// instruction records from the text corpus. valid.jsonl: one question per held-out (t10k) image, asked in phrasings
-// that training never uses, with the question type in "type" for `omnilite eval --tasks vqa`.
+// omnilite data: data preparation.
+//   tokenize   : .txt / .jsonl documents -> token shards (Megatron's .bin/.idx; data/token_shards.h)
+//   inspect    : what token shards or image tar shards hold, as JSON (the interop checks read it)
+//   webdataset : image-caption sources -> WebDataset .tar shards (data/image_shards.h)
+//   sft-demo   : the fine-tuning quickstart's SFT set, built from the embedded data (Fashion-MNIST and the fortunes
+//                corpus), in the formats a user brings (docs/training.md). train.jsonl: image conversations about
+//                training images (LLaVA records, and the messages form with image parts), two questions each from
+//                three types -- "what" (what is shown), "yes/no" (worn on the feet? is this a <class>?) and "which"
+//                (a <class> or a <class>?) -- drawing turns ("Draw a sandal." -> a training image of the class) and
+//                instruction records from the text corpus. valid.jsonl: one question per held-out (t10k) image,
+//                asked in phrasings that training never uses, with the question type in "type" for
+//                `omnilite eval --tasks vqa`.
 #include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <numeric>
 #include <random>
 #include <thread>
 #include <tuple>
@@ -20,6 +25,7 @@
 #include "omnilite/cli/commands.h"
 #include "omnilite/data/idx.h"
 #include "omnilite/data/image_dataset.h"
+#include "omnilite/data/image_shards.h"
 #include "omnilite/data/text_dataset.h"
 #include "omnilite/data/token_shards.h"
 #include "omnilite/log.h"
@@ -220,30 +226,65 @@ int tokenize(const cxxopts::ParseResult& args) {
   return 0;
 }
 
-// omnilite data inspect: what a shard folder (or .idx) holds, as one JSON line; --tokens OFFSET:COUNT adds the ids.
+// --FLAG OFFSET:COUNT (COUNT 1 when left out) within [0, total): the range, or an error naming the flag and value.
+std::pair<int64_t, int64_t> parse_range(const cxxopts::ParseResult& args, const std::string& flag, int64_t total,
+                                        const std::string& what) {
+  const std::string spec = args[flag].as<std::string>();
+  const auto colon = spec.find(':');
+  int64_t offset = -1, count = -1;
+  try {
+    offset = std::stoll(spec.substr(0, colon));
+    count = colon == std::string::npos ? 1 : std::stoll(spec.substr(colon + 1));
+  } catch (const std::exception&) {
+  }
+  if (offset < 0 || count < 0 || offset + count > total)
+    throw std::runtime_error("data inspect: --" + flag + " \"" + spec + "\": expected OFFSET:COUNT within the " +
+                             std::to_string(total) + " " + what);
+  return {offset, count};
+}
+
+// omnilite data inspect: what token shards (a folder, .idx or prefix) or image-caption tar shards hold, as one JSON
+// line; --tokens OFFSET:COUNT adds the token ids, --samples OFFSET:COUNT the samples (captions, label, decoded size
+// and mean pixel value).
 int inspect(const cxxopts::ParseResult& args) {
   if (!args.count("input"))
-    throw std::runtime_error("data inspect: needs --input SHARDS (a folder, .idx or prefix; repeatable)");
-  const Tokenizer tok(args["tokenizer"].as<std::string>());
-  const auto [bos, eos] = framing_ids(tok);
-  const TokenShards shards(args["input"].as<std::vector<std::string>>(), "--input", tok, bos, eos);
-  json out = {{"shards", shards.shards()}, {"bad_shards", shards.bad_shards()}, {"documents", shards.documents()},
-              {"tokens", shards.tokens()}, {"fingerprint", shards.fingerprint()}};
-  if (args.count("tokens")) {
-    const std::string spec = args["tokens"].as<std::string>();
-    const auto colon = spec.find(':');
-    int64_t offset = -1, count = -1;
-    try {
-      offset = std::stoll(spec.substr(0, colon));
-      count = colon == std::string::npos ? 1 : std::stoll(spec.substr(colon + 1));
-    } catch (const std::exception&) {
+    throw std::runtime_error("data inspect: needs --input SHARDS (token shards: a folder, .idx or prefix; or image "
+                             "shards: a .tar or a folder of them; repeatable)");
+  const auto inputs = args["input"].as<std::vector<std::string>>();
+  json out;
+  if (is_image_shard_source(inputs.front())) {
+    std::vector<std::vector<std::string>> captions;
+    std::vector<int64_t> labels;
+    const int64_t size = args["size"].as<int64_t>();
+    const ImageShards shards(inputs, size, 0, captions, labels);
+    out = {{"shards", shards.shards()}, {"samples", shards.size()}, {"skipped", shards.skipped()},
+           {"fingerprint", shards.fingerprint()}};
+    if (args.count("samples")) {
+      const auto [offset, count] = parse_range(args, "samples", shards.size(), "samples");
+      std::vector<int64_t> idx(static_cast<size_t>(count));
+      std::iota(idx.begin(), idx.end(), offset);
+      int64_t replaced = 0;
+      const auto images = shards.gather(idx, &replaced);  // [count, size, size, 3]
+      json samples = json::array();
+      for (int64_t i = 0; i < count; ++i)
+        samples.push_back({{"captions", captions[static_cast<size_t>(offset + i)]},
+                           {"label", labels[static_cast<size_t>(offset + i)]},
+                           {"mean", images[i].to(torch::kFloat64).mean().item<double>()}});
+      out["sample_list"] = samples;
+      out["replaced"] = replaced;
     }
-    if (offset < 0 || count < 0 || offset + count > shards.tokens())
-      throw std::runtime_error("data inspect: --tokens \"" + spec + "\": expected OFFSET:COUNT within the " +
-                               std::to_string(shards.tokens()) + " tokens of the stream");
-    std::vector<int64_t> ids(static_cast<size_t>(count));
-    shards.read(offset, count, ids.data());
-    out["ids"] = ids;
+  } else {
+    const Tokenizer tok(args["tokenizer"].as<std::string>());
+    const auto [bos, eos] = framing_ids(tok);
+    const TokenShards shards(inputs, "--input", tok, bos, eos);
+    out = {{"shards", shards.shards()}, {"bad_shards", shards.bad_shards()}, {"documents", shards.documents()},
+           {"tokens", shards.tokens()}, {"fingerprint", shards.fingerprint()}};
+    if (args.count("tokens")) {
+      const auto [offset, count] = parse_range(args, "tokens", shards.tokens(), "tokens of the stream");
+      std::vector<int64_t> ids(static_cast<size_t>(count));
+      shards.read(offset, count, ids.data());
+      out["ids"] = ids;
+    }
   }
   std::cout << out.dump() << "\n";
   return 0;
@@ -279,8 +320,9 @@ int run_data(int argc, char** argv) {
   cxxopts::Options opts(argv[0], "Data preparation. ACTION tokenize streams .txt / .jsonl documents into token "
                                  "shards (Megatron's .bin/.idx, memory-mapped by training; --workers threads, memory "
                                  "independent of the corpus size): list the folder in data.text_train (docs/training.md, "
-                                 "\"Token shards\"). ACTION inspect prints what shards hold (shards, documents, tokens; --tokens "
-                                 "OFFSET:COUNT their ids) as JSON. ACTION webdataset writes image-caption sources as WebDataset .tar shards "
+                                 "\"Token shards\"). ACTION inspect prints what token shards hold (shards, documents, tokens; --tokens "
+                                 "OFFSET:COUNT their ids) or image tar shards hold (samples; --samples OFFSET:COUNT their "
+                                 "captions, labels and mean pixel values) as JSON. ACTION webdataset writes image-caption sources as WebDataset .tar shards "
                                  "(KEY.png, KEY.txt, KEY.json, KEY.cls), streamed by training when the folder is listed in "
                                  "data.image_train. ACTION sft-demo writes the fine-tuning quickstart's SFT set from "
                                  "the embedded data: image conversations about Fashion-MNIST training images (LLaVA "
@@ -291,14 +333,17 @@ int run_data(int argc, char** argv) {
   opts.positional_help("ACTION");
   opts.add_options()("action", "tokenize | inspect | webdataset | sft-demo", cxxopts::value<std::string>())(
       "input", "tokenize: a .txt / .jsonl document file (repeatable), read as training reads it; inspect: a shard "
-      "folder, .idx or prefix (repeatable); webdataset: an image-caption source (repeatable)", cxxopts::value<std::vector<std::string>>())(
-      "tokens", "inspect: OFFSET:COUNT, the ids of the stream there", cxxopts::value<std::string>())(
+      "folder, .idx or prefix, or image .tar shards or their folder (repeatable); webdataset: an image-caption source "
+      "(repeatable)", cxxopts::value<std::vector<std::string>>())(
+      "tokens", "inspect (token shards): OFFSET:COUNT, the ids of the stream there", cxxopts::value<std::string>())(
+      "samples", "inspect (image shards): OFFSET:COUNT, those samples' captions, label and mean pixel value",
+      cxxopts::value<std::string>())(
       "tokenizer", "tokenize, inspect: the SentencePiece model (the run's data.tokenizer)",
       cxxopts::value<std::string>()->default_value("data/generated/tokenizer.model"))(
       "workers", "tokenize: tokenizing threads (0 = one per core)", cxxopts::value<int64_t>()->default_value("0"))(
       "shard-tokens", "tokenize: tokens per shard before the next one starts",
       cxxopts::value<int64_t>()->default_value("268435456"))(
-      "size", "webdataset: side the images are resized to before they are written",
+      "size", "webdataset: side the images are resized to before they are written; inspect: before the mean",
       cxxopts::value<int64_t>()->default_value("28"))(
       "shard-samples", "webdataset: samples per .tar shard", cxxopts::value<int64_t>()->default_value("10000"))(
       "repeat", "webdataset: write the sources this many times over (distinct keys)",

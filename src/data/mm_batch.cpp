@@ -63,9 +63,32 @@ uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+SourceMixture::SourceMixture(const std::vector<double>& weights, uint64_t seed) : seed_(seed) {
+  double total = 0;
+  for (double w : weights) total += w;
+  if (weights.empty() || !(total > 0)) throw std::runtime_error("SourceMixture: needs positive weights");
+  double run = 0;
+  for (double w : weights) cumulative_.push_back((run += w) / total);
+  cumulative_.back() = 1.0;
+}
+
+size_t SourceMixture::pick(int64_t k) const {
+  if (cumulative_.size() == 1) return 0;
+  const double u = static_cast<double>(splitmix64(seed_ ^ splitmix64(static_cast<uint64_t>(k))) >> 11) * 0x1.0p-53;
+  size_t j = 0;
+  while (j + 1 < cumulative_.size() && u >= cumulative_[j]) ++j;
+  return j;
+}
+
 MultimodalSampler::MultimodalSampler(const ImageCaptionSet& data, const Tokenizer& tok, const ModelConfig& model,
                                      const TrainOptions& train, uint64_t seed, int64_t rank, int64_t world)
-    : data_(data),
+    : MultimodalSampler(std::vector<const ImageCaptionSet*>{&data}, {1.0}, tok, model, train, seed, rank, world) {}
+
+MultimodalSampler::MultimodalSampler(const std::vector<const ImageCaptionSet*>& sets,
+                                     const std::vector<double>& weights, const Tokenizer& tok,
+                                     const ModelConfig& model, const TrainOptions& train, uint64_t seed, int64_t rank,
+                                     int64_t world)
+    : sets_(sets),
       model_(model),
       caption_batch_(train.caption_batch_size),
       gen_batch_(train.gen_batch_size),
@@ -76,18 +99,29 @@ MultimodalSampler::MultimodalSampler(const ImageCaptionSet& data, const Tokenize
       time_mean_(train.flow_time_mean),
       time_std_(train.flow_time_std),
       seed_(seed),
-      caption_order_(data.size(), splitmix64(seed ^ 0xC0FFEEULL)),
-      gen_order_(data.size(), splitmix64(seed ^ 0xBEEFULL)) {
-  if (data.size() == 0) throw std::runtime_error("image-caption data: no images; hint: run scripts/prepare_data.sh");
-  std::unordered_map<std::string, std::vector<int64_t>> cache;
+      caption_mix_(weights, splitmix64(seed ^ 0x313ULL)),
+      gen_mix_(weights, splitmix64(seed ^ 0x717ULL)) {
+  if (sets.size() != weights.size()) throw std::runtime_error("MultimodalSampler: one weight per image set");
+  std::unordered_map<std::string, int32_t> cache;  // caption -> its index in caption_pool_
   int64_t longest = 0;
-  for (const auto& caps : data.captions) {
-    caption_ids_.emplace_back();
-    for (const auto& c : caps) {
-      auto it = cache.find(c);
-      if (it == cache.end()) it = cache.emplace(c, tok.encode(c)).first;
-      caption_ids_.back().push_back(it->second);
-      longest = std::max<int64_t>(longest, static_cast<int64_t>(it->second.size()));
+  for (size_t j = 0; j < sets.size(); ++j) {
+    const ImageCaptionSet& data = *sets[j];
+    if (data.size() == 0) throw std::runtime_error("image-caption data: no images; hint: run scripts/prepare_data.sh");
+    offsets_.push_back(static_cast<int64_t>(caption_ids_.size()));
+    // set 0 keeps the single-set seeds, so that a one-source mixture draws what data.image_train draws
+    caption_order_.push_back(std::make_unique<EpochSampler>(data.size(), splitmix64(seed ^ 0xC0FFEEULL) + j));
+    gen_order_.push_back(std::make_unique<EpochSampler>(data.size(), splitmix64(seed ^ 0xBEEFULL) + j));
+    for (const auto& caps : data.captions) {
+      caption_ids_.emplace_back();
+      for (const auto& c : caps) {
+        auto it = cache.find(c);
+        if (it == cache.end()) {
+          it = cache.emplace(c, static_cast<int32_t>(caption_pool_.size())).first;
+          caption_pool_.push_back(tok.encode(c));
+          longest = std::max<int64_t>(longest, static_cast<int64_t>(caption_pool_.back().size()));
+        }
+        caption_ids_.back().push_back(it->second);
+      }
     }
   }
   const int64_t need = std::max(4 + model.resampler.num_latents + longest,
@@ -99,54 +133,82 @@ MultimodalSampler::MultimodalSampler(const ImageCaptionSet& data, const Tokenize
                              std::to_string(model.text.max_position_embeddings));
 }
 
+std::pair<torch::Tensor, torch::Tensor> MultimodalSampler::gather(
+    const std::vector<std::pair<size_t, int64_t>>& items, int64_t* bad) const {
+  if (sets_.size() == 1) {  // one set: one gather
+    std::vector<int64_t> idx;
+    for (const auto& it : items) idx.push_back(it.second);
+    const auto t = torch::tensor(idx, torch::kInt64);
+    return {sets_[0]->gather(t, bad), sets_[0]->labels.index_select(0, t)};
+  }
+  std::vector<torch::Tensor> images(items.size()), labels(items.size());
+  for (size_t j = 0; j < sets_.size(); ++j) {
+    std::vector<int64_t> idx, pos;
+    for (size_t p = 0; p < items.size(); ++p)
+      if (items[p].first == j) idx.push_back(items[p].second), pos.push_back(static_cast<int64_t>(p));
+    if (idx.empty()) continue;
+    const auto t = torch::tensor(idx, torch::kInt64);
+    const auto im = sets_[j]->gather(t, bad), lab = sets_[j]->labels.index_select(0, t);
+    for (size_t q = 0; q < pos.size(); ++q)
+      images[static_cast<size_t>(pos[q])] = im[static_cast<int64_t>(q)], labels[static_cast<size_t>(pos[q])] = lab[static_cast<int64_t>(q)];
+  }
+  return {torch::stack(images), torch::stack(labels)};
+}
+
 MultimodalBatch MultimodalSampler::get(int64_t micro) const {
   // The generator of global item `index` (micro-batch times global batch plus position) of stream 1 (captions) or
   // 2 (generation): independent of how micro-batches and ranks split the stream.
   auto item_rng = [&](uint64_t stream, int64_t index) {
     return std::mt19937_64(splitmix64(seed_ ^ splitmix64(stream ^ splitmix64(static_cast<uint64_t>(index)))));
   };
+  MultimodalBatch b;
+  b.source_counts.assign(sets_.size(), 0);
   std::vector<std::vector<int64_t>> rows;
-  std::vector<int64_t> cap_idx, gen_idx;
+  std::vector<std::pair<size_t, int64_t>> cap_items, gen_items;  // (set, index in the set)
   const auto& tk = model_.tokens;
-  auto pick = [&](int64_t img, std::mt19937_64& rng) -> const std::vector<int64_t>& {
-    const auto& v = caption_ids_[static_cast<size_t>(img)];
-    return v[static_cast<size_t>(rng() % v.size())];
+  auto pick = [&](const std::pair<size_t, int64_t>& item, std::mt19937_64& rng) -> const std::vector<int64_t>& {
+    const auto& v = caption_ids_[static_cast<size_t>(offsets_[item.first] + item.second)];
+    return caption_pool_[static_cast<size_t>(v[static_cast<size_t>(rng() % v.size())])];
   };
   for (int64_t i = 0; i < caption_batch_; ++i) {
     const int64_t k = micro * caption_batch_ * world_ + rank_ + world_ * i;  // global item index
-    const int64_t img = caption_order_.at(k);
+    const size_t j = caption_mix_.pick(k);
+    cap_items.emplace_back(j, caption_order_[j]->at(k));
+    ++b.source_counts[j];
     auto rng = item_rng(1, k);
-    cap_idx.push_back(img);
-    rows.push_back(caption_row(pick(img, rng), model_.resampler.num_latents, tk));
+    rows.push_back(caption_row(pick(cap_items.back(), rng), model_.resampler.num_latents, tk));
   }
   const int64_t G = generated_tokens_per_image(model_), P = model_.flow_token_dim();
   std::uniform_real_distribution<double> u(0.0, 1.0);
   std::vector<torch::Tensor> noise, times;
   for (int64_t i = 0; i < gen_batch_; ++i) {
     const int64_t k = micro * gen_batch_ * world_ + rank_ + world_ * i;
-    const int64_t img = gen_order_.at(k);
+    const size_t j = gen_mix_.pick(k);
+    gen_items.emplace_back(j, gen_order_[j]->at(k));
+    ++b.source_counts[j];
     auto rng = item_rng(2, k);
-    gen_idx.push_back(img);
-    const auto& prompt = pick(img, rng);
+    const auto& prompt = pick(gen_items.back(), rng);
     rows.push_back(generation_row(u(rng) < cfg_dropout_ ? std::vector<int64_t>{} : prompt, G, tk));
     auto gen = at::make_generator<at::CPUGeneratorImpl>(rng());
     noise.push_back(torch::randn({G, P}, gen));
     auto t = logit_normal_ ? torch::sigmoid(torch::randn({1}, gen) * time_std_ + time_mean_) : torch::rand({1}, gen);
     times.push_back(t.expand({G}));
   }
-  MultimodalBatch b;
   b.tokens = pad_rows(rows, seq_len_, tk.pad_id);
-  const auto cap_t = torch::tensor(cap_idx, torch::kInt64), gen_t = torch::tensor(gen_idx, torch::kInt64);
-  b.labels = data_.labels.index_select(0, torch::cat({cap_t, gen_t}));  // one gather, no per-sample item()
-  if (!cap_idx.empty())
-    b.images = to_model_images(data_.gather(cap_t, &b.bad_images), model_.vision.image_size,
-                               model_.vision.in_channels);
-  if (!gen_idx.empty()) {
-    b.gen_images = to_model_images(data_.gather(gen_t, &b.bad_images), model_.vqvae.image_size,
-                                   model_.vqvae.in_channels);
+  std::vector<torch::Tensor> labels;
+  if (!cap_items.empty()) {
+    auto [images, lab] = gather(cap_items, &b.bad_images);
+    b.images = to_model_images(images, model_.vision.image_size, model_.vision.in_channels);
+    labels.push_back(lab);
+  }
+  if (!gen_items.empty()) {
+    auto [images, lab] = gather(gen_items, &b.bad_images);
+    b.gen_images = to_model_images(images, model_.vqvae.image_size, model_.vqvae.in_channels);
     b.noise = torch::cat(noise, 0);
     b.times = torch::cat(times, 0);
+    labels.push_back(lab);
   }
+  b.labels = labels.empty() ? torch::empty({0}, torch::kInt64) : torch::cat(labels);
   return b;
 }
 

@@ -1,4 +1,5 @@
 // Stage "omni": the OMNI-LITE model on packed text and image-caption data (see stage.h for the objective).
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <stdexcept>
@@ -28,6 +29,7 @@ namespace {
 struct OmniMicro {
   torch::Tensor text;     // [B, T] packed text rows (undefined when train.batch_size = 0)
   int64_t bad_rows = 0;   // token-shard rows skipped for ids outside the vocabulary
+  std::vector<int64_t> text_counts;  // rows drawn from each text source (data.mixture)
   MultimodalBatch mm;     // image-caption rows (tokens undefined when none)
   MultimodalBatch sft;    // conversation rows (tokens undefined when none)
 };
@@ -44,12 +46,11 @@ class OmniStage : public TrainStage {
     const auto& tr = cfg.train;
     tok_.check_compatible(cfg.model);
     if (tr.batch_size > 0) {
-      text_ = std::make_unique<TextData>(cfg.data.text_train, "data.text_train", tok_, cfg, tr.seed);
-      if (text_->text.rows() == 0)
-        throw std::runtime_error("data.text_train: no documents in the given files; hint: run scripts/prepare_data.sh");
+      text_ = std::make_unique<TextData>(mixture_of(cfg.data, "text", cfg.data.text_train), tok_, cfg, tr.seed);
       if (!cfg.data.text_valid.empty()) {
-        text_valid_ = std::make_unique<TextData>(cfg.data.text_valid, "data.text_valid", tok_, cfg, tr.seed);
-        if (text_valid_->text.rows() == 0) {
+        text_valid_ = std::make_unique<TextData>(std::vector<MixtureSource>{{"", "text", cfg.data.text_valid, 1.0}},
+                                                 tok_, cfg, tr.seed, "data.text_valid");
+        if (text_valid_->rows() == 0) {
           log::warn("data.text_valid: no documents in the given files; text validation is skipped");
           text_valid_.reset();
         }
@@ -57,11 +58,25 @@ class OmniStage : public TrainStage {
     }
     if (tr.caption_batch_size + tr.gen_batch_size > 0) {
       const auto io = image_load_options(cfg.data, std::max(cfg.model.vision.image_size, cfg.model.vqvae.image_size));
-      images_ = read_training_images(cfg.data, io.size);
-      mm_ = std::make_unique<MultimodalSampler>(images_, tok_, cfg.model, tr, tr.seed, dist_->rank(), dist_->world());
-      log::info(log::format("data: %lld images, %lld caption + %lld generation samples per micro-batch, rows of %lld "
-                            "tokens", static_cast<long long>(images_.size()), static_cast<long long>(tr.caption_batch_size),
-                            static_cast<long long>(tr.gen_batch_size), static_cast<long long>(mm_->seq_len())));
+      image_mix_ = mixture_of(cfg.data, "images", cfg.data.image_train);
+      std::vector<const ImageCaptionSet*> sets;
+      std::vector<double> weights;
+      int64_t n = 0;
+      for (const auto& m : image_mix_) {
+        images_.push_back(std::make_unique<ImageCaptionSet>(read_image_captions(m.sources, io)));
+        if (images_.back()->size() == 0)
+          throw std::runtime_error((m.name.empty() ? "data.image_train" : "data.mixture \"" + m.name + "\"") +
+                                   ": no usable images in the given sources; hint: run scripts/prepare_data.sh");
+        sets.push_back(images_.back().get());
+        weights.push_back(m.weight);
+        n += images_.back()->size();
+      }
+      mm_ = std::make_unique<MultimodalSampler>(sets, weights, tok_, cfg.model, tr, tr.seed, dist_->rank(),
+                                                dist_->world());
+      log::info(log::format("data: %lld images in %zu source(s), %lld caption + %lld generation samples per "
+                            "micro-batch, rows of %lld tokens", static_cast<long long>(n), sets.size(),
+                            static_cast<long long>(tr.caption_batch_size), static_cast<long long>(tr.gen_batch_size),
+                            static_cast<long long>(mm_->seq_len())));
       if (!cfg.data.image_valid.empty()) {
         images_valid_ = read_image_captions(cfg.data.image_valid, io);
         if (images_valid_.size() > 0)
@@ -113,8 +128,11 @@ class OmniStage : public TrainStage {
   torch::nn::Module& module() override { return *model_; }
   std::map<std::string, std::string> data_fingerprints() const override {
     std::map<std::string, std::string> out;
-    if (text_ && text_->text.streamed()) out["data.text_train"] = text_->text.fingerprint();
-    if (images_.shards) out["data.image_train"] = images_.shards->fingerprint();
+    if (text_)
+      for (size_t j = 0; j < text_->parts.size(); ++j)
+        if (text_->parts[j]->streamed()) out[text_->keys[j]] = text_->parts[j]->fingerprint();
+    for (size_t j = 0; j < images_.size(); ++j)
+      if (images_[j]->shards) out[source_key(image_mix_[j], "data.image_train")] = images_[j]->shards->fingerprint();
     return out;
   }
   void save_weights(const std::string& dir, int64_t step) override {
@@ -127,8 +145,9 @@ class OmniStage : public TrainStage {
   }
   std::vector<std::string> terms() const override {
     std::vector<std::string> t{"loss_clm", "loss_rf", "loss_aux", "loss_z", "loss_caption", "loss_sft"};
-    if (text_ && text_->text.streamed()) t.insert(t.end(), {"data_bad_rows", "data_bad_shards"});
-    if (images_.shards) t.insert(t.end(), {"data_bad_images", "data_skipped_images"});
+    if (text_ && text_->streamed()) t.insert(t.end(), {"data_bad_rows", "data_bad_shards"});
+    if (images_streamed()) t.insert(t.end(), {"data_bad_images", "data_skipped_images"});
+    for (const auto& name : mix_names()) t.push_back("mix_" + name);
     return t;
   }
   std::string unit() const override { return "tokens"; }
@@ -170,16 +189,30 @@ class OmniStage : public TrainStage {
     r.terms = {{"loss_clm", l.clm.item<double>()}, {"loss_rf", l.rf.item<double>()},
                {"loss_aux", l.aux.item<double>()}, {"loss_z", l.z.item<double>()},
                {"loss_caption", l.clm_mm.item<double>()}, {"loss_sft", l.clm_sft.item<double>()}};
-    if (text_ && text_->text.streamed()) {
+    // a constant of the run is given by one share (rank 0, the step's first micro-batch) so that the sum is it
+    const bool first_share = i == 0 && dist_->rank() == 0;
+    if (text_ && text_->streamed()) {
       r.terms["data_bad_rows"] = static_cast<double>(batch.bad_rows);  // summed over micro-batches and ranks
-      // a constant of the run: given by one share (rank 0, the step's first micro-batch) so that the sum is it
-      r.terms["data_bad_shards"] = i == 0 && dist_->rank() == 0 ? static_cast<double>(text_->text.bad_shards()) : 0.0;
+      r.terms["data_bad_shards"] = first_share ? static_cast<double>(text_->bad_shards()) : 0.0;
     }
-    if (images_.shards) {
+    if (images_streamed()) {
       r.terms["data_bad_images"] = static_cast<double>(batch.mm.bad_images);  // replaced when gathered
-      // samples skipped while the shards were indexed (bad records, truncated tars): a constant, as above
-      r.terms["data_skipped_images"] = i == 0 && dist_->rank() == 0 ? static_cast<double>(images_.skipped) : 0.0;
+      // samples skipped while the shards were indexed (bad records, truncated tars)
+      int64_t skipped = 0;
+      for (const auto& set : images_) skipped += set->skipped;
+      r.terms["data_skipped_images"] = first_share ? static_cast<double>(skipped) : 0.0;
     }
+    // realised mixture: each source's share of the step's rows of its kind (summed over micro-batches and ranks)
+    const double steps_rows = static_cast<double>(cfg_.train.grad_accum * dist_->world());
+    if (text_ && text_->parts.size() > 1)
+      for (size_t j = 0; j < text_->parts.size(); ++j)
+        r.terms["mix_" + text_->names[j]] =
+            static_cast<double>(batch.text_counts[j]) / (steps_rows * static_cast<double>(cfg_.train.batch_size));
+    if (images_.size() > 1)
+      for (size_t j = 0; j < images_.size(); ++j)
+        r.terms["mix_" + image_mix_[j].name] =
+            static_cast<double>(batch.mm.source_counts[j]) /
+            (steps_rows * static_cast<double>(cfg_.train.caption_batch_size + cfg_.train.gen_batch_size));
     r.units = static_cast<double>((batch.text.defined() ? batch.text.numel() : 0) +
                                   (batch.mm.tokens.defined() ? batch.mm.tokens.numel() : 0) +
                                   (batch.sft.tokens.defined() ? batch.sft.tokens.numel() : 0));
@@ -218,24 +251,97 @@ class OmniStage : public TrainStage {
  private:
   // Packed text rows of a data key (documents or token shards, text_dataset.h), served in epoch permutations (or
   // in order for validation).
+  // The mixture sources of `kind` in data.mixture, or else the one unnamed source `entries`.
+  static std::vector<MixtureSource> mixture_of(const DataOptions& data, const std::string& kind,
+                                               const std::vector<std::string>& entries) {
+    std::vector<MixtureSource> out;
+    for (const auto& m : data.mixture)
+      if (m.kind == kind) out.push_back(m);
+    if (out.empty()) out.push_back({"", kind, entries, 1.0});
+    return out;
+  }
+  // The config key a source is known by in messages and state.json: data.mixture.NAME, or `plain`.
+  static std::string source_key(const MixtureSource& m, const std::string& plain) {
+    return m.name.empty() ? plain : "data.mixture." + m.name;
+  }
+
+  // Packed text rows of one or more weighted sources (data.mixture's text sources, or data.text_train).
   struct TextData {
-    TextData(const std::vector<std::string>& entries, const std::string& what, const Tokenizer& tok,
-             const Config& cfg, uint64_t seed)
-        : text(entries, what, tok, cfg.model, cfg.train.seq_len, seed) {
-      if (text.rows() > 0) log::info("data: " + text.describe());
+    TextData(const std::vector<MixtureSource>& sources, const Tokenizer& tok, const Config& cfg, uint64_t seed,
+             const std::string& plain_key = "data.text_train")
+        : mix(weights_of(sources), splitmix64(seed ^ 0x7E77ULL)) {
+      for (const auto& m : sources) {
+        keys.push_back(source_key(m, plain_key));
+        names.push_back(m.name);
+        parts.push_back(std::make_unique<PackedText>(m.sources, keys.back(), tok, cfg.model, cfg.train.seq_len,
+                                                     seed + parts.size()));
+        if (parts.back()->rows() > 0) log::info("data: " + parts.back()->describe());
+        else if (sources.size() > 1 || plain_key == "data.text_train")
+          throw std::runtime_error(keys.back() + ": no documents in the given files; hint: run "
+                                   "scripts/prepare_data.sh");
+      }
     }
-    // rows [B, T] of global micro-batch m: this rank's items rank, rank + world, ... of its batch * world rows;
-    // `bad` counts shard rows skipped for ids outside the vocabulary
-    torch::Tensor get(int64_t m, int64_t batch, bool ordered, int64_t rank, int64_t world, int64_t* bad) const {
-      std::vector<int64_t> idx;
+    static std::vector<double> weights_of(const std::vector<MixtureSource>& sources) {
+      std::vector<double> w;
+      for (const auto& m : sources) w.push_back(m.weight);
+      return w;
+    }
+    int64_t rows() const {
+      int64_t n = 0;
+      for (const auto& p : parts) n += p->rows();
+      return n;
+    }
+    bool streamed() const {
+      return std::any_of(parts.begin(), parts.end(), [](const auto& p) { return p->streamed(); });
+    }
+    int64_t bad_shards() const {
+      int64_t n = 0;
+      for (const auto& p : parts) n += p->bad_shards();
+      return n;
+    }
+    // rows [B, T] of global micro-batch m: this rank's items rank, rank + world, ... of its batch * world rows,
+    // each from the source SourceMixture picks for it; `bad` counts shard rows skipped for ids outside the
+    // vocabulary, `counts` (resized to the sources) the rows from each source
+    torch::Tensor get(int64_t m, int64_t batch, bool ordered, int64_t rank, int64_t world, int64_t* bad,
+                      std::vector<int64_t>* counts = nullptr) const {
+      std::vector<std::vector<int64_t>> idx(parts.size()), pos(parts.size());
       for (int64_t i = 0; i < batch; ++i) {
         const int64_t k = m * batch * world + rank + world * i;
-        idx.push_back(ordered ? k % text.rows() : text.shuffled(k));
+        const size_t j = mix.pick(k);
+        idx[j].push_back(ordered ? k % parts[j]->rows() : parts[j]->shuffled(k));
+        pos[j].push_back(i);
       }
-      return text.gather(idx, bad);
+      if (counts) counts->assign(parts.size(), 0);
+      if (parts.size() == 1) {
+        if (counts) (*counts)[0] = batch;
+        return parts[0]->gather(idx[0], bad);
+      }
+      torch::Tensor out;
+      for (size_t j = 0; j < parts.size(); ++j) {
+        if (counts) (*counts)[j] = static_cast<int64_t>(idx[j].size());
+        if (idx[j].empty()) continue;
+        const auto rows = parts[j]->gather(idx[j], bad);  // [n_j, T]
+        if (!out.defined()) out = torch::empty({batch, rows.size(1)}, rows.options());
+        out.index_copy_(0, torch::tensor(pos[j], torch::kInt64), rows);
+      }
+      return out;
     }
-    PackedText text;
+    std::vector<std::unique_ptr<PackedText>> parts;
+    std::vector<std::string> keys, names;  // each source's config key and mixture name ("" without a mixture)
+    SourceMixture mix;
   };
+
+  bool images_streamed() const {
+    return std::any_of(images_.begin(), images_.end(), [](const auto& s) { return s->shards != nullptr; });
+  }
+  // The mixture names with mix_<name> metrics: text and image mixtures of more than one source.
+  std::vector<std::string> mix_names() const {
+    std::vector<std::string> out;
+    if (text_ && text_->parts.size() > 1) out.insert(out.end(), text_->names.begin(), text_->names.end());
+    if (images_.size() > 1)
+      for (const auto& m : image_mix_) out.push_back(m.name);
+    return out;
+  }
 
   // lora.init_adapter: the factors a run starts from, an OMNI-LITE adapter or a PEFT one (which must imply the
   // run's own rank, alpha and adapted projections; every LoRA parameter of the model is filled).
@@ -261,7 +367,8 @@ class OmniStage : public TrainStage {
                  bool ordered = false) const {
     OmniMicro b;
     if (text && cfg_.train.batch_size > 0)
-      b.text = text->get(m, cfg_.train.batch_size, ordered, dist_->rank(), dist_->world(), &b.bad_rows);
+      b.text = text->get(m, cfg_.train.batch_size, ordered, dist_->rank(), dist_->world(), &b.bad_rows,
+                         &b.text_counts);
     if (mm) b.mm = mm->get(m);
     if (sft) b.sft = sft->get(m, ordered);
     return b;
@@ -419,7 +526,9 @@ class OmniStage : public TrainStage {
   std::shared_ptr<Dist> dist_;
   Tokenizer tok_;
   std::unique_ptr<TextData> text_, text_valid_;
-  ImageCaptionSet images_, images_valid_;
+  std::vector<MixtureSource> image_mix_;                 // the image sources (data.mixture's, or data.image_train)
+  std::vector<std::unique_ptr<ImageCaptionSet>> images_;  // their samples, one set per source
+  ImageCaptionSet images_valid_;
   std::unique_ptr<MultimodalSampler> mm_, mm_valid_;
   std::unique_ptr<SftSampler> sft_, sft_valid_;
   OmniLite model_{nullptr};

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -46,6 +47,19 @@ class EpochSampler {
   mutable std::map<int64_t, std::vector<int64_t>> cache_;  // epoch -> permutation (the last two kept)
 };
 
+// The source of global item k of a stream that mixes sources by weight (data.mixture): source j with probability
+// w_j / sum(w), drawn from (seed, k) alone, so that any split over ranks, loader threads and resumes draws alike.
+class SourceMixture {
+ public:
+  SourceMixture(const std::vector<double>& weights, uint64_t seed);
+  size_t pick(int64_t k) const;
+  size_t size() const { return cumulative_.size(); }
+
+ private:
+  std::vector<double> cumulative_;  // running sums of the normalised weights (the last is 1)
+  uint64_t seed_;
+};
+
 // A micro-batch of image-caption samples: caption rows first, then generation rows.
 struct MultimodalBatch {
   torch::Tensor tokens;      // [Bc + Bg, T] int64
@@ -58,6 +72,7 @@ struct MultimodalBatch {
   torch::Tensor segments;    // [B, T] int64 sample of each position in a packed row (attention and positions stay
                              // within a sample); undefined = one sample per row
   int64_t bad_images = 0;    // streamed images that did not decode and were replaced by the next sample's
+  std::vector<int64_t> source_counts;  // samples drawn from each image set of the sampler (mixture sources)
 };
 
 class MultimodalSampler {
@@ -67,6 +82,12 @@ class MultimodalSampler {
   // caption and generation batch sizes times world).
   MultimodalSampler(const ImageCaptionSet& data, const Tokenizer& tok, const ModelConfig& model,
                     const TrainOptions& train, uint64_t seed, int64_t rank = 0, int64_t world = 1);
+  // A mixture: each caption and generation sample comes from set j with probability weights[j] / sum (SourceMixture),
+  // and within the set from its own epoch permutation at the item's global index. One set of weight 1 draws the
+  // samples of the single-set constructor.
+  MultimodalSampler(const std::vector<const ImageCaptionSet*>& sets, const std::vector<double>& weights,
+                    const Tokenizer& tok, const ModelConfig& model, const TrainOptions& train, uint64_t seed,
+                    int64_t rank = 0, int64_t world = 1);
   // This rank's part of global micro-batch `micro`; thread-safe and deterministic in (seed, micro). Every random
   // choice of an item (caption variant, prompt dropout, noise, flow time) comes from a generator seeded by the
   // item's global index, so any split of a global micro-batch over ranks draws the same values.
@@ -74,7 +95,12 @@ class MultimodalSampler {
   int64_t seq_len() const { return seq_len_; }
 
  private:
-  const ImageCaptionSet& data_;
+  // [n, S, S, 3] uint8 images and [n] labels of samples (set, index in the set), in that order
+  std::pair<torch::Tensor, torch::Tensor> gather(const std::vector<std::pair<size_t, int64_t>>& items,
+                                                 int64_t* bad) const;
+
+  std::vector<const ImageCaptionSet*> sets_;
+  std::vector<int64_t> offsets_;  // index of each set's first sample in caption_ids_
   ModelConfig model_;
   int64_t caption_batch_, gen_batch_, seq_len_ = 0;
   int64_t rank_, world_;
@@ -82,8 +108,10 @@ class MultimodalSampler {
   bool logit_normal_;
   double time_mean_, time_std_;
   uint64_t seed_;
-  std::vector<std::vector<std::vector<int64_t>>> caption_ids_;  // [image][variant] -> token ids
-  EpochSampler caption_order_, gen_order_;
+  std::vector<std::vector<int64_t>> caption_pool_;  // the token ids of every distinct caption, once
+  std::vector<std::vector<int32_t>> caption_ids_;   // [image over all sets][variant] -> index into caption_pool_
+  SourceMixture caption_mix_, gen_mix_;
+  std::vector<std::unique_ptr<EpochSampler>> caption_order_, gen_order_;  // per set
 };
 
 }  // namespace omnilite
