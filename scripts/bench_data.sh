@@ -7,6 +7,8 @@
 #   scripts/bench_data.sh [GB ...]          default: 0.5 5
 #   WORK=DIR    where corpora and shards go (default /tmp/omnilite-bench-data; 5 GB needs ~8 GB free)
 #   STEPS=N     training steps (default 200); THREADS=N torch threads (default 2)
+#   MODE=memory the path a user would otherwise take: train on the corpus .txt itself (read, tokenized and packed
+#               in memory at start-up) instead of tokenizing it into shards first
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-build/omnilite}
@@ -40,14 +42,19 @@ with open(out + ".tmp", "w", encoding="utf-8") as f:
 import os; os.replace(out + ".tmp", out)
 EOF
   fi
-  rm -rf "$shards" "$run"
+  rm -rf "$run"
   echo "== ${gb} GB corpus: $(du -h "$corpus" | cut -f1)"
-  "$BIN" data tokenize --input "$corpus" --out "$shards" --workers "$THREADS" 2> "$WORK/tokenize-${gb}GB.log" | tail -1
-  grep -o "tokenize: .*" "$WORK/tokenize-${gb}GB.log" | tail -1
-  echo "shards: $(du -sh "$shards" | cut -f1)"
+  source=$corpus
+  if [[ ${MODE:-shards} != memory ]]; then
+    rm -rf "$shards"
+    "$BIN" data tokenize --input "$corpus" --out "$shards" --workers "$THREADS" 2> "$WORK/tokenize-${gb}GB.log" | tail -1
+    grep -o "tokenize: .*" "$WORK/tokenize-${gb}GB.log" | tail -1
+    echo "shards: $(du -sh "$shards" | cut -f1)"
+    source=$shards
+  fi
   start=$(date +%s.%N)
   "$BIN" train --config configs/small.json --out "$run" --set runtime.threads="$THREADS" --set runtime.blas_threads=1 \
-    --set "data.text_train=[\"$shards\"]" --set train.caption_batch_size=0 --set train.gen_batch_size=0 \
+    --set "data.text_train=[\"$source\"]" --set train.caption_batch_size=0 --set train.gen_batch_size=0 \
     --set train.steps="$STEPS" --set train.ckpt_every="$STEPS" --set train.valid_every="$STEPS" \
     2> "$WORK/train-${gb}GB.log"
   python3 - "$WORK/train-${gb}GB.log" "$start" <<'EOF'

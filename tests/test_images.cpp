@@ -114,6 +114,20 @@ TEST_CASE("image-caption .jsonl: good lines load, bad images and lines are skipp
   CHECK(set.labels[0].item<int64_t>() == 3);
   CHECK(torch::equal(crop_single(set.images[0]), ((known_image()[0] + 1.0) * 127.5).round().to(torch::kUInt8).permute({1, 2, 0})));
 
+  // Streamed (training): missing files and bad lines are skipped at once, the files that exist are decoded when
+  // gathered, each undecodable one replaced by the next sample's and counted.
+  o.stream = true;
+  auto lazy = read_image_captions({dir + "/list.jsonl"}, o);
+  REQUIRE(lazy.size() == 4);  // good, cut.png, cut.jpg, text.png
+  CHECK(lazy.in_memory() == 0);
+  CHECK(lazy.skipped == 3);
+  CHECK(lazy.captions[2] == std::vector<std::string>{"half jpeg"});
+  int64_t replaced = 0;
+  const auto all = lazy.gather(torch::arange(4, torch::kInt64), &replaced);
+  CHECK(replaced == 6);  // item 1 tries 1, 2, 3 before 0; item 2 tries 2, 3; item 3 tries 3
+  for (int64_t i = 0; i < 4; ++i) CHECK(torch::equal(all[i], set.images[0]));
+  o.stream = false;
+
   // Each reason is named in the error of decode_image_file.
   CHECK_THROWS_WITH(decode_image_file(dir + "/cut.png"), ContainsText("cut.png") && ContainsText("truncated PNG"));
   CHECK_THROWS_WITH(decode_image_file(dir + "/cut.jpg"), ContainsText("truncated JPEG"));

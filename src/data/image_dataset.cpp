@@ -42,19 +42,44 @@ torch::Tensor sized(const torch::Tensor& rgb, int64_t size) {
 #endif
 }
 
-// Accumulates images while sources are read.
+torch::Tensor decode_native(const std::string& path);
+
+// Accumulates images while sources are read: decoded ones (in memory), and streamed ones (ImageShards: image files
+// of lists read with opts.stream, tar shards), whose samples come after the decoded ones.
 struct Builder {
   const ImageLoadOptions& opts;
   std::vector<torch::Tensor> images;
-  std::vector<std::vector<std::string>> captions;
-  std::vector<int64_t> labels;
+  std::vector<std::vector<std::string>> captions, streamed_captions;
+  std::vector<int64_t> labels, streamed_labels;
+  std::shared_ptr<ImageShards> streamed;  // created with the first streamed sample
   int64_t skipped = 0;
 
-  bool full() const { return opts.max_images > 0 && static_cast<int64_t>(images.size()) >= opts.max_images; }
+  int64_t count() const { return static_cast<int64_t>(images.size() + streamed_captions.size()); }
+  bool full() const { return opts.max_images > 0 && count() >= opts.max_images; }
   void add(torch::Tensor img, std::vector<std::string> caps, int64_t label) {
     images.push_back(std::move(img));
     captions.push_back(std::move(caps));
     labels.push_back(label);
+  }
+  ImageShards& stream() {
+    if (!streamed) streamed = std::make_shared<ImageShards>(opts.size);
+    return *streamed;
+  }
+  // An image file of a list (`where` names the entry): decoded now, or with opts.stream checked to exist and be
+  // non-empty, and decoded when gathered.
+  void add_file(const std::string& where, const std::string& path, std::vector<std::string> caps, int64_t label) {
+    try {
+      if (!opts.stream) return add(sized(decode_native(path), opts.size), std::move(caps), label);
+      std::error_code ec;
+      const auto n = fs::file_size(path, ec);
+      if (ec) throw std::runtime_error("image \"" + path + "\": cannot open (missing?)");
+      if (n == 0) throw std::runtime_error("image \"" + path + "\": the file is empty");
+      stream().add_file(path);
+      streamed_captions.push_back(std::move(caps));
+      streamed_labels.push_back(label);
+    } catch (const std::exception& e) {
+      skip(where, e.what());
+    }
   }
   void skip(const std::string& where, const std::string& why) {
     ++skipped;
@@ -108,12 +133,7 @@ void read_jsonl_source(const std::string& path, Builder& b) {
       continue;
     }
     const int64_t label = j.contains("label") && j["label"].is_number_integer() ? j["label"].get<int64_t>() : -1;
-    try {
-      b.add(sized(decode_native(b.resolve(path, j["image"].get<std::string>())), b.opts.size),
-            {j["text"].get<std::string>()}, label);
-    } catch (const std::exception& e) {
-      b.skip(where, e.what());
-    }
+    b.add_file(where, b.resolve(path, j["image"].get<std::string>()), {j["text"].get<std::string>()}, label);
   }
 }
 
@@ -141,11 +161,7 @@ void read_coco_source(const std::string& path, Builder& b) {
     }
     auto it = caps.find(im["id"].get<int64_t>());
     if (it == caps.end()) continue;  // an image without captions teaches nothing here
-    try {
-      b.add(sized(decode_native(b.resolve(path, im["file_name"].get<std::string>())), b.opts.size), it->second, -1);
-    } catch (const std::exception& e) {
-      b.skip(where, e.what());
-    }
+    b.add_file(where, b.resolve(path, im["file_name"].get<std::string>()), it->second, -1);
   }
 }
 
@@ -231,7 +247,7 @@ bool have_opencv() { return OMNILITE_HAVE_OPENCV != 0; }
 const char* picture_extension() { return have_opencv() ? ".png" : ".ppm"; }
 
 ImageCaptionSet read_image_captions(const std::vector<std::string>& sources, const ImageLoadOptions& opts) {
-  Builder b{opts, {}, {}, {}, 0};
+  Builder b{opts, {}, {}, {}, {}, {}, nullptr, 0};
   std::vector<std::string> tars;  // streamed sources, indexed after the in-memory ones (their samples come last)
   for (const auto& src : sources) {
     if (b.full()) break;
@@ -245,20 +261,23 @@ ImageCaptionSet read_image_captions(const std::vector<std::string>& sources, con
                                "scripts/prepare_data.sh for the embedded Fashion-MNIST");
   }
   ImageCaptionSet set;
-  if (!tars.empty()) {
+  if (!tars.empty() && !b.full()) {
+    // the streamed samples may reach max_images - (decoded ones)
     const int64_t left = opts.max_images > 0 ? opts.max_images - static_cast<int64_t>(b.images.size()) : 0;
-    if (opts.max_images == 0 || left > 0) {
-      auto shards = std::make_shared<ImageShards>(tars, opts.size, left, b.captions, b.labels);
-      b.skipped += shards->skipped();
-      if (shards->size() > 0) set.shards = std::move(shards);
-    }
+    b.stream().add_shards(tars, left, b.streamed_captions, b.streamed_labels);
+    b.skipped += b.streamed->skipped();
   }
+  if (b.streamed && b.streamed->size() > 0) set.shards = b.streamed;
   set.skipped = b.skipped;
   if (b.skipped > 0) log::warn(log::format("image-caption data: %lld entries skipped", static_cast<long long>(b.skipped)));
-  if (b.captions.empty()) return set;
+  if (b.count() == 0) return set;
   if (!b.images.empty()) set.images = torch::stack(b.images);
   set.captions = std::move(b.captions);
+  set.captions.insert(set.captions.end(), std::make_move_iterator(b.streamed_captions.begin()),
+                      std::make_move_iterator(b.streamed_captions.end()));
   set.labels = torch::tensor(b.labels, torch::kInt64);
+  if (!b.streamed_labels.empty())
+    set.labels = torch::cat({set.labels, torch::tensor(b.streamed_labels, torch::kInt64)});
   return set;
 }
 
@@ -271,7 +290,9 @@ ImageLoadOptions image_load_options(const DataOptions& data, int64_t size) {
 }
 
 ImageCaptionSet read_training_images(const DataOptions& data, int64_t size) {
-  auto set = read_image_captions(data.image_train, image_load_options(data, size));
+  auto io = image_load_options(data, size);
+  io.stream = true;
+  auto set = read_image_captions(data.image_train, io);
   if (set.size() == 0)
     throw std::runtime_error("data.image_train: no usable images in the given sources; hint: run "
                              "scripts/prepare_data.sh");

@@ -125,6 +125,11 @@ bool is_image_shard_source(const std::string& entry) {
 ImageShards::ImageShards(const std::vector<std::string>& entries, int64_t image_size, int64_t max_samples,
                          std::vector<std::vector<std::string>>& captions, std::vector<int64_t>& labels)
     : size_(image_size) {
+  add_shards(entries, max_samples, captions, labels);
+}
+
+void ImageShards::add_shards(const std::vector<std::string>& entries, int64_t max_samples,
+                             std::vector<std::vector<std::string>>& captions, std::vector<int64_t>& labels) {
   for (const auto& entry : entries) {
     std::vector<std::string> found;
     std::error_code ec;
@@ -280,6 +285,7 @@ void ImageShards::index_shard(const std::string& path, int64_t max_samples,
 }
 
 torch::Tensor ImageShards::decode(const Item& it) const {
+  if (it.file < 0) return resize_image(decode_image_file(it.member), size_);
   const std::string name = "image shard \"" + files_[static_cast<size_t>(it.file)] + "\" byte " +
                            std::to_string(it.offset) + " (" + it.member + ")";
   std::vector<uint8_t> bytes(static_cast<size_t>(it.bytes));

@@ -57,7 +57,8 @@ class OmniStage : public TrainStage {
       }
     }
     if (tr.caption_batch_size + tr.gen_batch_size > 0) {
-      const auto io = image_load_options(cfg.data, std::max(cfg.model.vision.image_size, cfg.model.vqvae.image_size));
+      auto io = image_load_options(cfg.data, std::max(cfg.model.vision.image_size, cfg.model.vqvae.image_size));
+      io.stream = true;  // the training images: decoded by the loader threads
       image_mix_ = mixture_of(cfg.data, "images", cfg.data.image_train);
       std::vector<const ImageCaptionSet*> sets;
       std::vector<double> weights;
@@ -78,6 +79,7 @@ class OmniStage : public TrainStage {
                             static_cast<long long>(tr.caption_batch_size), static_cast<long long>(tr.gen_batch_size),
                             static_cast<long long>(mm_->seq_len())));
       if (!cfg.data.image_valid.empty()) {
+        io.stream = false;
         images_valid_ = read_image_captions(cfg.data.image_valid, io);
         if (images_valid_.size() > 0)
           mm_valid_ = std::make_unique<MultimodalSampler>(images_valid_, tok_, cfg.model, tr, tr.seed + 1,
@@ -146,7 +148,7 @@ class OmniStage : public TrainStage {
   std::vector<std::string> terms() const override {
     std::vector<std::string> t{"loss_clm", "loss_rf", "loss_aux", "loss_z", "loss_caption", "loss_sft"};
     if (text_ && text_->streamed()) t.insert(t.end(), {"data_bad_rows", "data_bad_shards"});
-    if (images_streamed()) t.insert(t.end(), {"data_bad_images", "data_skipped_images"});
+    if (images_streamed() || images_skipped() > 0) t.insert(t.end(), {"data_bad_images", "data_skipped_images"});
     for (const auto& name : mix_names()) t.push_back("mix_" + name);
     return t;
   }
@@ -195,12 +197,10 @@ class OmniStage : public TrainStage {
       r.terms["data_bad_rows"] = static_cast<double>(batch.bad_rows);  // summed over micro-batches and ranks
       r.terms["data_bad_shards"] = first_share ? static_cast<double>(text_->bad_shards()) : 0.0;
     }
-    if (images_streamed()) {
+    if (images_streamed() || images_skipped() > 0) {
       r.terms["data_bad_images"] = static_cast<double>(batch.mm.bad_images);  // replaced when gathered
-      // samples skipped while the shards were indexed (bad records, truncated tars)
-      int64_t skipped = 0;
-      for (const auto& set : images_) skipped += set->skipped;
-      r.terms["data_skipped_images"] = first_share ? static_cast<double>(skipped) : 0.0;
+      // samples skipped while the sources were read (bad records, undecodable files, truncated tars)
+      r.terms["data_skipped_images"] = first_share ? static_cast<double>(images_skipped()) : 0.0;
     }
     // realised mixture: each source's share of the step's rows of its kind (summed over micro-batches and ranks)
     const double steps_rows = static_cast<double>(cfg_.train.grad_accum * dist_->world());
@@ -331,6 +331,11 @@ class OmniStage : public TrainStage {
     SourceMixture mix;
   };
 
+  int64_t images_skipped() const {
+    int64_t n = 0;
+    for (const auto& set : images_) n += set->skipped;
+    return n;
+  }
   bool images_streamed() const {
     return std::any_of(images_.begin(), images_.end(), [](const auto& s) { return s->shards != nullptr; });
   }

@@ -22,12 +22,15 @@ struct ImageLoadOptions {
   int64_t size = 32;          // square side images are resized to when loaded
   std::string image_root;     // folder of relative image paths ("" = the folder of the list file)
   int64_t max_images = 0;     // stop after this many images over all sources (0 = all)
+  bool stream = false;        // .jsonl / COCO lists: check that each image file exists and decode it when gathered
+                              // (training's loader threads), instead of decoding every image here
 };
 
 struct ImageCaptionSet {
   torch::Tensor images;                           // [M, S, S, 3] uint8 of the in-memory sources (grayscale
                                                   // replicated to 3 channels), samples 0 .. M-1
-  std::shared_ptr<const ImageShards> shards;      // samples M .. N-1, streamed from tar shards (null: none)
+  std::shared_ptr<const ImageShards> shards;      // samples M .. N-1, streamed from tar shards and image files
+                                                  // (null: none)
   std::vector<std::vector<std::string>> captions; // N lists of captions (one is drawn per use)
   torch::Tensor labels;                           // [N] int64 class label, -1 where unknown
   int64_t skipped = 0;                            // images or lines skipped with a warning
@@ -44,7 +47,8 @@ ImageCaptionSet read_image_captions(const std::vector<std::string>& sources, con
 
 // The load options a config asks for: images resized to `size`, data.image_root, data.max_images.
 ImageLoadOptions image_load_options(const DataOptions& data, int64_t size);
-// The training images of a config (data.image_train) at `size`; throws before step 1 when none is usable.
+// The training images of a config (data.image_train) at `size`, streamed (ImageLoadOptions::stream); throws before
+// step 1 when none is usable.
 ImageCaptionSet read_training_images(const DataOptions& data, int64_t size);
 
 // Decodes one image file with OpenCV into [H, W, 3] uint8 RGB. Throws naming the file when it is missing, empty,

@@ -28,13 +28,22 @@ struct ImageCaptionSet;
 // Whether a data.image_train / image_valid entry names tar shards: a .tar file or a folder holding .tar files.
 bool is_image_shard_source(const std::string& entry);
 
+// Streamed images: members of tar shards and, for .jsonl / COCO lists read with ImageLoadOptions::stream, whole
+// image files, each read and decoded when gathered.
 class ImageShards {
  public:
-  // Indexes the shards of `entries` (.tar files, or folders whose .tar files are taken in name order) and appends
-  // each sample's captions and label to `captions` / `labels`, up to `max_samples` (0 = all). `image_size` is the
-  // side images are resized to when gathered. Throws naming an entry that holds no shard or a shard that cannot be opened.
+  // No samples yet; `image_size` is the side images are resized to when gathered.
+  explicit ImageShards(int64_t image_size) : size_(image_size) {}
+  // The same, then add_shards(entries, max_samples, captions, labels).
   ImageShards(const std::vector<std::string>& entries, int64_t image_size, int64_t max_samples,
               std::vector<std::vector<std::string>>& captions, std::vector<int64_t>& labels);
+  // Indexes the shards of `entries` (.tar files, or folders whose .tar files are taken in name order) and appends
+  // each sample's captions and label to `captions` / `labels`, until size() reaches `max_samples` (0 = all).
+  // Throws naming an entry that holds no shard or a shard that cannot be opened.
+  void add_shards(const std::vector<std::string>& entries, int64_t max_samples,
+                  std::vector<std::vector<std::string>>& captions, std::vector<int64_t>& labels);
+  // One image file as a sample, decoded (decode_image_file) when gathered; its captions are the caller's.
+  void add_file(const std::string& path) { items_.push_back({-1, 0, -1, path}); }
   ~ImageShards();
   ImageShards(const ImageShards&) = delete;
   ImageShards& operator=(const ImageShards&) = delete;
@@ -51,10 +60,10 @@ class ImageShards {
 
  private:
   struct Item {
-    int32_t file;    // index into files_
-    int64_t offset;  // byte offset of the image's data in its shard
-    int64_t bytes;   // the image member's size
-    std::string member;  // the image member's path in the tar
+    int32_t file;        // index into files_; -1 for a whole image file
+    int64_t offset;      // byte offset of the image's data in its shard
+    int64_t bytes;       // the image member's size
+    std::string member;  // the image member's path in the tar, or the image file's path
   };
   torch::Tensor decode(const Item& it) const;  // [size, size, 3] uint8; throws naming the member
   void index_shard(const std::string& path, int64_t max_samples, std::vector<std::vector<std::string>>& captions,
