@@ -336,7 +336,8 @@ void validate(const Config& c) {
   if (tr.sft_seq_len > t.max_position_embeddings)
     fail("train.sft_seq_len", std::to_string(tr.sft_seq_len),
          "must be at most model.text.max_position_embeddings = " + std::to_string(t.max_position_embeddings));
-  if (tr.stage == "omni" && tr.sft_batch_size > 0 && c.data.sft_train.empty())
+  if (tr.stage == "omni" && tr.sft_batch_size > 0 && c.data.sft_train.empty() &&
+      std::none_of(c.data.mixture.begin(), c.data.mixture.end(), [](const MixtureSource& m) { return m.kind == "sft"; }))
     fail("data.sft_train", "[]", "must name at least one .json / .jsonl file of conversations when "
          "train.sft_batch_size > 0");
   if (tr.stage != "omni" && tr.batch_size <= 0)
@@ -373,10 +374,8 @@ void validate(const Config& c) {
       fail(key + ".name", "\"" + m.name + "\"", "must be a non-empty name of a-z, 0-9 and _ (it names mix_<name> in "
            "metrics.jsonl)");
     if (!names.insert(m.name).second) fail(key + ".name", "\"" + m.name + "\"", "is used twice; names must be unique");
-    if (m.kind == "sft")
-      fail(key + ".kind", "\"sft\"", "SFT sets do not mix by weight yet; hint: list them in data.sft_train (sampled "
-           "in proportion to their sizes)");
-    if (m.kind != "text" && m.kind != "images") fail(key + ".kind", "\"" + m.kind + "\"", "must be \"text\" or \"images\"");
+    if (m.kind != "text" && m.kind != "images" && m.kind != "sft")
+      fail(key + ".kind", "\"" + m.kind + "\"", "must be \"text\", \"images\" or \"sft\"");
     if (m.sources.empty()) fail(key + ".sources", "[]", "must name at least one file or folder");
     if (!(m.weight > 0.0 && std::isfinite(m.weight))) fail(key + ".weight", num(m.weight), "must be positive");
     mixed.insert(m.kind);
@@ -387,6 +386,8 @@ void validate(const Config& c) {
     fail("data.mixture", "[...]", "has text sources but train.batch_size is 0 (no text rows to draw)");
   if (tr.stage == "omni" && mixed.count("images") && tr.caption_batch_size + tr.gen_batch_size <= 0)
     fail("data.mixture", "[...]", "has image sources but train.caption_batch_size + gen_batch_size is 0");
+  if (tr.stage == "omni" && mixed.count("sft") && tr.sft_batch_size <= 0)
+    fail("data.mixture", "[...]", "has sft sources but train.sft_batch_size is 0 (no conversation rows to draw)");
   if ((tr.stage != "omni" || (tr.caption_batch_size + tr.gen_batch_size > 0 && !mixed.count("images"))) &&
       c.data.image_train.empty())
     fail("data.image_train", "[]", "must name at least one image-caption source for this stage");

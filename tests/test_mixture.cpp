@@ -1,6 +1,7 @@
 // Data mixtures (data.mixture): the source picked per item against its weights (a binomial bound), a one-source
-// mixture against the plain keys (the same losses), the realised shares in metrics.jsonl, exact resume of a run
-// that mixes documents with token shards and IDX images with tar shards, and the config's errors.
+// mixture against the plain keys (the same losses, the same conversation rows), the realised shares in
+// metrics.jsonl, exact resume of a run that mixes documents with token shards, IDX images with tar shards and two
+// conversation sets, and the config's errors.
 #include "catch_compat.h"
 
 #include <cmath>
@@ -8,7 +9,9 @@
 
 #include "helpers.h"
 #include "omnilite/data/image_dataset.h"
+#include "omnilite/data/chat.h"
 #include "omnilite/data/mm_batch.h"
+#include "omnilite/data/sft_batch.h"
 #include "omnilite/data/token_shards.h"
 
 using namespace omnilite;
@@ -112,8 +115,10 @@ TEST_CASE("data.mixture errors name the entry, the value and the rule", "[mixtur
     j["data"]["mixture"] = nlohmann::json::parse(mixture);
     return [j] { validate(parse_config(j)); };
   };
+  REQUIRE_THROWS_WITH(with(R"([{"name": "a", "kind": "video", "sources": ["x"]}])")(),
+                      ContainsText("data.mixture[0].kind") && ContainsText(R"("text", "images" or "sft")"));
   REQUIRE_THROWS_WITH(with(R"([{"name": "a", "kind": "sft", "sources": ["x.jsonl"]}])")(),
-                      ContainsText("data.mixture[0].kind") && ContainsText("data.sft_train"));
+                      ContainsText("train.sft_batch_size is 0"));
   REQUIRE_THROWS_WITH(with(R"([{"name": "a", "sources": ["x"]}, {"name": "a", "sources": ["y"]}])")(),
                       ContainsText("data.mixture[1].name") && ContainsText("twice"));
   REQUIRE_THROWS_WITH(with(R"([{"name": "Web", "sources": ["x"]}])")(), ContainsText("a-z, 0-9 and _"));
@@ -122,4 +127,49 @@ TEST_CASE("data.mixture errors name the entry, the value and the rule", "[mixtur
   REQUIRE_THROWS_WITH(with(R"([{"name": "a", "sources": []}])")(), ContainsText("data.mixture[0].sources"));
   REQUIRE_THROWS_WITH(with(R"([{"name": "a", "source": ["x"]}])")(), ContainsText("unknown key data.mixture[0].source"));
   REQUIRE_NOTHROW(with(R"([{"name": "a", "sources": ["x"], "weight": 0.5}, {"name": "b_2", "sources": ["y"]}])")());
+}
+
+TEST_CASE("conversation sets mix by weight: rows never mix sets, one set serves the rows of data.sft_train",
+          "[mixture][sft]") {
+  const std::string dir = testing::fresh_temp_dir("mixture_sft");
+  Config cfg = testing::tiny_text_config(dir);
+  for (const char* name : {"a", "b"}) {
+    std::ofstream f(dir + "/" + name + ".jsonl");
+    for (int i = 0; i < 5; ++i)
+      f << nlohmann::json{{"instruction", std::string(name) + " question " + std::to_string(i)},
+                          {"output", std::string(name) + " answer"}}.dump()
+        << "\n";
+  }
+  cfg.train.sft_batch_size = 4;
+  cfg.train.sft_seq_len = 40;
+  cfg.train.sft_packing = true;
+  const Tokenizer tok(cfg.data.tokenizer);
+  const auto a = read_chat_records({dir + "/a.jsonl"}), b = read_chat_records({dir + "/b.jsonl"});
+  // one set of weight 1: the rows of the single-set sampler
+  const SftSampler single(a, "data.sft_train", tok, cfg.model, cfg.train, 5);
+  const SftSampler one({&a}, {1.0}, {"data.mixture.a"}, tok, cfg.model, cfg.train, 5);
+  for (int64_t m = 0; m < 6; ++m) CHECK(torch::equal(one.get(m).tokens, single.get(m).tokens));
+  // two sets, 1 : 3: the counts follow SourceMixture's picks, and a row holds the samples of one set only
+  const SftSampler mixed({&a, &b}, {1.0, 3.0}, {"data.mixture.a", "data.mixture.b"}, tok, cfg.model, cfg.train, 5);
+  const SourceMixture picks({1.0, 3.0}, splitmix64(5 ^ 0x5F7AULL));
+  int64_t from_b = 0;
+  for (int64_t m = 0; m < 50; ++m) {
+    const auto batch = mixed.get(m);
+    int64_t want_b = 0;
+    for (int64_t i = 0; i < 4; ++i) want_b += picks.pick(m * 4 + i) == 1;
+    REQUIRE(batch.source_counts.size() == 2);
+    CHECK(batch.source_counts[1] == want_b);
+    CHECK(batch.source_counts[0] + batch.source_counts[1] == 4);
+    from_b += want_b;
+    int64_t rows_b = 0;
+    for (int64_t r = 0; r < 4; ++r) {
+      const auto row = batch.tokens[r].contiguous();
+      const std::string text = tok.decode(std::vector<int64_t>(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + 40));
+      const bool has_a = text.find("a question") != std::string::npos, has_b = text.find("b question") != std::string::npos;
+      CHECK(has_a != has_b);  // a packed row holds samples of one set
+      rows_b += has_b;
+    }
+    CHECK(rows_b == want_b);
+  }
+  CHECK(std::abs(static_cast<double>(from_b) / 200 - 0.75) < 5 * std::sqrt(0.75 * 0.25 / 200));
 }

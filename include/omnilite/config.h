@@ -187,7 +187,8 @@ struct TrainOptions {
 struct MixtureSource {
   std::string name;                  // the source in metrics (mix_<name>) and messages: [a-z0-9_]+, unique
   std::string kind = "text";         // "text": rows of train.batch_size (entries as data.text_train takes them);
-                                     // "images": caption and generation samples (entries as data.image_train)
+                                     // "images": caption and generation samples (entries as data.image_train);
+                                     // "sft": conversation rows of train.sft_batch_size (as data.sft_train)
   std::vector<std::string> sources;  // its files / folders
   double weight = 1;                 // its share of its kind's rows: weight / the sum of the kind's weights
 };
@@ -213,7 +214,8 @@ struct DataOptions {
                                   // supplies the flow targets; required when train.gen_batch_size > 0
   std::string classifier;         // eval: classifier run or checkpoint folder (stage "classifier") for t2i_accuracy
   // omni stage: weighted sources; the text sources, when any, replace data.text_train, the image ones
-  // data.image_train (each row or sample drawn from one source, deterministically, in proportion to the weights)
+  // data.image_train, the sft ones data.sft_train (each row or sample drawn from one source, deterministically, in
+  // proportion to the weights)
   std::vector<MixtureSource> mixture = {};
 };
 

@@ -238,7 +238,8 @@ void ImageShards::index_shard(const std::string& path, int64_t max_samples,
     const char type = h[156];
     std::string member = field(h, 100);
     const std::string prefix = field(h + 345, 155);
-    if (std::memcmp(h + 257, "ustar", 5) == 0 && !prefix.empty()) member = prefix + "/" + member;
+    // POSIX ustar ("ustar\0") has a path prefix there; GNU's own format ("ustar  ") keeps other fields there
+    if (std::memcmp(h + 257, "ustar\0", 6) == 0 && !prefix.empty()) member = prefix + "/" + member;
     if (bytes < 0 || off + kBlock + bytes > file_size) {
       bad(off, "member \"" + member + "\" needs " + std::to_string(bytes) + " bytes, the shard ends after " +
                    std::to_string(std::max<int64_t>(0, file_size - off - kBlock)) +

@@ -13,6 +13,11 @@ namespace omnilite {
 
 SftSampler::SftSampler(const ChatSet& records, const std::string& what, const Tokenizer& tok,
                        const ModelConfig& model, const TrainOptions& train, uint64_t seed, int64_t rank, int64_t world)
+    : SftSampler(std::vector<const ChatSet*>{&records}, {1.0}, {what}, tok, model, train, seed, rank, world) {}
+
+SftSampler::SftSampler(const std::vector<const ChatSet*>& sets, const std::vector<double>& weights,
+                       const std::vector<std::string>& whats, const Tokenizer& tok, const ModelConfig& model,
+                       const TrainOptions& train, uint64_t seed, int64_t rank, int64_t world)
     : model_(model),
       batch_(train.sft_batch_size),
       rank_(rank),
@@ -21,7 +26,10 @@ SftSampler::SftSampler(const ChatSet& records, const std::string& what, const To
       logit_normal_(train.flow_time == "logit_normal"),
       time_mean_(train.flow_time_mean),
       time_std_(train.flow_time_std),
-      seed_(seed) {
+      seed_(seed),
+      mix_(weights, splitmix64(seed ^ 0x5F7AULL)) {
+  if (sets.size() != weights.size() || sets.size() != whats.size())
+    throw std::runtime_error("SftSampler: one weight and one name per conversation set");
   const auto layout = chat_layout(model);
   const int64_t S = std::max(model.vision.image_size, model.vqvae.image_size);
   std::map<std::string, int64_t> image_row;  // path -> row of images_ (-1: does not decode)
@@ -41,50 +49,67 @@ SftSampler::SftSampler(const ChatSet& records, const std::string& what, const To
     return image_row[path] = static_cast<int64_t>(images.size()) - 1;
   };
   const int64_t cap = train.sft_seq_len > 0 ? train.sft_seq_len : model.text.max_position_embeddings;
-  for (const auto& r : records.records) {
-    try {
-      auto t = encode_chat(r.messages, tok, layout, train.train_on_input);
-      if (static_cast<int64_t>(t.ids.size()) > cap)
-        throw std::runtime_error(std::to_string(t.ids.size()) + " tokens, more than a row of " + std::to_string(cap) +
-                                 " (train.sft_seq_len); hint: raise train.sft_seq_len");
-      std::vector<int64_t> shown, drawn;
-      for (const auto& p : t.shown) shown.push_back(image_of(p));
-      for (const auto& p : t.drawn) drawn.push_back(image_of(p));
-      draws_ = draws_ || !drawn.empty();
-      samples_.push_back(std::move(t));
-      shown_.push_back(std::move(shown));
-      drawn_.push_back(std::move(drawn));
-    } catch (const std::exception& e) {
-      log::warn(what + ": " + r.where + ": skipped, " + e.what());
-      ++skipped_;
+  std::vector<int64_t> first_sample;  // each set's first sample
+  for (size_t j = 0; j < sets.size(); ++j) {
+    first_sample.push_back(samples());
+    const int64_t skipped_before = skipped_;
+    for (const auto& r : sets[j]->records) {
+      try {
+        auto t = encode_chat(r.messages, tok, layout, train.train_on_input);
+        if (static_cast<int64_t>(t.ids.size()) > cap)
+          throw std::runtime_error(std::to_string(t.ids.size()) + " tokens, more than a row of " +
+                                   std::to_string(cap) + " (train.sft_seq_len); hint: raise train.sft_seq_len");
+        std::vector<int64_t> shown, drawn;
+        for (const auto& p : t.shown) shown.push_back(image_of(p));
+        for (const auto& p : t.drawn) drawn.push_back(image_of(p));
+        draws_ = draws_ || !drawn.empty();
+        samples_.push_back(std::move(t));
+        shown_.push_back(std::move(shown));
+        drawn_.push_back(std::move(drawn));
+      } catch (const std::exception& e) {
+        log::warn(whats[j] + ": " + r.where + ": skipped, " + e.what());
+        ++skipped_;
+      }
     }
+    if (samples() == first_sample.back())
+      throw std::runtime_error(whats[j] + ": no usable conversation record (" +
+                               std::to_string(sets[j]->records.size()) + " read, " +
+                               std::to_string(sets[j]->skipped + skipped_ - skipped_before) + " skipped); hint: "
+                               "docs/training.md lists the record formats");
   }
-  if (samples_.empty())
-    throw std::runtime_error(what + ": no usable conversation record (" + std::to_string(records.records.size()) +
-                             " read, " + std::to_string(records.skipped + skipped_) + " skipped); hint: "
-                             "docs/training.md lists the record formats");
+  first_sample.push_back(samples());
   if (!images.empty()) images_ = torch::stack(images);
   int64_t longest = 0;
   for (const auto& t : samples_) longest = std::max<int64_t>(longest, static_cast<int64_t>(t.ids.size()));
   seq_len_ = train.sft_seq_len > 0 ? train.sft_seq_len : longest;
-  if (!packing_) {
-    for (int64_t i = 0; i < samples(); ++i) rows_.push_back({i});
-  } else {
-    // First fit over a fixed permutation: each sample goes into the first row with room for it.
-    std::vector<int64_t> room;
-    for (int64_t i : epoch_permutation(samples(), splitmix64(seed ^ 0x5F7ULL), 0)) {
-      const int64_t n = static_cast<int64_t>(samples_[static_cast<size_t>(i)].ids.size());
-      size_t r = 0;
-      while (r < room.size() && room[r] < n) ++r;
-      if (r == room.size()) rows_.emplace_back(), room.push_back(seq_len_);
-      rows_[r].push_back(i);
-      room[r] -= n;
+  // Rows per set (a packed row never mixes sets), each set served in its own epoch permutations; set 0 keeps the
+  // seeds of a single set.
+  for (size_t j = 0; j < sets.size(); ++j) {
+    row_offsets_.push_back(rows());
+    const int64_t s0 = first_sample[j], n = first_sample[j + 1] - s0;
+    if (!packing_) {
+      for (int64_t i = 0; i < n; ++i) rows_.push_back({s0 + i});
+    } else {
+      // First fit over a fixed permutation: each sample goes into the first row with room for it.
+      std::vector<int64_t> room;
+      const size_t r0 = rows_.size();
+      for (int64_t i : epoch_permutation(n, splitmix64(seed ^ 0x5F7ULL) + j, 0)) {
+        const int64_t len = static_cast<int64_t>(samples_[static_cast<size_t>(s0 + i)].ids.size());
+        size_t r = 0;
+        while (r < room.size() && room[r] < len) ++r;
+        if (r == room.size()) rows_.emplace_back(), room.push_back(seq_len_);
+        rows_[r0 + r].push_back(s0 + i);
+        room[r] -= len;
+      }
     }
+    orders_.push_back(std::make_unique<EpochSampler>(rows() - row_offsets_.back(), splitmix64(seed ^ 0x5F75ULL) + j));
   }
-  order_ = std::make_unique<EpochSampler>(rows(), splitmix64(seed ^ 0x5F75ULL));
-  log::info(log::format("data: %s: %lld conversations -> %lld rows of %lld tokens%s", what.c_str(),
-                        static_cast<long long>(samples()), static_cast<long long>(rows()),
-                        static_cast<long long>(seq_len_), packing_ ? " (packed, one attention block per sample)" : ""));
+  row_offsets_.push_back(rows());
+  for (size_t j = 0; j < sets.size(); ++j)
+    log::info(log::format("data: %s: %lld conversations -> %lld rows of %lld tokens%s", whats[j].c_str(),
+                          static_cast<long long>(first_sample[j + 1] - first_sample[j]),
+                          static_cast<long long>(row_offsets_[j + 1] - row_offsets_[j]),
+                          static_cast<long long>(seq_len_), packing_ ? " (packed, one attention block per sample)" : ""));
 }
 
 MultimodalBatch SftSampler::get(int64_t micro, bool ordered) const {
@@ -96,11 +121,14 @@ MultimodalBatch SftSampler::get(int64_t micro, bool ordered) const {
   auto ta = tokens.accessor<int64_t, 2>();
   auto ga = targets.accessor<bool, 2>();
   auto sa = segments.accessor<int64_t, 2>();
-  std::vector<int64_t> shown, drawn;
+  std::vector<int64_t> shown, drawn, counts(orders_.size(), 0);
   std::vector<torch::Tensor> noise, times;
   for (int64_t b = 0; b < batch_; ++b) {
     const int64_t k = micro * batch_ * world_ + rank_ + world_ * b;  // global item index
-    const int64_t row = ordered ? k % rows() : order_->at(k);
+    const size_t j = mix_.pick(k);  // the conversation set (mixture source) of item k
+    const int64_t in_set = row_offsets_[j + 1] - row_offsets_[j];
+    const int64_t row = row_offsets_[j] + (ordered ? k % in_set : orders_[j]->at(k));
+    ++counts[j];
     int64_t t = 0, seg = 0;
     uint64_t drawn_in_row = 0;
     for (int64_t s : rows_[static_cast<size_t>(row)]) {
@@ -122,6 +150,7 @@ MultimodalBatch SftSampler::get(int64_t micro, bool ordered) const {
     for (; t < T; ++t) sa[b][t] = seg;  // padding: the row's last sample (never a target, seen by no real token)
   }
   MultimodalBatch out;
+  out.source_counts = counts;
   out.tokens = tokens;
   out.targets = targets;
   if (packing_) out.segments = segments;

@@ -87,8 +87,19 @@ class OmniStage : public TrainStage {
       }
     }
     if (tr.sft_batch_size > 0) {
-      sft_ = std::make_unique<SftSampler>(read_chat_records(cfg.data.sft_train, cfg.data.image_root), "data.sft_train",
-                                          tok_, cfg.model, tr, tr.seed, dist_->rank(), dist_->world());
+      sft_mix_ = mixture_of(cfg.data, "sft", cfg.data.sft_train);
+      std::vector<ChatSet> sets;
+      std::vector<const ChatSet*> ptrs;
+      std::vector<double> weights;
+      std::vector<std::string> whats;
+      for (const auto& m : sft_mix_) {
+        sets.push_back(read_chat_records(m.sources, cfg.data.image_root));
+        weights.push_back(m.weight);
+        whats.push_back(source_key(m, "data.sft_train"));
+      }
+      for (const auto& set : sets) ptrs.push_back(&set);
+      sft_ = std::make_unique<SftSampler>(ptrs, weights, whats, tok_, cfg.model, tr, tr.seed, dist_->rank(),
+                                          dist_->world());
       if (!cfg.data.sft_valid.empty()) {
         auto held_out = read_chat_records(cfg.data.sft_valid, cfg.data.image_root);
         if (held_out.records.empty())
@@ -213,6 +224,10 @@ class OmniStage : public TrainStage {
         r.terms["mix_" + image_mix_[j].name] =
             static_cast<double>(batch.mm.source_counts[j]) /
             (steps_rows * static_cast<double>(cfg_.train.caption_batch_size + cfg_.train.gen_batch_size));
+    if (sft_mix_.size() > 1)
+      for (size_t j = 0; j < sft_mix_.size(); ++j)
+        r.terms["mix_" + sft_mix_[j].name] = static_cast<double>(batch.sft.source_counts[j]) /
+                                             (steps_rows * static_cast<double>(cfg_.train.sft_batch_size));
     r.units = static_cast<double>((batch.text.defined() ? batch.text.numel() : 0) +
                                   (batch.mm.tokens.defined() ? batch.mm.tokens.numel() : 0) +
                                   (batch.sft.tokens.defined() ? batch.sft.tokens.numel() : 0));
@@ -339,12 +354,13 @@ class OmniStage : public TrainStage {
   bool images_streamed() const {
     return std::any_of(images_.begin(), images_.end(), [](const auto& s) { return s->shards != nullptr; });
   }
-  // The mixture names with mix_<name> metrics: text and image mixtures of more than one source.
+  // The mixture names with mix_<name> metrics: text, image and conversation mixtures of more than one source.
   std::vector<std::string> mix_names() const {
     std::vector<std::string> out;
     if (text_ && text_->parts.size() > 1) out.insert(out.end(), text_->names.begin(), text_->names.end());
-    if (images_.size() > 1)
-      for (const auto& m : image_mix_) out.push_back(m.name);
+    for (const auto* mix : {&image_mix_, &sft_mix_})
+      if (mix->size() > 1)
+        for (const auto& m : *mix) out.push_back(m.name);
     return out;
   }
 
@@ -532,6 +548,7 @@ class OmniStage : public TrainStage {
   Tokenizer tok_;
   std::unique_ptr<TextData> text_, text_valid_;
   std::vector<MixtureSource> image_mix_;                 // the image sources (data.mixture's, or data.image_train)
+  std::vector<MixtureSource> sft_mix_;                   // the conversation sources (data.mixture's, or data.sft_train)
   std::vector<std::unique_ptr<ImageCaptionSet>> images_;  // their samples, one set per source
   ImageCaptionSet images_valid_;
   std::unique_ptr<MultimodalSampler> mm_, mm_valid_;

@@ -29,6 +29,13 @@ class SftSampler {
   // what: the config key the records came from (for messages). Throws before step 1 when no sample is usable.
   SftSampler(const ChatSet& records, const std::string& what, const Tokenizer& tok, const ModelConfig& model,
              const TrainOptions& train, uint64_t seed, int64_t rank = 0, int64_t world = 1);
+  // A mixture (data.mixture's sft sources): each row comes from set j with probability weights[j] / sum
+  // (SourceMixture), within the set from its own epoch permutation of its rows (packing never mixes sets); rows
+  // share one length (the longest sample of all sets when train.sft_seq_len = 0). whats[j] names set j in messages.
+  // One set of weight 1 serves the rows of the single-set constructor.
+  SftSampler(const std::vector<const ChatSet*>& sets, const std::vector<double>& weights,
+             const std::vector<std::string>& whats, const Tokenizer& tok, const ModelConfig& model,
+             const TrainOptions& train, uint64_t seed, int64_t rank = 0, int64_t world = 1);
   // This rank's part of global micro-batch `micro` (rows in epoch permutations, or in order when `ordered`):
   // tokens, targets, segments (packing), shown images, drawn images with their noise and flow times.
   MultimodalBatch get(int64_t micro, bool ordered = false) const;
@@ -50,7 +57,9 @@ class SftSampler {
   std::vector<std::vector<int64_t>> drawn_;   // per sample: rows of images_ it draws
   std::vector<std::vector<int64_t>> rows_;    // samples of each row
   torch::Tensor images_;                      // [N, S, S, 3] uint8, every distinct image once
-  std::unique_ptr<EpochSampler> order_;       // row order
+  SourceMixture mix_;                         // the set of each item
+  std::vector<int64_t> row_offsets_;          // each set's first row in rows_, and rows() at the end
+  std::vector<std::unique_ptr<EpochSampler>> orders_;  // each set's row order
 };
 
 }  // namespace omnilite
