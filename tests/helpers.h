@@ -37,6 +37,13 @@ inline void write_idx(const std::string& path, const torch::Tensor& t) {
                                              static_cast<std::streamsize>(bytes.size()));
 }
 
+// The bytes of a file, and a file written with exactly these bytes.
+inline std::string bytes_of(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+}
+inline void write_bytes(const std::string& path, const std::string& b) { std::ofstream(path, std::ios::binary) << b; }
+
 // A Fashion-MNIST-like IDX pair "<dir>/<split>-images-idx3-ubyte" / "-labels-idx1-ubyte" of n 28x28 images of
 // `classes` easy classes: class k is a bright band at a class-specific position, plus noise.
 inline std::string write_synthetic_fashion(const std::string& dir, const std::string& split, int64_t n,

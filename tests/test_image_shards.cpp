@@ -21,12 +21,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string bytes_of(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
-}
-
-void write_bytes(const std::string& path, const std::string& b) { std::ofstream(path, std::ios::binary) << b; }
+using testing::bytes_of;
+using testing::write_bytes;
 
 // stdout of a shell command (throws when it fails)
 std::string shell(const std::string& cmd) {

@@ -20,10 +20,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string bytes_of(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
-}
+using testing::bytes_of;
+using testing::write_bytes;
 
 // Little-endian bytes of a value, appended.
 template <class T>
@@ -51,7 +49,6 @@ std::string megatron_index(uint8_t dtype_code, const std::vector<int32_t>& lengt
   return s;
 }
 
-void write_bytes(const std::string& path, const std::string& b) { std::ofstream(path, std::ios::binary) << b; }
 
 }  // namespace
 
