@@ -221,3 +221,25 @@ TEST_CASE("one Euler step with guidance matches x1 = x0 + v_u + W (v_c - v_u), c
     CHECK(testing::max_rel_err(got, ref) < 1e-4);
   }
 }
+
+TEST_CASE("the LM head's one-row product and last_logits give the full forward's logits", "[infer][kv]") {
+  Config c = testing::load("configs/tiny.json");
+  torch::manual_seed(5);
+  OmniLite model(c.model);
+  model->eval();
+  torch::NoGradGuard ng;
+  // one row ([1, 1, D], the matrix-vector path) against a float64 product with the same weight
+  const auto h = torch::randn({1, 1, c.model.text.hidden_size});
+  const auto w = model->lm_head->tied ? model->lm_head->tied->weight : model->lm_head->weight;
+  const auto one = model->lm_head->forward(h);
+  REQUIRE(one.sizes() == torch::IntArrayRef({1, 1, c.model.text.vocab_size}));
+  CHECK(testing::max_rel_err(one, torch::matmul(h.to(torch::kFloat64), w.to(torch::kFloat64).t())) < 1e-5);
+  // a prompt's prefill with last_logits: the last position of the full logits
+  OmniInput in;
+  in.tokens = torch::tensor(std::vector<int64_t>{1, 20, 31, 42, 53, 60}, torch::kInt64).view({1, -1});
+  const auto full = model->forward(in).logits;  // [1, 6, V]
+  in.last_logits = true;
+  const auto last = model->forward(in).logits;  // [1, 1, V]
+  REQUIRE(last.sizes() == torch::IntArrayRef({1, 1, c.model.text.vocab_size}));
+  CHECK(torch::allclose(last[0][0], full[0][5], 1e-6, 1e-6));
+}

@@ -178,7 +178,8 @@ nlohmann::json bench_decode(const Config& cfg, const torch::Device& dev, const s
     return (logits.select(1, t).narrow(-1, first, span).argmax(-1) + first).view({1, 1});
   };
   auto t0 = Clock::now();
-  auto next = greedy(model->forward(in).logits, prompt - 1);
+  in.last_logits = true;
+  auto next = greedy(model->forward(in).logits, 0);
   synchronize(dev);
   const double prefill_s = seconds_since(t0);
   in.tokens = next;  // one warm-up decode step, then the timed ones

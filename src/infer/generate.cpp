@@ -170,7 +170,8 @@ std::vector<int64_t> continue_text(OmniLiteImpl& model, KVCache& cache, const st
     in.tokens = tokens;
     if (i == 0 && images.defined()) in.images = images.to(dev, model.text->embed_tokens->weight.scalar_type());
     in.cache = &cache;
-    auto logits = model.forward(in).logits[0][tokens.size(1) - 1].clone();  // [V]
+    in.last_logits = true;
+    auto logits = model.forward(in).logits[0][0].clone();  // [V], of the last position
     // The image placeholders only ever stand for image content the caller supplies; text decoding never emits one
     // (the next step could not embed it).
     for (int64_t id : {model.cfg.tokens.image_id, model.cfg.tokens.gen_image_id})

@@ -1,5 +1,7 @@
 #include "omnilite/modules/lm_head.h"
 
+#include <vector>
+
 namespace omnilite {
 
 LMHeadImpl::LMHeadImpl(int64_t dim, int64_t vocab_size, TokenEmbedding tied_embedding) : tied(tied_embedding) {
@@ -8,7 +10,16 @@ LMHeadImpl::LMHeadImpl(int64_t dim, int64_t vocab_size, TokenEmbedding tied_embe
 
 // h: [B, T, D] -> [B, T, V]
 torch::Tensor LMHeadImpl::forward(const torch::Tensor& h) {
-  return torch::nn::functional::linear(h, tied ? tied->weight : weight);
+  const auto& w = tied ? tied->weight : weight;
+  // One row (batch-1 decoding) on the CPU: a matrix-vector product reads the [V, D] weight once; the GEMM path
+  // of the CPU BLAS first packs (copies) all of it.
+  if (h.numel() == h.size(-1) && h.device().is_cpu() && h.scalar_type() == torch::kFloat32 &&
+      w.scalar_type() == torch::kFloat32) {
+    std::vector<int64_t> shape(h.sizes().begin(), h.sizes().end());
+    shape.back() = w.size(0);
+    return torch::mv(w, h.reshape({-1})).view(shape);
+  }
+  return torch::nn::functional::linear(h, w);
 }
 
 }  // namespace omnilite

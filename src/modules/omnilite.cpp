@@ -129,7 +129,8 @@ OmniOutput OmniLiteImpl::forward(const OmniInput& in) {
   OmniOutput out;
   out.hidden = dec.hidden;
   out.router_logits = std::move(dec.router_logits);
-  if (in.compute_logits) out.logits = lm_head->forward(dec.hidden);
+  if (in.compute_logits)
+    out.logits = lm_head->forward(in.last_logits ? dec.hidden.narrow(1, dec.hidden.size(1) - 1, 1) : dec.hidden);
   if (n_gen > 0) {
     auto idx = is_gen.reshape(-1).nonzero().squeeze(1);
     out.velocity = flow->forward(dec.hidden.reshape({-1, dec.hidden.size(2)}).index_select(0, idx));  // [n_gen, P]

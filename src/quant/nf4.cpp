@@ -10,6 +10,7 @@
 #include <cmath>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 namespace omnilite::quant {
 
@@ -266,8 +267,20 @@ torch::Tensor nf4_dequantize_rows(const Nf4Tensor& q, int64_t row0, int64_t rows
 
 namespace {
 
-// One output row o of y = x W^T over rows [0, N) of x, split into even (xe) and odd (xo) columns: [N, in / 2] each.
-// Portable version.
+// The absmax of blocks [b0, b0 + n) from their double quantisation, as nf4_absmax computes them in float32: the map
+// value times the block's scale, rounded, plus the mean, rounded (never fused into one FMA, so that the kernels
+// scale by the very values dequantisation uses).
+__attribute__((optimize("fp-contract=off"))) void row_absmax(const uint8_t* absmax_q, const float* scale, float mean,
+                                                            int64_t b0, int64_t n, float* out) {
+  const auto& map = dynamic_map_values();
+  for (int64_t b = 0; b < n; ++b) {
+    const float v = map[absmax_q[b0 + b]] * scale[(b0 + b) / kAbsmaxBlockSize];
+    out[b] = v + mean;
+  }
+}
+
+// One output row o of y = x W^T over rows [0, N) of x, split into even (xe) and odd (xo) columns: [N, in / 2] each;
+// absmax holds the row's in / 64 block scales. Portable version.
 void few_rows_scalar(const uint8_t* packed, const float* absmax, const float* xe, const float* xo, int64_t N,
                      int64_t in, int64_t o, float* acc) {
   const float* code = nf4_code_values().data();
@@ -275,7 +288,7 @@ void few_rows_scalar(const uint8_t* packed, const float* absmax, const float* xe
   for (int64_t r = 0; r < N; ++r) acc[r] = 0.f;
   for (int64_t b = 0; b < bpr; ++b) {
     const uint8_t* p = packed + o * half + b * (kNf4BlockSize / 2);
-    const float s = absmax[o * bpr + b];
+    const float s = absmax[b];
     for (int64_t r = 0; r < N; ++r) {
       const float* e = xe + r * half + b * (kNf4BlockSize / 2);
       const float* d = xo + r * half + b * (kNf4BlockSize / 2);
@@ -317,7 +330,7 @@ __attribute__((target("avx2,fma"))) void few_rows_avx2(const uint8_t* packed, co
         block[r] = _mm256_fmadd_ps(vl, _mm256_loadu_ps(xo + r * half + col), block[r]);
       }
     }
-    const __m256 s = _mm256_set1_ps(absmax[o * bpr + b]);
+    const __m256 s = _mm256_set1_ps(absmax[b]);
     for (int64_t r = 0; r < N; ++r) total[r] = _mm256_fmadd_ps(block[r], s, total[r]);
   }
   for (int64_t r = 0; r < N; ++r) {
@@ -350,11 +363,43 @@ __attribute__((target("avx2,fma"))) float one_row_avx2(const uint8_t* packed, co
       a3 = _mm256_fmadd_ps(lookup16(lo8, hi8, _mm256_and_si256(b1, mask15)), _mm256_loadu_ps(xo + c + 8), a3);
     }
     const __m256 block = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    total = _mm256_fmadd_ps(block, _mm256_set1_ps(absmax[o * bpr + b]), total);
+    total = _mm256_fmadd_ps(block, _mm256_set1_ps(absmax[b]), total);
   }
   alignas(32) float v[8];
   _mm256_store_ps(v, total);
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// GCC 12's AVX-512 intrinsics pass an undefined vector as the mask source, which -Wmaybe-uninitialized reports.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// One row with AVX-512: the 16-entry table fits one register, so a code lookup is one permutexvar for 16 lanes.
+// 16 bytes -> 16 high and 16 low code indices, times the even / odd columns of x; four accumulators per block.
+__attribute__((target("avx512f"))) float one_row_avx512(const uint8_t* packed, const float* absmax, const float* xe,
+                                                        const float* xo, int64_t in, int64_t o) {
+  const __m512 table = _mm512_loadu_ps(nf4_code_values().data());
+  const __m512i mask15 = _mm512_set1_epi32(15);
+  const int64_t half = in / 2, bpr = in / kNf4BlockSize;
+  const uint8_t* row = packed + o * half;
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t b = 0; b < bpr; ++b) {
+    const int64_t c = b * (kNf4BlockSize / 2);  // 32 bytes per block
+    const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c)));
+    const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c + 16)));
+    __m512 a0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), table), _mm512_loadu_ps(xe + c));
+    __m512 a1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(b0, mask15), table), _mm512_loadu_ps(xo + c));
+    a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b1, 4), table), _mm512_loadu_ps(xe + c + 16), a0);
+    a1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_and_si512(b1, mask15), table), _mm512_loadu_ps(xo + c + 16), a1);
+    total = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(absmax[b]), total);
+  }
+  return _mm512_reduce_add_ps(total);
+}
+#pragma GCC diagnostic pop
+
+bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
 }
 
 bool cpu_has_avx2_fma() {
@@ -365,7 +410,7 @@ bool cpu_has_avx2_fma() {
 
 }  // namespace
 
-torch::Tensor nf4_matmul_few_rows_cpu(const torch::Tensor& x, const Nf4Tensor& q, bool simd) {
+torch::Tensor nf4_matmul_few_rows_cpu(const torch::Tensor& x, const Nf4Tensor& q, int simd) {
   TORCH_CHECK(q.shape.size() == 2 && q.shape[1] % kNf4BlockSize == 0 && x.dim() == 2 && x.size(1) == q.shape[1] &&
                   x.size(0) <= kNf4FewRows && x.device().is_cpu() && q.packed.device().is_cpu(),
               "nf4_matmul_few_rows_cpu: expected CPU x [N <= ", kNf4FewRows, ", ", q.shape.size() == 2 ? q.shape[1] : 0,
@@ -373,21 +418,33 @@ torch::Tensor nf4_matmul_few_rows_cpu(const torch::Tensor& x, const Nf4Tensor& q
   const int64_t N = x.size(0), out = q.shape[0], in = q.shape[1];
   auto xf = x.to(torch::kFloat32).contiguous().view({N, in / 2, 2});
   auto xe = xf.select(2, 0).contiguous(), xo = xf.select(2, 1).contiguous();  // [N, in / 2] each
-  auto absmax = nf4_absmax(q).contiguous();                                   // [out * in / 64]
+  // the block scales are decoded row by row (row_absmax), not for the whole matrix in every call
+  const auto aq = q.absmax_q.contiguous(), scale = q.absmax_scale.to(torch::kFloat32).contiguous();
+  const float mean = q.absmax_mean.item<float>();
+  const uint8_t* aqp = aq.data_ptr<uint8_t>();
+  const float* scp = scale.data_ptr<float>();
+  const int64_t bpr = in / kNf4BlockSize;
   auto packed = q.packed.contiguous();
   auto y = torch::empty({out, N}, torch::kFloat32);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float *ap = absmax.data_ptr<float>(), *ep = xe.data_ptr<float>(), *op = xo.data_ptr<float>();
+  const float *ep = xe.data_ptr<float>(), *op = xo.data_ptr<float>();
   float* yp = y.data_ptr<float>();
 #if defined(__x86_64__)
-  const bool avx2 = simd && cpu_has_avx2_fma();
+  const bool avx2 = simd >= 1 && cpu_has_avx2_fma(), avx512 = simd >= 2 && cpu_has_avx512();
 #else
-  const bool avx2 = false;
+  const bool avx2 = false, avx512 = false;
   (void)simd;
 #endif
   at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) {
+    std::vector<float> row_scales(static_cast<size_t>(bpr));
+    float* ap = row_scales.data();
     for (int64_t o = o0; o < o1; ++o) {
+      row_absmax(aqp, scp, mean, o * bpr, bpr, ap);
 #if defined(__x86_64__)
+      if (avx512 && N == 1) {
+        yp[o] = one_row_avx512(pp, ap, ep, op, in, o);
+        continue;
+      }
       if (avx2) {
         if (N == 1) yp[o] = one_row_avx2(pp, ap, ep, op, in, o);
         else few_rows_avx2(pp, ap, ep, op, N, in, o, yp + o * N);

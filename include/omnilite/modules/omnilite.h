@@ -37,6 +37,7 @@ struct OmniInput {
                                    // own segment (a run of equal ids), and positions restart at 0 in each; undefined =
                                    // one sample per row. Not with a cache.
   bool compute_logits = true; // false skips the LM head (e.g. flow-only steps)
+  bool last_logits = false;   // logits of the last position only ([B, 1, V]): a prompt's prefill needs no more
   KVCache* cache = nullptr;   // inference: tokens continue the cached positions (see kv_cache.h); every row of the
                               // batch shares the cache's length
 };

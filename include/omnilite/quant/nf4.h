@@ -55,10 +55,10 @@ torch::Tensor nf4_dequantize_rows(const Nf4Tensor& q, int64_t row0, int64_t rows
 // Rows of x at most this many take nf4_matmul_few_rows_cpu in Nf4Linear's CPU forward (decoding).
 constexpr int64_t kNf4FewRows = 8;
 // y = x W^T straight from the codes on the CPU, without materialising W: per 64-block, sum(code[c_i] * x_i) is
-// scaled by the block's absmax once (AVX2 + FMA where the CPU has them, a scalar loop otherwise). Reads each packed
-// byte once for all rows, so batch-1 decoding reads 4.1 bits per weight instead of writing and re-reading an fp32
-// copy. x: [N, in] float32 CPU, N <= kNf4FewRows, q a 2-d [out, in] matrix -> [N, out] float32. `simd` = false
-// forces the scalar loop (tests compare both).
-torch::Tensor nf4_matmul_few_rows_cpu(const torch::Tensor& x, const Nf4Tensor& q, bool simd = true);
+// scaled by the block's absmax once (AVX-512 for one row, AVX2 + FMA, or a scalar loop: the widest the CPU has, at
+// run time). Reads each packed byte once for all rows, so batch-1 decoding reads 4.1 bits per weight instead of
+// writing and re-reading an fp32 copy. x: [N, in] float32 CPU, N <= kNf4FewRows, q a 2-d [out, in] matrix -> [N, out]
+// float32. `simd` caps the instruction set: 2 AVX-512, 1 AVX2, 0 the scalar loop (tests compare all three).
+torch::Tensor nf4_matmul_few_rows_cpu(const torch::Tensor& x, const Nf4Tensor& q, int simd = 2);
 
 }  // namespace omnilite::quant
