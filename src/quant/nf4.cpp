@@ -385,6 +385,7 @@ __attribute__((target("avx512f"))) float one_row_avx512(const uint8_t* packed, c
   __m512 total = _mm512_setzero_ps();
   for (int64_t b = 0; b < bpr; ++b) {
     const int64_t c = b * (kNf4BlockSize / 2);  // 32 bytes per block
+    _mm_prefetch(reinterpret_cast<const char*>(row + c + 4096), _MM_HINT_T0);
     const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c)));
     const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c + 16)));
     __m512 a0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), table), _mm512_loadu_ps(xe + c));
