@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -352,6 +353,7 @@ __attribute__((target("avx2,fma"))) float one_row_avx2(const uint8_t* packed, co
   __m256 total = _mm256_setzero_ps();
   for (int64_t b = 0; b < bpr; ++b) {
     const int64_t col0 = b * (kNf4BlockSize / 2);
+    _mm_prefetch(reinterpret_cast<const char*>(row + col0 + 4096), _MM_HINT_T0);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     for (int64_t j = 0; j < kNf4BlockSize / 2; j += 16) {
       const int64_t c = col0 + j;
@@ -398,6 +400,16 @@ __attribute__((target("avx512f"))) float one_row_avx512(const uint8_t* packed, c
 }
 #pragma GCC diagnostic pop
 
+// The widest kernel a process may use: OMNILITE_NF4_SIMD=0 (scalar), 1 (AVX2) or 2 (AVX-512, the default), read
+// once; for measuring the narrower kernels on a wider CPU.
+int simd_cap() {
+  static const int cap = [] {
+    const char* v = std::getenv("OMNILITE_NF4_SIMD");
+    return v && (v[0] == '0' || v[0] == '1') && v[1] == '\0' ? v[0] - '0' : 2;
+  }();
+  return cap;
+}
+
 bool cpu_has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f");
   return ok;
@@ -431,6 +443,7 @@ torch::Tensor nf4_matmul_few_rows_cpu(const torch::Tensor& x, const Nf4Tensor& q
   const float *ep = xe.data_ptr<float>(), *op = xo.data_ptr<float>();
   float* yp = y.data_ptr<float>();
 #if defined(__x86_64__)
+  simd = std::min(simd, simd_cap());
   const bool avx2 = simd >= 1 && cpu_has_avx2_fma(), avx512 = simd >= 2 && cpu_has_avx512();
 #else
   const bool avx2 = false, avx512 = false;
