@@ -9,6 +9,8 @@
 #include "omnilite/infer/generate.h"
 #include "omnilite/modules/omnilite.h"
 #include "omnilite/modules/rfm_head.h"
+#include "omnilite/modules/linear.h"
+#include "omnilite/quant/bf16_gemv.h"
 
 using namespace omnilite;
 
@@ -242,4 +244,32 @@ TEST_CASE("the LM head's one-row product and last_logits give the full forward's
   const auto last = model->forward(in).logits;  // [1, 1, V]
   REQUIRE(last.sizes() == torch::IntArrayRef({1, 1, c.model.text.vocab_size}));
   CHECK(torch::allclose(last[0][0], full[0][5], 1e-6, 1e-6));
+}
+
+TEST_CASE("bf16 one-row products: every kernel within one bf16 rounding of a float64 product", "[infer][bf16]") {
+  torch::manual_seed(9);
+  const int64_t out = 70, in = 2048 + 37;  // a tail after the 64-wide loop
+  const auto w = torch::randn({out, in}).to(torch::kBFloat16);
+  const auto x = torch::randn({in}).to(torch::kBFloat16);
+  const auto ref = torch::mv(w.to(torch::kFloat64), x.to(torch::kFloat64));  // exact products, float64 sum
+  for (int simd : {2, 1, 0}) {
+    INFO("simd " << simd);
+    const auto y = quant::bf16_matvec_cpu(x, w, simd);
+    REQUIRE(y.scalar_type() == torch::kBFloat16);
+    // one rounding to bf16 (relative 2^-8) plus float32 summation error
+    const auto err = (y.to(torch::kFloat64) - ref).abs(), bound = ref.abs() * std::ldexp(1.0, -8) + 1e-4;
+    CHECK((err <= bound).all().item<bool>());
+  }
+  // PlainLinear takes the kernel for one bf16 row without autograd: the same values as the kernel, and as the BLAS
+  // path within one bf16 rounding
+  auto lin = std::make_shared<PlainLinearImpl>(in, out, true);
+  lin->to(torch::kBFloat16);
+  torch::NoGradGuard ng;
+  lin->bias.normal_();
+  const auto row = x.view({1, 1, in});
+  const auto y = lin->forward(row);
+  REQUIRE(y.sizes() == torch::IntArrayRef({1, 1, out}));
+  const auto blas = torch::nn::functional::linear(row, lin->weight, lin->bias);
+  const auto tol = blas.to(torch::kFloat64).abs() * std::ldexp(1.0, -7) + 1e-2;
+  CHECK(((y.to(torch::kFloat64) - blas.to(torch::kFloat64)).abs() <= tol).all().item<bool>());
 }

@@ -1,5 +1,9 @@
 #include "omnilite/modules/linear.h"
 
+#include <vector>
+
+#include "omnilite/quant/bf16_gemv.h"
+
 namespace omnilite {
 
 PlainLinearImpl::PlainLinearImpl(int64_t in_features, int64_t out_features, bool bias) {
@@ -11,6 +15,15 @@ PlainLinearImpl::PlainLinearImpl(int64_t in_features, int64_t out_features, bool
 
 // x: [..., in] -> [..., out]
 torch::Tensor PlainLinearImpl::forward(const torch::Tensor& x) {
+  // One row with bf16 weights on the CPU, outside autograd (batch-1 decoding): a matrix-vector kernel that reads
+  // each weight once (quant/bf16_gemv.h).
+  if (x.numel() == weight.size(1) && x.device().is_cpu() && weight.scalar_type() == torch::kBFloat16 &&
+      x.scalar_type() == torch::kBFloat16 && weight.is_contiguous() && !torch::GradMode::is_enabled()) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = weight.size(0);
+    auto y = quant::bf16_matvec_cpu(x, weight).view(shape);
+    return bias.defined() ? y + bias : y;
+  }
   return torch::nn::functional::linear(x, weight, bias);
 }
 
