@@ -317,19 +317,20 @@ int webdataset(const cxxopts::ParseResult& args) {
 }  // namespace
 
 int run_data(int argc, char** argv) {
-  cxxopts::Options opts(argv[0], "Data preparation. ACTION tokenize streams .txt / .jsonl documents into token "
-                                 "shards (Megatron's .bin/.idx, memory-mapped by training; --workers threads, memory "
-                                 "independent of the corpus size): list the folder in data.text_train (docs/training.md, "
-                                 "\"Token shards\"). ACTION inspect prints what token shards hold (shards, documents, tokens; --tokens "
-                                 "OFFSET:COUNT their ids) or image tar shards hold (samples; --samples OFFSET:COUNT their "
-                                 "captions, labels and mean pixel values) as JSON. ACTION webdataset writes image-caption sources as WebDataset .tar shards "
-                                 "(KEY.png, KEY.txt, KEY.json, KEY.cls), streamed by training when the folder is listed in "
-                                 "data.image_train. ACTION sft-demo writes the fine-tuning quickstart's SFT set from "
-                                 "the embedded data: image conversations about Fashion-MNIST training images (LLaVA "
-                                 "records and the messages form; questions of type what, yes/no and which), drawing "
-                                 "turns and instruction records from the text corpus into OUT/train.jsonl, and one "
-                                 "question per held-out test image, in phrasings training never uses, into "
-                                 "OUT/valid.jsonl (docs/training.md).");
+  cxxopts::Options opts(argv[0],
+                        "Data preparation. ACTION tokenize streams .txt / .jsonl documents into token shards "
+                        "(Megatron's .bin/.idx, memory-mapped by training; --workers threads, memory independent of "
+                        "the corpus size): list the folder in data.text_train (docs/training.md, \"Token shards\"). "
+                        "ACTION inspect prints what token shards hold (shards, documents, tokens; --tokens "
+                        "OFFSET:COUNT their ids) or image tar shards hold (samples; --samples OFFSET:COUNT their "
+                        "captions, labels and mean pixel values) as JSON. ACTION webdataset writes image-caption "
+                        "sources as WebDataset .tar shards (KEY.png, KEY.txt, KEY.json, KEY.cls), streamed by training "
+                        "when the folder is listed in data.image_train. ACTION sft-demo writes the fine-tuning "
+                        "quickstart's SFT set from the embedded data: image conversations about Fashion-MNIST "
+                        "training images (LLaVA records and the messages form; questions of type what, yes/no and "
+                        "which), drawing turns and instruction records from the text corpus into OUT/train.jsonl, "
+                        "and one question per held-out test image, in phrasings training never uses, into "
+                        "OUT/valid.jsonl (docs/training.md).");
   opts.positional_help("ACTION");
   opts.add_options()("action", "tokenize | inspect | webdataset | sft-demo", cxxopts::value<std::string>())(
       "input", "tokenize: a .txt / .jsonl document file (repeatable), read as training reads it; inspect: a shard "

@@ -1,10 +1,11 @@
 // Image-caption data: Fashion-MNIST IDX files, .jsonl image-caption lists, COCO captions JSON and WebDataset tar
 // shards (image_shards.h).
 //
-// Every source becomes images (uint8, resized to one square size at load, or for tar shards when gathered), one or
-// more captions per image and an optional class label. Images are decoded with OpenCV. A missing, truncated or undecodable image and a malformed
-// JSON line are skipped with a warning naming the file and the line; the count is returned. The model sees images
-// as float [N, C, S, S] in [-1, 1] (to_model_images).
+// Every source becomes images (uint8, resized to one square size when decoded: at load, or for streamed sources when
+// gathered), one or more captions per image and an optional class label. Images are decoded with OpenCV. A missing,
+// truncated or undecodable image and a malformed JSON line are skipped with a warning naming the file and the line;
+// the count is returned (streamed images that do not decode are replaced when gathered). The model sees images as
+// float [N, C, S, S] in [-1, 1] (to_model_images).
 #pragma once
 
 #include <memory>
