@@ -141,18 +141,21 @@ std::pair<torch::Tensor, torch::Tensor> MultimodalSampler::gather(
     const auto t = torch::tensor(idx, torch::kInt64);
     return {sets_[0]->gather(t, bad), sets_[0]->labels.index_select(0, t)};
   }
-  std::vector<torch::Tensor> images(items.size()), labels(items.size());
+  // one gather per set, copied into the asked order
+  torch::Tensor images, labels = torch::empty({static_cast<int64_t>(items.size())}, torch::kInt64);
   for (size_t j = 0; j < sets_.size(); ++j) {
     std::vector<int64_t> idx, pos;
     for (size_t p = 0; p < items.size(); ++p)
       if (items[p].first == j) idx.push_back(items[p].second), pos.push_back(static_cast<int64_t>(p));
     if (idx.empty()) continue;
-    const auto t = torch::tensor(idx, torch::kInt64);
-    const auto im = sets_[j]->gather(t, bad), lab = sets_[j]->labels.index_select(0, t);
-    for (size_t q = 0; q < pos.size(); ++q)
-      images[static_cast<size_t>(pos[q])] = im[static_cast<int64_t>(q)], labels[static_cast<size_t>(pos[q])] = lab[static_cast<int64_t>(q)];
+    const auto t = torch::tensor(idx, torch::kInt64), at = torch::tensor(pos, torch::kInt64);
+    const auto im = sets_[j]->gather(t, bad);  // [n_j, S, S, 3]
+    if (!images.defined())
+      images = torch::empty({static_cast<int64_t>(items.size()), im.size(1), im.size(2), 3}, im.options());
+    images.index_copy_(0, at, im);
+    labels.index_copy_(0, at, sets_[j]->labels.index_select(0, t));
   }
-  return {torch::stack(images), torch::stack(labels)};
+  return {images, labels};
 }
 
 MultimodalBatch MultimodalSampler::get(int64_t micro) const {

@@ -49,7 +49,7 @@ class OmniStage : public TrainStage {
       text_ = std::make_unique<TextData>(mixture_of(cfg.data, "text", cfg.data.text_train), tok_, cfg, tr.seed);
       if (!cfg.data.text_valid.empty()) {
         text_valid_ = std::make_unique<TextData>(std::vector<MixtureSource>{{"", "text", cfg.data.text_valid, 1.0}},
-                                                 tok_, cfg, tr.seed, "data.text_valid");
+                                                 tok_, cfg, tr.seed, "data.text_valid", /*required=*/false);
         if (text_valid_->rows() == 0) {
           log::warn("data.text_valid: no documents in the given files; text validation is skipped");
           text_valid_.reset();
@@ -282,8 +282,9 @@ class OmniStage : public TrainStage {
 
   // Packed text rows of one or more weighted sources (data.mixture's text sources, or data.text_train).
   struct TextData {
+    // `required`: a source without documents is an error (training data) rather than rows() = 0 (held-out data)
     TextData(const std::vector<MixtureSource>& sources, const Tokenizer& tok, const Config& cfg, uint64_t seed,
-             const std::string& plain_key = "data.text_train")
+             const std::string& plain_key = "data.text_train", bool required = true)
         : mix(weights_of(sources), splitmix64(seed ^ 0x7E77ULL)) {
       for (const auto& m : sources) {
         keys.push_back(source_key(m, plain_key));
@@ -291,7 +292,7 @@ class OmniStage : public TrainStage {
         parts.push_back(std::make_unique<PackedText>(m.sources, keys.back(), tok, cfg.model, cfg.train.seq_len,
                                                      seed + parts.size()));
         if (parts.back()->rows() > 0) log::info("data: " + parts.back()->describe());
-        else if (sources.size() > 1 || plain_key == "data.text_train")
+        else if (required)
           throw std::runtime_error(keys.back() + ": no documents in the given files; hint: run "
                                    "scripts/prepare_data.sh");
       }
