@@ -4,12 +4,16 @@
 #include "catch_compat.h"
 #include <nlohmann/json.hpp>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 
 #include "helpers.h"
+#include "omnilite/files.h"
 #include "omnilite/data/idx.h"
 #include "omnilite/data/pnm.h"
 #include "omnilite/data/text_dataset.h"
@@ -59,6 +63,43 @@ Config tiny_text_config(const std::string& dir) {
 
 
 }  // namespace
+
+TEST_CASE("an atomic file replaces its path whole or not at all, also when the writer dies", "[io][crash]") {
+  const std::string dir = testing::fresh_temp_dir("atomic_file");
+  const std::string path = dir + "/f.bin";
+  write_file_atomically(path, "old");
+  CHECK(testing::bytes_of(path) == "old");
+  {  // given up before commit (an exception on the way): the old content stays, no temporary is left
+    AtomicFile f(path);
+    f.write("new bytes");
+  }
+  CHECK(testing::bytes_of(path) == "old");
+  CHECK_FALSE(fs::exists(path + ".tmp"));
+  {  // killed while writing: the old content stays
+    const pid_t child = fork();
+    if (child == 0) {
+      AtomicFile f(path);
+      f.write("half of the new");
+      ::raise(SIGKILL);
+    }
+    int status = 0;
+    waitpid(child, &status, 0);
+    CHECK(WIFSIGNALED(status));
+  }
+  CHECK(testing::bytes_of(path) == "old");
+  {  // a header patched after the data (as the safetensors CRC), then committed
+    AtomicFile f(path);
+    f.write("########-data");
+    f.write_at(0, "12345678", 8);
+    CHECK(f.size() == 13);
+    CHECK_THROWS(f.write_at(10, "1234", 4));
+    f.commit();
+  }
+  CHECK(testing::bytes_of(path) == "12345678-data");
+  CHECK_FALSE(fs::exists(path + ".tmp"));
+  CHECK_THROWS_WITH(AtomicFile(dir + "/no/such/folder/x"), ContainsText("no/such/folder/x.tmp") &&
+                                                                 ContainsText("No such file"));
+}
 
 TEST_CASE("IDX and PNM headers that announce more than the file holds are refused before allocating",
           "[data][errors]") {

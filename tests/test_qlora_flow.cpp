@@ -133,7 +133,7 @@ TEST_CASE("merged QLoRA weights give the adapter model's logits", "[qlora][expor
       // io::merge_adapter (`export --merge`) from the files of an adapter checkpoint: the same tensors, bit for bit.
       const std::string adir = dir + "/adapter";
       io::save_adapter(*q, c.lora, adir);
-      io::write_file_synced(adir + "/state.json", nlohmann::json{{"version", io::kCheckpointVersion}, {"stage", "omni"},
+      write_file_atomically(adir + "/state.json", nlohmann::json{{"version", io::kCheckpointVersion}, {"stage", "omni"},
                                                                  {"step", 5}, {"config", to_json(c)}}.dump());
       const auto m = io::merge_adapter(dir + "/base.safetensors", adir, dir + "/from-files.safetensors", torch::kFloat32);
       CHECK(m.step == 5);

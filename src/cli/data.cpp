@@ -22,6 +22,7 @@
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 
+#include "omnilite/files.h"
 #include "omnilite/cli/commands.h"
 #include "omnilite/data/idx.h"
 #include "omnilite/data/image_dataset.h"
@@ -102,11 +103,9 @@ std::vector<std::string> write_images(const torch::Tensor& images, int64_t count
 }
 
 void write_jsonl(const std::vector<json>& records, const std::string& path) {
-  std::ofstream f(path + ".tmp");
-  for (const auto& r : records) f << r.dump() << "\n";
-  f.close();
-  if (!f) throw std::runtime_error("cannot write \"" + path + "\"");
-  fs::rename(path + ".tmp", path);
+  AtomicFile f(path);
+  for (const auto& r : records) f.write(r.dump() + "\n");
+  f.commit();
 }
 
 int sft_demo(const cxxopts::ParseResult& args) {

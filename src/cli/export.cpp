@@ -61,7 +61,7 @@ void write_state(const std::string& out, Config cfg, int64_t step, const json& p
   cfg.train.base_checkpoint.clear();
   json state = {{"version", io::kCheckpointVersion}, {"stage", "omni"}, {"step", step}, {"config", to_json(cfg)},
                 {"export", provenance}};
-  io::write_file_synced(out + "/state.json", state.dump(2));
+  write_file_atomically(out + "/state.json", state.dump(2));
 }
 
 // Stores the weights of `source` as `dtype` with their OMNI-LITE names in out/model.safetensors.

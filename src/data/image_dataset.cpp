@@ -13,6 +13,7 @@
 
 #include "omnilite/data/idx.h"
 #include "omnilite/data/pnm.h"
+#include "omnilite/files.h"
 #include "omnilite/log.h"
 
 namespace omnilite {
@@ -208,7 +209,8 @@ std::vector<uint8_t> encode_png(const torch::Tensor& rgb) {
   if (!cv::imencode(".png", m, out)) throw std::runtime_error("encode_png: OpenCV cannot encode the image");
   return out;
 #else
-  throw std::runtime_error("PNG encoding needs OpenCV, and this build has none (OMNILITE_WITH_OPENCV=OFF)");
+  throw std::runtime_error("PNG encoding needs OpenCV, and this build has none (OMNILITE_WITH_OPENCV=OFF); hint: "
+                           "write PPM pictures (name the file .ppm)");
 #endif
 }
 
@@ -335,16 +337,10 @@ void write_image_file(const torch::Tensor& rgb, const std::string& path) {
     write_ppm(path, rgb.contiguous());
     return;
   }
-#if OMNILITE_HAVE_OPENCV
-  auto grid = rgb.flip(2).contiguous();  // RGB -> BGR for OpenCV
-  cv::Mat m(static_cast<int>(grid.size(0)), static_cast<int>(grid.size(1)), CV_8UC3, grid.data_ptr<uint8_t>());
-  const std::string tmp = path + ".tmp.png";
-  if (!cv::imwrite(tmp, m)) throw std::runtime_error("cannot write image \"" + tmp + "\"");
-  fs::rename(tmp, path);
-#else
-  throw std::runtime_error("cannot write \"" + path + "\": this build has no OpenCV (OMNILITE_WITH_OPENCV=OFF) and "
-                           "writes PPM pictures only; hint: name the file .ppm");
-#endif
+  const auto png = encode_png(rgb);
+  AtomicFile f(path);
+  f.write(png.data(), png.size());
+  f.commit();
 }
 
 }  // namespace omnilite

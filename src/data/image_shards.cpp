@@ -6,10 +6,12 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
 
+#include "omnilite/files.h"
 #include "omnilite/data/image_dataset.h"
 #include "omnilite/log.h"
 
@@ -328,16 +330,13 @@ std::vector<std::string> write_image_shards(const ImageCaptionSet& set, const Im
       throw std::runtime_error("data webdataset: --out \"" + o.out_dir + "\" already holds shards (" +
                                e.path().filename().string() + "); hint: choose an empty folder");
   std::vector<std::string> paths;
-  FILE* f = nullptr;
-  std::string tmp, path;
+  std::unique_ptr<AtomicFile> f;  // the shard being written
   auto close_shard = [&]() {
     if (!f) return;
     static const char zeros[2 * kBlock] = {};
-    const bool ok = std::fwrite(zeros, 1, sizeof zeros, f) == sizeof zeros;
-    if (std::fclose(f) != 0 || !ok) throw std::runtime_error("data webdataset: cannot write \"" + tmp + "\"");
-    f = nullptr;
-    fs::rename(tmp, path);
-    paths.push_back(path);
+    f->write(zeros, sizeof zeros);
+    f->commit();
+    f.reset();
   };
   // one member: a ustar header (name, mode 0644, size, checksum), the data, zero padding to 512 bytes
   auto member = [&](const std::string& name, const void* data, int64_t n) {
@@ -354,19 +353,18 @@ std::vector<std::string> write_image_shards(const ImageCaptionSet& set, const Im
     octal(h + 148, 7, static_cast<uint64_t>(header_sum(h)));  // six digits, NUL, then a space (as GNU tar writes)
     h[155] = ' ';
     static const char pad[kBlock] = {};
-    if (std::fwrite(h, 1, kBlock, f) != kBlock || std::fwrite(data, 1, static_cast<size_t>(n), f) != static_cast<size_t>(n) ||
-        std::fwrite(pad, 1, static_cast<size_t>(round_up(n) - n), f) != static_cast<size_t>(round_up(n) - n))
-      throw std::runtime_error("data webdataset: cannot write \"" + tmp + "\" (disk full?)");
+    f->write(h, kBlock);
+    f->write(data, static_cast<size_t>(n));
+    f->write(pad, static_cast<size_t>(round_up(n) - n));
   };
   int64_t k = 0;
   for (int64_t r = 0; r < o.repeat; ++r) {
     for (int64_t i = 0; i < set.size(); ++i, ++k) {
       if (k % o.shard_samples == 0) {
         close_shard();
-        path = (fs::path(o.out_dir) / log::format("shard-%06lld.tar", static_cast<long long>(k / o.shard_samples))).string();
-        tmp = path + ".tmp";
-        f = std::fopen(tmp.c_str(), "wb");
-        if (!f) throw std::runtime_error("data webdataset: cannot create \"" + tmp + "\"");
+        const auto name = log::format("shard-%06lld.tar", static_cast<long long>(k / o.shard_samples));
+        paths.push_back((fs::path(o.out_dir) / name).string());
+        f = std::make_unique<AtomicFile>(paths.back());
       }
       const std::string key = log::format("%09lld", static_cast<long long>(k));
       const auto png = encode_png(set.gather(torch::tensor({i}, torch::kInt64))[0]);

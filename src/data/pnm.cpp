@@ -8,6 +8,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include "omnilite/files.h"
+
 namespace omnilite {
 
 bool is_pnm_path(const std::string& path) {
@@ -77,15 +79,10 @@ void write_ppm(const std::string& path, const torch::Tensor& rgb) {
   TORCH_CHECK(rgb.dim() == 3 && rgb.size(2) == 3 && rgb.scalar_type() == torch::kUInt8,
               "write_ppm: expected [H, W, 3] uint8, got ", rgb.sizes(), " ", rgb.scalar_type());
   auto c = rgb.cpu().contiguous();
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) throw std::runtime_error("cannot write image \"" + tmp + "\"");
-    f << "P6\n" << c.size(1) << " " << c.size(0) << "\n255\n";
-    f.write(reinterpret_cast<const char*>(c.data_ptr<uint8_t>()), static_cast<std::streamsize>(c.numel()));
-    if (!f) throw std::runtime_error("cannot write image \"" + tmp + "\" (disk full?)");
-  }
-  std::filesystem::rename(tmp, path);
+  AtomicFile f(path);
+  f.write("P6\n" + std::to_string(c.size(1)) + " " + std::to_string(c.size(0)) + "\n255\n");
+  f.write(c.data_ptr<uint8_t>(), static_cast<size_t>(c.numel()));
+  f.commit();
 }
 
 torch::Tensor resize_rgb(const torch::Tensor& rgb, int64_t size) {

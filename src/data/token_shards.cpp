@@ -1,10 +1,5 @@
 #include "omnilite/data/token_shards.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -62,58 +57,31 @@ std::string shard_name(int64_t i) { return log::format("shard-%05lld", static_ca
 
 bool valid_token_dtype(uint8_t code) { return (code >= 1 && code <= 5) || code == 8; }  // 6, 7: float64/32
 
-// A file read with pread; throws naming the file when it cannot be opened.
-class ReadFile {
+// A shard file's bytes (mapped): at<T>() past its end is a CorruptShard naming it.
+class ShardFile {
  public:
-  explicit ReadFile(const std::string& path) : path_(path), fd_(::open(path.c_str(), O_RDONLY)) {
-    if (fd_ < 0)
-      throw std::runtime_error("token shard \"" + path + "\": cannot open (" + std::strerror(errno) + ")");
-  }
-  ~ReadFile() { ::close(fd_); }
-  uint64_t size() const {
-    struct stat st {};
-    ::fstat(fd_, &st);
-    return static_cast<uint64_t>(st.st_size);
-  }
+  explicit ShardFile(const std::string& path) : path_(path), file_(path, "token shard") {}
+  uint64_t size() const { return file_.size(); }
+  const uint8_t* data() const { return file_.data(); }
   template <class T>
   T at(uint64_t offset) const {
     T v{};
-    if (::pread(fd_, &v, sizeof v, static_cast<off_t>(offset)) != static_cast<ssize_t>(sizeof v))
+    if (offset + sizeof v > size())
       throw CorruptShard(log::format("token shard %s: truncated at byte %llu (the file has %llu)", path_.c_str(),
                                      static_cast<unsigned long long>(offset), static_cast<unsigned long long>(size())));
+    std::memcpy(&v, data() + offset, sizeof v);  // little-endian, as the files are
     return v;
   }
-  int fd() const { return fd_; }
 
  private:
   std::string path_;
-  int fd_;
+  MappedFile file_;
 };
 
 std::string strip_shard_suffix(const std::string& entry) {
   for (const char* ext : {".idx", ".bin"})
     if (entry.size() > 4 && entry.compare(entry.size() - 4, 4, ext) == 0) return entry.substr(0, entry.size() - 4);
   return entry;
-}
-
-void fsync_path(const std::string& path, bool directory) {
-  const int fd = ::open(path.c_str(), directory ? O_RDONLY | O_DIRECTORY : O_RDONLY);
-  if (fd >= 0) {
-    ::fsync(fd);
-    ::close(fd);
-  }
-}
-
-// Writes `text` to `path` through a synced temporary file and a rename.
-void write_atomically(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    f << text;
-    if (!f.flush()) throw std::runtime_error("cannot write \"" + tmp + "\"");
-  }
-  fsync_path(tmp, false);
-  fs::rename(tmp, path);
 }
 
 std::string file_hash(const std::string& path) {
@@ -126,9 +94,8 @@ std::string file_hash(const std::string& path) {
 }  // namespace
 
 TokenIndexHeader check_token_index(const std::string& idx_path) {
-  const ReadFile idx(idx_path);
-  char magic[9];
-  if (::pread(idx.fd(), magic, 9, 0) != 9 || std::memcmp(magic, kMagic, 9) != 0)
+  const ShardFile idx(idx_path);
+  if (idx.size() < 9 || std::memcmp(idx.data(), kMagic, 9) != 0)
     throw CorruptShard("token shard " + idx_path + ": byte 0: not a Megatron index (magic \"MMIDIDX\\0\\0\" expected)");
   if (const auto v = idx.at<uint64_t>(9); v != 1)
     throw CorruptShard(log::format("token shard %s: byte 9: version %llu, only 1 is known", idx_path.c_str(),
@@ -154,7 +121,7 @@ TokenIndexHeader check_token_index(const std::string& idx_path) {
                                    idx_path.c_str(), static_cast<unsigned long long>(docs_at),
                                    static_cast<unsigned long long>(S)));
   const std::string bin_path = strip_shard_suffix(idx_path) + ".bin";
-  const ReadFile bin(bin_path);
+  const ShardFile bin(bin_path);
   uint64_t bin_bytes = 0;
   if (S > 0) {
     const auto last_len = idx.at<int32_t>(kHeaderBytes + 4 * (S - 1));
@@ -175,18 +142,8 @@ TokenIndexHeader check_token_index(const std::string& idx_path) {
 
 // ---------------------------------------------------------------------------------------------------------------
 
-TokenShardWriter::TokenShardWriter(std::string prefix, TokenDType dtype) : prefix_(std::move(prefix)), dtype_(dtype) {
-  bin_ = std::fopen((prefix_ + ".bin.tmp").c_str(), "wb");
-  if (!bin_) throw std::runtime_error("cannot write \"" + prefix_ + ".bin.tmp\" (" + std::strerror(errno) + ")");
-}
-
-TokenShardWriter::~TokenShardWriter() {
-  if (finished_) return;
-  if (bin_) std::fclose(bin_);
-  std::error_code ec;
-  fs::remove(prefix_ + ".bin.tmp", ec);
-  fs::remove(prefix_ + ".idx.tmp", ec);
-}
+TokenShardWriter::TokenShardWriter(std::string prefix, TokenDType dtype)
+    : prefix_(std::move(prefix)), dtype_(dtype), bin_(prefix_ + ".bin") {}
 
 void TokenShardWriter::add_document(const std::vector<int64_t>& tokens) {
   const int64_t width = dtype_size(dtype_);
@@ -199,17 +156,12 @@ void TokenShardWriter::add_document(const std::vector<int64_t>& tokens) {
                                            prefix_.c_str(), static_cast<long long>(t), static_cast<unsigned>(dtype_)));
     std::memcpy(buf.data() + i * static_cast<size_t>(width), &t, static_cast<size_t>(width));  // little-endian
   }
-  if (!buf.empty() && std::fwrite(buf.data(), 1, buf.size(), bin_) != buf.size())
-    throw std::runtime_error("cannot write \"" + prefix_ + ".bin.tmp\" (disk full?)");
+  bin_.write(buf.data(), buf.size());
   lengths_.push_back(static_cast<int32_t>(tokens.size()));
   tokens_ += static_cast<int64_t>(tokens.size());
 }
 
 void TokenShardWriter::finish() {
-  if (std::fflush(bin_) != 0 || ::fsync(::fileno(bin_)) != 0)
-    throw std::runtime_error("cannot write \"" + prefix_ + ".bin.tmp\" (disk full?)");
-  std::fclose(bin_);
-  bin_ = nullptr;
   const uint64_t S = lengths_.size();
   std::string idx(kMagic, 9);
   auto put = [&](const auto& v) { idx.append(reinterpret_cast<const char*>(&v), sizeof v); };
@@ -224,10 +176,8 @@ void TokenShardWriter::finish() {
     ptr += int64_t{len} * dtype_size(dtype_);
   }
   for (uint64_t d = 0; d <= S; ++d) put(static_cast<int64_t>(d));  // one sequence per document
-  fs::rename(prefix_ + ".bin.tmp", prefix_ + ".bin");
-  write_atomically(prefix_ + ".idx", idx);
-  fsync_path(fs::path(prefix_).parent_path().string().empty() ? "." : fs::path(prefix_).parent_path().string(), true);
-  finished_ = true;
+  bin_.commit();
+  write_file_atomically(prefix_ + ".idx", idx);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -324,7 +274,7 @@ TokenizeResult tokenize_to_shards(const TokenizeOptions& o, const Tokenizer& tok
                {"tokenizer_hash", file_hash(tok.path())}, {"vocab_size", tok.vocab_size()}, {"bos_id", o.bos_id},
                {"eos_id", o.eos_id}, {"dtype_code", static_cast<int>(dtype)}, {"documents", r.documents},
                {"tokens", r.tokens}, {"skipped_lines", r.skipped}, {"inputs", o.inputs}, {"shards", shards}};
-  write_atomically((fs::path(o.out_dir) / "shards.json").string(), meta.dump(2));
+  write_file_atomically((fs::path(o.out_dir) / "shards.json").string(), meta.dump(2));
   r.bytes = total_bytes;  // every input read to its end (documents alone leave out the separators)
   if (progress) progress(r, total_bytes);
   return r;
@@ -339,15 +289,13 @@ bool is_token_shard_source(const std::string& entry) {
 }
 
 struct TokenShards::Shard {
-  std::string bin;       // NAME.bin
-  TokenDType dtype{};    // token width
-  int64_t tokens = 0;    // tokens in the file
-  int fd = -1;           // the open .bin
-  const char* map = nullptr;  // its memory map (tokens * width bytes)
-  ~Shard() {
-    if (map) ::munmap(const_cast<char*>(map), static_cast<size_t>(tokens * dtype_size(dtype)));
-    if (fd >= 0) ::close(fd);
-  }
+  Shard(const std::string& bin, TokenDType dtype, const std::string& what)
+      : bin(bin), file(bin, what + ": token shard", /*random=*/true), dtype(dtype),
+        tokens(static_cast<int64_t>(file.size()) / dtype_size(dtype)) {}
+  std::string bin;     // NAME.bin
+  MappedFile file;     // its memory map
+  TokenDType dtype{};  // token width
+  int64_t tokens = 0;  // tokens in the file
 };
 
 TokenShards::TokenShards(const std::vector<std::string>& entries, const std::string& what, const Tokenizer& tok,
@@ -404,21 +352,8 @@ TokenShards::TokenShards(const std::vector<std::string>& entries, const std::str
       continue;
     }
     documents_ += static_cast<int64_t>(h.doc_entries) - 1;
-    auto s = std::make_unique<Shard>();
-    s->bin = p + ".bin";
-    s->dtype = h.dtype;
-    s->fd = ::open(s->bin.c_str(), O_RDONLY);
-    if (s->fd < 0)
-      throw std::runtime_error(what + ": token shard \"" + s->bin + "\": cannot open (" + std::strerror(errno) + ")");
-    struct stat st {};
-    ::fstat(s->fd, &st);
-    s->tokens = static_cast<int64_t>(st.st_size) / dtype_size(h.dtype);
+    auto s = std::make_unique<Shard>(p + ".bin", h.dtype, what);
     if (s->tokens == 0) continue;
-    void* m = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_SHARED, s->fd, 0);
-    if (m == MAP_FAILED)
-      throw std::runtime_error(what + ": token shard \"" + s->bin + "\": cannot map (" + std::strerror(errno) + ")");
-    ::madvise(m, static_cast<size_t>(st.st_size), MADV_RANDOM);
-    s->map = static_cast<const char*>(m);
     total_ += s->tokens;
     starts_.push_back(total_);
     fingerprint_ += fs::path(p).filename().string() + ":" + std::to_string(s->tokens) + ";";
@@ -441,7 +376,7 @@ void TokenShards::read(int64_t offset, int64_t count, int64_t* out) const {
     const Shard& s = *shards_[k];
     const int64_t local = offset - starts_[k];
     const int64_t n = std::min(count, s.tokens - local);
-    const char* p = s.map + local * dtype_size(s.dtype);
+    const auto* p = s.file.data() + local * dtype_size(s.dtype);
     switch (s.dtype) {
       case TokenDType::kUInt8: for (int64_t i = 0; i < n; ++i) out[i] = reinterpret_cast<const uint8_t*>(p)[i]; break;
       case TokenDType::kInt8: for (int64_t i = 0; i < n; ++i) out[i] = reinterpret_cast<const int8_t*>(p)[i]; break;

@@ -440,8 +440,7 @@ json evaluate(const EvalOptions& o) {
     out["train_stats"] = stats;
   }
   const std::string path = out_dir + "/eval.json";
-  io::write_file_synced(path + ".tmp", out.dump(2) + "\n");
-  fs::rename(path + ".tmp", path);
+  write_file_atomically(path, out.dump(2) + "\n");
   out["eval_json"] = path;
   return out;
 }

@@ -1,7 +1,6 @@
 // Loss curves from metrics.jsonl drawn with OpenCV (no plotting library needed).
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
 #include <sstream>
 #include <fstream>
 #include <stdexcept>
@@ -13,6 +12,7 @@
 #endif
 
 #include "omnilite/eval/evaluate.h"
+#include "omnilite/files.h"
 
 namespace omnilite {
 
@@ -101,9 +101,11 @@ void plot_panel(cv::Mat& img, const cv::Rect& area, const std::string& title, co
 }
 
 void write_png(const cv::Mat& img, const std::string& png) {
-  const std::string tmp = png + ".tmp.png";
-  if (!cv::imwrite(tmp, img)) throw std::runtime_error("cannot write \"" + tmp + "\"");
-  std::filesystem::rename(tmp, png);
+  std::vector<uint8_t> bytes;
+  if (!cv::imencode(".png", img, bytes)) throw std::runtime_error("cannot encode \"" + png + "\" as PNG");
+  AtomicFile f(png);
+  f.write(bytes.data(), bytes.size());
+  f.commit();
 }
 
 }  // namespace

@@ -2,12 +2,13 @@
 
 #include <cctype>
 #include <chrono>
-#include <fstream>
 #include <map>
+#include <memory>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
+#include "omnilite/files.h"
 #include "omnilite/data/chat.h"
 #include "omnilite/data/image_dataset.h"
 #include "omnilite/infer/generate.h"
@@ -33,8 +34,8 @@ void vqa_task(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, cons
   const auto fdt = model.text->embed_tokens->weight.scalar_type();
   std::map<std::string, std::pair<int64_t, int64_t>> by_type;  // type -> (right, asked)
   int64_t right = 0, asked = 0, skipped = set.skipped;
-  std::ofstream answers;
-  if (!o.answers_file.empty()) answers.open(o.answers_file + ".tmp");
+  std::unique_ptr<AtomicFile> answers;  // vqa_answers.jsonl, complete or absent
+  if (!o.answers_file.empty()) answers = std::make_unique<AtomicFile>(o.answers_file);
   for (const auto& r : set.records) {
     for (size_t k = 0; k < r.messages.size(); ++k) {
       const auto& answer = r.messages[k];
@@ -62,9 +63,9 @@ void vqa_task(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, cons
         auto& bt = by_type[r.type.empty() ? "all" : r.type];
         bt.first += ok;
         ++bt.second;
-        if (answers.is_open())
-          answers << nlohmann::json{{"where", r.where}, {"type", r.type}, {"answer", said}, {"reference", reference},
-                                    {"correct", ok}}.dump() << "\n";
+        if (answers)
+          answers->write(nlohmann::json{{"where", r.where}, {"type", r.type}, {"answer", said},
+                                        {"reference", reference}, {"correct", ok}}.dump() + "\n");
       } catch (const std::exception& e) {
         log::warn("eval vqa: " + r.where + ": skipped, " + e.what());
         ++skipped;
@@ -84,9 +85,8 @@ void vqa_task(OmniLiteImpl& model, const Config& cfg, const Tokenizer& tok, cons
   for (const auto& [type, c] : by_type)
     types[type] = {{"accuracy", static_cast<double>(c.first) / static_cast<double>(c.second)}, {"questions", c.second}};
   out["vqa_by_type"] = types;
-  if (answers.is_open()) {
-    answers.close();
-    std::rename((o.answers_file + ".tmp").c_str(), o.answers_file.c_str());
+  if (answers) {
+    answers->commit();
     out["vqa_answers"] = o.answers_file;
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -70,14 +70,7 @@ void save_adapter(const torch::nn::Module& model, const LoRAOptions& o, const st
               {"omnilite_target_patterns", o.target_modules},
               {"omnilite_modules_to_save", o.modules_to_save},
               {"omnilite_base_dtype", o.base_dtype}};
-  const std::string path = dir + "/adapter_config.json";
-  {
-    std::ofstream f(path + ".tmp");
-    f << cfg.dump(2) << "\n";
-    if (!f) throw std::runtime_error("cannot write \"" + path + ".tmp\"");
-  }
-  fs::rename(path + ".tmp", path);
-  fsync_directory(dir);
+  write_file_atomically(dir + "/adapter_config.json", cfg.dump(2) + "\n");
 }
 
 void load_adapter(torch::nn::Module& model, const std::string& dir) {
@@ -395,7 +388,7 @@ PeftExport write_peft_adapter(const std::string& adapter_dir, const Config& cfg,
                                {"source", adapter_dir}}}};
   fs::create_directories(out_dir);
   save_safetensors(out_dir + "/adapter_model.safetensors", out, {{"format", "pt"}});
-  write_file_synced(out_dir + "/adapter_config.json", config.dump(2) + "\n");
+  write_file_atomically(out_dir + "/adapter_config.json", config.dump(2) + "\n");
   res.tensors = static_cast<int64_t>(out.size());
   return res;
 }

@@ -85,22 +85,6 @@ std::string run_folder_of(const std::string& path) {
   return p.string();
 }
 
-void write_file_synced(const std::string& path, const std::string& text) {
-  {
-    std::ofstream f(path, std::ios::binary | std::ios::trunc);
-    if (!f) throw std::runtime_error("cannot write \"" + path + "\"");
-    f << text;
-    f.flush();
-    if (!f) throw std::runtime_error("cannot write \"" + path + "\" (disk full?)");
-  }
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd >= 0) {
-    ::fsync(fd);
-    ::close(fd);
-  }
-  fsync_directory(std::filesystem::path(path).parent_path().string());
-}
-
 std::string latest_checkpoint(const std::string& dir) {
   if (fs::exists(dir + "/state.json") || is_hf_export(dir)) return dir;
   if (fs::is_regular_file(dir) && is_gguf_file(dir))

@@ -1,12 +1,6 @@
 #include "omnilite/io/gguf.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <filesystem>
 #include <cmath>
 #include <cstring>
@@ -288,7 +282,7 @@ GgufValue gguf_string(const std::string& v) { return {GgufValueType::STRING, Ggu
 GgufValue gguf_array(GgufValueType elem, json values) { return {GgufValueType::ARRAY, elem, std::move(values)}; }
 
 GgufWriter::GgufWriter(std::string path, const GgufMetadata& metadata, std::vector<GgufTensorInfo> tensors)
-    : path_(std::move(path)), tensors_(std::move(tensors)) {
+    : path_(std::move(path)), tensors_(std::move(tensors)), file_(path_) {
   Out o;
   o.put<uint32_t>(kMagic);
   o.put<uint32_t>(kVersion);
@@ -323,27 +317,7 @@ GgufWriter::GgufWriter(std::string path, const GgufMetadata& metadata, std::vect
     o.put<uint64_t>(t.offset);
   }
   o.buf.resize(align(o.buf.size()), '\0');
-  tmp_ = path_ + ".tmp";
-  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd_ < 0) fail(tmp_, std::string("cannot create: ") + std::strerror(errno));
-  write_all(reinterpret_cast<const uint8_t*>(o.buf.data()), o.buf.size());
-}
-
-void GgufWriter::write_all(const uint8_t* p, size_t left) {
-  while (left > 0) {
-    const ssize_t w = ::write(fd_, p, left);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      fail(tmp_, std::string("write failed (disk full?): ") + std::strerror(errno));
-    }
-    p += w;
-    left -= static_cast<size_t>(w);
-  }
-}
-
-GgufWriter::~GgufWriter() {
-  if (fd_ >= 0) ::close(fd_);
-  if (!committed_) ::unlink(tmp_.c_str());
+  file_.write(o.buf);
 }
 
 void GgufWriter::write(const std::string& name, const std::vector<uint8_t>& data) {
@@ -353,99 +327,73 @@ void GgufWriter::write(const std::string& name, const std::vector<uint8_t>& data
     fail(path_, "expected tensor \"" + t.name + "\" of " + std::to_string(t.bytes) + " bytes next, got \"" + name +
                     "\" of " + std::to_string(data.size()));
   static const uint8_t zeros[kAlignment] = {};
-  write_all(data.data(), data.size());
-  write_all(zeros, align(data.size()) - data.size());  // padding up to the next tensor's offset
+  file_.write(data.data(), data.size());
+  file_.write(zeros, align(data.size()) - data.size());  // padding up to the next tensor's offset
   ++next_;
 }
 
 void GgufWriter::commit() {
   if (next_ != tensors_.size())
     fail(path_, "commit after " + std::to_string(next_) + " of " + std::to_string(tensors_.size()) + " tensors");
-  if (::fsync(fd_) != 0) fail(tmp_, std::string("fsync failed: ") + std::strerror(errno));
-  ::close(fd_);
-  fd_ = -1;
-  if (std::rename(tmp_.c_str(), path_.c_str()) != 0) fail(path_, std::string("rename failed: ") + std::strerror(errno));
-  committed_ = true;
-  const auto dir = std::filesystem::path(path_).parent_path().string();
-  fsync_directory(dir.empty() ? "." : dir);
+  file_.commit();
 }
 
-GgufReader::GgufReader(const std::string& path) : path_(path) {
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) fail(path, std::string("cannot open: ") + std::strerror(errno));
-  struct stat st {};
-  ::fstat(fd, &st);
-  size_ = static_cast<size_t>(st.st_size);
-  if (size_ < 24) {
-    ::close(fd);
-    fail(path, "file of " + std::to_string(size_) + " bytes is too short to be GGUF");
-  }
-  void* m = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);
-  if (m == MAP_FAILED) fail(path, std::string("mmap failed: ") + std::strerror(errno));
-  map_ = static_cast<const uint8_t*>(m);
-  try {
-    In in{map_, size_, 0, path_};
-    if (in.get<uint32_t>() != kMagic) fail(path, "not a GGUF file (no \"GGUF\" magic); hint: --checkpoint FILE.gguf "
-                                                 "expects a file written by llama.cpp's tools or omnilite export");
-    const uint32_t version = in.get<uint32_t>();
-    if (version != 2 && version != 3)
-      fail(path, "GGUF version " + std::to_string(version) + "; this build reads versions 2 and 3");
-    const uint64_t n_tensors = in.get<uint64_t>(), n_kv = in.get<uint64_t>();
-    if (n_tensors > size_ || n_kv > size_) fail(path, "header counts exceed the file size");
-    uint64_t alignment = kAlignment;
-    for (uint64_t i = 0; i < n_kv; ++i) {
-      std::string key = in.str();
-      GgufValue v;
-      v.type = static_cast<GgufValueType>(in.get<uint32_t>());
-      if (v.type == GgufValueType::ARRAY) {
-        v.elem = static_cast<GgufValueType>(in.get<uint32_t>());
-        const uint64_t n = in.get<uint64_t>();
-        if (n > size_) fail(path, "array \"" + key + "\" of " + std::to_string(n) + " elements");
-        v.value = json::array();
-        for (uint64_t k = 0; k < n; ++k) v.value.push_back(get_scalar(in, v.elem));
-      } else {
-        v.value = get_scalar(in, v.type);
-      }
-      if (key == "general.alignment") alignment = v.value.get<uint64_t>();
-      metadata_.emplace_back(std::move(key), std::move(v));
+GgufReader::GgufReader(const std::string& path) : path_(path), file_(path, "GGUF") {
+  const size_t size = file_.size();
+  if (size < 24) fail(path, "file of " + std::to_string(size) + " bytes is too short to be GGUF");
+  In in{file_.data(), size, 0, path_};
+  if (in.get<uint32_t>() != kMagic) fail(path, "not a GGUF file (no \"GGUF\" magic); hint: --checkpoint FILE.gguf "
+                                               "expects a file written by llama.cpp's tools or omnilite export");
+  const uint32_t version = in.get<uint32_t>();
+  if (version != 2 && version != 3)
+    fail(path, "GGUF version " + std::to_string(version) + "; this build reads versions 2 and 3");
+  const uint64_t n_tensors = in.get<uint64_t>(), n_kv = in.get<uint64_t>();
+  if (n_tensors > size || n_kv > size) fail(path, "header counts exceed the file size");
+  uint64_t alignment = kAlignment;
+  for (uint64_t i = 0; i < n_kv; ++i) {
+    std::string key = in.str();
+    GgufValue v;
+    v.type = static_cast<GgufValueType>(in.get<uint32_t>());
+    if (v.type == GgufValueType::ARRAY) {
+      v.elem = static_cast<GgufValueType>(in.get<uint32_t>());
+      const uint64_t n = in.get<uint64_t>();
+      if (n > size) fail(path, "array \"" + key + "\" of " + std::to_string(n) + " elements");
+      v.value = json::array();
+      for (uint64_t k = 0; k < n; ++k) v.value.push_back(get_scalar(in, v.elem));
+    } else {
+      v.value = get_scalar(in, v.type);
     }
-    if (alignment == 0 || (alignment & (alignment - 1)) != 0)
-      fail(path, "general.alignment = " + std::to_string(alignment) + " is not a power of two");
-    for (uint64_t i = 0; i < n_tensors; ++i) {
-      GgufTensorInfo t;
-      t.name = in.str();
-      const uint32_t dims = in.get<uint32_t>();
-      if (dims == 0 || dims > 4) fail(path, "tensor \"" + t.name + "\" has " + std::to_string(dims) + " dimensions");
-      for (uint32_t d = 0; d < dims; ++d) t.ne.push_back(static_cast<int64_t>(in.get<uint64_t>()));
-      const uint32_t type = in.get<uint32_t>();
-      if (!known_type(type))
-        fail(path, "tensor \"" + t.name + "\" has ggml type " + std::to_string(type) + "; OMNI-LITE reads f32, f16, "
-                   "bf16, q8_0 and q4_0; hint: requantise with llama-quantize to q8_0, or convert to f16");
-      t.type = static_cast<GgmlType>(type);
-      t.offset = in.get<uint64_t>();
-      int64_t n = 1;
-      for (auto d : t.ne) {
-        if (d < 0 || (d > 0 && n > (int64_t{1} << 40) / d)) fail(path, "tensor \"" + t.name + "\" is too large");
-        n *= d;
-      }
-      t.bytes = ggml_nbytes(t.type, n);
-      tensors_.push_back(std::move(t));
-    }
-    const uint64_t data_start = (in.pos + alignment - 1) / alignment * alignment;
-    for (const auto& t : tensors_)
-      if (data_start + t.offset + t.bytes > size_)
-        fail(path, "tensor \"" + t.name + "\" ends at byte " + std::to_string(data_start + t.offset + t.bytes) +
-                       ", past the end of the file (" + std::to_string(size_) + " bytes): truncated?");
-    data_ = map_ + data_start;
-  } catch (...) {
-    ::munmap(const_cast<uint8_t*>(map_), size_);
-    throw;
+    if (key == "general.alignment") alignment = v.value.get<uint64_t>();
+    metadata_.emplace_back(std::move(key), std::move(v));
   }
-}
-
-GgufReader::~GgufReader() {
-  if (map_) ::munmap(const_cast<uint8_t*>(map_), size_);
+  if (alignment == 0 || (alignment & (alignment - 1)) != 0)
+    fail(path, "general.alignment = " + std::to_string(alignment) + " is not a power of two");
+  for (uint64_t i = 0; i < n_tensors; ++i) {
+    GgufTensorInfo t;
+    t.name = in.str();
+    const uint32_t dims = in.get<uint32_t>();
+    if (dims == 0 || dims > 4) fail(path, "tensor \"" + t.name + "\" has " + std::to_string(dims) + " dimensions");
+    for (uint32_t d = 0; d < dims; ++d) t.ne.push_back(static_cast<int64_t>(in.get<uint64_t>()));
+    const uint32_t type = in.get<uint32_t>();
+    if (!known_type(type))
+      fail(path, "tensor \"" + t.name + "\" has ggml type " + std::to_string(type) + "; OMNI-LITE reads f32, f16, "
+                 "bf16, q8_0 and q4_0; hint: requantise with llama-quantize to q8_0, or convert to f16");
+    t.type = static_cast<GgmlType>(type);
+    t.offset = in.get<uint64_t>();
+    int64_t n = 1;
+    for (auto d : t.ne) {
+      if (d < 0 || (d > 0 && n > (int64_t{1} << 40) / d)) fail(path, "tensor \"" + t.name + "\" is too large");
+      n *= d;
+    }
+    t.bytes = ggml_nbytes(t.type, n);
+    tensors_.push_back(std::move(t));
+  }
+  const uint64_t data_start = (in.pos + alignment - 1) / alignment * alignment;
+  for (const auto& t : tensors_)
+    if (data_start + t.offset + t.bytes > size)
+      fail(path, "tensor \"" + t.name + "\" ends at byte " + std::to_string(data_start + t.offset + t.bytes) +
+                     ", past the end of the file (" + std::to_string(size) + " bytes): truncated?");
+  data_ = file_.data() + data_start;
 }
 
 const GgufValue* GgufReader::find(const std::string& key) const {

@@ -371,7 +371,7 @@ GgufImportResult import_gguf(const std::string& path, const std::string& out_dir
   json state = {{"version", kCheckpointVersion}, {"stage", "omni"},
                 {"step", r.find("omnilite.step") ? meta_int(r, "omnilite.step") : 0}, {"config", to_json(res.cfg)},
                 {"import", {{"gguf", path}, {"multimodal", multimodal.empty() ? json(nullptr) : json(multimodal)}}}};
-  write_file_synced(out_dir + "/state.json", state.dump(2));
+  write_file_atomically(out_dir + "/state.json", state.dump(2));
   return res;
 }
 

@@ -363,10 +363,10 @@ HfExportResult write_hf_export(const std::string& src, const Config& cfg, int64_
   }
   res.bytes = total;
   if (shards.size() > 1)
-    write_file_synced(stage + "/" + kIndex,
+    write_file_atomically(stage + "/" + kIndex,
                       json{{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}}.dump(2) + "\n");
-  write_file_synced(stage + "/config.json", config.dump(2) + "\n");
-  write_file_synced(stage + "/generation_config.json",
+  write_file_atomically(stage + "/config.json", config.dump(2) + "\n");
+  write_file_atomically(stage + "/generation_config.json",
                     json{{"bos_token_id", cfg.model.tokens.bos_id}, {"eos_token_id", cfg.model.tokens.eos_id},
                          {"pad_token_id", cfg.model.tokens.pad_id}}.dump(2) + "\n");
   if (!o.tokenizer.empty()) {
@@ -379,12 +379,12 @@ HfExportResult write_hf_export(const std::string& src, const Config& cfg, int64_
     // "</s>" as text, which only become their ids when special tokens are read out of text: transformers' default,
     // and every Llama and Mistral tokenizer's (docs/export.md: typed "</s>" or "<image>" are then special in
     // transformers, while OMNI-LITE and llama.cpp read prompts as plain text).
-    write_file_synced(stage + "/tokenizer_config.json",
+    write_file_atomically(stage + "/tokenizer_config.json",
                       json{{"tokenizer_class", "LlamaTokenizer"}, {"bos_token", "<s>"}, {"eos_token", "</s>"},
                            {"unk_token", "<unk>"}, {"add_bos_token", true}, {"add_eos_token", false},
                            {"legacy", true}, {"chat_template", chat_template_jinja()},
                            {"model_max_length", cfg.model.text.max_position_embeddings}}.dump(2) + "\n");
-    write_file_synced(stage + "/special_tokens_map.json",
+    write_file_atomically(stage + "/special_tokens_map.json",
                       json{{"bos_token", "<s>"}, {"eos_token", "</s>"}, {"unk_token", "<unk>"}}.dump(2) + "\n");
   }
 

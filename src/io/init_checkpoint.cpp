@@ -144,10 +144,10 @@ InitCheckpointResult write_init_files(const Config& cfg_in, std::vector<PartSour
   if (!sources.empty()) state["init"]["from"] = importer.provenance();
   for (const auto& s : sources)
     if (s.part == "tokenizer") state["init"]["from"]["tokenizer"] = s.path;
-  write_file_synced(opts.out_dir + "/state.json", state.dump(2));
+  write_file_atomically(opts.out_dir + "/state.json", state.dump(2));
   Config to_train = cfg;  // `train --config OUT/config.json` starts from these weights
   to_train.train.base_checkpoint = opts.out_dir;
-  write_file_synced(opts.out_dir + "/config.json", to_json(to_train).dump(2) + "\n");
+  write_file_atomically(opts.out_dir + "/config.json", to_json(to_train).dump(2) + "\n");
   r.config = to_train;
   return r;
 }

@@ -1,12 +1,6 @@
 #include "omnilite/io/safetensors.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <array>
-#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <algorithm>
@@ -45,19 +39,6 @@ std::string hex8(uint32_t v) {
   char buf[9];
   std::snprintf(buf, sizeof buf, "%08x", v);
   return buf;
-}
-
-void write_all(int fd, const void* p, size_t n, const std::string& path) {
-  const auto* c = static_cast<const uint8_t*>(p);
-  while (n > 0) {
-    const ssize_t w = ::write(fd, c, n);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      fail(path, std::string("write failed: ") + std::strerror(errno));
-    }
-    c += w;
-    n -= static_cast<size_t>(w);
-  }
 }
 
 uint64_t nbytes(torch::ScalarType t, const std::vector<int64_t>& shape) {
@@ -184,33 +165,13 @@ SafetensorsLayout parse_safetensors(const uint8_t* file, size_t size, const std:
   return out;
 }
 
-SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  if (fd < 0) fail(path, std::string("cannot open: ") + std::strerror(errno));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) { ::close(fd); fail(path, "cannot stat"); }
-  if (!S_ISREG(st.st_mode)) { ::close(fd); fail(path, "is not a regular file"); }
-  size_ = static_cast<size_t>(st.st_size);
-  if (size_ < 8) { ::close(fd); fail(path, "only " + std::to_string(size_) + " bytes; truncated or not safetensors"); }
-  void* m = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);
-  if (m == MAP_FAILED) fail(path, std::string("mmap failed: ") + std::strerror(errno));
-  map_ = static_cast<const uint8_t*>(m);
-  try {
-    auto layout = parse_safetensors(map_, size_, path);
-    tensors_ = std::move(layout.tensors);
-    metadata_ = std::move(layout.metadata);
-    data_ = map_ + layout.data_offset;
-    data_size_ = size_ - layout.data_offset;
-  } catch (...) {
-    ::munmap(const_cast<uint8_t*>(map_), size_);  // the destructor does not run for a throwing constructor
-    map_ = nullptr;
-    throw;
-  }
-}
-
-SafetensorsReader::~SafetensorsReader() {
-  if (map_) ::munmap(const_cast<uint8_t*>(map_), size_);
+SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path), file_(path, "safetensors file") {
+  if (file_.size() < 8) fail(path, "only " + std::to_string(file_.size()) + " bytes; truncated or not safetensors");
+  auto layout = parse_safetensors(file_.data(), file_.size(), path);
+  tensors_ = std::move(layout.tensors);
+  metadata_ = std::move(layout.metadata);
+  data_ = file_.data() + layout.data_offset;
+  data_size_ = file_.size() - layout.data_offset;
 }
 
 torch::Tensor SafetensorsReader::load(const std::string& name) const {
@@ -219,18 +180,8 @@ torch::Tensor SafetensorsReader::load(const std::string& name) const {
   const auto& e = it->second;
   auto t = torch::empty(e.shape, torch::TensorOptions().dtype(e.dtype));
   if (e.end > e.begin) std::memcpy(t.data_ptr(), data_ + e.begin, e.end - e.begin);
-  release(data_ + e.begin, e.end - e.begin);
+  file_.release(data_ + e.begin, e.end - e.begin);  // streaming a large file keeps memory flat
   return t;
-}
-
-// The mapped pages of what was read are dropped from this process (the kernel's page cache keeps them), so
-// streaming through a checkpoint larger than memory does not grow the resident set by the file's size.
-void SafetensorsReader::release(const uint8_t* p, size_t n) const {
-  if (n == 0) return;
-  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p) / page * page;
-  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + n + page - 1) / page * page;
-  ::madvise(reinterpret_cast<void*>(a), b - a, MADV_DONTNEED);  // advisory: a failure only costs memory
 }
 
 void SafetensorsReader::verify_checksum() const {
@@ -241,7 +192,7 @@ void SafetensorsReader::verify_checksum() const {
   for (size_t off = 0; off < data_size_; off += kChunk) {
     const size_t n = std::min(kChunk, data_size_ - off);
     crc = crc32_update(crc, data_ + off, n);
-    release(data_ + off, n);
+    file_.release(data_ + off, n);
   }
   const std::string got = hex8(crc);
   if (got != it->second)
@@ -251,7 +202,7 @@ void SafetensorsReader::verify_checksum() const {
 
 SafetensorsWriter::SafetensorsWriter(std::string path, std::vector<TensorSpec> specs,
                                      std::map<std::string, std::string> metadata)
-    : path_(std::move(path)), specs_(std::move(specs)) {
+    : path_(std::move(path)), specs_(std::move(specs)), file_(path_) {
   json header = json::object();
   uint64_t offset = 0;
   for (const auto& s : specs_) {
@@ -265,18 +216,9 @@ SafetensorsWriter::SafetensorsWriter(std::string path, std::vector<TensorSpec> s
   std::string text = header.dump();
   while ((8 + text.size()) % 8 != 0) text.push_back(' ');
   crc_offset_ = 8 + text.find("########");
-
-  tmp_ = path_ + ".tmp";
-  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd_ < 0) fail(tmp_, std::string("cannot create: ") + std::strerror(errno));
   const uint64_t len = text.size();
-  write_all(fd_, &len, 8, tmp_);
-  write_all(fd_, text.data(), text.size(), tmp_);
-}
-
-SafetensorsWriter::~SafetensorsWriter() {
-  if (fd_ >= 0) ::close(fd_);
-  if (!committed_) ::unlink(tmp_.c_str());
+  file_.write(&len, 8);
+  file_.write(text);
 }
 
 void SafetensorsWriter::write(const std::string& name, const torch::Tensor& t) {
@@ -289,7 +231,7 @@ void SafetensorsWriter::write(const std::string& name, const torch::Tensor& t) {
   const auto* p = static_cast<const uint8_t*>(c.data_ptr());
   const size_t n = c.numel() * c.element_size();
   crc_ = crc32_update(crc_, p, n);
-  write_all(fd_, p, n, tmp_);
+  file_.write(p, n);
   ++next_;
 }
 
@@ -297,14 +239,8 @@ void SafetensorsWriter::commit() {
   if (next_ != specs_.size())
     fail(path_, "commit after " + std::to_string(next_) + " of " + std::to_string(specs_.size()) + " tensors");
   const std::string crc = hex8(crc_);
-  if (::pwrite(fd_, crc.data(), crc.size(), static_cast<off_t>(crc_offset_)) != static_cast<ssize_t>(crc.size()))
-    fail(tmp_, "cannot write the checksum");
-  if (::fsync(fd_) != 0) fail(tmp_, std::string("fsync failed: ") + std::strerror(errno));
-  ::close(fd_);
-  fd_ = -1;
-  if (::rename(tmp_.c_str(), path_.c_str()) != 0) fail(path_, std::string("rename failed: ") + std::strerror(errno));
-  committed_ = true;
-  fsync_directory(std::filesystem::path(path_).parent_path().string());
+  file_.write_at(crc_offset_, crc.data(), crc.size());
+  file_.commit();
 }
 
 void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
@@ -315,13 +251,6 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
   SafetensorsWriter w(path, std::move(specs), metadata);
   for (const auto& [name, t] : tensors) w.write(name, t);
   w.commit();
-}
-
-void fsync_directory(const std::string& dir) {
-  const int fd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY);
-  if (fd < 0) return;
-  ::fsync(fd);
-  ::close(fd);
 }
 
 }  // namespace omnilite::io

@@ -169,11 +169,6 @@ void write_pieces(Writer& out, const std::vector<SpmPiece>& pieces) {
   }
 }
 
-void replace_file(const std::string& path, const std::string& bytes) {
-  const std::string tmp = path + ".tmp";
-  write_file_synced(tmp, bytes);
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw std::runtime_error("cannot write \"" + path + "\"");
-}
 }  // namespace
 
 void append_spm_pieces(const std::string& in, const std::vector<SpmPiece>& pieces, const std::string& out) {
@@ -183,7 +178,7 @@ void append_spm_pieces(const std::string& in, const std::vector<SpmPiece>& piece
   ss << f.rdbuf();
   Writer extra;
   write_pieces(extra, pieces);
-  replace_file(out, ss.str() + extra.out);
+  write_file_atomically(out, ss.str() + extra.out);
 }
 
 void write_spm_model(const SpmModel& m, const std::string& path) {
@@ -203,7 +198,7 @@ void write_spm_model(const SpmModel& m, const std::string& path) {
   norm.u(4, m.remove_extra_whitespaces);
   norm.u(5, m.escape_whitespaces);
   out.s(3, norm.out);
-  replace_file(path, out.out);
+  write_file_atomically(path, out.out);
 }
 
 LlamaSpmTokenizer::LlamaSpmTokenizer(SpmModel m) : m_(std::move(m)) {

@@ -43,96 +43,11 @@ class OmniStage : public TrainStage {
  public:
   OmniStage(const Config& cfg, torch::Device dev, std::shared_ptr<Dist> dist)
       : cfg_(cfg), dev_(dev), dist_(std::move(dist)), tok_(cfg.data.tokenizer) {
-    const auto& tr = cfg.train;
     tok_.check_compatible(cfg.model);
-    if (tr.batch_size > 0) {
-      text_ = std::make_unique<TextData>(mixture_of(cfg.data, "text", cfg.data.text_train), tok_, cfg, tr.seed);
-      if (!cfg.data.text_valid.empty()) {
-        text_valid_ = std::make_unique<TextData>(std::vector<MixtureSource>{{"", "text", cfg.data.text_valid, 1.0}},
-                                                 tok_, cfg, tr.seed, "data.text_valid", /*required=*/false);
-        if (text_valid_->rows() == 0) {
-          log::warn("data.text_valid: no documents in the given files; text validation is skipped");
-          text_valid_.reset();
-        }
-      }
-    }
-    if (tr.caption_batch_size + tr.gen_batch_size > 0) {
-      auto io = image_load_options(cfg.data, std::max(cfg.model.vision.image_size, cfg.model.vqvae.image_size));
-      io.stream = true;  // the training images: decoded by the loader threads
-      image_mix_ = mixture_of(cfg.data, "images", cfg.data.image_train);
-      std::vector<const ImageCaptionSet*> sets;
-      std::vector<double> weights;
-      int64_t n = 0;
-      for (const auto& m : image_mix_) {
-        images_.push_back(std::make_unique<ImageCaptionSet>(read_image_captions(m.sources, io)));
-        if (images_.back()->size() == 0)
-          throw std::runtime_error((m.name.empty() ? "data.image_train" : "data.mixture \"" + m.name + "\"") +
-                                   ": no usable images in the given sources; hint: run scripts/prepare_data.sh");
-        sets.push_back(images_.back().get());
-        weights.push_back(m.weight);
-        n += images_.back()->size();
-      }
-      mm_ = std::make_unique<MultimodalSampler>(sets, weights, tok_, cfg.model, tr, tr.seed, dist_->rank(),
-                                                dist_->world());
-      log::info(log::format("data: %lld images in %zu source(s), %lld caption + %lld generation samples per "
-                            "micro-batch, rows of %lld tokens", static_cast<long long>(n), sets.size(),
-                            static_cast<long long>(tr.caption_batch_size), static_cast<long long>(tr.gen_batch_size),
-                            static_cast<long long>(mm_->seq_len())));
-      if (!cfg.data.image_valid.empty()) {
-        io.stream = false;
-        images_valid_ = read_image_captions(cfg.data.image_valid, io);
-        if (images_valid_.size() > 0)
-          mm_valid_ = std::make_unique<MultimodalSampler>(images_valid_, tok_, cfg.model, tr, tr.seed + 1,
-                                                          dist_->rank(), dist_->world());
-      }
-    }
-    if (tr.sft_batch_size > 0) {
-      sft_mix_ = mixture_of(cfg.data, "sft", cfg.data.sft_train);
-      std::vector<ChatSet> sets;
-      std::vector<const ChatSet*> ptrs;
-      std::vector<double> weights;
-      std::vector<std::string> whats;
-      for (const auto& m : sft_mix_) {
-        sets.push_back(read_chat_records(m.sources, cfg.data.image_root));
-        weights.push_back(m.weight);
-        whats.push_back(source_key(m, "data.sft_train"));
-      }
-      for (const auto& set : sets) ptrs.push_back(&set);
-      sft_ = std::make_unique<SftSampler>(ptrs, weights, whats, tok_, cfg.model, tr, tr.seed, dist_->rank(),
-                                          dist_->world());
-      if (!cfg.data.sft_valid.empty()) {
-        auto held_out = read_chat_records(cfg.data.sft_valid, cfg.data.image_root);
-        if (held_out.records.empty())
-          log::warn("data.sft_valid: no conversation records in the given files; its validation is skipped");
-        else
-          sft_valid_ = std::make_unique<SftSampler>(held_out, "data.sft_valid", tok_, cfg.model, tr, tr.seed + 1,
-                                                    dist_->rank(), dist_->world());
-      }
-    }
-    if (draws() && cfg.data.vqvae.empty())
-      throw std::runtime_error("data.sft_train: some conversations draw images, whose flow targets need a VQ-VAE; "
-                               "hint: set data.vqvae to a VQ-VAE run folder (train.stage = \"vqvae\")");
-    model_ = OmniLite(cfg.model, *make_linear_builder(cfg));
-    if (cfg.lora.enabled) {
-      // QLoRA: base weights from a plain checkpoint (NF4 bases quantised tensor by tensor); only adapters train.
-      if (tr.base_checkpoint.empty())
-        throw std::runtime_error("lora.enabled needs base weights: set train.base_checkpoint or pass --base DIR; "
-                                 "hint: `omnilite init --config FILE --out DIR` writes a full-size one");
-      io::load_base_weights(*model_, tr.base_checkpoint);
-      log::info("qlora: base weights from " + tr.base_checkpoint);
-      if (!cfg.lora.init_adapter.empty()) start_adapter(cfg.lora);
-      train_adapters_only(*model_, cfg.lora.modules_to_save);
-    } else if (!tr.base_checkpoint.empty()) {
-      // A full fine-tune: every weight starts from the base and trains (strict: every mismatch is named).
-      io::load_base_weights(*model_, tr.base_checkpoint);
-      log::info("full fine-tune: every weight starts from " + tr.base_checkpoint);
-    }
-    if (tr.gen_batch_size > 0 || draws()) io::load_vqvae_weights(*model_->vqvae, cfg.data.vqvae);
-    freeze_parameters(*model_->vqvae, [](const std::string&) { return true; });
-    set_moe_dispatch(*model_, parse_moe_dispatch(cfg.runtime.moe_dispatch));
-    model_->text->checkpoint_layers = tr.activation_checkpointing;
-    model_->to(dev);
-    model_->train();
+    if (cfg.train.batch_size > 0) setup_text();
+    if (cfg.train.caption_batch_size + cfg.train.gen_batch_size > 0) setup_images();
+    if (cfg.train.sft_batch_size > 0) setup_sft();
+    setup_model();
     if (!has_valid_data())
       log::info("validation: no held-out data (data.text_valid and data.image_valid give none for this run's "
                 "streams); validation is skipped and no valid_* metrics are written");
@@ -264,8 +179,104 @@ class OmniStage : public TrainStage {
   }
 
  private:
-  // Packed text rows of a data key (documents or token shards, text_dataset.h), served in epoch permutations (or
-  // in order for validation).
+  // data.text_train / text_valid (or data.mixture's text sources): packed rows, held-out ones when any.
+  void setup_text() {
+    text_ = std::make_unique<TextData>(mixture_of(cfg_.data, "text", cfg_.data.text_train), tok_, cfg_,
+                                       cfg_.train.seed);
+    if (cfg_.data.text_valid.empty()) return;
+    text_valid_ = std::make_unique<TextData>(std::vector<MixtureSource>{{"", "text", cfg_.data.text_valid, 1.0}},
+                                             tok_, cfg_, cfg_.train.seed, "data.text_valid", /*required=*/false);
+    if (text_valid_->rows() > 0) return;
+    log::warn("data.text_valid: no documents in the given files; text validation is skipped");
+    text_valid_.reset();
+  }
+
+  // data.image_train / image_valid (or data.mixture's image sources): the caption and generation samplers.
+  void setup_images() {
+    const auto& tr = cfg_.train;
+    auto io = image_load_options(cfg_.data, std::max(cfg_.model.vision.image_size, cfg_.model.vqvae.image_size));
+    io.stream = true;  // the training images: decoded by the loader threads
+    image_mix_ = mixture_of(cfg_.data, "images", cfg_.data.image_train);
+    std::vector<const ImageCaptionSet*> sets;
+    std::vector<double> weights;
+    int64_t n = 0;
+    for (const auto& m : image_mix_) {
+      images_.push_back(std::make_unique<ImageCaptionSet>(read_image_captions(m.sources, io)));
+      if (images_.back()->size() == 0)
+        throw std::runtime_error(source_key(m, "data.image_train") +
+                                 ": no usable images in the given sources; hint: run scripts/prepare_data.sh");
+      sets.push_back(images_.back().get());
+      weights.push_back(m.weight);
+      n += images_.back()->size();
+    }
+    mm_ = std::make_unique<MultimodalSampler>(sets, weights, tok_, cfg_.model, tr, tr.seed, dist_->rank(),
+                                              dist_->world());
+    log::info(log::format("data: %lld images in %zu source(s), %lld caption + %lld generation samples per "
+                          "micro-batch, rows of %lld tokens", static_cast<long long>(n), sets.size(),
+                          static_cast<long long>(tr.caption_batch_size), static_cast<long long>(tr.gen_batch_size),
+                          static_cast<long long>(mm_->seq_len())));
+    if (cfg_.data.image_valid.empty()) return;
+    io.stream = false;
+    images_valid_ = read_image_captions(cfg_.data.image_valid, io);
+    if (images_valid_.size() > 0)
+      mm_valid_ = std::make_unique<MultimodalSampler>(images_valid_, tok_, cfg_.model, tr, tr.seed + 1, dist_->rank(),
+                                                      dist_->world());
+  }
+
+  // data.sft_train / sft_valid (or data.mixture's conversation sources): the conversation samplers.
+  void setup_sft() {
+    const auto& tr = cfg_.train;
+    sft_mix_ = mixture_of(cfg_.data, "sft", cfg_.data.sft_train);
+    std::vector<ChatSet> sets;
+    std::vector<const ChatSet*> ptrs;
+    std::vector<double> weights;
+    std::vector<std::string> whats;
+    for (const auto& m : sft_mix_) {
+      sets.push_back(read_chat_records(m.sources, cfg_.data.image_root));
+      weights.push_back(m.weight);
+      whats.push_back(source_key(m, "data.sft_train"));
+    }
+    for (const auto& set : sets) ptrs.push_back(&set);
+    sft_ = std::make_unique<SftSampler>(ptrs, weights, whats, tok_, cfg_.model, tr, tr.seed, dist_->rank(),
+                                        dist_->world());
+    if (cfg_.data.sft_valid.empty()) return;
+    auto held_out = read_chat_records(cfg_.data.sft_valid, cfg_.data.image_root);
+    if (held_out.records.empty())
+      log::warn("data.sft_valid: no conversation records in the given files; its validation is skipped");
+    else
+      sft_valid_ = std::make_unique<SftSampler>(held_out, "data.sft_valid", tok_, cfg_.model, tr, tr.seed + 1,
+                                                dist_->rank(), dist_->world());
+  }
+
+  // The model: built by the config's builder, base weights (QLoRA or full fine-tune), VQ-VAE, runtime choices.
+  void setup_model() {
+    const auto& tr = cfg_.train;
+    if (draws() && cfg_.data.vqvae.empty())
+      throw std::runtime_error("data.sft_train: some conversations draw images, whose flow targets need a VQ-VAE; "
+                               "hint: set data.vqvae to a VQ-VAE run folder (train.stage = \"vqvae\")");
+    model_ = OmniLite(cfg_.model, *make_linear_builder(cfg_));
+    if (cfg_.lora.enabled) {
+      // QLoRA: base weights from a plain checkpoint (NF4 bases quantised tensor by tensor); only adapters train.
+      if (tr.base_checkpoint.empty())
+        throw std::runtime_error("lora.enabled needs base weights: set train.base_checkpoint or pass --base DIR; "
+                                 "hint: `omnilite init --config FILE --out DIR` writes a full-size one");
+      io::load_base_weights(*model_, tr.base_checkpoint);
+      log::info("qlora: base weights from " + tr.base_checkpoint);
+      if (!cfg_.lora.init_adapter.empty()) start_adapter(cfg_.lora);
+      train_adapters_only(*model_, cfg_.lora.modules_to_save);
+    } else if (!tr.base_checkpoint.empty()) {
+      // A full fine-tune: every weight starts from the base and trains (strict: every mismatch is named).
+      io::load_base_weights(*model_, tr.base_checkpoint);
+      log::info("full fine-tune: every weight starts from " + tr.base_checkpoint);
+    }
+    if (tr.gen_batch_size > 0 || draws()) io::load_vqvae_weights(*model_->vqvae, cfg_.data.vqvae);
+    freeze_parameters(*model_->vqvae, [](const std::string&) { return true; });
+    set_moe_dispatch(*model_, parse_moe_dispatch(cfg_.runtime.moe_dispatch));
+    model_->text->checkpoint_layers = tr.activation_checkpointing;
+    model_->to(dev_);
+    model_->train();
+  }
+
   // The mixture sources of `kind` in data.mixture, or else the one unnamed source `entries`.
   static std::vector<MixtureSource> mixture_of(const DataOptions& data, const std::string& kind,
                                                const std::vector<std::string>& entries) {

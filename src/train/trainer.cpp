@@ -158,13 +158,13 @@ struct Checkpointer {
     if (!base.is_null()) state["base"] = base;
     if (const auto sources = stage.data_fingerprints(); !sources.empty()) state["data"] = sources;
     state["metrics"] = metrics;
-    io::write_file_synced(tmp + "/state.json", state.dump(2));
-    io::fsync_directory(tmp);
+    write_file_atomically(tmp + "/state.json", state.dump(2));
+    fsync_directory(tmp);
     kill_point("state", step);
     if (fs::exists(final_dir)) fs::remove_all(final_dir);
     fs::rename(tmp, final_dir);
     kill_point("rename", step);
-    io::fsync_directory(dir);
+    fsync_directory(dir);
     prune();
     kill_point("prune", step);
     return final_dir;
@@ -197,7 +197,7 @@ void truncate_metrics(const std::string& path, int64_t step, const json& last) {
   }
   in.close();
   if (newest < step && last.is_object() && last.value("step", int64_t{-1}) == step) kept += last.dump() + "\n";
-  io::write_file_synced(path, kept);
+  write_file_atomically(path, kept);
 }
 
 // Records every LibTorch op of its lifetime into a Chrome trace file (LibTorch's legacy profiler, present in 1.13
@@ -590,7 +590,7 @@ TrainResult train(const Config& cfg_in, const TrainRunOptions& run) {
   std::ofstream metrics;
   if (main) {
     fs::create_directories(run.out_dir);
-    io::write_file_synced(run.out_dir + "/config.json", to_json(cfg).dump(2));
+    write_file_atomically(run.out_dir + "/config.json", to_json(cfg).dump(2));
     truncate_metrics(run.out_dir + "/metrics.jsonl", s.step, resumed_metrics);
     metrics.open(run.out_dir + "/metrics.jsonl", std::ios::app);
   }

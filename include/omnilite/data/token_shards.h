@@ -27,6 +27,7 @@
 
 #include <torch/torch.h>
 
+#include "omnilite/files.h"
 #include "omnilite/data/tokenizer.h"
 
 namespace omnilite {
@@ -51,10 +52,8 @@ TokenIndexHeader check_token_index(const std::string& idx_path);
 // leaves a shard that looks whole). Memory: 12 bytes per sequence.
 class TokenShardWriter {
  public:
-  TokenShardWriter(std::string prefix, TokenDType dtype);  // prefix: DIR/NAME (".bin" / ".idx" appended)
-  ~TokenShardWriter();                                     // an unfinished shard's temporary files are removed
-  TokenShardWriter(const TokenShardWriter&) = delete;
-  TokenShardWriter& operator=(const TokenShardWriter&) = delete;
+  // prefix: DIR/NAME (".bin" / ".idx" appended); an unfinished shard's temporary files are removed
+  TokenShardWriter(std::string prefix, TokenDType dtype);
   // One document of one sequence; throws when a token does not fit the dtype.
   void add_document(const std::vector<int64_t>& tokens);
   void finish();
@@ -64,10 +63,9 @@ class TokenShardWriter {
  private:
   std::string prefix_;
   TokenDType dtype_;
-  std::FILE* bin_ = nullptr;
+  AtomicFile bin_;  // NAME.bin, committed by finish()
   std::vector<int32_t> lengths_;
   int64_t tokens_ = 0;
-  bool finished_ = false;
 };
 
 struct TokenizeOptions {

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "omnilite/files.h"
 #include "omnilite/io/safetensors.h"
 
 namespace omnilite::io {
@@ -44,8 +45,5 @@ std::string latest_checkpoint(const std::string& dir);
 nlohmann::json with_base_model(nlohmann::json config, const std::string& base);
 // Weights of a VQ-VAE stage run (run folder or checkpoint folder) into `vqvae`; throws naming the folder.
 void load_vqvae_weights(torch::nn::Module& vqvae, const std::string& run_or_checkpoint);
-
-// Writes `path` (e.g. a state.json) durably: the file, then its folder, fsynced.
-void write_file_synced(const std::string& path, const std::string& text);
 
 }  // namespace omnilite::io

@@ -18,6 +18,8 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "omnilite/files.h"
+
 namespace omnilite::io {
 
 // The ggml tensor types OMNI-LITE writes and reads (ggml.h, enum ggml_type).
@@ -76,9 +78,6 @@ class GgufWriter {
   // Lays out the header (offsets aligned to 32) and writes it to `path`.tmp; throws naming the tensor whose
   // innermost dimension is not a multiple of its type's block size.
   GgufWriter(std::string path, const GgufMetadata& metadata, std::vector<GgufTensorInfo> tensors);
-  ~GgufWriter();  // removes the temporary file unless committed
-  GgufWriter(const GgufWriter&) = delete;
-  GgufWriter& operator=(const GgufWriter&) = delete;
   // Appends the next tensor's bytes (in the order given); its size must be the info's.
   void write(const std::string& name, const std::vector<uint8_t>& data);
   // Flushes, fsyncs and renames into place; all tensors must have been written.
@@ -86,13 +85,10 @@ class GgufWriter {
   const std::vector<GgufTensorInfo>& tensors() const { return tensors_; }
 
  private:
-  void write_all(const uint8_t* p, size_t n);  // to the temporary file; throws naming it (disk full?)
-
-  std::string path_, tmp_;
+  std::string path_;
   std::vector<GgufTensorInfo> tensors_;
+  AtomicFile file_;  // path_.tmp until commit(), removed if that is never reached
   size_t next_ = 0;
-  int fd_ = -1;
-  bool committed_ = false;
 };
 
 class GgufReader {
@@ -100,9 +96,6 @@ class GgufReader {
   // Maps the file and parses its header; throws naming the file and the problem (not GGUF, another version,
   // truncated, a tensor past the end of the file, an unknown tensor type).
   explicit GgufReader(const std::string& path);
-  ~GgufReader();
-  GgufReader(const GgufReader&) = delete;
-  GgufReader& operator=(const GgufReader&) = delete;
 
   const GgufMetadata& metadata() const { return metadata_; }
   // The value of `key`, or nullptr.
@@ -119,8 +112,7 @@ class GgufReader {
 
  private:
   std::string path_;
-  const uint8_t* map_ = nullptr;
-  size_t size_ = 0;
+  MappedFile file_;
   const uint8_t* data_ = nullptr;
   GgufMetadata metadata_;
   std::vector<GgufTensorInfo> tensors_;

@@ -16,6 +16,8 @@
 
 #include <torch/torch.h>
 
+#include "omnilite/files.h"
+
 namespace omnilite::io {
 
 struct TensorSpec {
@@ -51,9 +53,6 @@ class SafetensorsReader {
  public:
   // Maps the file and validates its header; throws std::runtime_error naming the file and the problem.
   explicit SafetensorsReader(const std::string& path);
-  ~SafetensorsReader();
-  SafetensorsReader(const SafetensorsReader&) = delete;
-  SafetensorsReader& operator=(const SafetensorsReader&) = delete;
 
   const std::map<std::string, TensorEntry>& tensors() const { return tensors_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
@@ -66,12 +65,8 @@ class SafetensorsReader {
   const std::string& path() const { return path_; }
 
  private:
-  // Drops the mapped pages of [p, p + n) from the resident set (see load()).
-  void release(const uint8_t* p, size_t n) const;
-
   std::string path_;
-  const uint8_t* map_ = nullptr;
-  size_t size_ = 0;
+  MappedFile file_;
   const uint8_t* data_ = nullptr;  // start of the data region
   size_t data_size_ = 0;
   std::map<std::string, TensorEntry> tensors_;
@@ -83,9 +78,6 @@ class SafetensorsWriter {
   // Lays out the header for `specs` (in that order) and opens `path`.tmp; nothing is visible at `path` until
   // commit().
   SafetensorsWriter(std::string path, std::vector<TensorSpec> specs, std::map<std::string, std::string> metadata = {});
-  ~SafetensorsWriter();  // removes the temporary file if commit() was not reached
-  SafetensorsWriter(const SafetensorsWriter&) = delete;
-  SafetensorsWriter& operator=(const SafetensorsWriter&) = delete;
 
   // Appends the next tensor; its name, dtype and shape must be those of the next spec.
   void write(const std::string& name, const torch::Tensor& t);
@@ -93,13 +85,12 @@ class SafetensorsWriter {
   void commit();
 
  private:
-  std::string path_, tmp_;
+  std::string path_;
   std::vector<TensorSpec> specs_;
+  AtomicFile file_;          // path_.tmp until commit(), removed if that is never reached
   size_t next_ = 0;
-  int fd_ = -1;
   uint64_t crc_offset_ = 0;  // file offset of the CRC's 8 hex digits in the header
   uint32_t crc_ = 0;
-  bool committed_ = false;
 };
 
 // Writes all tensors (CPU copies are made as needed) atomically to `path`.
@@ -108,8 +99,5 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
 
 // CRC-32 (IEEE, as zlib) continued from `crc` over n bytes.
 uint32_t crc32_update(uint32_t crc, const uint8_t* data, size_t n);
-
-// fsync()s a directory so that a rename inside it is durable.
-void fsync_directory(const std::string& dir);
 
 }  // namespace omnilite::io
