@@ -11,8 +11,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "omnilite/files.h"
 #include "omnilite/data/image_dataset.h"
+#include "omnilite/files.h"
 #include "omnilite/log.h"
 
 namespace omnilite {
