@@ -193,7 +193,7 @@ template <class V> void visit_fields(V& v, TrainOptions& o) {
   v("activation_checkpointing", o.activation_checkpointing); v("loader_threads", o.loader_threads);
   v("valid_every", o.valid_every); v("valid_batches", o.valid_batches); v("vq_restart_every", o.vq_restart_every);
   v("base_checkpoint", o.base_checkpoint); v("dist_timeout_s", o.dist_timeout_s); v("bucket_mb", o.bucket_mb);
-  v("zero1", o.zero1); v("tensorboard", o.tensorboard); v("sft_batch_size", o.sft_batch_size);
+  v("zero", o.zero); v("zero1", o.zero1); v("tensorboard", o.tensorboard); v("sft_batch_size", o.sft_batch_size);
   v("sft_seq_len", o.sft_seq_len); v("sft_packing", o.sft_packing); v("train_on_input", o.train_on_input);
   v("document_masks", o.document_masks);
 }
@@ -347,6 +347,10 @@ void validate(const Config& c) {
   if (!(tr.flow_time_std > 0.0)) fail("train.flow_time_std", num(tr.flow_time_std), "must be positive");
   if (!(tr.dist_timeout_s > 0.0)) fail("train.dist_timeout_s", num(tr.dist_timeout_s), "must be positive (seconds)");
   if (!(tr.bucket_mb > 0.0)) fail("train.bucket_mb", num(tr.bucket_mb), "must be positive (MiB)");
+  if (tr.zero < 0 || tr.zero > 3) fail("train.zero", std::to_string(tr.zero), "must be 0, 1, 2 or 3 (the ZeRO stage)");
+  if (tr.zero1 && tr.zero > 1)
+    fail("train.zero1", "true", "asks for stage 1 but train.zero = " + std::to_string(tr.zero) +
+                                    "; hint: drop train.zero1 (train.zero alone says the stage)");
   if (!(tr.cfg_dropout >= 0.0 && tr.cfg_dropout <= 1.0)) fail("train.cfg_dropout", num(tr.cfg_dropout), "must be in [0, 1]");
   if (tr.image_seq_len > t.max_position_embeddings)
     fail("train.image_seq_len", std::to_string(tr.image_seq_len),
@@ -403,6 +407,9 @@ void validate(const Config& c) {
     fail("lora.base_dtype", "\"" + lo.base_dtype + "\"", "must be \"nf4\" or \"fp32\"");
   if (lo.enabled && tr.stage != "omni")
     fail("lora.enabled", "true", "QLoRA fine-tunes the model: train.stage must be \"omni\"");
+  if (lo.enabled && tr.zero_stage() >= 2)
+    fail("train.zero", std::to_string(tr.zero), "shards full training; QLoRA runs keep their adapters in PEFT's "
+         "layout; hint: use train.zero = 1 (the adapters and their AdamW state are small; the NF4 base is frozen)");
 
   const auto& r = c.runtime;
   if (!(r.device == "cpu" || r.device == "cuda" || r.device.rfind("cuda:", 0) == 0))

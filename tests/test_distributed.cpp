@@ -1,6 +1,9 @@
 // Data-parallel training (c10d): loss shares of split batches add up to the loss of the whole batch; 2 Gloo ranks
 // of batch b take the steps of 1 process of batch 2b (losses and weights), with ZeRO-1, across a ZeRO-1 resume and a
-// resume that changes the world size; a killed or stopped rank stops the other within the timeout, mismatched ranks are refused at start.
+// resume that changes the world size; ZeRO-2 and ZeRO-3 on 2 and 3 ranks take the steps of 1 process, write sharded
+// checkpoints that re-shard on resume (other world size, other level) and export, and hold 1/W of the training state;
+// a killed or stopped rank stops the other within the timeout (at ZeRO-3 the newest sharded checkpoint stays whole),
+// mismatched ranks are refused at start.
 #include "catch_compat.h"
 #include <nlohmann/json.hpp>
 
@@ -13,7 +16,9 @@
 #include <fstream>
 
 #include "helpers.h"
+#include "omnilite/io/checkpoint.h"
 #include "omnilite/io/safetensors.h"
+#include "omnilite/io/weights_reader.h"
 #include "omnilite/log.h"
 #include "omnilite/train/distributed.h"
 #include "omnilite/modules/losses.h"
@@ -87,9 +92,10 @@ std::string launch(int nproc, int port) {
          std::to_string(port) + " -- ";
 }
 
-// Over all tensors of two checkpoints: the largest max|a - b| / max|b| (difference against the tensor's scale).
+// Over all tensors of two checkpoints (files or folders, sharded ones too): the largest max|a - b| / max|b|
+// (difference against the tensor's scale).
 std::pair<double, std::string> max_weight_diff(const std::string& a, const std::string& b) {
-  io::SafetensorsReader ra(a), rb(b);
+  io::WeightsReader ra(a), rb(b);
   REQUIRE(ra.tensors().size() == rb.tensors().size());
   std::pair<double, std::string> worst{0.0, ""};
   for (const auto& [name, e] : rb.tensors()) {
@@ -224,6 +230,108 @@ TEST_CASE("2 Gloo ranks of batch b take the steps of 1 process of batch 2b, with
   CHECK(json::parse(sf)["world_size"].get<int64_t>() == 2);
 }
 
+// ZeRO-2 and -3 at 2 and 3 ranks against 1 process of the same global batch: losses, gradient norms and final
+// weights; resumes that change the world size and the level (3 ranks -> 1 process, 2 ranks -> 3) re-shard the
+// checkpoint exactly (the moments too: the weights after the resumed steps agree); per-rank memory falls as 1/W and
+// `omnilite memory` predicts it; `omnilite export` reads a sharded checkpoint.
+TEST_CASE("ZeRO-2 and ZeRO-3 on 2 and 3 Gloo ranks take the steps of 1 process, shard checkpoints and re-shard them",
+          "[dist][zero][slow]") {
+  if (!have_gloo()) return;
+  const std::string dir = testing::fresh_temp_dir("omnilite_test_zero");
+  // the global batch is 6 rows (and 6 caption rows) per micro-batch at every world size
+  const std::string b6 = write_config(dir, 6, 6), b3 = write_config(dir, 3, 3), b2 = write_config(dir, 2, 2);
+  const std::string one = dir + "/one", z2 = dir + "/z2", z3a = dir + "/z3a", z3b = dir + "/z3b";
+  auto train = [&](int nproc, const std::string& cfg, int zero, const std::string& out, const std::string& more,
+                   int port) {
+    const std::string cmd = (nproc > 1 ? launch(nproc, test_port(port)) : std::string()) + cli() + " train --config " +
+                            cfg + " --set train.zero=" + std::to_string(zero) + " --out " + out + more + " >> " +
+                            out + ".log 2>&1";
+    INFO(cmd);
+    REQUIRE(run_shell(cmd) == 0);
+  };
+  train(1, b6, 0, one, "", 20);
+  train(2, b3, 2, z2, "", 21);                                   // ZeRO-2 on 2 ranks, steps 1-5
+  train(3, b2, 3, z3a, " --max-steps 3", 22);                    // ZeRO-3 on 3 ranks, steps 1-3 ...
+  train(1, b6, 0, z3a, " --resume " + z3a, 23);                  // ... then 1 process from the sharded checkpoint
+  train(2, b3, 3, z3b, " --max-steps 3", 24);                    // ZeRO-3 on 2 ranks, steps 1-3 ...
+  train(3, b2, 2, z3b, " --resume " + z3b, 25);                  // ... then ZeRO-2 on 3 ranks: re-sharded 2 -> 3
+
+  const auto m1 = testing::metrics_of(one);
+  REQUIRE(m1.size() == 5);
+  const std::string ckpt3 = "/checkpoints/step_0000003", ckpt5 = "/checkpoints/step_0000005";
+  for (const auto& run : {z2, z3a, z3b}) {
+    INFO("run " << run << " against 1 process");
+    const auto m = testing::metrics_of(run);
+    REQUIRE(m.size() == 5);
+    for (size_t s = 0; s < 5; ++s) {
+      INFO("step " << s + 1);
+      for (const char* k : {"loss", "loss_clm", "loss_aux", "loss_z", "loss_caption", "grad_norm"}) {
+        INFO(k << ": " << m[s][k].get<double>() << " vs " << m1[s][k].get<double>());
+        CHECK(m[s][k].get<double>() == Approx(m1[s][k].get<double>()).epsilon(1e-5));
+      }
+    }
+    CHECK(m.back()["valid_loss_text"].get<double>() ==
+          Approx(m1.back()["valid_loss_text"].get<double>()).epsilon(1e-5));
+    const auto [d, where] = max_weight_diff(run + ckpt5, one + ckpt5);
+    INFO("final weights, largest difference / tensor scale " << d << " in " << where);
+    CHECK(d < 1e-5);
+  }
+  // sharded checkpoints: one file per rank and the manifest, no optimizer.pt, nothing gathered on rank 0
+  CHECK(fs::exists(z3a + ckpt3 + "/zero_shards.json"));
+  CHECK(fs::exists(z3a + ckpt3 + "/zero-00002-of-00003.safetensors"));
+  CHECK_FALSE(fs::exists(z3a + ckpt3 + "/optimizer.pt"));
+  CHECK(fs::exists(z3a + ckpt5 + "/optimizer.pt"));  // the 1-process continuation writes the unsharded layout
+  CHECK(fs::exists(z3b + ckpt5 + "/zero-00002-of-00003.safetensors"));
+  {
+    io::WeightsReader r(z3a + ckpt3);
+    r.verify_checksum();
+    const auto& man = r.zero_manifest();
+    CHECK(man["world_size"].get<int64_t>() == 3);
+    CHECK(man["zero"].get<int64_t>() == 3);
+    io::SafetensorsReader rest(z3a + ckpt3 + "/model.safetensors");
+    for (const auto& [name, t] : man["tensors"].items()) CHECK_FALSE(rest.contains(name));
+    // every rank holds a third of the values (up to the padding of each unit to a multiple of 3)
+    std::vector<double> values(3, 0.0);
+    double total = 0;
+    for (const auto& [name, t] : man["tensors"].items())
+      for (const auto& piece : t["pieces"]) {
+        values[piece[0].get<size_t>()] += piece[2].get<double>();
+        total += piece[2].get<double>();
+      }
+    for (double v : values) CHECK(v == Approx(total / 3).margin(3 * 3));  // 3 units (2 layers, the root)
+  }
+  // Memory, as each run's rank 0 measured it after its steps: weights + gradients + AdamW state fall as 1/W.
+  auto held = [](const json& m) {
+    return m["mem_weights_mib"].get<double>() + m["mem_grads_mib"].get<double>() + m["mem_optimizer_mib"].get<double>();
+  };
+  const double whole = held(m1.back());
+  const auto ma = testing::metrics_of(z3a), mb = testing::metrics_of(z3b);
+  INFO("held MiB: 1 process " << whole << ", ZeRO-3 on 3 ranks " << held(ma[2]) << ", on 2 " << held(mb[2]));
+  CHECK(held(ma[2]) == Approx(whole / 3).epsilon(0.10));
+  CHECK(held(mb[2]) == Approx(whole / 2).epsilon(0.10));
+  CHECK(ma[2]["mem_gathered_peak_mib"].get<double>() > 0);
+  CHECK(ma[2]["mem_gathered_peak_mib"].get<double>() < 2 * m1.back()["mem_weights_mib"].get<double>());
+  // `omnilite memory` predicts the measured figure
+  const std::string pred = dir + "/pred.json";
+  REQUIRE(run_shell(cli() + " memory --config " + b2 + " --world-size 3 --zero 3 --json > " + pred + " 2> " + pred +
+                    ".log") == 0);
+  std::ifstream pf(pred);
+  const json p = json::parse(pf);
+  CHECK(p["per_rank_state_bytes"].get<double>() / (1024.0 * 1024.0) == Approx(held(ma[2])).epsilon(0.10));
+  // `omnilite export` reads a sharded checkpoint as it is
+  REQUIRE(run_shell(cli() + " export --checkpoint " + z2 + ckpt5 + " --format hf --out " + dir + "/hf-z2 > " + dir +
+                    "/export.log 2>&1") == 0);
+  REQUIRE(run_shell(cli() + " export --checkpoint " + one + ckpt5 + " --format hf --out " + dir + "/hf-one >> " + dir +
+                    "/export.log 2>&1") == 0);
+  const auto [d, where] = max_weight_diff(dir + "/hf-z2", dir + "/hf-one");
+  INFO("exported weights " << d << " in " << where);
+  CHECK(d < 1e-5);
+  std::ifstream zl(z3a + ".log");
+  const std::string zlog((std::istreambuf_iterator<char>(zl)), std::istreambuf_iterator<char>());
+  CHECK_THAT(zlog, ContainsText("zero3: 3 ranks (gloo)") &&
+                       ContainsText("W reduce calls (gloo has no reduce_scatter)"));
+}
+
 TEST_CASE("2 Gloo ranks streaming token and image shards with loader threads resume to the losses of one run",
           "[dist][shards]") {
   if (!have_gloo() || !have_opencv()) return;
@@ -306,11 +414,11 @@ TEST_CASE("a killed or stopped rank stops the other with an error within the tim
   const std::string cfg = write_config(dir, 2, 2);
   // Starts rank 0 and rank 1 by hand (no launcher, which would stop the survivor itself), waits until rank 0 has
   // logged a step, applies `signal` to rank 1, and writes rank 0's exit status and the seconds it took to exit.
-  auto fault = [&](const std::string& name, const std::string& signal, int port) {
+  auto fault = [&](const std::string& name, const std::string& signal, int port, const std::string& more = "") {
     const std::string run = dir + "/" + name;
     const std::string env = "WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port);
     const std::string args = " train --config " + cfg + " --out " + run +
-                             " --max-steps 100000 --set train.steps=100000 --set train.dist_timeout_s=5";
+                             " --max-steps 100000 --set train.steps=100000 --set train.dist_timeout_s=5" + more;
     const std::string script =
         "RANK=0 " + env + " " + cli() + args + " > " + run + ".r0.log 2>&1 & p0=$!; " +
         "RANK=1 " + env + " " + cli() + args + " > " + run + ".r1.log 2>&1 & p1=$!; " +
@@ -334,6 +442,27 @@ TEST_CASE("a killed or stopped rank stops the other with an error within the tim
     CHECK(rc != 0);
     CHECK(seconds < 5 + 10);
     CHECK_THAT(log, ContainsText("distributed: rank 0") && ContainsText("failed"));
+  }
+  {
+    // ZeRO-3 with a sharded checkpoint every step: the survivor stops within the timeout, and the newest complete
+    // checkpoint (every shard and the manifest; a half-written one stays a .tmp- folder) loads and resumes.
+    const auto [rc, seconds, log] = fault("zero3", "9", test_port(14), " --set train.zero=3 --set train.ckpt_every=1");
+    INFO(log);
+    CHECK(rc != 0);
+    CHECK(seconds < 5 + 10);
+    CHECK_THAT(log, ContainsText("distributed: rank 0") && ContainsText("failed"));
+    const std::string last = io::latest_checkpoint(dir + "/zero3");
+    INFO("newest checkpoint " << last);
+    CHECK(fs::exists(last + "/zero_shards.json"));
+    CHECK(fs::exists(last + "/zero-00001-of-00002.safetensors"));
+    io::WeightsReader r(last);
+    r.verify_checksum();
+    std::ifstream sf(last + "/state.json");
+    const int64_t step = json::parse(sf)["step"].get<int64_t>();
+    REQUIRE(run_shell(launch(2, test_port(15)) + cli() + " train --config " + cfg + " --out " + dir + "/zero3" +
+                      " --resume " + dir + "/zero3 --set train.steps=100000 --set train.zero=3 --max-steps " +
+                      std::to_string(step + 1) + " > " + dir + "/zero3.resume.log 2>&1") == 0);
+    CHECK(testing::metrics_of(dir + "/zero3").back()["step"].get<int64_t>() == step + 1);
   }
   {
     const auto [rc, seconds, log] = fault("stopped", "STOP", test_port(11));

@@ -178,8 +178,13 @@ struct TrainOptions {
   double dist_timeout_s = 600;    // data-parallel runs: a rendezvous or collective that waits longer (a rank died or
                                   // hangs) stops every rank with an error
   double bucket_mb = 25;          // data-parallel runs: MiB of gradients per all-reduce bucket
-  bool zero1 = false;             // data-parallel runs: ZeRO stage 1, the AdamW state sharded across ranks (each steps
-                                  // and broadcasts its share of the parameters; checkpoints stay unsharded)
+  int64_t zero = 0;               // data-parallel runs: ZeRO stage (include/omnilite/train/zero.h, distributed.md).
+                                  // 0 replicates everything; 1 shards the AdamW state (checkpoints stay unsharded);
+                                  // 2 also the gradients (reduce-scattered); 3 also the parameters (each decoder layer
+                                  // gathered around its forward and backward). 2 and 3 write sharded checkpoints
+  bool zero1 = false;             // the older spelling of zero = 1 (kept working; zero1 with zero = 2 or 3 is refused)
+  // The ZeRO stage the run uses: train.zero, or 1 for train.zero1.
+  int64_t zero_stage() const { return zero > 0 ? zero : (zero1 ? 1 : 0); }
   bool tensorboard = true;        // also write every metrics.jsonl scalar as TensorBoard events into RUN/tb/
 };
 

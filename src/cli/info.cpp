@@ -2,6 +2,7 @@
 // omnilite memory: the training-memory estimate of a config (include/omnilite/train/memory_estimate.h).
 #include <cstdio>
 #include <iostream>
+#include <stdexcept>
 
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
@@ -102,19 +103,34 @@ int run_memory(int argc, char** argv) {
                                  "and without activation checkpointing. Only the small non-projection tensors are "
                                  "allocated.");
   opts.add_options()("config", "config JSON (e.g. configs/qlora-omni-lite.json)", cxxopts::value<std::string>())(
+      "world-size", "data-parallel ranks: the per-rank share (default 1)",
+      cxxopts::value<int64_t>()->default_value("1"))(
+      "zero", "ZeRO stage 0-3 for --world-size (default: the config's train.zero)", cxxopts::value<int64_t>())(
       "json", "print one JSON object")("h,help", "show this help");
   auto args = opts.parse(argc, argv);
   if (args.count("help") || !args.count("config")) {
-    std::cout << opts.help() << "\nExample:\n  omnilite memory --config configs/qlora-omni-lite.json\n"
+    std::cout << opts.help() << "\nExamples:\n  omnilite memory --config configs/qlora-omni-lite.json\n"
+                 "  omnilite memory --config configs/omni-lite.json --world-size 4 --zero 3   # per GPU of 4\n"
                  "Compare with the peak resident memory of a run: /usr/bin/time -v omnilite train ... (see "
                  "scripts/bench_qlora.sh).\n";
     return args.count("help") ? 0 : 2;
   }
   const std::string path = args["config"].as<std::string>();
   const Config cfg = load_config_file(path);
+  const int64_t world = args["world-size"].as<int64_t>();
+  const int64_t zero = args.count("zero") ? args["zero"].as<int64_t>() : cfg.train.zero_stage();
+  if (world < 1) throw std::runtime_error("--world-size " + std::to_string(world) + ": must be at least 1");
+  if (zero < 0 || zero > 3) throw std::runtime_error("--zero " + std::to_string(zero) + ": must be 0, 1, 2 or 3");
   auto e = estimate_training_memory(cfg);
   e.process_bytes = process > 0 ? process : 0;
   const double with = e.total(true), without = e.total(false);
+  const ShardedMemory sh = sharded_memory(e, world, zero);
+  // one rank's total: its share of the state, the frozen weights, the peak gathered, activations (ZeRO-3 recomputes
+  // every decoder layer in backward, as activation checkpointing does), the process
+  auto rank_total = [&](const ShardedMemory& m, int64_t z) {
+    const double act = e.checkpointing || (z >= 3) ? e.act_checkpointed : e.act_full;
+    return m.state() + m.frozen_weights + m.gathered_peak + act + e.process_bytes;
+  };
   if (args.count("json")) {
     nlohmann::json j = {{"config", path},
                         {"lora", cfg.lora.enabled},
@@ -126,7 +142,14 @@ int run_memory(int argc, char** argv) {
                                    {"adamw", e.adam_bytes}, {"activations_one_layer", e.act_layer_bytes},
                                    {"activations_checkpointed", e.act_checkpointed}, {"activations_full", e.act_full},
                                    {"process", e.process_bytes}, {"total_checkpointed", with}, {"total_full", without}}},
-                        {"activation_checkpointing", e.checkpointing}};
+                        {"activation_checkpointing", e.checkpointing},
+                        {"world_size", world},
+                        {"zero", zero},
+                        {"per_rank_state_bytes", sh.state()},
+                        {"per_rank", {{"trainable_weights", sh.trainable_weights},
+                                      {"frozen_weights", sh.frozen_weights},
+                                      {"gradients", sh.grads}, {"adamw", sh.adam}, {"gathered_peak", sh.gathered_peak},
+                                      {"total", rank_total(sh, zero)}}}};
     std::cout << j.dump(2) << "\n";
     return 0;
   }
@@ -153,6 +176,26 @@ int run_memory(int argc, char** argv) {
   row("process (LibTorch, BLAS; measured now)", -1, e.process_bytes);
   std::printf("\n  %-40s %16s %12s\n  %-40s %16s %12s\n", "total with activation checkpointing", "", gib(with).c_str(),
               "total without", "", gib(without).c_str());
+  if (cfg.lora.enabled) return 0;
+  // Data parallelism: one rank's share at this --world-size / --zero, then 2, 4 and 8 ranks at every stage.
+  std::printf("\n  per rank at --world-size %lld, ZeRO %lld: weights %s (+ frozen %s), gradients %s, AdamW %s, "
+              "gathered at the peak %s; with activations (%s) and the process: %s\n",
+              static_cast<long long>(world), static_cast<long long>(zero), gib(sh.trainable_weights).c_str(),
+              gib(sh.frozen_weights).c_str(), gib(sh.grads).c_str(), gib(sh.adam).c_str(),
+              gib(sh.gathered_peak).c_str(), e.checkpointing || zero >= 3 ? "checkpointed" : "not checkpointed",
+              gib(rank_total(sh, zero)).c_str());
+  const double gpu = 24.0 * 1024 * 1024 * 1024;  // a 24 GB card (RTX 3090 / 4090: 24 GiB)
+  std::printf("\n  per GPU (GiB) %8s %8s %8s %8s    fits 24 GiB at\n", "ZeRO 0", "ZeRO 1", "ZeRO 2", "ZeRO 3");
+  for (int64_t w : {2, 4, 8}) {
+    std::string fits;
+    std::printf("  %2lld ranks     ", static_cast<long long>(w));
+    for (int64_t z = 0; z <= 3; ++z) {
+      const double t = rank_total(sharded_memory(e, w, z), z);
+      std::printf(" %8.2f", t / (1024.0 * 1024.0 * 1024.0));
+      if (t <= gpu) fits += (fits.empty() ? "ZeRO " : ", ") + std::to_string(z);
+    }
+    std::printf("    %s\n", fits.empty() ? "none" : fits.c_str());
+  }
   return 0;
 }
 

@@ -1,5 +1,7 @@
 #include "omnilite/io/weights_reader.h"
 
+#include <algorithm>
+#include <array>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -18,6 +20,7 @@ namespace {
 
 constexpr const char* kSingle = "model.safetensors";
 constexpr const char* kIndex = "model.safetensors.index.json";
+constexpr const char* kZero = "zero_shards.json";
 const std::string kBnbState = ".quant_state.bitsandbytes__nf4";
 const char* const kBnbSuffixes[] = {".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
                                     ".quant_state.bitsandbytes__nf4"};
@@ -46,6 +49,12 @@ json bnb_state(const SafetensorsReader& f, const std::string& w, const std::stri
       !std::equal(map.begin(), map.end(), nm.data_ptr<float>()))
     refuse("has code tables other than bitsandbytes' NF4 and dynamic maps");
   return s;
+}
+
+int64_t numel_of(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (auto d : shape) n *= d;
+  return n;
 }
 
 // The logical tensor of a 4-bit weight: the quant state's shape and dtype (offsets are the codes'); `offset` gets
@@ -84,8 +93,62 @@ nlohmann::json weights_identity(const std::string& path) {
 }
 
 bool has_weights(const std::string& path) {
-  return fs::is_regular_file(path) || fs::exists(path + "/" + kSingle) || fs::exists(path + "/" + kIndex);
+  return fs::is_regular_file(path) || fs::exists(path + "/" + kSingle) || fs::exists(path + "/" + kIndex) ||
+         fs::exists(path + "/" + kZero);
 }
+
+namespace {
+// A ZeRO checkpoint's manifest, checked: every file exists, every tensor's pieces tile it in order, each piece is a
+// tensor of its file of that dtype and length. Opens the files into `files` and fills `pieces` and `entries`.
+// A piece: {file index in `files`, first element, count}.
+using ZeroPiece = std::array<int64_t, 3>;
+nlohmann::json open_zero_manifest(const std::string& dir, std::vector<std::unique_ptr<SafetensorsReader>>& files,
+                                  std::map<std::string, std::vector<ZeroPiece>>& pieces,
+                                  std::map<std::string, TensorEntry>& entries) {
+  const std::string mpath = dir + "/" + kZero;
+  std::ifstream f(mpath);
+  const auto m = nlohmann::json::parse(f, nullptr, false);
+  auto bad = [&](const std::string& why) {
+    throw std::runtime_error("\"" + mpath + "\": " + why + "; hint: the checkpoint is damaged or from another version");
+  };
+  if (!m.is_object() || m.value("format", std::string()) != "omnilite-zero-shards" || !m.contains("files") ||
+      !m["files"].is_array() || !m.contains("tensors") || !m["tensors"].is_object())
+    bad("not a ZeRO shard manifest (format, files, tensors)");
+  const size_t first = files.size();
+  for (const auto& name : m["files"]) {
+    if (!name.is_string() || name.get<std::string>().find('/') != std::string::npos)
+      bad("a file entry is not a file name");
+    const std::string p = dir + "/" + name.get<std::string>();
+    if (!fs::exists(p)) bad("names shard \"" + name.get<std::string>() + "\", which the folder lacks");
+    files.push_back(std::make_unique<SafetensorsReader>(p));
+  }
+  for (const auto& [name, t] : m["tensors"].items()) {
+    TensorEntry e;
+    e.dtype = dtype_from_name(t.value("dtype", std::string()), mpath + ": tensor \"" + name + "\"");
+    e.shape = t.value("shape", std::vector<int64_t>());
+    const int64_t numel = numel_of(e.shape);
+    int64_t at = 0;
+    auto& ps = pieces[name];
+    for (const auto& p : t.value("pieces", nlohmann::json::array())) {
+      if (!p.is_array() || p.size() != 3) bad("tensor \"" + name + "\" has a piece that is not [file, begin, length]");
+      const auto file = p[0].get<size_t>();
+      const auto begin = p[1].get<int64_t>(), length = p[2].get<int64_t>();
+      if (file >= files.size() - first || begin != at || length <= 0)
+        bad("the pieces of \"" + name + "\" do not tile it in order (piece at " + std::to_string(begin) + ")");
+      const auto& sf = *files[first + file];
+      if (!sf.contains(name) || sf.tensors().at(name).dtype != e.dtype || sf.tensors().at(name).shape.size() != 1 ||
+          sf.tensors().at(name).shape[0] != length)
+        bad("\"" + sf.path() + "\" does not hold the piece of \"" + name + "\" the manifest names");
+      ps.push_back({static_cast<int64_t>(first + file), begin, length});
+      at += length;
+    }
+    if (at != numel) bad("the pieces of \"" + name + "\" hold " + std::to_string(at) + " of its " +
+                         std::to_string(numel) + " elements");
+    entries[name] = e;
+  }
+  return m;
+}
+}  // namespace
 
 WeightsReader::WeightsReader(const std::string& path) : path_(path) {
   // stored name -> file index, from the index JSON or from each file's own header.
@@ -126,6 +189,18 @@ WeightsReader::WeightsReader(const std::string& path) : path_(path) {
       if (!files_[i]->contains(name))
         throw std::runtime_error("\"" + index_path + "\" places \"" + name + "\" in \"" + files_[i]->path() +
                                  "\", which does not hold it");
+  } else if (fs::is_directory(path) && fs::exists(path + "/" + kZero)) {
+    // model.safetensors holds what was not sharded (buffers, frozen parameters); the manifest the rest.
+    if (fs::exists(path + "/" + kSingle)) {
+      files_.push_back(std::make_unique<SafetensorsReader>(path + "/" + kSingle));
+      for (const auto& [name, e] : files_[0]->tensors()) stored.emplace_back(name, 0);
+    }
+    std::map<std::string, TensorEntry> entries;
+    std::map<std::string, std::vector<ZeroPiece>> pieces;
+    zero_ = open_zero_manifest(path, files_, pieces, entries);
+    for (const auto& [name, ps] : pieces)
+      for (const auto& p : ps) pieces_[name].push_back({static_cast<size_t>(p[0]), p[1], p[2]});
+    tensors_.insert(entries.begin(), entries.end());  // a name also in model.safetensors is refused below
   } else {
     const std::string file = fs::is_directory(path) ? path + "/" + kSingle : path;
     if (!fs::exists(file))
@@ -184,10 +259,42 @@ std::optional<quant::Nf4Tensor> WeightsReader::nf4(const std::string& name) cons
 }
 
 torch::Tensor WeightsReader::load(const std::string& name) const {
+  if (pieces_.count(name)) {
+    const auto& shape = tensors_.at(name).shape;
+    return load_range(name, 0, numel_of(shape)).view(shape);
+  }
   if (auto q = nf4(name)) return quant::nf4_dequantize(*q).to(tensors_.at(name).dtype);
   auto it = where_.find(name);
   if (it == where_.end()) throw std::runtime_error("checkpoint \"" + path_ + "\" has no tensor \"" + name + "\"");
   return files_[it->second.file]->load(it->second.stored);
+}
+
+torch::Tensor WeightsReader::load_range(const std::string& name, int64_t begin, int64_t length) const {
+  // "exp_avg/NAME" lies in NAME's pieces
+  const auto slash = name.find('/');
+  const std::string base = slash == std::string::npos ? name : name.substr(slash + 1);
+  auto it = pieces_.find(base);
+  if (it == pieces_.end()) {
+    if (slash != std::string::npos)
+      throw std::runtime_error("checkpoint \"" + path_ + "\" has no sharded tensor \"" + base + "\" (for \"" + name +
+                               "\")");
+    return load(name).reshape({-1}).narrow(0, begin, length).clone();
+  }
+  const int64_t numel = numel_of(tensors_.at(base).shape);
+  if (begin < 0 || length < 0 || begin + length > numel)
+    throw std::runtime_error("checkpoint \"" + path_ + "\": elements [" + std::to_string(begin) + ", " +
+                             std::to_string(begin + length) + ") of \"" + name + "\" lie outside its " +
+                             std::to_string(numel));
+  auto out = torch::empty({length}, torch::TensorOptions().dtype(tensors_.at(base).dtype));
+  for (const auto& p : it->second) {
+    const int64_t a = std::max(begin, p.begin), b = std::min(begin + length, p.begin + p.length);
+    if (a >= b) continue;
+    if (!files_[p.file]->contains(name))
+      throw std::runtime_error("checkpoint \"" + path_ + "\": \"" + files_[p.file]->path() + "\" lacks \"" + name +
+                               "\"");
+    out.narrow(0, a - begin, b - a).copy_(files_[p.file]->load(name).narrow(0, a - p.begin, b - a));
+  }
+  return out;
 }
 
 void WeightsReader::verify_checksum() const {

@@ -2,7 +2,7 @@
 
 #include <string>
 
-#include "omnilite/runtime.h"
+#include "omnilite/modules/recompute.h"
 
 namespace omnilite {
 namespace {
@@ -16,54 +16,51 @@ using torch::autograd::variable_list;
 // the random generators are set back to their state at the forward (LoRA dropout draws the same masks, so top-2
 // routing sees the same inputs) and restored afterwards (the recomputation consumes no randomness of the run), and
 // the forward's CUDA autocast state is re-entered (backward runs outside the autocast region, on another thread).
+// With a LayerGate (ZeRO-3) the layer's parameters are gathered for the forward and for the recomputation, released
+// after the forward, and handed over with their gradients after the backward.
 struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
   // x: [B, T, D] -> {y [B, T, D], router_logits [B*T, E]}
   // `allowed` comes by pointer: LibTorch 1.13 records every tensor argument as an input and fails on an undefined
   // one (text-only batches have no mask).
   static variable_list forward(AutogradContext* ctx, torch::Tensor x, DecoderLayerImpl* layer, torch::Tensor cos,
-                               torch::Tensor sin, const torch::Tensor* allowed_ptr, bool causal) {
+                               torch::Tensor sin, const torch::Tensor* allowed_ptr, bool causal, LayerGate* gate,
+                               int64_t index) {
     const torch::Tensor& allowed = *allowed_ptr;
     ctx->saved_data["layer"] = reinterpret_cast<int64_t>(layer);
+    ctx->saved_data["gate"] = reinterpret_cast<int64_t>(gate);
+    ctx->saved_data["index"] = index;
     ctx->saved_data["cos"] = cos;
     ctx->saved_data["sin"] = sin;
     ctx->saved_data["allowed"] = allowed;
     ctx->saved_data["causal"] = causal;
-    const RngState rng = capture_rng({x.device()});
-    ctx->saved_data["rng_cpu"] = rng.cpu;
-    for (const auto& [index, state] : rng.cuda) ctx->saved_data["rng_cuda:" + std::to_string(index)] = state;
-    const auto autocast = cuda_autocast_dtype();
-    ctx->saved_data["autocast"] = autocast ? static_cast<int64_t>(*autocast) : int64_t{-1};
+    save_forward_state(ctx, x.device());
     ctx->save_for_backward({x});
+    if (gate) gate->gather(static_cast<size_t>(index));
     auto o = layer->forward(x, RopeTables{cos, sin}, allowed, causal);
+    if (gate) gate->release(static_cast<size_t>(index));
     return {o.y, o.router_logits};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto* layer = reinterpret_cast<DecoderLayerImpl*>(ctx->saved_data["layer"].toInt());
+    auto* gate = reinterpret_cast<LayerGate*>(ctx->saved_data["gate"].toInt());
+    const auto index = static_cast<size_t>(ctx->saved_data["index"].toInt());
     auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
     const auto& allowed_iv = ctx->saved_data["allowed"];
     const torch::Tensor allowed = allowed_iv.isTensor() ? allowed_iv.toTensor() : torch::Tensor();
-    RngState forward_rng;
-    forward_rng.cpu = ctx->saved_data["rng_cpu"].toTensor();
-    if (x.is_cuda()) {
-      const auto key = "rng_cuda:" + std::to_string(x.device().index());
-      forward_rng.cuda.emplace_back(x.device().index(), ctx->saved_data[key].toTensor());
-    }
-    const RngState now = capture_rng({x.device()});
-    const int64_t autocast = ctx->saved_data["autocast"].toInt();
     variable_list outs, gs;
+    if (gate) gate->gather(index);
     {
-      restore_rng(forward_rng);
-      torch::AutoGradMode enable(true);
-      AutocastGuard amp(autocast >= 0, autocast >= 0 ? static_cast<torch::ScalarType>(autocast) : torch::kBFloat16);
+      RecomputeScope recompute(ctx, x.device());
       auto o = layer->forward(x, RopeTables{ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor()},
                               allowed, ctx->saved_data["causal"].toBool());
       if (grads[0].defined()) { outs.push_back(o.y); gs.push_back(grads[0]); }
       if (grads[1].defined()) { outs.push_back(o.router_logits); gs.push_back(grads[1]); }
     }
-    restore_rng(now);
     if (!outs.empty()) torch::autograd::backward(outs, gs);
-    return {x.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};  // per input
+    if (gate) gate->after_backward(index);
+    return {x.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
+            torch::Tensor(), torch::Tensor()};  // per input
   }
 };
 
@@ -92,14 +89,20 @@ TextDecoderOutput TextDecoderImpl::forward(const torch::Tensor& x, const torch::
   auto h = x;
   for (size_t i = 0; i < layers->size(); ++i) {
     auto* l = layers[i]->as<DecoderLayerImpl>();
-    if (checkpoint_layers && torch::GradMode::is_enabled() && is_training() && !cache) {
+    const bool grad = torch::GradMode::is_enabled();
+    if ((checkpoint_layers || gate) && grad && is_training() && !cache) {
       // The recomputation only runs when the function is part of the graph: give it an input that needs grad.
       if (!h.requires_grad()) h = h.detach().requires_grad_(true);
-      auto o = CheckpointedLayer::apply(h, l, rope.cos, rope.sin, &allowed, causal);
+      auto o = CheckpointedLayer::apply(h, l, rope.cos, rope.sin, &allowed, causal, gate.get(),
+                                        static_cast<int64_t>(i));
       h = o[0];
       out.router_logits.push_back(o[1]);
     } else {
+      TORCH_CHECK(!gate || !grad, "TextDecoder: layers with sharded parameters (train.zero = 3) run with gradients "
+                  "only in training mode; hint: call eval() paths under torch::NoGradGuard");
+      if (gate) gate->gather(i);
       auto o = l->forward(h, rope, allowed, causal, cache ? &cache->layers[i] : nullptr, cache ? cache->append : true);
+      if (gate) gate->release(i);
       h = o.y;
       out.router_logits.push_back(o.router_logits);
     }

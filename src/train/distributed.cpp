@@ -110,25 +110,37 @@ struct Dist::Group {
   std::function<c10::intrusive_ptr<c10d::Work>(std::vector<at::Tensor>&)> allreduce;
   std::function<c10::intrusive_ptr<c10d::Work>(std::vector<at::Tensor>&, int64_t)> broadcast;
   std::function<c10::intrusive_ptr<c10d::Work>()> barrier;
+  std::function<c10::intrusive_ptr<c10d::Work>(std::vector<at::Tensor>&, std::vector<at::Tensor>&)> allgather;
+  std::function<c10::intrusive_ptr<c10d::Work>(std::vector<at::Tensor>&, int64_t)> reduce;  // sum onto a root
+  // out, chunks: the backend's own reduce-scatter; unset where it has none (Gloo)
+  std::function<c10::intrusive_ptr<c10d::Work>(std::vector<at::Tensor>&, std::vector<at::Tensor>&)> reduce_scatter;
   std::shared_ptr<void> keep;  // the process group object
 };
 
 namespace {
 template <class PG>
-void bind_group(const c10::intrusive_ptr<PG>& pg, std::function<c10::intrusive_ptr<c10d::Work>(std::vector<at::Tensor>&)>& ar,
-          std::function<c10::intrusive_ptr<c10d::Work>(std::vector<at::Tensor>&, int64_t)>& bc,
-          std::function<c10::intrusive_ptr<c10d::Work>()>& barrier) {
-  ar = [pg](std::vector<at::Tensor>& t) {
+void bind_group(const c10::intrusive_ptr<PG>& pg, Dist::Group& g) {
+  g.allreduce = [pg](std::vector<at::Tensor>& t) {
     c10d::AllreduceOptions o;
     o.reduceOp = c10d::ReduceOp::SUM;
     return pg->allreduce(t, o);
   };
-  bc = [pg](std::vector<at::Tensor>& t, int64_t root) {
+  g.broadcast = [pg](std::vector<at::Tensor>& t, int64_t root) {
     c10d::BroadcastOptions o;
     o.rootRank = root;
     return pg->broadcast(t, o);
   };
-  barrier = [pg]() { return pg->barrier(); };
+  g.barrier = [pg]() { return pg->barrier(); };
+  g.allgather = [pg](std::vector<at::Tensor>& out, std::vector<at::Tensor>& in) {
+    std::vector<std::vector<at::Tensor>> outs{out};
+    return pg->allgather(outs, in);
+  };
+  g.reduce = [pg](std::vector<at::Tensor>& t, int64_t root) {
+    c10d::ReduceOptions o;
+    o.reduceOp = c10d::ReduceOp::SUM;
+    o.rootRank = root;
+    return pg->reduce(t, o);
+  };
 }
 
 // The rendezvous: rank 0 serves a TCP store (unless an agent such as torchrun already does), the others connect.
@@ -203,7 +215,13 @@ void open_process_group(const DistOptions& o, const std::string& backend, Dist::
       opts->timeout = timeout;
       auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(g.store, static_cast<int>(o.rank),
                                                            static_cast<int>(o.world_size), opts);
-      bind_group(pg, g.allreduce, g.broadcast, g.barrier);
+      bind_group(pg, g);
+      g.reduce_scatter = [pg](std::vector<at::Tensor>& out, std::vector<at::Tensor>& chunks) {
+        std::vector<std::vector<at::Tensor>> ins{chunks};
+        c10d::ReduceScatterOptions ro;
+        ro.reduceOp = c10d::ReduceOp::SUM;
+        return pg->reduce_scatter(out, ins, ro);
+      };
       g.keep = std::shared_ptr<void>(nullptr, [pg](void*) mutable { pg.reset(); });
       return 0;
     }
@@ -220,7 +238,7 @@ void open_process_group(const DistOptions& o, const std::string& backend, Dist::
       opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(g.store, static_cast<int>(o.rank),
                                                          static_cast<int>(o.world_size), opts);
-    bind_group(pg, g.allreduce, g.broadcast, g.barrier);
+    bind_group(pg, g);
     g.keep = std::shared_ptr<void>(nullptr, [pg](void*) mutable { pg.reset(); });
 #endif
     return 0;
@@ -277,6 +295,48 @@ void Dist::broadcast(std::vector<torch::Tensor>& ts, int64_t root) {
     std::vector<at::Tensor> v{t};
     guarded(rank_, "broadcast", timeout_s_, [&] { return group_->broadcast(v, root)->wait(timeout); });
   }
+}
+
+void Dist::all_gather(torch::Tensor& full, const torch::Tensor& mine) {
+  if (world_ == 1) {
+    full.copy_(mine);
+    return;
+  }
+  std::vector<at::Tensor> out, in{mine};
+  const int64_t n = mine.numel();
+  for (int64_t r = 0; r < world_; ++r) out.push_back(full.narrow(0, r * n, n));
+  const auto timeout = to_ms(timeout_s_);
+  guarded(rank_, "all-gather", timeout_s_, [&] { return group_->allgather(out, in)->wait(timeout); });
+}
+
+void Dist::reduce_scatter_sum(torch::Tensor& full, torch::Tensor& mine) {
+  if (world_ == 1) {
+    mine.copy_(full);
+    return;
+  }
+  const int64_t n = mine.numel();
+  const auto timeout = to_ms(timeout_s_);
+  std::vector<at::Tensor> chunks;
+  for (int64_t r = 0; r < world_; ++r) chunks.push_back(full.narrow(0, r * n, n));
+  if (group_->reduce_scatter) {
+    std::vector<at::Tensor> out{mine};
+    guarded(rank_, "reduce-scatter", timeout_s_, [&] { return group_->reduce_scatter(out, chunks)->wait(timeout); });
+    return;
+  }
+  // Every chunk reduced onto its rank; all W are in flight at once, then waited for in order.
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  for (int64_t r = 0; r < world_; ++r) {
+    std::vector<at::Tensor> t{chunks[static_cast<size_t>(r)]};
+    works.push_back(guarded(rank_, "reduce-scatter (reduce)", timeout_s_, [&] { return group_->reduce(t, r); }));
+  }
+  for (auto& w : works) guarded(rank_, "reduce-scatter (reduce)", timeout_s_, [&] { return w->wait(timeout); });
+  mine.copy_(chunks[static_cast<size_t>(rank_)]);
+}
+
+std::string Dist::reduce_scatter_impl() const {
+  if (world_ == 1) return "none (one process)";
+  if (group_ && group_->reduce_scatter) return backend_ + " reduce_scatter";
+  return "W reduce calls (" + backend_ + " has no reduce_scatter)";
 }
 
 void Dist::barrier() {

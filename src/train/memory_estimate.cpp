@@ -1,7 +1,9 @@
 #include "omnilite/train/memory_estimate.h"
 
+#include <algorithm>
 #include <map>
 #include <memory>
+#include <string>
 
 #include "omnilite/data/mm_batch.h"
 #include "omnilite/io/checkpoint.h"
@@ -23,8 +25,20 @@ void estimate_weights(const Config& cfg, const RecordingBuilder& rec, const Omni
     if (cfg.lora.enabled) return matches_any(name, cfg.lora.modules_to_save);
     return !matches_any(name, tr.freeze);
   };
+  // trainable values per decoder layer ("text.layers.N.") and ViT block ("vision.blocks.N."), and of the rest:
+  // ZeRO-3's units
+  std::map<std::string, int64_t> per_block;
+  auto count_unit = [&](const std::string& name, int64_t n) {
+    for (const std::string prefix : {"text.layers.", "vision.blocks."})
+      if (name.rfind(prefix, 0) == 0) {
+        per_block[prefix + std::to_string(std::stoll(name.substr(prefix.size())))] += n;
+        return;
+      }
+    e.root_trainable += n;
+  };
   for (const auto& [path, p] : rec.seen) {
     const int64_t n = p.in * p.out;
+    if (p.lora) count_unit(path, cfg.lora.rank * (p.in + p.out));
     if (p.nf4) {
       const int64_t nb = n / quant::kNf4BlockSize;
       e.nf4_params += n;
@@ -34,15 +48,22 @@ void estimate_weights(const Config& cfg, const RecordingBuilder& rec, const Omni
       if (p.bias) e.full_params += p.out;
     } else {
       e.full_params += n + (p.bias ? p.out : 0);
-      if (trainable_full(path + ".weight")) e.trainable_params += n + (p.bias ? p.out : 0);
+      if (trainable_full(path + ".weight")) {
+        e.trainable_params += n + (p.bias ? p.out : 0);
+        count_unit(path, n + (p.bias ? p.out : 0));
+      }
     }
     if (p.lora) e.lora_params += cfg.lora.rank * (p.in + p.out);
   }
   for (const auto& [name, t] : io::state_tensors(model)) {
     if (rec.is_placeholder(name)) continue;
     e.full_params += t.numel();
-    if (t.requires_grad() && trainable_full(name)) e.trainable_params += t.numel();
+    if (t.requires_grad() && trainable_full(name)) {
+      e.trainable_params += t.numel();
+      count_unit(name, t.numel());
+    }
   }
+  for (const auto& [block, n] : per_block) e.layer_trainable = std::max(e.layer_trainable, n);
   e.trainable_params += e.lora_params;
   e.full_bytes = 4.0 * static_cast<double>(e.full_params);
   e.lora_bytes = 4.0 * static_cast<double>(e.lora_params);
@@ -102,6 +123,22 @@ void estimate_activations(const Config& cfg, const RecordingBuilder& rec, Memory
 }
 
 }  // namespace
+
+ShardedMemory sharded_memory(const MemoryEstimate& e, int64_t world, int64_t zero) {
+  const double W = static_cast<double>(std::max<int64_t>(1, world));
+  const double trainable = 4.0 * static_cast<double>(e.trainable_params);
+  ShardedMemory m;
+  m.trainable_weights = zero >= 3 ? trainable / W : trainable;
+  m.frozen_weights = e.nf4_code_bytes + e.nf4_const_bytes + e.full_bytes + e.lora_bytes - trainable;
+  m.grads = zero >= 2 ? trainable / W : trainable;
+  m.adam = zero >= 1 ? 2.0 * trainable / W : 2.0 * trainable;
+  if (zero >= 3 && world > 1) {
+    const double root = 4.0 * static_cast<double>(e.root_trainable);
+    const double layer = 4.0 * static_cast<double>(e.layer_trainable);
+    m.gathered_peak = 2.0 * root + std::max(3.0 * layer, root);
+  }
+  return m;
+}
 
 MemoryEstimate estimate_training_memory(const Config& cfg) {
   MemoryEstimate e;

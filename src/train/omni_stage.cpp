@@ -71,6 +71,10 @@ class OmniStage : public TrainStage {
     if (cfg_.lora.enabled) io::load_adapter(*model_, dir);
     else TrainStage::load_weights(dir);
   }
+  void set_block_gates(const std::function<std::shared_ptr<LayerGate>(const std::string&)>& gate_for) override {
+    model_->text->gate = gate_for("text.layers.");
+    model_->vision->gate = gate_for("vision.blocks.");
+  }
   std::vector<std::string> terms() const override {
     std::vector<std::string> t{"loss_clm", "loss_rf", "loss_aux", "loss_z", "loss_caption", "loss_sft"};
     if (text_ && text_->streamed()) t.insert(t.end(), {"data_bad_rows", "data_bad_shards"});

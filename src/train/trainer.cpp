@@ -9,6 +9,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <set>
 #include <stdexcept>
 #include <thread>
 
@@ -52,20 +53,29 @@ std::string step_name(int64_t step) {
 }
 
 
-// AdamW with decay on matrices only: norms, biases (1-d), the token embedding, position tables and the resampler
-// latents take none. `keep`: the parameters to optimise (all trainable ones when empty; ZeRO-1 gives a rank's share).
+// AdamW's decay rule: matrices decay; norms, biases (1-d), the token embedding, position tables, the resampler
+// latents and codebooks take none.
+bool takes_weight_decay(const std::string& k, int64_t dim) {
+  const bool embedding_like = k == "text.embed_tokens.weight" || k.find("pos_embed") != std::string::npos ||
+                              k.find("cls_token") != std::string::npos || k == "resampler.latents" ||
+                              k.find("codebook") != std::string::npos;
+  return dim >= 2 && !embedding_like;
+}
+
+torch::optim::AdamWOptions adamw_options(const TrainOptions& tr) {
+  return torch::optim::AdamWOptions(tr.lr).betas({tr.beta1, tr.beta2}).eps(tr.eps).weight_decay(tr.weight_decay);
+}
+
+// AdamW over the trainable parameters in two groups (takes_weight_decay). `keep`: the parameters to optimise (all
+// trainable ones when empty; ZeRO-1 gives a rank's share).
 std::unique_ptr<torch::optim::AdamW> make_optimizer(torch::nn::Module& model, const TrainOptions& tr,
                                                     const std::function<bool(const torch::Tensor&)>& keep = nullptr) {
   std::vector<torch::Tensor> decay, no_decay;
   for (const auto& p : model.named_parameters()) {
     if (!p.value().requires_grad() || (keep && !keep(p.value()))) continue;
-    const std::string& k = p.key();
-    const bool embedding_like = k == "text.embed_tokens.weight" || k.find("pos_embed") != std::string::npos ||
-                                k.find("cls_token") != std::string::npos || k == "resampler.latents" ||
-                                k.find("codebook") != std::string::npos;
-    (p.value().dim() >= 2 && !embedding_like ? decay : no_decay).push_back(p.value());
+    (takes_weight_decay(p.key(), p.value().dim()) ? decay : no_decay).push_back(p.value());
   }
-  auto opts = torch::optim::AdamWOptions(tr.lr).betas({tr.beta1, tr.beta2}).eps(tr.eps).weight_decay(tr.weight_decay);
+  const auto opts = adamw_options(tr);
   auto no_decay_opts = std::make_unique<torch::optim::AdamWOptions>(opts);
   no_decay_opts->weight_decay(0.0);
   std::vector<torch::optim::OptimizerParamGroup> groups;
@@ -141,20 +151,55 @@ struct Checkpointer {
   // the metrics line, so a resume from it restores the line a crash in between did not write.
   std::string write(int64_t step, int64_t micro, int64_t world, TrainStage& stage, torch::optim::AdamW& opt,
                     const Config& cfg, const json& metrics) {
-    fs::create_directories(dir);
-    const std::string final_dir = dir + "/" + step_name(step);
-    const std::string tmp = dir + "/.tmp-" + step_name(step);
-    fs::remove_all(tmp);
-    fs::create_directories(tmp);
+    const std::string tmp = open_tmp(step);
     stage.save_weights(tmp, step);
     kill_point("weights", step);
     torch::save(opt, tmp + "/optimizer.pt");
     kill_point("optimizer", step);
+    return commit(tmp, step, micro, world, stage, cfg, metrics);
+  }
+
+  // ZeRO-2/3, on every rank: each writes its shard into the folder rank 0 opened; once all are on disk, rank 0 adds
+  // the manifest, the tensors that were not sharded (`rest`: buffers, frozen parameters), the generators and
+  // state.json, and renames the folder into place. A rank that dies before then leaves only a .tmp- folder.
+  std::string write_sharded(int64_t step, int64_t micro, Dist& dist, const ZeroShards& shards,
+                            const torch::optim::AdamW& opt, TrainStage& stage,
+                            const std::vector<std::pair<std::string, torch::Tensor>>& rest, const Config& cfg,
+                            const json& metrics) {
+    const std::string tmp = dir + "/.tmp-" + step_name(step);
+    if (dist.is_main()) open_tmp(step);
+    dist.barrier();
+    shards.write_checkpoint_shard(tmp + "/" + ZeroShards::shard_file(dist.rank(), dist.world()), opt);
+    kill_point("shard", step);
+    dist.barrier();
+    if (!dist.is_main()) return dir + "/" + step_name(step);
+    std::vector<std::string> files;
+    for (int64_t r = 0; r < dist.world(); ++r) files.push_back(ZeroShards::shard_file(r, dist.world()));
+    io::save_safetensors(tmp + "/model.safetensors", rest, {{"step", std::to_string(step)}});
+    write_file_atomically(tmp + "/zero_shards.json", shards.manifest(files).dump(1));
+    kill_point("manifest", step);
+    return commit(tmp, step, micro, dist.world(), stage, cfg, metrics);
+  }
+
+  // A fresh <dir>/.tmp-step_N folder.
+  std::string open_tmp(int64_t step) const {
+    fs::create_directories(dir);
+    const std::string tmp = dir + "/.tmp-" + step_name(step);
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+    return tmp;
+  }
+
+  // The generators and state.json into `tmp`, then `tmp` renamed to step_N and older checkpoints pruned.
+  std::string commit(const std::string& tmp, int64_t step, int64_t micro, int64_t world, TrainStage& stage,
+                     const Config& cfg, const json& metrics) {
+    const std::string final_dir = dir + "/" + step_name(step);
     io::save_safetensors(tmp + "/rng.safetensors", rng_tensors(dev));
     kill_point("rng", step);
     // micro_batches counts global micro-batches of world_size ranks (the data position, with the config's batch sizes)
     json state = {{"version", io::kCheckpointVersion}, {"stage", cfg.train.stage}, {"step", step},
-                  {"micro_batches", micro}, {"world_size", world}, {"config", to_json(cfg)}};
+                  {"micro_batches", micro}, {"world_size", world}, {"zero", cfg.train.zero_stage()},
+                  {"config", to_json(cfg)}};
     if (!base.is_null()) state["base"] = base;
     if (const auto sources = stage.data_fingerprints(); !sources.empty()) state["data"] = sources;
     state["metrics"] = metrics;
@@ -268,7 +313,8 @@ void TrainStage::save_weights(const std::string& dir, int64_t step) {
   io::save_module(module(), dir + "/model.safetensors", {{"step", std::to_string(step)}});
 }
 
-void TrainStage::load_weights(const std::string& dir) { io::load_module(module(), dir + "/model.safetensors"); }
+// The folder, not its model.safetensors: a ZeRO-2/3 checkpoint's trainable tensors lie in its shards.
+void TrainStage::load_weights(const std::string& dir) { io::load_module(module(), dir); }
 
 std::unique_ptr<TrainStage> make_stage(const Config& cfg, torch::Device dev, std::shared_ptr<Dist> dist) {
   if (!dist) dist = std::make_shared<Dist>();
@@ -285,14 +331,31 @@ struct Session {
   std::shared_ptr<Dist> dist;              // the job's process group (distributed)
   std::unique_ptr<TrainStage> stage;       // data, model and losses of train.stage
   std::vector<torch::Tensor> params;       // the trainable parameters, in registration order
+  std::vector<std::pair<std::string, torch::Tensor>> named;  // the same, by module path
   // AdamW over `params`; under ZeRO-1 it steps this rank's share, and `full` (no state of its own between
-  // checkpoints) carries the unsharded checkpoint format.
+  // checkpoints) carries the unsharded checkpoint format. Under ZeRO-2/3 `opt` is the shards' AdamW, and `full`
+  // takes a resumed unsharded optimizer.pt until the parameters are sharded.
   std::unique_ptr<torch::optim::AdamW> opt, full;
-  std::unique_ptr<Zero1> zero;             // ZeRO-1 sharding (train.zero1 with more than one rank)
-  std::unique_ptr<GradReducer> reducer;    // gradient all-reduce (more than one rank)
+  std::unique_ptr<Zero1> zero;             // ZeRO-1 sharding (train.zero = 1 with more than one rank)
+  std::shared_ptr<ZeroShards> shards;      // ZeRO-2/3 sharding (train.zero = 2, 3 with more than one rank)
+  std::unique_ptr<io::WeightsReader> resumed_shards;  // a ZeRO checkpoint resumed from, until its state is taken
+  std::unique_ptr<GradReducer> reducer;    // gradient all-reduce (more than one rank, zero < 2)
   int64_t step = 0, micro = 0;             // optimizer steps done, global micro-batches read
 
-  torch::optim::AdamW& checkpoint_opt() { return zero ? *full : *opt; }
+  torch::optim::AdamW& checkpoint_opt() { return full ? *full : *opt; }
+  bool distributed() const { return reducer || shards; }
+};
+
+// ZeRO-3 keeps the root unit (embedding, vision, heads) gathered while the scope lasts (validation, codebook
+// statistics); nothing otherwise.
+struct RootGathered {
+  explicit RootGathered(ZeroShards* z) : z_(z) {
+    if (z_) z_->gather_root();
+  }
+  ~RootGathered() {
+    if (z_) z_->release_root();
+  }
+  ZeroShards* z_;
 };
 
 // runtime: "all cores" (0) means this rank's part of the node's cores; ranks take cuda:LOCAL_RANK.
@@ -314,15 +377,26 @@ void setup_model(Session& s, const Config& cfg) {
   });
   if (!cfg.train.freeze.empty())
     log::info(log::format("train.freeze: %lld parameters frozen", static_cast<long long>(frozen)));
-  for (const auto& p : s.stage->module().parameters())
-    if (p.requires_grad()) s.params.push_back(p);
+  for (const auto& p : s.stage->module().named_parameters())
+    if (p.value().requires_grad()) {
+      s.params.push_back(p.value());
+      s.named.emplace_back(p.key(), p.value());
+    }
 }
 
-// optimizer: AdamW, sharded by ZeRO-1 (train.zero1) over more than one rank.
+// optimizer: AdamW, sharded by ZeRO (train.zero) over more than one rank. Stages 2 and 3 shard the parameters
+// once the weights are final (setup_sharding, after a resume).
 void setup_optimizer(Session& s, const TrainOptions& tr) {
   s.opt = make_optimizer(s.stage->module(), tr);
-  if (!tr.zero1) return;
-  if (s.dist->world() == 1) return log::info("zero1: one process, nothing to shard");
+  const int64_t zero = tr.zero_stage();
+  if (zero == 0) return;
+  if (s.dist->world() == 1) return log::info(log::format("train.zero = %lld: one process, nothing to shard",
+                                                         static_cast<long long>(zero)));
+  if (zero >= 2) {
+    s.shards = std::make_shared<ZeroShards>(s.dist, zero, s.named);
+    s.full = std::move(s.opt);
+    return;
+  }
   s.zero = std::make_unique<Zero1>(s.dist, s.params);
   s.full = std::move(s.opt);
   s.opt = make_optimizer(s.stage->module(), tr, [&](const torch::Tensor& p) { return s.zero->owns(p); });
@@ -339,7 +413,8 @@ json resume_from(Session& s, const Config& cfg, const std::string& resume_dir, c
                  TrainResult& result) {
   const auto& tr = cfg.train;
   const std::string dir = io::latest_checkpoint(resume_dir);
-  for (const char* f : {"optimizer.pt", "rng.safetensors", "state.json"})
+  const bool sharded = fs::exists(dir + "/zero_shards.json");  // written at train.zero = 2 or 3
+  for (const char* f : {sharded ? "zero_shards.json" : "optimizer.pt", "rng.safetensors", "state.json"})
     if (!fs::exists(dir + "/" + f))
       throw std::runtime_error("checkpoint \"" + dir + "\" is incomplete: " + f + " is missing");
   const auto state = io::read_checkpoint_state(dir);
@@ -351,8 +426,14 @@ json resume_from(Session& s, const Config& cfg, const std::string& resume_dir, c
     if (state.contains("data") && state["data"].value(key, print) != print)
       log::warn("resume: " + key + " is not the stream checkpoint \"" + dir + "\" was trained on (its shards changed): "
                 "training goes on from the same position of the new stream, which is not an exact resume");
-  s.stage->load_weights(dir);
-  torch::load(s.checkpoint_opt(), dir + "/optimizer.pt");
+  s.stage->load_weights(dir);  // a sharded checkpoint's tensors are assembled from its pieces
+  if (!sharded) {
+    torch::load(s.checkpoint_opt(), dir + "/optimizer.pt");
+  } else if (s.shards) {
+    s.resumed_shards = std::make_unique<io::WeightsReader>(dir);  // each rank reads its own ranges once sharded
+  } else {
+    load_full_adamw_state(io::WeightsReader(dir), s.named, s.checkpoint_opt());
+  }
   if (s.zero) s.zero->take_state(*s.full, *s.opt);
   restore_rng_file(dir + "/rng.safetensors", s.dev);
   s.step = state["step"].get<int64_t>();
@@ -364,14 +445,44 @@ json resume_from(Session& s, const Config& cfg, const std::string& resume_dir, c
   return state.value("metrics", json());
 }
 
+// ZeRO-2/3: each rank keeps its chunks of the (final, resumed) weights and of their AdamW state; at stage 3 the
+// text decoder gathers each layer around its use.
+void setup_sharding(Session& s, const RuntimeOptions& rt, const TrainOptions& tr) {
+  auto& z = *s.shards;
+  const bool resumed_full = s.full && !s.full->state().empty();
+  s.opt = z.shard(resumed_full ? s.full.get() : nullptr, adamw_options(tr), takes_weight_decay);
+  if (s.resumed_shards) z.load_optimizer_state(*s.resumed_shards, *s.opt);
+  s.resumed_shards.reset();
+  s.full.reset();
+  if (z.level() == 3)
+    s.stage->set_block_gates([&](const std::string& prefix) { return ZeroShards::gate(s.shards, prefix); });
+  const double mib = 1024.0 * 1024.0, bytes = static_cast<double>(s.params.front().element_size());
+  const auto owned = static_cast<double>(z.owned_numel()), total = static_cast<double>(z.total_numel());
+  log::info(log::format("zero%lld: %lld ranks (%s); rank %lld owns %.0f of %.0f trainable values (%.1f%%): %.1f MiB "
+                        "of %s, %.1f MiB of gradients and %.1f MiB of AdamW moments (unsharded: %.1f MiB in all); %s; "
+                        "reduce-scatter: %s; %lld + %lld threads per rank",
+                        static_cast<long long>(z.level()), static_cast<long long>(s.dist->world()),
+                        s.dist->backend().c_str(), static_cast<long long>(s.dist->rank()), owned, total,
+                        100.0 * owned / total, owned * bytes / mib,
+                        z.level() == 3 ? "weights (the parameters are released)" : "weights updated (all kept)",
+                        owned * bytes / mib, 2 * owned * bytes / mib, 4 * total * bytes / mib,
+                        z.level() == 3 ? "each decoder layer and ViT block is gathered for its forward and again for "
+                                         "its backward (recomputing the forward)"
+                                       : "the parameters are all-gathered after each step",
+                        s.dist->reduce_scatter_impl().c_str(), static_cast<long long>(rt.threads),
+                        static_cast<long long>(rt.blas_threads)));
+}
+
 // distributed: every rank starts from rank 0's trainable weights; gradients are summed over ranks in buckets
 // during backward.
-void setup_reducer(Session& s, const RuntimeOptions& rt, double bucket_mb) {
+void setup_reducer(Session& s, const RuntimeOptions& rt, const TrainOptions& tr) {
   if (s.dist->world() == 1) return;
   {
     torch::NoGradGuard ng;
     s.dist->broadcast(s.params, 0);
   }
+  if (s.shards) return setup_sharding(s, rt, tr);
+  const double bucket_mb = tr.bucket_mb;
   s.reducer = std::make_unique<GradReducer>(s.dist, s.params, bucket_mb);
   int64_t n = 0;
   for (const auto& p : s.params) n += p.numel();
@@ -383,12 +494,35 @@ void setup_reducer(Session& s, const RuntimeOptions& rt, double bucket_mb) {
                         static_cast<long long>(rt.blas_threads)));
 }
 
+// The tensors of the module that ZeRO-2/3 does not shard (buffers, frozen parameters): rank 0 writes them beside the
+// shards.
+std::vector<std::pair<std::string, torch::Tensor>> unsharded_state(const Session& s) {
+  std::set<std::string> sharded;
+  for (const auto& [name, p] : s.named) sharded.insert(name);
+  std::vector<std::pair<std::string, torch::Tensor>> rest;
+  for (auto& [name, t] : io::state_tensors(s.stage->module()))
+    if (!sharded.count(name)) rest.emplace_back(name, t);
+  return rest;
+}
+
+// clip_and_check over the shards: the norm of the whole gradient from every rank's chunks, clipped as
+// torch::nn::utils::clip_grad_norm_ does (coefficient max_norm / (norm + 1e-6) when below 1).
+GradCheck clip_and_check_shards(ZeroShards& z, double loss, double max_norm) {
+  GradCheck c;
+  if (!std::isfinite(loss)) return c;  // every rank knows the loss (reduced): all skip the collective alike
+  c.grad_norm = z.grad_norm();
+  c.finite = std::isfinite(c.grad_norm);
+  const double coef = max_norm / (c.grad_norm + 1e-6);
+  if (c.finite && max_norm > 0 && coef < 1) z.clip(coef);
+  return c;
+}
+
 // One optimizer step's work, as train() and bench_train_steps do it.
 struct StepWork {
   double loss = 0;                     // the sum of the micro-batches' shares (over ranks)
   std::map<std::string, double> sums;  // the stage's loss terms, summed alike
   double wait_s = 0, units = 0;        // data wait and tokens (images) of this rank, summed over ranks when reduced
-  double allreduce_s = 0;              // time in the final all-reduce wait
+  double allreduce_s = 0;              // time in the final all-reduce wait (ZeRO-2/3: in the final reduce-scatters)
   GradCheck check;                     // gradient norm, and whether the step may be taken
   double lr = 0;                       // the learning rate the step took
 };
@@ -409,6 +543,7 @@ void clear_grads(torch::optim::Optimizer& opt) {
 StepWork take_step(Session& s, const TrainOptions& tr, const std::vector<std::string>& names) {
   StepWork w;
   clear_grads(s.checkpoint_opt());
+  if (s.shards) s.shards->begin_step();
   s.stage->begin_step(s.micro, tr.grad_accum);
   for (int64_t a = 0; a < tr.grad_accum; ++a) {
     auto r = s.stage->micro_step(s.micro++);
@@ -419,8 +554,8 @@ StepWork take_step(Session& s, const TrainOptions& tr, const std::vector<std::st
     w.wait_s += r.wait_s;
     w.units += r.units;
   }
-  if (s.reducer) {
-    w.allreduce_s = s.reducer->finish();
+  if (s.distributed()) {
+    w.allreduce_s = s.reducer ? s.reducer->finish() : s.shards->finish();
     std::vector<double> v{w.loss, w.units};
     for (const auto& k : names) v.push_back(w.sums[k]);
     auto t = torch::tensor(v, torch::kFloat64).to(s.dev);
@@ -431,12 +566,14 @@ StepWork take_step(Session& s, const TrainOptions& tr, const std::vector<std::st
     for (size_t i = 0; i < names.size(); ++i) w.sums[names[i]] = t[static_cast<int64_t>(i) + 2].item<double>();
   }
   w.lr = lr_at(s.step, tr.steps, tr.warmup_steps, tr.lr, tr.min_lr_ratio);
-  w.check = clip_and_check(s.params, w.loss, tr.grad_clip);
+  w.check = s.shards ? clip_and_check_shards(*s.shards, w.loss, tr.grad_clip)
+                     : clip_and_check(s.params, w.loss, tr.grad_clip);
   if (w.check.finite) {
     for (auto& g : s.opt->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(w.lr);
     s.opt->step();
     if (s.zero) s.zero->broadcast_params();
   }
+  if (s.shards) s.shards->after_step(w.check.finite);
   ++s.step;
   if (w.check.finite) s.stage->after_step(s.step);
   return w;
@@ -457,6 +594,19 @@ json step_metrics(const Session& s, const StepWork& w, const std::vector<std::st
     m["allreduce_buckets_early"] = s.reducer->started_early();  // of reducer->buckets(): started during backward
     m["world_size"] = s.dist->world();
   }
+  if (s.shards) {
+    m["allreduce_s"] = w.allreduce_s;
+    m["world_size"] = s.dist->world();
+    m["zero"] = s.shards->level();
+  }
+  // What this rank holds after the step (measured: the storages alive), and at ZeRO-3 the most it had gathered
+  // during the step (parameters of the gathered units and one unit's full gradients).
+  const auto h = s.shards ? s.shards->held(*s.opt) : held_bytes(s.params, *s.opt);
+  const double mib = 1024.0 * 1024.0;
+  m["mem_weights_mib"] = h.weights / mib;
+  m["mem_grads_mib"] = h.grads / mib;
+  m["mem_optimizer_mib"] = h.optimizer / mib;
+  if (s.shards && s.shards->level() == 3) m["mem_gathered_peak_mib"] = s.shards->take_peak_gathered() / mib;
   return m;
 }
 
@@ -482,6 +632,7 @@ void log_step(const Session& s, const StepWork& w, const std::vector<std::string
   line += log::format(" | lr %.2e | grad %.2f | %.0f %s/s | data wait %.1f%%", w.lr, w.check.grad_norm,
                       w.units / dt, s.stage->unit().c_str(), 100.0 * w.wait_s / dt);
   if (s.reducer) line += log::format(" | all-reduce %.3fs", w.allreduce_s);
+  if (s.shards) line += log::format(" | reduce-scatter %.3fs", w.allreduce_s);
   log::info(line + log::format(" | ETA %.0fs", eta) + valid_text);
 }
 
@@ -599,7 +750,7 @@ TrainResult train(const Config& cfg_in, const TrainRunOptions& run) {
   if (main && tr.tensorboard)
     events = std::make_unique<io::EventWriter>(run.out_dir + "/tb", run.resume_dir.empty() ? -1 : s.step + 1);
   s.stage->start(s.micro);
-  setup_reducer(s, rt, tr.bucket_mb);
+  setup_reducer(s, rt, tr);
 
   const auto names = s.stage->terms();
   const auto start = std::chrono::steady_clock::now();
@@ -616,20 +767,30 @@ TrainResult train(const Config& cfg_in, const TrainRunOptions& run) {
     const bool last = s.step == total_steps;
     // The checkpoint comes before validation: a failure there never loses the step's weights.
     if (s.step % tr.ckpt_every == 0 || last) {
-      s.stage->before_checkpoint();  // on every rank: keeps their modules alike
+      {
+        RootGathered root(s.shards.get());
+        s.stage->before_checkpoint();  // on every rank: keeps their modules alike
+      }
       if (s.zero) s.zero->gather_state(*s.opt, *s.full);
-      if (main) {
+      if (s.shards) {
+        result.last_checkpoint =
+            ckpt.write_sharded(s.step, s.micro, *s.dist, *s.shards, *s.opt, *s.stage, unsharded_state(s), cfg, m);
+        if (main) log::info("checkpoint " + result.last_checkpoint + " (sharded: " +
+                            std::to_string(s.dist->world()) + " shards and zero_shards.json)");
+      } else if (main) {
         result.last_checkpoint = ckpt.write(s.step, s.micro, s.dist->world(), *s.stage, s.checkpoint_opt(), cfg, m);
         log::info("checkpoint " + result.last_checkpoint);
       }
       if (s.zero) s.full->state().clear();
     }
     std::string valid_text;
-    if ((tr.valid_every > 0 && s.step % tr.valid_every == 0) || last)
+    if ((tr.valid_every > 0 && s.step % tr.valid_every == 0) || last) {
+      RootGathered root(s.shards.get());
       for (const auto& [k, v] : s.stage->validate()) {
         m[k] = v;
         valid_text += log::format(" | %s %.4f", k.c_str(), v);
       }
+    }
     if (main) metrics << m.dump() << "\n" << std::flush;
     if (events) write_events(*events, m);
     if (s.step % tr.log_every == 0 || last || s.step == first_step + 1 || !valid_text.empty()) {

@@ -1,10 +1,18 @@
 #include "omnilite/train/zero.h"
 
 #include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
 #include <map>
 #include <numeric>
+#include <set>
 #include <sstream>
+#include <stdexcept>
 #include <type_traits>
+
+#include "omnilite/io/safetensors.h"
 
 namespace omnilite {
 namespace {
@@ -132,6 +140,409 @@ void Zero1::take_state(torch::optim::AdamW& full, torch::optim::AdamW& sharded) 
     if (it != all.end()) mine[state_key(mine, params_[i])] = std::move(it->second);
   }
   all.clear();
+}
+
+}  // namespace omnilite
+
+// ---------------------------------------------------------------------------------------------------------------
+// ZeroShards
+
+namespace omnilite {
+namespace {
+
+// N of a parameter named "<prefix>N.<...>", else -1.
+int64_t block_of(const std::string& name, const std::string& prefix) {
+  if (name.rfind(prefix, 0) != 0) return -1;
+  size_t i = prefix.size();
+  int64_t n = 0;
+  for (; i < name.size() && std::isdigit(static_cast<unsigned char>(name[i])); ++i) n = n * 10 + (name[i] - '0');
+  return i > prefix.size() && i < name.size() && name[i] == '.' ? n : -1;
+}
+
+// Adds the bytes of t's storage to `into` unless that storage was counted already.
+void count_storage(const torch::Tensor& t, std::set<const void*>& seen, double& into) {
+  if (!t.defined() || t.numel() == 0) return;
+  const auto& st = t.storage();
+  if (seen.insert(st.data()).second) into += static_cast<double>(st.nbytes());
+}
+
+double bytes_of(const torch::Tensor& t) {
+  return t.defined() ? static_cast<double>(t.numel()) * static_cast<double>(t.element_size()) : 0.0;
+}
+
+}  // namespace
+
+ZeroShards::ZeroShards(std::shared_ptr<Dist> dist, int64_t level,
+                       std::vector<std::pair<std::string, torch::Tensor>> named)
+    : dist_(std::move(dist)), level_(level) {
+  if (level_ != 2 && level_ != 3)
+    throw std::runtime_error("ZeroShards: level " + std::to_string(level_) + " (sharded levels are 2 and 3)");
+  if (named.empty()) throw std::runtime_error("train.zero = " + std::to_string(level_) + ": nothing trains");
+  int64_t vit = 0;
+  for (const auto& [name, p] : named) {
+    layers_ = std::max(layers_, block_of(name, "text.layers.") + 1);
+    vit = std::max(vit, block_of(name, "vision.blocks.") + 1);
+  }
+  units_.resize(static_cast<size_t>(layers_ + vit) + 1);
+  const auto& first = named.front().second;
+  for (auto& [name, p] : named) {
+    if (p.scalar_type() != first.scalar_type() || p.device() != first.device())
+      throw std::runtime_error("train.zero = " + std::to_string(level_) + ": parameter \"" + name + "\" is " +
+                               std::string(c10::toString(p.scalar_type())) + " on " + p.device().str() + ", \"" +
+                               named.front().first + "\" " + c10::toString(first.scalar_type()) + " on " +
+                               first.device().str() +
+                               "; hint: sharded levels need one dtype for everything that trains");
+    Param q;
+    q.name = name;
+    q.p = p;
+    q.shape = p.sizes().vec();
+    q.numel = p.numel();
+    const int64_t l = block_of(name, "text.layers."), b = block_of(name, "vision.blocks.");
+    q.unit = l >= 0 ? static_cast<size_t>(l) : b >= 0 ? static_cast<size_t>(layers_ + b) : units_.size() - 1;
+    auto& u = units_[q.unit];
+    q.offset = u.numel;
+    u.numel += q.numel;
+    u.params.push_back(params_.size());
+    params_.push_back(std::move(q));
+  }
+  const int64_t w = dist_->world();
+  for (auto& u : units_) u.chunk = (u.numel + w - 1) / w;
+}
+
+HeldBytes held_bytes(const std::vector<torch::Tensor>& params, const torch::optim::AdamW& opt,
+                     const std::vector<torch::Tensor>& extra_weights, const std::vector<torch::Tensor>& extra_grads) {
+  std::set<const void*> seen;
+  HeldBytes h;
+  for (const auto& p : params) count_storage(p, seen, h.weights);
+  for (const auto& t : extra_weights) count_storage(t, seen, h.weights);
+  for (const auto& p : params) count_storage(p.grad(), seen, h.grads);
+  for (const auto& t : extra_grads) count_storage(t, seen, h.grads);
+  for (const auto& [key, st] : opt.state()) {
+    const auto& a = static_cast<const torch::optim::AdamWParamState&>(*st);
+    count_storage(a.exp_avg(), seen, h.optimizer);
+    count_storage(a.exp_avg_sq(), seen, h.optimizer);
+  }
+  return h;
+}
+
+int64_t ZeroShards::owned_numel() const {
+  int64_t n = 0;
+  for (const auto& s : segments_) n += s.length;
+  return n;
+}
+
+int64_t ZeroShards::total_numel() const {
+  int64_t n = 0;
+  for (const auto& q : params_) n += q.numel;
+  return n;
+}
+
+std::string ZeroShards::shard_file(int64_t rank, int64_t world) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "zero-%05lld-of-%05lld.safetensors", static_cast<long long>(rank),
+                static_cast<long long>(world));
+  return buf;
+}
+
+std::unique_ptr<torch::optim::AdamW> ZeroShards::shard(const torch::optim::AdamW* full,
+                                                       const torch::optim::AdamWOptions& opts,
+                                                       const std::function<bool(const std::string&, int64_t)>& decays) {
+  torch::NoGradGuard ng;
+  const int64_t r = dist_->rank();
+  const auto options = params_.front().p.options();
+  std::vector<torch::Tensor> decay, no_decay;
+  for (auto& u : units_) {
+    u.grad = torch::zeros({u.chunk}, options);
+    if (level_ == 3) u.master = torch::zeros({u.chunk}, options);
+    const int64_t lo = r * u.chunk, hi = lo + u.chunk;
+    for (size_t i : u.params) {
+      const auto& q = params_[i];
+      const int64_t a = std::max(lo, q.offset), b = std::min(hi, q.offset + q.numel);
+      if (a >= b) continue;
+      Segment s;
+      s.param = i;
+      s.begin = a - q.offset;
+      s.length = b - a;
+      s.offset = a - lo;
+      const auto flat = q.p.detach().view({-1}).narrow(0, s.begin, s.length);
+      if (level_ == 3) {
+        s.value = u.master.narrow(0, s.offset, s.length);
+        s.value.copy_(flat);
+      } else {
+        s.value = flat;
+      }
+      (decays(q.name, static_cast<int64_t>(q.shape.size())) ? decay : no_decay).push_back(s.value);
+      segments_.push_back(std::move(s));
+    }
+  }
+  auto no_decay_opts = std::make_unique<torch::optim::AdamWOptions>(opts);
+  no_decay_opts->weight_decay(0.0);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(opts));
+  groups.emplace_back(no_decay, std::move(no_decay_opts));
+  auto opt = std::make_unique<torch::optim::AdamW>(groups, opts);
+  if (full) {
+    const auto& all = full->state();
+    for (auto& q : params_) {
+      auto it = all.find(state_key(all, q.p));
+      if (it != all.end()) q.adam_steps = static_cast<torch::optim::AdamWParamState&>(*it->second).step();
+    }
+    auto& mine = opt->state();
+    for (const auto& s : segments_) {
+      auto it = all.find(state_key(all, params_[s.param].p));
+      if (it == all.end()) continue;
+      const auto& f = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+      auto st = std::make_unique<torch::optim::AdamWParamState>();
+      st->step(f.step());
+      st->exp_avg(f.exp_avg().reshape({-1}).narrow(0, s.begin, s.length).clone());
+      st->exp_avg_sq(f.exp_avg_sq().reshape({-1}).narrow(0, s.begin, s.length).clone());
+      mine[state_key(mine, s.value)] = std::move(st);
+    }
+  }
+  if (level_ == 3)
+    for (auto& u : units_) {
+      u.gathered = true;  // the parameters hold their full values until now
+      release_unit(u);
+    }
+  return opt;
+}
+
+void ZeroShards::load_optimizer_state(const io::WeightsReader& r, torch::optim::AdamW& opt) {
+  torch::NoGradGuard ng;
+  const auto& tensors = r.zero_manifest().at("tensors");
+  for (auto& q : params_) {
+    if (!tensors.contains(q.name))
+      throw std::runtime_error("checkpoint \"" + r.path() + "\": zero_shards.json has no tensor \"" + q.name +
+                               "\"; hint: the checkpoint was written for another config or train.freeze");
+    q.adam_steps = tensors[q.name].value("adam_step", int64_t{0});
+  }
+  auto& mine = opt.state();
+  for (const auto& s : segments_) {
+    const auto& q = params_[s.param];
+    if (q.adam_steps == 0) continue;
+    auto st = std::make_unique<torch::optim::AdamWParamState>();
+    st->step(q.adam_steps);
+    st->exp_avg(r.load_range("exp_avg/" + q.name, s.begin, s.length).to(s.value.options()));
+    st->exp_avg_sq(r.load_range("exp_avg_sq/" + q.name, s.begin, s.length).to(s.value.options()));
+    mine[state_key(mine, s.value)] = std::move(st);
+  }
+}
+
+void ZeroShards::gather_unit(Unit& u) {
+  if (level_ != 3 || u.gathered || u.numel == 0) return;
+  torch::NoGradGuard ng;
+  auto full = torch::empty({u.chunk * dist_->world()}, u.master.options());
+  dist_->all_gather(full, u.master);
+  for (size_t i : u.params) {
+    auto& q = params_[i];
+    q.p.set_data(full.narrow(0, q.offset, q.numel).view(q.shape));
+  }
+  u.gathered = true;
+  gathered_bytes_ += bytes_of(full);
+  peak_gathered_ = std::max(peak_gathered_, gathered_bytes_);
+}
+
+void ZeroShards::release_unit(Unit& u) {
+  if (level_ != 3 || !u.gathered) return;
+  torch::NoGradGuard ng;
+  for (size_t i : u.params) {
+    auto& q = params_[i];
+    q.p.set_data(torch::empty({0}, q.p.options()));
+  }
+  u.gathered = false;
+  gathered_bytes_ = std::max(0.0, gathered_bytes_ - static_cast<double>(u.chunk * dist_->world()) *
+                                                        static_cast<double>(u.master.element_size()));
+}
+
+void ZeroShards::reduce_unit(Unit& u) {
+  if (u.numel == 0) return;
+  torch::NoGradGuard ng;
+  auto full = torch::zeros({u.chunk * dist_->world()}, u.grad.options());
+  for (size_t i : u.params) {
+    auto& q = params_[i];
+    const auto& g = q.p.grad();
+    if (!g.defined()) continue;
+    full.narrow(0, q.offset, q.numel).copy_(g.reshape({-1}));
+    q.local_grad = true;
+  }
+  // Alive together here: the gathered parameters, every full gradient not yet handed over (this unit's, and the
+  // root's, which backward produced first) and the packed copy.
+  double grads = 0;
+  for (const auto& q : params_) grads += bytes_of(q.p.grad());
+  peak_gathered_ = std::max(peak_gathered_, gathered_bytes_ + grads + bytes_of(full));
+  for (size_t i : u.params) params_[i].p.mutable_grad() = torch::Tensor();
+  auto mine = torch::empty({u.chunk}, u.grad.options());
+  dist_->reduce_scatter_sum(full, mine);
+  u.grad.add_(mine);
+}
+
+void ZeroShards::begin_step() {
+  for (auto& u : units_) u.grad.zero_();
+  for (auto& q : params_) q.local_grad = q.global_grad = false;
+  gather_root();
+}
+
+double ZeroShards::finish() {
+  const auto t0 = std::chrono::steady_clock::now();
+  torch::NoGradGuard ng;
+  // Level 3 reduced every decoder layer right after its backward; the root (and at level 2 everything) is left.
+  if (level_ == 2)
+    for (auto& u : units_) reduce_unit(u);
+  else
+    reduce_unit(units_.back());
+  auto flags = torch::zeros({static_cast<int64_t>(params_.size())}, torch::kFloat64);
+  auto fa = flags.accessor<double, 1>();
+  for (size_t i = 0; i < params_.size(); ++i) fa[static_cast<int64_t>(i)] = params_[i].local_grad ? 1.0 : 0.0;
+  auto flags_dev = flags.to(params_.front().p.device());
+  dist_->all_reduce_sum(flags_dev);
+  flags = flags_dev.cpu();
+  fa = flags.accessor<double, 1>();
+  for (size_t i = 0; i < params_.size(); ++i) params_[i].global_grad = fa[static_cast<int64_t>(i)] > 0;
+  for (auto& s : segments_) {
+    const auto& q = params_[s.param];
+    s.value.mutable_grad() = q.global_grad ? units_[q.unit].grad.narrow(0, s.offset, s.length) : torch::Tensor();
+  }
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+double ZeroShards::grad_norm() {
+  torch::NoGradGuard ng;
+  auto sq = torch::zeros({1}, torch::TensorOptions().dtype(torch::kFloat64).device(params_.front().p.device()));
+  for (const auto& u : units_)
+    if (u.chunk > 0) sq += u.grad.to(torch::kFloat64).square().sum();
+  dist_->all_reduce_sum(sq);
+  return std::sqrt(sq.cpu().item<double>());
+}
+
+void ZeroShards::clip(double coef) {
+  torch::NoGradGuard ng;
+  for (auto& u : units_) u.grad.mul_(coef);
+}
+
+void ZeroShards::after_step(bool stepped) {
+  if (stepped)
+    for (auto& q : params_)
+      if (q.global_grad) ++q.adam_steps;
+  if (level_ == 3) {
+    release_root();
+    return;
+  }
+  if (!stepped) return;
+  // Level 2: every rank's updated chunks back into everyone's parameters (its own are copied onto themselves).
+  torch::NoGradGuard ng;
+  for (size_t k = 0; k < units_.size(); ++k) {
+    auto& u = units_[k];
+    if (u.numel == 0) continue;
+    auto mine = torch::zeros({u.chunk}, u.grad.options());
+    for (const auto& s : segments_)
+      if (params_[s.param].unit == k) mine.narrow(0, s.offset, s.length).copy_(s.value);
+    auto full = torch::empty({u.chunk * dist_->world()}, u.grad.options());
+    dist_->all_gather(full, mine);
+    for (size_t i : u.params) {
+      auto& q = params_[i];
+      q.p.detach().view({-1}).copy_(full.narrow(0, q.offset, q.numel));
+    }
+  }
+}
+
+void ZeroShards::gather_root() { gather_unit(units_.back()); }
+void ZeroShards::release_root() { release_unit(units_.back()); }
+
+void ZeroShards::gather(size_t unit) { gather_unit(units_.at(unit)); }
+void ZeroShards::release(size_t unit) { release_unit(units_.at(unit)); }
+void ZeroShards::after_backward(size_t unit) {
+  reduce_unit(units_.at(unit));
+  release_unit(units_.at(unit));
+}
+
+namespace {
+// A module's view of the shards: its block i is unit first + i.
+class UnitGate : public LayerGate {
+ public:
+  UnitGate(std::shared_ptr<ZeroShards> z, size_t first) : z_(std::move(z)), first_(first) {}
+  void gather(size_t block) override { z_->gather(first_ + block); }
+  void release(size_t block) override { z_->release(first_ + block); }
+  void after_backward(size_t block) override { z_->after_backward(first_ + block); }
+
+ private:
+  std::shared_ptr<ZeroShards> z_;
+  size_t first_;
+};
+}  // namespace
+
+std::shared_ptr<LayerGate> ZeroShards::gate(const std::shared_ptr<ZeroShards>& z, const std::string& prefix) {
+  if (prefix == "text.layers.") return std::make_shared<UnitGate>(z, 0);
+  if (prefix == "vision.blocks.") return std::make_shared<UnitGate>(z, static_cast<size_t>(z->layers_));
+  throw std::runtime_error("ZeroShards::gate: no units under \"" + prefix + "\"");
+}
+
+HeldBytes ZeroShards::held(const torch::optim::AdamW& opt) const {
+  std::vector<torch::Tensor> params, masters, grads;
+  for (const auto& q : params_) params.push_back(q.p);
+  for (const auto& u : units_) {
+    masters.push_back(u.master);
+    grads.push_back(u.grad);
+  }
+  return held_bytes(params, opt, masters, grads);
+}
+
+double ZeroShards::take_peak_gathered() {
+  const double p = peak_gathered_;
+  peak_gathered_ = gathered_bytes_;
+  return p;
+}
+
+void ZeroShards::write_checkpoint_shard(const std::string& path, const torch::optim::AdamW& opt) const {
+  torch::NoGradGuard ng;
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  const auto& state = opt.state();
+  for (const auto& s : segments_) {
+    const auto& name = params_[s.param].name;
+    out.emplace_back(name, s.value);
+    auto it = state.find(state_key(state, s.value));
+    if (it == state.end()) continue;
+    const auto& a = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+    out.emplace_back("exp_avg/" + name, a.exp_avg());
+    out.emplace_back("exp_avg_sq/" + name, a.exp_avg_sq());
+  }
+  io::save_safetensors(path, out, {{"zero", std::to_string(level_)}, {"rank", std::to_string(dist_->rank())},
+                                   {"world_size", std::to_string(dist_->world())}});
+}
+
+nlohmann::json ZeroShards::manifest(const std::vector<std::string>& files) const {
+  nlohmann::json tensors = nlohmann::json::object();
+  const int64_t w = dist_->world();
+  for (const auto& q : params_) {
+    const auto& u = units_[q.unit];
+    nlohmann::json pieces = nlohmann::json::array();
+    for (int64_t r = 0; r < w; ++r) {
+      const int64_t a = std::max(r * u.chunk, q.offset), b = std::min((r + 1) * u.chunk, q.offset + q.numel);
+      if (a < b) pieces.push_back({r, a - q.offset, b - a});
+    }
+    tensors[q.name] = {{"dtype", io::dtype_name(q.p.scalar_type())}, {"shape", q.shape},
+                       {"adam_step", q.adam_steps}, {"pieces", pieces}};
+  }
+  return {{"format", "omnilite-zero-shards"}, {"version", 1}, {"zero", level_}, {"world_size", w},
+          {"files", files}, {"tensors", tensors}};
+}
+
+void load_full_adamw_state(const io::WeightsReader& r, const std::vector<std::pair<std::string, torch::Tensor>>& named,
+                           torch::optim::AdamW& full) {
+  torch::NoGradGuard ng;
+  const auto& tensors = r.zero_manifest().at("tensors");
+  auto& all = full.state();
+  for (const auto& [name, p] : named) {
+    if (!tensors.contains(name))
+      throw std::runtime_error("checkpoint \"" + r.path() + "\": zero_shards.json has no tensor \"" + name +
+                               "\"; hint: the checkpoint was written for another config or train.freeze");
+    const int64_t step = tensors[name].value("adam_step", int64_t{0});
+    if (step == 0) continue;
+    auto st = std::make_unique<torch::optim::AdamWParamState>();
+    st->step(step);
+    st->exp_avg(r.load_range("exp_avg/" + name, 0, p.numel()).view(p.sizes()).to(p.options()));
+    st->exp_avg_sq(r.load_range("exp_avg_sq/" + name, 0, p.numel()).view(p.sizes()).to(p.options()));
+    all[state_key(all, p)] = std::move(st);
+  }
 }
 
 }  // namespace omnilite

@@ -6,6 +6,11 @@
 // .nested_absmax, .nested_quant_map and .quant_state.bitsandbytes__nf4 beside it, as `export --quant nf4` and
 // transformers' save_pretrained write them) is one tensor of the quant state's shape and dtype: load() dequantises
 // it, nf4() hands the codes over as they are (a QLoRA base then never exists in full precision).
+//
+// A ZeRO-2/3 checkpoint folder (zero_shards.json beside model.safetensors, see include/omnilite/train/zero.h) holds
+// each trainable tensor in flat pieces, one per rank that owned part of it, in that rank's zero-R-of-W.safetensors;
+// the manifest names, per tensor, its dtype, shape and pieces [file, first element, count]. Such a tensor is one
+// tensor here too (load() assembles it); the other tensors come from model.safetensors.
 #pragma once
 
 #include <map>
@@ -35,6 +40,11 @@ class WeightsReader {
   torch::Tensor load(const std::string& name) const;
   // The NF4 codes of a tensor stored in bitsandbytes' 4-bit form, or nullopt for a plain one.
   std::optional<quant::Nf4Tensor> nf4(const std::string& name) const;
+  // Elements [begin, begin + length) of the flattened tensor `name`, reading only the pieces that hold them. In a ZeRO
+  // checkpoint also "exp_avg/NAME" and "exp_avg_sq/NAME" (the AdamW moments, stored in NAME's pieces).
+  torch::Tensor load_range(const std::string& name, int64_t begin, int64_t length) const;
+  // The manifest of a ZeRO checkpoint folder; null for any other weights.
+  const nlohmann::json& zero_manifest() const { return zero_; }
   // Checks every file's CRC (see SafetensorsReader::verify_checksum).
   void verify_checksum() const;
   // What was opened (for messages): the file, or the folder.
@@ -55,6 +65,12 @@ class WeightsReader {
   std::map<std::string, Where> where_;
   std::map<std::string, double> bnb_;  // bitsandbytes 4-bit weights (checked once, on open): name -> nested_offset
   std::map<std::string, TensorEntry> tensors_;
+  struct Piece {
+    size_t file;
+    int64_t begin, length;
+  };
+  std::map<std::string, std::vector<Piece>> pieces_;  // ZeRO checkpoint: tensor -> its pieces in element order
+  nlohmann::json zero_;
 };
 
 // What identifies the weights at `path` for a run that depends on them (a QLoRA run's base): {"path", "bytes" (the
@@ -62,7 +78,8 @@ class WeightsReader {
 // offsets and of its metadata, OMNI-LITE's data CRC included)}. Moving or copying the files keeps bytes and hash.
 nlohmann::json weights_identity(const std::string& path);
 
-// True when `path` is a weights file or a folder holding model.safetensors or model.safetensors.index.json.
+// True when `path` is a weights file or a folder holding model.safetensors, model.safetensors.index.json or
+// zero_shards.json.
 bool has_weights(const std::string& path);
 
 }  // namespace omnilite::io

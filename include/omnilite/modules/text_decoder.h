@@ -2,11 +2,13 @@
 // Tensor names follow Mixtral's under the prefix "text." (text.embed_tokens, text.layers.N..., text.norm).
 #pragma once
 
+#include <memory>
 #include <vector>
 
 #include <torch/torch.h>
 
 #include "omnilite/modules/decoder_layer.h"
+#include "omnilite/modules/layer_gate.h"
 #include "omnilite/modules/token_embedding.h"
 
 namespace omnilite {
@@ -28,6 +30,8 @@ struct TextDecoderImpl : torch::nn::Module {
   // Activation checkpointing: when true and gradients are on, each layer keeps only its input and recomputes its
   // activations in backward (memory O(layers) hidden states instead of every intermediate, ~1/3 more compute).
   bool checkpoint_layers = false;
+  // ZeRO-3 (train.zero = 3): the layers' parameters are gathered around each use (see layer_gate.h); null otherwise.
+  std::shared_ptr<LayerGate> gate;
   TokenEmbedding embed_tokens{nullptr};  // [V, D]
   torch::nn::ModuleList layers;          // num_layers DecoderLayer
   RMSNorm norm{nullptr};                 // final norm

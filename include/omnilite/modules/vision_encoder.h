@@ -4,9 +4,12 @@
 // CLIP's separate q, k and v projections are the rows of the fused qkv (io/part_import concatenates them).
 #pragma once
 
+#include <memory>
+
 #include <torch/torch.h>
 
 #include "omnilite/config.h"
+#include "omnilite/modules/layer_gate.h"
 #include "omnilite/modules/linear.h"
 #include "omnilite/modules/patch_embed.h"
 
@@ -37,6 +40,8 @@ struct VisionEncoderImpl : torch::nn::Module {
   torch::nn::LayerNorm pre_norm{nullptr};  // vision.pre_norm only
   torch::nn::ModuleList blocks;            // depth ViT blocks: blocks.0 .. blocks.{depth-1}
   torch::nn::LayerNorm norm{nullptr};      // vision.final_norm only
+  // ZeRO-3 (train.zero = 3): block i's parameters are gathered around each use (layer_gate.h); null otherwise.
+  std::shared_ptr<LayerGate> gate;
 };
 TORCH_MODULE(VisionEncoder);
 

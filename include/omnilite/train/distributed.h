@@ -76,6 +76,14 @@ class Dist {
   DistWork all_reduce_sum_async(torch::Tensor& t);
   // Every tensor of `ts` takes rank `root`'s values.
   void broadcast(std::vector<torch::Tensor>& ts, int64_t root = 0);
+  // ZeRO-2/3 (zero.h). `full` [W * S]: chunk r (elements [r S, (r + 1) S)) takes rank r's `mine` [S].
+  void all_gather(torch::Tensor& full, const torch::Tensor& mine);
+  // `mine` [S] takes chunk `rank()` of `full` [W * S] summed over ranks; `full` is scratch afterwards. NCCL has the
+  // collective; Gloo has none, so it is built from W reduce calls (chunk r reduced onto rank r), which move as many
+  // bytes as a ring reduce-scatter: see reduce_scatter_impl().
+  void reduce_scatter_sum(torch::Tensor& full, torch::Tensor& mine);
+  // How reduce_scatter_sum runs on this backend, for the log.
+  std::string reduce_scatter_impl() const;
   // Waits until every rank has arrived.
   void barrier();
 

@@ -14,6 +14,10 @@
 //   - the LM head: logits, their log-softmax and its gradient (3 x rows x T x V);
 //   - the ViT and resampler for caption images (not checkpointed).
 // The process itself (LibTorch, OpenBLAS, the CLI) is added as measured at the start of `omnilite memory`.
+// Data parallelism (sharded_memory): what one of W ranks holds at ZeRO stage 0-3 (zero.h): the AdamW moments /W
+// from stage 1, the gradients /W from 2, the trainable weights /W at 3, plus at 3 what is gathered at the peak of a
+// step (the root unit's weights and gradients, and the largest of one block's weights, gradients and
+// reduce-scatter buffer or the root's buffer).
 // docs/benchmarks.md compares the estimate with the peak resident memory measured by /usr/bin/time.
 #pragma once
 
@@ -42,6 +46,8 @@ struct MemoryEstimate {
   double act_full = 0;           // all activations without
   double process_bytes = 0;      // resident memory of the process before any model exists (set by the caller)
   bool checkpointing = false;    // train.activation_checkpointing of the config
+  int64_t root_trainable = 0;    // trainable values outside the decoder layers and ViT blocks (ZeRO-3's root unit)
+  int64_t layer_trainable = 0;   // trainable values of the largest decoder layer or ViT block
 
   double state_bytes() const {   // weights + adapters + gradients + optimizer
     return nf4_code_bytes + nf4_const_bytes + full_bytes + lora_bytes + grad_bytes + adam_bytes;
@@ -50,6 +56,18 @@ struct MemoryEstimate {
     return state_bytes() + (with_checkpointing ? act_checkpointed : act_full) + process_bytes;
   }
 };
+
+// One rank's share at `world` ranks and ZeRO `zero` (bytes; the trainable tensors are fp32).
+struct ShardedMemory {
+  double trainable_weights = 0;  // the trainable weights it keeps (/W at stage 3)
+  double frozen_weights = 0;     // NF4 codes and constants, frozen and non-trainable tensors (never sharded)
+  double grads = 0;              // gradients it keeps between steps (/W from stage 2)
+  double adam = 0;               // AdamW moments (/W from stage 1)
+  double gathered_peak = 0;      // stage 3: gathered during a step on top of the above
+  // what training measures as held (mem_*_mib): trainable weights, gradients, moments
+  double state() const { return trainable_weights + grads + adam; }
+};
+ShardedMemory sharded_memory(const MemoryEstimate& e, int64_t world, int64_t zero);
 
 // Estimates the omni stage of `cfg` (lora on or off). Builds the model with placeholder projections to enumerate
 // what the builder makes, so it allocates only the non-projection tensors (~0.6 GB for the full model).

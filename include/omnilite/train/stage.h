@@ -14,6 +14,7 @@
 // shares of all ranks and micro-batches add up to the value of the global step's batch.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -23,6 +24,7 @@
 #include <torch/torch.h>
 
 #include "omnilite/config.h"
+#include "omnilite/modules/layer_gate.h"
 #include "omnilite/pattern.h"
 #include "omnilite/train/distributed.h"
 
@@ -60,6 +62,10 @@ class TrainStage {
   // write the adapters in PEFT's layout) and reads them back on resume.
   virtual void save_weights(const std::string& dir, int64_t step);
   virtual void load_weights(const std::string& dir);
+  // ZeRO-3 (train.zero = 3): the gates the model's block lists call around each block (zero.h):
+  // gate_for("text.layers.") for the decoder layers, gate_for("vision.blocks.") for the ViT blocks. Stages without
+  // such blocks ignore it (all their trainable tensors are in the root unit).
+  virtual void set_block_gates(const std::function<std::shared_ptr<LayerGate>(const std::string& prefix)>& gate_for) {}
   // Held-out metrics (keys start with "valid_"), the same on every rank (each computes its part, then they are
   // summed); empty when the stage has no held-out data.
   virtual std::map<std::string, double> validate() { return {}; }

@@ -1,4 +1,6 @@
-// ZeRO stage 1 (Rajbhandari et al., 2020) for data-parallel runs (train.zero1): the AdamW state is sharded across
+// ZeRO (Rajbhandari et al., 2020) for data-parallel runs (train.zero = 1, 2, 3): Zero1 below, ZeroShards further down.
+//
+// Stage 1 (train.zero = 1, or the older train.zero1): the AdamW state is sharded across
 // ranks. Gradients are still summed over all ranks (distributed.h); each rank then steps only the parameters it
 // owns, with their exp_avg / exp_avg_sq, and broadcasts them to the other ranks. The state per rank shrinks to
 // about 1/W of it; the update is the same as without sharding.
@@ -8,11 +10,17 @@
 // own parameters' states. So a ZeRO-1 run resumes with or without ZeRO-1, at any world size.
 #pragma once
 
+#include <functional>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "omnilite/io/weights_reader.h"
+#include "omnilite/modules/layer_gate.h"
 #include "omnilite/train/distributed.h"
 
 namespace omnilite {
@@ -45,5 +53,137 @@ class Zero1 {
   std::vector<int64_t> owner_;                 // per parameter: its rank
   std::vector<std::vector<size_t>> owned_by_;  // per rank: its parameters' indices, in order
 };
+
+// What a rank holds for training, in bytes of distinct storages (a view counts with its base once): the trainable
+// parameters (and `extra_weights`), their .grad (and `extra_grads`) and the AdamW moments of `opt`.
+struct HeldBytes {
+  double weights = 0, grads = 0, optimizer = 0;
+  double total() const { return weights + grads + optimizer; }
+};
+HeldBytes held_bytes(const std::vector<torch::Tensor>& params, const torch::optim::AdamW& opt,
+                     const std::vector<torch::Tensor>& extra_weights = {},
+                     const std::vector<torch::Tensor>& extra_grads = {});
+
+// ZeRO stages 2 and 3 (train.zero = 2, 3), laid out as FSDP's flat parameters.
+//
+// The trainable parameters fall into units: decoder layer N (names "text.layers.N.") is unit N, ViT block N
+// ("vision.blocks.N.") unit L + N, everything else (the embedding, patch embedding, resampler, norms and heads) the
+// root unit. A unit's parameters are laid end to end
+// in registration order and padded to a multiple of W; rank r owns elements [r S, (r + 1) S) of that flat vector
+// (S = its padded length / W), so every rank holds 1/W of every unit. A rank's *segments* are the pieces of
+// parameters inside its chunks; AdamW (torch::optim::AdamW, decay groups as without sharding) steps the segments,
+// so the update is element for element the one of one process.
+//
+//   2: parameters stay whole on every rank. After the step's last backward each unit's gradients are
+//      reduce-scattered (each rank keeps the sum of its chunk) and the full gradients freed; after the optimizer
+//      step the units are all-gathered back into the parameters.
+//   3: parameters are sharded too: a rank keeps its chunks (the fp32 master values the segments are views of) and
+//      the module's parameters are empty between uses. The root unit is gathered for a whole step (and for
+//      validation); a decoder layer or ViT block is gathered just before its forward and again for its backward
+//      (the block then recomputes its forward, as with activation checkpointing), its gradients are
+//      reduce-scattered right after that backward, and it is released. Peak parameter memory: the shards, the root
+//      with its gradients and one block with its gradients.
+//
+// A parameter no rank produced a gradient for in a step (an expert no token chose) has no gradient on any rank
+// afterwards, and AdamW leaves it alone, as in one process. Checkpoints at these levels are sharded (each rank
+// writes its segments and their moments; rank 0 writes the manifest zero_shards.json, see write_checkpoint_shard)
+// and load at any world size and level, through io::WeightsReader.
+class ZeroShards {
+ public:
+  // `named`: the trainable parameters by module path, in registration order (all of one dtype and device).
+  ZeroShards(std::shared_ptr<Dist> dist, int64_t level, std::vector<std::pair<std::string, torch::Tensor>> named);
+
+  int64_t level() const { return level_; }
+  // Elements of this rank's segments, and of all trainable parameters.
+  int64_t owned_numel() const;
+  int64_t total_numel() const;
+  // Takes this rank's chunks of the parameters (and, from `full` when given, of their AdamW state: an AdamW over
+  // every trainable parameter, e.g. just read from optimizer.pt) and returns the sharded AdamW over the segments:
+  // `opts`, with weight decay where decays(parameter name, its dim) says so. Level 3 then releases the parameters.
+  // The methods below that take an optimizer take that one.
+  std::unique_ptr<torch::optim::AdamW> shard(const torch::optim::AdamW* full, const torch::optim::AdamWOptions& opts,
+                                             const std::function<bool(const std::string&, int64_t)>& decays);
+  // The moments of this rank's segments from a ZeRO checkpoint (its reader and manifest), after shard(nullptr).
+  void load_optimizer_state(const io::WeightsReader& r, torch::optim::AdamW& opt);
+
+  // One step: begin_step (level 3 gathers the root) -> micro-batches' forward and backward -> finish() (the
+  // remaining gradients reduce-scattered, the had-a-gradient flags agreed; returns the seconds spent) ->
+  // grad_norm() / clip(coef) -> the optimizer step -> after_step(stepped).
+  void begin_step();
+  double finish();
+  // The 2-norm of the whole gradient (all ranks' chunks; one scalar all-reduce).
+  double grad_norm();
+  void clip(double coef);
+  void after_step(bool stepped);
+
+  // Level 3: the root unit held gathered (validation between steps); a no-op at level 2.
+  void gather_root();
+  void release_root();
+
+  // Level 3, around the use of unit `unit` (what a module's LayerGate calls; see gate()).
+  void gather(size_t unit);
+  void release(size_t unit);
+  void after_backward(size_t unit);
+  // The gate of the blocks under `prefix` ("text.layers." or "vision.blocks."): block i is its unit first + i.
+  static std::shared_ptr<LayerGate> gate(const std::shared_ptr<ZeroShards>& z, const std::string& prefix);
+
+  // What this rank holds now: the module's trainable parameters (empty between uses at level 3) and their .grad,
+  // the master chunks, the reduced gradient chunks and the moments of `opt`.
+  HeldBytes held(const torch::optim::AdamW& opt) const;
+  // The largest bytes of gathered parameters and their full gradients seen since the last call (level 3: the root
+  // plus the largest layer, while it runs).
+  double take_peak_gathered();
+
+  // Checkpoint: this rank's segments ("NAME" [length] and, once stepped, "exp_avg/NAME", "exp_avg_sq/NAME") into
+  // `path`; and (any rank computes it, rank 0 writes it) the manifest naming which piece of which tensor lies in which
+  // file.
+  void write_checkpoint_shard(const std::string& path, const torch::optim::AdamW& opt) const;
+  nlohmann::json manifest(const std::vector<std::string>& files) const;
+  // The shard file of `rank`, relative to the checkpoint folder.
+  static std::string shard_file(int64_t rank, int64_t world);
+
+ private:
+  struct Param {
+    std::string name;
+    torch::Tensor p;              // the module's parameter
+    std::vector<int64_t> shape;
+    int64_t numel = 0;
+    size_t unit = 0;
+    int64_t offset = 0;           // in its unit's flat vector
+    bool local_grad = false;      // had a gradient on this rank this step
+    bool global_grad = false;     // on some rank
+    int64_t adam_steps = 0;       // AdamW steps taken (its state's step count)
+  };
+  struct Unit {
+    std::vector<size_t> params;   // indices into params_
+    int64_t numel = 0, chunk = 0; // elements, and S = padded / W
+    torch::Tensor master;         // [S] level 3: this rank's chunk of the values
+    torch::Tensor grad;           // [S] this rank's chunk of the summed gradient
+    bool gathered = false;        // level 3: the parameters hold their full values
+  };
+  struct Segment {
+    size_t param;
+    int64_t begin = 0, length = 0;  // elements of the flattened parameter
+    int64_t offset = 0;             // where they start in the unit's chunk
+    torch::Tensor value;            // what AdamW steps (a view of the master chunk or of the parameter)
+  };
+  void reduce_unit(Unit& u);
+  void gather_unit(Unit& u);
+  void release_unit(Unit& u);
+  void all_gather_into_params(Unit& u);
+
+  std::shared_ptr<Dist> dist_;
+  int64_t level_;
+  std::vector<Param> params_;
+  std::vector<Unit> units_;       // decoder layers 0..L-1, ViT blocks 0..V-1, then the root
+  int64_t layers_ = 0;            // L
+  std::vector<Segment> segments_;
+  double gathered_bytes_ = 0, peak_gathered_ = 0;
+};
+
+// The AdamW state of every trainable parameter (`named`, as `full` holds them) from a ZeRO checkpoint, assembled from
+// its pieces: a ZeRO-2/3 checkpoint resumed at stage 0 or 1.
+void load_full_adamw_state(const io::WeightsReader& r, const std::vector<std::pair<std::string, torch::Tensor>>& named,
+                           torch::optim::AdamW& full);
 
 }  // namespace omnilite
