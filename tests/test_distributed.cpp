@@ -250,7 +250,8 @@ TEST_CASE("ZeRO-2 and ZeRO-3 on 2 and 3 Gloo ranks take the steps of 1 process, 
     REQUIRE(run_shell(cmd) == 0);
   };
   train(1, b6, 0, one, "", 20);
-  train(2, b3, 2, z2, "", 21);                                   // ZeRO-2 on 2 ranks, steps 1-5
+  // ZeRO-2 on 2 ranks, steps 1-5, without activation checkpointing (1 process recomputes: the same function)
+  train(2, b3, 2, z2, " --set train.activation_checkpointing=false", 21);
   train(3, b2, 3, z3a, " --max-steps 3", 22);                    // ZeRO-3 on 3 ranks, steps 1-3 ...
   train(1, b6, 0, z3a, " --resume " + z3a, 23);                  // ... then 1 process from the sharded checkpoint
   train(2, b3, 3, z3b, " --max-steps 3", 24);                    // ZeRO-3 on 2 ranks, steps 1-3 ...
@@ -326,6 +327,53 @@ TEST_CASE("ZeRO-2 and ZeRO-3 on 2 and 3 Gloo ranks take the steps of 1 process, 
   const auto [d, where] = max_weight_diff(dir + "/hf-z2", dir + "/hf-one");
   INFO("exported weights " << d << " in " << where);
   CHECK(d < 1e-5);
+  // Frozen parameters stay whole on every rank, in model.safetensors; a frozen decoder layer is an empty unit.
+  auto frozen = [&](const std::string& cfg) {
+    std::ifstream f(cfg);
+    json j = json::parse(f);
+    j["train"]["freeze"] = {"text.layers.0.*", "vision.blocks.1.*"};
+    j["train"]["steps"] = 3;
+    const std::string out = cfg.substr(0, cfg.size() - 5) + "_frozen.json";
+    std::ofstream(out) << j.dump(2);
+    return out;
+  };
+  const std::string f1 = dir + "/f1", f3 = dir + "/f3";
+  train(1, frozen(b6), 0, f1, "", 26);
+  train(2, frozen(b3), 3, f3, "", 27);
+  {
+    const auto a = testing::metrics_of(f1), b = testing::metrics_of(f3);
+    REQUIRE(a.size() == 3);
+    REQUIRE(b.size() == 3);
+    for (size_t k = 0; k < 3; ++k) CHECK(b[k]["loss"].get<double>() == Approx(a[k]["loss"].get<double>()).epsilon(1e-5));
+    const std::string c3 = "/checkpoints/step_0000003";
+    io::SafetensorsReader rest(f3 + c3 + "/model.safetensors");
+    CHECK(rest.contains("text.layers.0.self_attn.q_proj.weight"));
+    CHECK_FALSE(rest.contains("text.layers.1.self_attn.q_proj.weight"));
+    const auto [d, where] = max_weight_diff(f3 + c3, f1 + c3);
+    INFO("frozen runs' weights " << d << " in " << where);
+    CHECK(d < 1e-5);
+  }
+  // Non-finite losses at ZeRO-3 (lr = 1e30: step 6 blows the weights up, steps 7 and 8 overflow): every rank skips
+  // alike (no rank waits in a collective the others left), the run stops after train.max_bad_steps naming the last
+  // good checkpoint, and the earlier checkpoints stay as they were.
+  const std::string before = dir + "/z2-step5";
+  fs::copy(z2 + ckpt5, before);
+  const std::string nan_cmd = launch(2, test_port(28)) + cli() + " train --config " + b3 + " --set train.zero=3 --out " +
+                              z2 + " --resume " + z2 + " --set train.steps=8 --set train.max_bad_steps=2 " +
+                              "--set train.lr=1e30 >> " + z2 + ".nan.log 2>&1";
+  CHECK(run_shell(nan_cmd) != 0);
+  {
+    std::ifstream nl(z2 + ".nan.log");
+    const std::string nlog((std::istreambuf_iterator<char>(nl)), std::istreambuf_iterator<char>());
+    CHECK_THAT(nlog, ContainsText("2 steps in a row with a non-finite loss") &&
+                         ContainsText("last good checkpoint is " + z2 + "/checkpoints/step_0000006"));
+    CHECK(io::latest_checkpoint(z2) == z2 + "/checkpoints/step_0000006");
+    const auto m = testing::metrics_of(z2);
+    REQUIRE(m.size() == 7);  // step 8's line is not written: the run stops there
+    CHECK_FALSE(m[5]["skipped"].get<bool>());
+    CHECK(m[6]["skipped"].get<bool>());
+    CHECK(max_weight_diff(z2 + ckpt5, before).first == 0.0);
+  }
   std::ifstream zl(z3a + ".log");
   const std::string zlog((std::istreambuf_iterator<char>(zl)), std::istreambuf_iterator<char>());
   CHECK_THAT(zlog, ContainsText("zero3: 3 ranks (gloo)") &&

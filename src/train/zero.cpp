@@ -150,6 +150,9 @@ void Zero1::take_state(torch::optim::AdamW& full, torch::optim::AdamW& sharded) 
 namespace omnilite {
 namespace {
 
+// The block lists whose blocks are units of their own.
+const char* const kBlockPrefixes[] = {"text.layers.", "vision.blocks."};
+
 // N of a parameter named "<prefix>N.<...>", else -1.
 int64_t block_of(const std::string& name, const std::string& prefix) {
   if (name.rfind(prefix, 0) != 0) return -1;
@@ -178,12 +181,14 @@ ZeroShards::ZeroShards(std::shared_ptr<Dist> dist, int64_t level,
   if (level_ != 2 && level_ != 3)
     throw std::runtime_error("ZeroShards: level " + std::to_string(level_) + " (sharded levels are 2 and 3)");
   if (named.empty()) throw std::runtime_error("train.zero = " + std::to_string(level_) + ": nothing trains");
-  int64_t vit = 0;
-  for (const auto& [name, p] : named) {
-    layers_ = std::max(layers_, block_of(name, "text.layers.") + 1);
-    vit = std::max(vit, block_of(name, "vision.blocks.") + 1);
-  }
-  units_.resize(static_cast<size_t>(layers_ + vit) + 1);
+  // One unit per block that has something to train, in order of appearance; the root last.
+  for (const auto& [name, p] : named)
+    for (const char* prefix : kBlockPrefixes)
+      if (const int64_t b = block_of(name, prefix); b >= 0) {
+        const std::string key = prefix + std::to_string(b);
+        if (!block_unit_.count(key)) block_unit_.emplace(key, block_unit_.size());
+      }
+  units_.resize(block_unit_.size() + 1);
   const auto& first = named.front().second;
   for (auto& [name, p] : named) {
     if (p.scalar_type() != first.scalar_type() || p.device() != first.device())
@@ -197,8 +202,9 @@ ZeroShards::ZeroShards(std::shared_ptr<Dist> dist, int64_t level,
     q.p = p;
     q.shape = p.sizes().vec();
     q.numel = p.numel();
-    const int64_t l = block_of(name, "text.layers."), b = block_of(name, "vision.blocks.");
-    q.unit = l >= 0 ? static_cast<size_t>(l) : b >= 0 ? static_cast<size_t>(layers_ + b) : units_.size() - 1;
+    q.unit = units_.size() - 1;
+    for (const char* prefix : kBlockPrefixes)
+      if (const int64_t b = block_of(name, prefix); b >= 0) q.unit = block_unit_.at(prefix + std::to_string(b));
     auto& u = units_[q.unit];
     q.offset = u.numel;
     u.numel += q.numel;
@@ -448,32 +454,43 @@ void ZeroShards::after_step(bool stepped) {
 void ZeroShards::gather_root() { gather_unit(units_.back()); }
 void ZeroShards::release_root() { release_unit(units_.back()); }
 
-void ZeroShards::gather(size_t unit) { gather_unit(units_.at(unit)); }
-void ZeroShards::release(size_t unit) { release_unit(units_.at(unit)); }
-void ZeroShards::after_backward(size_t unit) {
-  reduce_unit(units_.at(unit));
-  release_unit(units_.at(unit));
+ZeroShards::Unit* ZeroShards::block_unit(const std::string& prefix, size_t block) {
+  auto it = block_unit_.find(prefix + std::to_string(block));
+  return it == block_unit_.end() ? nullptr : &units_[it->second];  // a block with nothing to train has no unit
+}
+
+void ZeroShards::gather(const std::string& prefix, size_t block) {
+  if (auto* u = block_unit(prefix, block)) gather_unit(*u);
+}
+void ZeroShards::release(const std::string& prefix, size_t block) {
+  if (auto* u = block_unit(prefix, block)) release_unit(*u);
+}
+void ZeroShards::after_backward(const std::string& prefix, size_t block) {
+  if (auto* u = block_unit(prefix, block)) {
+    reduce_unit(*u);
+    release_unit(*u);
+  }
 }
 
 namespace {
-// A module's view of the shards: its block i is unit first + i.
+// A module's view of the shards: its block i is the unit of "<prefix>i".
 class UnitGate : public LayerGate {
  public:
-  UnitGate(std::shared_ptr<ZeroShards> z, size_t first) : z_(std::move(z)), first_(first) {}
-  void gather(size_t block) override { z_->gather(first_ + block); }
-  void release(size_t block) override { z_->release(first_ + block); }
-  void after_backward(size_t block) override { z_->after_backward(first_ + block); }
+  UnitGate(std::shared_ptr<ZeroShards> z, std::string prefix) : z_(std::move(z)), prefix_(std::move(prefix)) {}
+  void gather(size_t block) override { z_->gather(prefix_, block); }
+  void release(size_t block) override { z_->release(prefix_, block); }
+  void after_backward(size_t block) override { z_->after_backward(prefix_, block); }
 
  private:
   std::shared_ptr<ZeroShards> z_;
-  size_t first_;
+  std::string prefix_;
 };
 }  // namespace
 
 std::shared_ptr<LayerGate> ZeroShards::gate(const std::shared_ptr<ZeroShards>& z, const std::string& prefix) {
-  if (prefix == "text.layers.") return std::make_shared<UnitGate>(z, 0);
-  if (prefix == "vision.blocks.") return std::make_shared<UnitGate>(z, static_cast<size_t>(z->layers_));
-  throw std::runtime_error("ZeroShards::gate: no units under \"" + prefix + "\"");
+  if (std::find(std::begin(kBlockPrefixes), std::end(kBlockPrefixes), prefix) == std::end(kBlockPrefixes))
+    throw std::runtime_error("ZeroShards::gate: \"" + prefix + "\" names no block list");
+  return std::make_shared<UnitGate>(z, prefix);
 }
 
 HeldBytes ZeroShards::held(const torch::optim::AdamW& opt) const {

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -120,11 +121,12 @@ class ZeroShards {
   void gather_root();
   void release_root();
 
-  // Level 3, around the use of unit `unit` (what a module's LayerGate calls; see gate()).
-  void gather(size_t unit);
-  void release(size_t unit);
-  void after_backward(size_t unit);
-  // The gate of the blocks under `prefix` ("text.layers." or "vision.blocks."): block i is its unit first + i.
+  // Level 3, around the use of block `block` of the list `prefix` (what a module's LayerGate calls; see gate()); a
+  // block with nothing to train (frozen) is no unit and nothing happens.
+  void gather(const std::string& prefix, size_t block);
+  void release(const std::string& prefix, size_t block);
+  void after_backward(const std::string& prefix, size_t block);
+  // The gate of the blocks under `prefix` ("text.layers." or "vision.blocks."): block i is the unit of "<prefix>i".
   static std::shared_ptr<LayerGate> gate(const std::shared_ptr<ZeroShards>& z, const std::string& prefix);
 
   // What this rank holds now: the module's trainable parameters (empty between uses at level 3) and their .grad,
@@ -167,6 +169,7 @@ class ZeroShards {
     int64_t offset = 0;             // where they start in the unit's chunk
     torch::Tensor value;            // what AdamW steps (a view of the master chunk or of the parameter)
   };
+  Unit* block_unit(const std::string& prefix, size_t block);
   void reduce_unit(Unit& u);
   void gather_unit(Unit& u);
   void release_unit(Unit& u);
@@ -175,8 +178,8 @@ class ZeroShards {
   std::shared_ptr<Dist> dist_;
   int64_t level_;
   std::vector<Param> params_;
-  std::vector<Unit> units_;       // decoder layers 0..L-1, ViT blocks 0..V-1, then the root
-  int64_t layers_ = 0;            // L
+  std::vector<Unit> units_;       // one per block with trainable parameters, then the root
+  std::map<std::string, size_t> block_unit_;  // "text.layers.N" / "vision.blocks.N" -> its unit
   std::vector<Segment> segments_;
   double gathered_bytes_ = 0, peak_gathered_ = 0;
 };
