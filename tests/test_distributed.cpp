@@ -310,8 +310,6 @@ TEST_CASE("ZeRO-2 and ZeRO-3 on 2 and 3 Gloo ranks take the steps of 1 process, 
   INFO("held MiB: 1 process " << whole << ", ZeRO-3 on 3 ranks " << held(ma[2]) << ", on 2 " << held(mb[2]));
   CHECK(held(ma[2]) == Approx(whole / 3).epsilon(0.10));
   CHECK(held(mb[2]) == Approx(whole / 2).epsilon(0.10));
-  CHECK(ma[2]["mem_gathered_peak_mib"].get<double>() > 0);
-  CHECK(ma[2]["mem_gathered_peak_mib"].get<double>() < 2 * m1.back()["mem_weights_mib"].get<double>());
   // `omnilite memory` predicts the measured figure
   const std::string pred = dir + "/pred.json";
   REQUIRE(run_shell(cli() + " memory --config " + b2 + " --world-size 3 --zero 3 --json > " + pred + " 2> " + pred +
@@ -319,6 +317,9 @@ TEST_CASE("ZeRO-2 and ZeRO-3 on 2 and 3 Gloo ranks take the steps of 1 process, 
   std::ifstream pf(pred);
   const json p = json::parse(pf);
   CHECK(p["per_rank_state_bytes"].get<double>() / (1024.0 * 1024.0) == Approx(held(ma[2])).epsilon(0.10));
+  // ... and what is gathered at the peak of a step (the root and its gradients, a block's with the prefetched one)
+  CHECK(p["per_rank"]["gathered_peak"].get<double>() / (1024.0 * 1024.0) ==
+        Approx(ma[2]["mem_gathered_peak_mib"].get<double>()).epsilon(0.10));
   // `omnilite export` reads a sharded checkpoint as it is
   REQUIRE(run_shell(cli() + " export --checkpoint " + z2 + ckpt5 + " --format hf --out " + dir + "/hf-z2 > " + dir +
                     "/export.log 2>&1") == 0);

@@ -35,7 +35,10 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
     ctx->saved_data["causal"] = causal;
     save_forward_state(ctx, x.device());
     ctx->save_for_backward({x});
-    if (gate) gate->gather(static_cast<size_t>(index));
+    if (gate) {
+      gate->gather(static_cast<size_t>(index));
+      gate->prefetch(static_cast<size_t>(index) + 1);
+    }
     auto o = layer->forward(x, RopeTables{cos, sin}, allowed, causal);
     if (gate) gate->release(static_cast<size_t>(index));
     return {o.y, o.router_logits};
@@ -49,7 +52,10 @@ struct CheckpointedLayer : torch::autograd::Function<CheckpointedLayer> {
     const auto& allowed_iv = ctx->saved_data["allowed"];
     const torch::Tensor allowed = allowed_iv.isTensor() ? allowed_iv.toTensor() : torch::Tensor();
     variable_list outs, gs;
-    if (gate) gate->gather(index);
+    if (gate) {
+      gate->gather(index);
+      if (index > 0) gate->prefetch(index - 1);  // backward runs the layers in reverse
+    }
     {
       RecomputeScope recompute(ctx, x.device());
       auto o = layer->forward(x, RopeTables{ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor()},
@@ -100,7 +106,10 @@ TextDecoderOutput TextDecoderImpl::forward(const torch::Tensor& x, const torch::
     } else {
       TORCH_CHECK(!gate || !grad, "TextDecoder: layers with sharded parameters (train.zero = 3) run with gradients "
                   "only in training mode; hint: call eval() paths under torch::NoGradGuard");
-      if (gate) gate->gather(i);
+      if (gate) {
+        gate->gather(i);
+        gate->prefetch(i + 1);
+      }
       auto o = l->forward(h, rope, allowed, causal, cache ? &cache->layers[i] : nullptr, cache ? cache->append : true);
       if (gate) gate->release(i);
       h = o.y;

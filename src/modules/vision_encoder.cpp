@@ -21,6 +21,7 @@ struct GatedBlock : torch::autograd::Function<GatedBlock> {
     save_forward_state(ctx, x.device());
     ctx->save_for_backward({x});
     gate->gather(static_cast<size_t>(index));
+    gate->prefetch(static_cast<size_t>(index) + 1);
     auto y = block->forward(x);
     gate->release(static_cast<size_t>(index));
     return {y};
@@ -32,6 +33,7 @@ struct GatedBlock : torch::autograd::Function<GatedBlock> {
     const auto index = static_cast<size_t>(ctx->saved_data["index"].toInt());
     auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
     gate->gather(index);
+    if (index > 0) gate->prefetch(index - 1);  // backward runs the blocks in reverse
     torch::Tensor y;
     {
       RecomputeScope recompute(ctx, x.device());
@@ -95,6 +97,7 @@ torch::Tensor VisionEncoderImpl::forward(const torch::Tensor& images) {
       TORCH_CHECK(!torch::GradMode::is_enabled(), "VisionEncoder: blocks with sharded parameters (train.zero = 3) run "
                   "with gradients only in training mode; hint: call eval() paths under torch::NoGradGuard");
       gate->gather(i);
+      gate->prefetch(i + 1);
       x = b->forward(x);
       gate->release(i);
     }

@@ -297,16 +297,21 @@ void Dist::broadcast(std::vector<torch::Tensor>& ts, int64_t root) {
   }
 }
 
-void Dist::all_gather(torch::Tensor& full, const torch::Tensor& mine) {
+void Dist::all_gather(torch::Tensor& full, const torch::Tensor& mine) { all_gather_async(full, mine).wait(); }
+
+DistWork Dist::all_gather_async(torch::Tensor& full, const torch::Tensor& mine) {
   if (world_ == 1) {
     full.copy_(mine);
-    return;
+    return {};
   }
   std::vector<at::Tensor> out, in{mine};
   const int64_t n = mine.numel();
   for (int64_t r = 0; r < world_; ++r) out.push_back(full.narrow(0, r * n, n));
+  auto w = guarded(rank_, "all-gather", timeout_s_, [&] { return group_->allgather(out, in); });
   const auto timeout = to_ms(timeout_s_);
-  guarded(rank_, "all-gather", timeout_s_, [&] { return group_->allgather(out, in)->wait(timeout); });
+  return DistWork([w, rank = rank_, timeout, t = timeout_s_]() {
+    guarded(rank, "all-gather", t, [&] { return w->wait(timeout); });
+  });
 }
 
 void Dist::reduce_scatter_sum(torch::Tensor& full, torch::Tensor& mine) {

@@ -135,7 +135,9 @@ ShardedMemory sharded_memory(const MemoryEstimate& e, int64_t world, int64_t zer
   if (zero >= 3 && world > 1) {
     const double root = 4.0 * static_cast<double>(e.root_trainable);
     const double layer = 4.0 * static_cast<double>(e.layer_trainable);
-    m.gathered_peak = 2.0 * root + std::max(3.0 * layer, root);
+    // a block's backward: root weights and gradients, the block's weights, gradients and packed copy, and the
+    // prefetched block; the root's reduce-scatter: root weights, gradients and packed copy
+    m.gathered_peak = 2.0 * root + std::max(4.0 * layer, root);
   }
   return m;
 }

@@ -334,18 +334,26 @@ void ZeroShards::load_optimizer_state(const io::WeightsReader& r, torch::optim::
   }
 }
 
+void ZeroShards::prefetch_unit(Unit& u) {
+  if (level_ != 3 || u.gathered || u.pending.defined() || u.numel == 0) return;
+  u.pending = torch::empty({u.chunk * dist_->world()}, u.master.options());
+  u.pending_work = dist_->all_gather_async(u.pending, u.master);
+  gathered_bytes_ += bytes_of(u.pending);
+  peak_gathered_ = std::max(peak_gathered_, gathered_bytes_);
+}
+
 void ZeroShards::gather_unit(Unit& u) {
   if (level_ != 3 || u.gathered || u.numel == 0) return;
   torch::NoGradGuard ng;
-  auto full = torch::empty({u.chunk * dist_->world()}, u.master.options());
-  dist_->all_gather(full, u.master);
+  prefetch_unit(u);  // (a no-op when the prefetch is in flight already)
+  u.pending_work.wait();
+  auto full = std::move(u.pending);
+  u.pending = torch::Tensor();
   for (size_t i : u.params) {
     auto& q = params_[i];
     q.p.set_data(full.narrow(0, q.offset, q.numel).view(q.shape));
   }
   u.gathered = true;
-  gathered_bytes_ += bytes_of(full);
-  peak_gathered_ = std::max(peak_gathered_, gathered_bytes_);
 }
 
 void ZeroShards::release_unit(Unit& u) {
@@ -431,6 +439,12 @@ void ZeroShards::after_step(bool stepped) {
       if (q.global_grad) ++q.adam_steps;
   if (level_ == 3) {
     release_root();
+    for (auto& u : units_)  // a prefetch nothing used (the step ended first) ends here
+      if (u.pending.defined()) {
+        u.pending_work.wait();
+        gathered_bytes_ -= bytes_of(u.pending);
+        u.pending = torch::Tensor();
+      }
     return;
   }
   if (!stepped) return;
@@ -462,6 +476,9 @@ ZeroShards::Unit* ZeroShards::block_unit(const std::string& prefix, size_t block
 void ZeroShards::gather(const std::string& prefix, size_t block) {
   if (auto* u = block_unit(prefix, block)) gather_unit(*u);
 }
+void ZeroShards::prefetch(const std::string& prefix, size_t block) {
+  if (auto* u = block_unit(prefix, block)) prefetch_unit(*u);
+}
 void ZeroShards::release(const std::string& prefix, size_t block) {
   if (auto* u = block_unit(prefix, block)) release_unit(*u);
 }
@@ -478,6 +495,7 @@ class UnitGate : public LayerGate {
  public:
   UnitGate(std::shared_ptr<ZeroShards> z, std::string prefix) : z_(std::move(z)), prefix_(std::move(prefix)) {}
   void gather(size_t block) override { z_->gather(prefix_, block); }
+  void prefetch(size_t block) override { z_->prefetch(prefix_, block); }
   void release(size_t block) override { z_->release(prefix_, block); }
   void after_backward(size_t block) override { z_->after_backward(prefix_, block); }
 

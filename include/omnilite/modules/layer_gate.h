@@ -14,6 +14,9 @@ class LayerGate {
   virtual ~LayerGate() = default;
   // Before block `block` runs: its parameters hold their full values.
   virtual void gather(size_t block) = 0;
+  // Block `block` is likely to run next (the next in a forward, the previous in a backward): its gathering may start
+  // now, while the current block computes. A block that does not exist is ignored.
+  virtual void prefetch(size_t block) {}
   // After its forward (or a forward without gradients): its parameters are released.
   virtual void release(size_t block) = 0;
   // After its backward (one per forward with gradients): its parameters' .grad are handed over (summed over ranks into

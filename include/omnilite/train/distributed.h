@@ -78,6 +78,8 @@ class Dist {
   void broadcast(std::vector<torch::Tensor>& ts, int64_t root = 0);
   // ZeRO-2/3 (zero.h). `full` [W * S]: chunk r (elements [r S, (r + 1) S)) takes rank r's `mine` [S].
   void all_gather(torch::Tensor& full, const torch::Tensor& mine);
+  // The same in flight (`full` and `mine` stay untouched until it is waited for).
+  DistWork all_gather_async(torch::Tensor& full, const torch::Tensor& mine);
   // `mine` [S] takes chunk `rank()` of `full` [W * S] summed over ranks; `full` is scratch afterwards. NCCL has the
   // collective; Gloo has none, so it is built from W reduce calls (chunk r reduced onto rank r), which move as many
   // bytes as a ring reduce-scatter: see reduce_scatter_impl().

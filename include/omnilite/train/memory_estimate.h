@@ -16,8 +16,8 @@
 // The process itself (LibTorch, OpenBLAS, the CLI) is added as measured at the start of `omnilite memory`.
 // Data parallelism (sharded_memory): what one of W ranks holds at ZeRO stage 0-3 (zero.h): the AdamW moments /W
 // from stage 1, the gradients /W from 2, the trainable weights /W at 3, plus at 3 what is gathered at the peak of a
-// step (the root unit's weights and gradients, and the largest of one block's weights, gradients and
-// reduce-scatter buffer or the root's buffer).
+// step (the root unit's weights and gradients, and the larger of a block's weights, gradients and
+// reduce-scatter buffer with the prefetched next block, or the root's buffer).
 // docs/benchmarks.md compares the estimate with the peak resident memory measured by /usr/bin/time.
 #pragma once
 

@@ -82,8 +82,10 @@ HeldBytes held_bytes(const std::vector<torch::Tensor>& params, const torch::opti
 //      the module's parameters are empty between uses. The root unit is gathered for a whole step (and for
 //      validation); a decoder layer or ViT block is gathered just before its forward and again for its backward
 //      (the block then recomputes its forward, as with activation checkpointing), its gradients are
-//      reduce-scattered right after that backward, and it is released. Peak parameter memory: the shards, the root
-//      with its gradients and one block with its gradients.
+//      reduce-scattered right after that backward, and it is released. While a block computes, the all-gather of
+//      the block expected next (the next one in a forward, the previous one in a backward) is in flight. Peak
+//      parameter memory: the shards, the root with its gradients, one block with its gradients and the prefetched
+//      block.
 //
 // A parameter no rank produced a gradient for in a step (an expert no token chose) has no gradient on any rank
 // afterwards, and AdamW leaves it alone, as in one process. Checkpoints at these levels are sharded (each rank
@@ -124,6 +126,7 @@ class ZeroShards {
   // Level 3, around the use of block `block` of the list `prefix` (what a module's LayerGate calls; see gate()); a
   // block with nothing to train (frozen) is no unit and nothing happens.
   void gather(const std::string& prefix, size_t block);
+  void prefetch(const std::string& prefix, size_t block);
   void release(const std::string& prefix, size_t block);
   void after_backward(const std::string& prefix, size_t block);
   // The gate of the blocks under `prefix` ("text.layers." or "vision.blocks."): block i is the unit of "<prefix>i".
@@ -162,6 +165,8 @@ class ZeroShards {
     torch::Tensor master;         // [S] level 3: this rank's chunk of the values
     torch::Tensor grad;           // [S] this rank's chunk of the summed gradient
     bool gathered = false;        // level 3: the parameters hold their full values
+    torch::Tensor pending;        // level 3: [W * S] the all-gather of a prefetch, in flight ...
+    DistWork pending_work;        // ... until this is waited for
   };
   struct Segment {
     size_t param;
@@ -172,6 +177,7 @@ class ZeroShards {
   Unit* block_unit(const std::string& prefix, size_t block);
   void reduce_unit(Unit& u);
   void gather_unit(Unit& u);
+  void prefetch_unit(Unit& u);
   void release_unit(Unit& u);
   void all_gather_into_params(Unit& u);
 
