@@ -407,9 +407,6 @@ void validate(const Config& c) {
     fail("lora.base_dtype", "\"" + lo.base_dtype + "\"", "must be \"nf4\" or \"fp32\"");
   if (lo.enabled && tr.stage != "omni")
     fail("lora.enabled", "true", "QLoRA fine-tunes the model: train.stage must be \"omni\"");
-  if (lo.enabled && tr.zero_stage() >= 2)
-    fail("train.zero", std::to_string(tr.zero), "shards full training; QLoRA runs keep their adapters in PEFT's "
-         "layout; hint: use train.zero = 1 (the adapters and their AdamW state are small; the NF4 base is frozen)");
 
   const auto& r = c.runtime;
   if (!(r.device == "cpu" || r.device == "cuda" || r.device.rfind("cuda:", 0) == 0))

@@ -241,6 +241,7 @@ TEST_CASE("ZeRO-2 and ZeRO-3 on 2 and 3 Gloo ranks take the steps of 1 process, 
   // the global batch is 6 rows (and 6 caption rows) per micro-batch at every world size
   const std::string b6 = write_config(dir, 6, 6), b3 = write_config(dir, 3, 3), b2 = write_config(dir, 2, 2);
   const std::string one = dir + "/one", z2 = dir + "/z2", z3a = dir + "/z3a", z3b = dir + "/z3b";
+  const std::string z0 = dir + "/z0", z1 = dir + "/z1";
   auto train = [&](int nproc, const std::string& cfg, int zero, const std::string& out, const std::string& more,
                    int port) {
     const std::string cmd = (nproc > 1 ? launch(nproc, test_port(port)) : std::string()) + cli() + " train --config " +
@@ -252,6 +253,8 @@ TEST_CASE("ZeRO-2 and ZeRO-3 on 2 and 3 Gloo ranks take the steps of 1 process, 
   train(1, b6, 0, one, "", 20);
   // ZeRO-2 on 2 ranks, steps 1-5, without activation checkpointing (1 process recomputes: the same function)
   train(2, b3, 2, z2, " --set train.activation_checkpointing=false", 21);
+  train(3, b2, 0, z0, "", 29);                                   // 3 ranks without ZeRO, and with ZeRO-1
+  train(3, b2, 1, z1, "", 30);
   train(3, b2, 3, z3a, " --max-steps 3", 22);                    // ZeRO-3 on 3 ranks, steps 1-3 ...
   train(1, b6, 0, z3a, " --resume " + z3a, 23);                  // ... then 1 process from the sharded checkpoint
   train(2, b3, 3, z3b, " --max-steps 3", 24);                    // ZeRO-3 on 2 ranks, steps 1-3 ...
@@ -260,7 +263,7 @@ TEST_CASE("ZeRO-2 and ZeRO-3 on 2 and 3 Gloo ranks take the steps of 1 process, 
   const auto m1 = testing::metrics_of(one);
   REQUIRE(m1.size() == 5);
   const std::string ckpt3 = "/checkpoints/step_0000003", ckpt5 = "/checkpoints/step_0000005";
-  for (const auto& run : {z2, z3a, z3b}) {
+  for (const auto& run : {z0, z1, z2, z3a, z3b}) {
     INFO("run " << run << " against 1 process");
     const auto m = testing::metrics_of(run);
     REQUIRE(m.size() == 5);
@@ -424,7 +427,8 @@ TEST_CASE("2 Gloo ranks streaming token and image shards with loader threads res
   CHECK(m1.back()["loss_caption"].get<double>() > 0);
 }
 
-TEST_CASE("QLoRA on 2 ranks reduces the adapters alone and takes the steps of 1 process", "[dist][slow]") {
+TEST_CASE("QLoRA on 2 ranks reduces the adapters alone and takes the steps of 1 process, also at ZeRO-2 and -3",
+          "[dist][slow]") {
   if (!have_gloo()) return;
   const std::string dir = testing::fresh_temp_dir("omnilite_test_dist_qlora");
   const std::string half = write_config(dir, 2, 2), whole = write_config(dir, 4, 4);
@@ -434,14 +438,34 @@ TEST_CASE("QLoRA on 2 ranks reduces the adapters alone and takes the steps of 1 
   REQUIRE(run_shell(launch(2, test_port(20)) + cli() + " train --config " + half + lora + " --out " + dir +
                     "/two > " + dir + "/two.log 2>&1") == 0);
   REQUIRE(run_shell(cli() + " train --config " + whole + lora + " --out " + dir + "/one > " + dir + "/one.log 2>&1") == 0);
-  const auto m2 = testing::metrics_of(dir + "/two"), m1 = testing::metrics_of(dir + "/one");
+  // ZeRO-2, and ZeRO-3 for 3 steps resumed at ZeRO-3: the adapters and their moments are sharded; checkpoints keep
+  // PEFT's adapter layout (the adapters gathered for rank 0); the NF4 base stays whole on every rank
+  REQUIRE(run_shell(launch(2, test_port(21)) + cli() + " train --config " + half + lora + " --set train.zero=2 --out " +
+                    dir + "/z2 > " + dir + "/z2.log 2>&1") == 0);
+  REQUIRE(run_shell(launch(2, test_port(22)) + cli() + " train --config " + half + lora + " --set train.zero=3 --out " +
+                    dir + "/z3 --max-steps 3 > " + dir + "/z3.log 2>&1") == 0);
+  REQUIRE(run_shell(launch(2, test_port(23)) + cli() + " train --config " + half + lora + " --set train.zero=3 --out " +
+                    dir + "/z3 --resume " + dir + "/z3 >> " + dir + "/z3.log 2>&1") == 0);
+  const auto m1 = testing::metrics_of(dir + "/one");
   REQUIRE(m1.size() == 5);
-  REQUIRE(m2.size() == 5);
-  for (size_t s = 0; s < 5; ++s) {
-    INFO("step " << s + 1);
-    CHECK(m2[s]["loss"].get<double>() == Approx(m1[s]["loss"].get<double>()).epsilon(1e-5));
-    CHECK(m2[s]["grad_norm"].get<double>() == Approx(m1[s]["grad_norm"].get<double>()).epsilon(1e-5));
+  for (const char* run : {"/two", "/z2", "/z3"}) {
+    const auto m2 = testing::metrics_of(dir + run);
+    REQUIRE(m2.size() == 5);
+    for (size_t s = 0; s < 5; ++s) {
+      INFO(run << " step " << s + 1);
+      CHECK(m2[s]["loss"].get<double>() == Approx(m1[s]["loss"].get<double>()).epsilon(1e-5));
+      CHECK(m2[s]["grad_norm"].get<double>() == Approx(m1[s]["grad_norm"].get<double>()).epsilon(1e-5));
+    }
+    const std::string adapter = "/checkpoints/step_0000005/adapter_model.safetensors";
+    const auto [d, where] = max_weight_diff(dir + run + adapter, dir + "/one" + adapter);
+    INFO(run << ": adapters, largest difference / tensor scale " << d << " in " << where);
+    CHECK(d < 1e-5);
   }
+  const auto mz = testing::metrics_of(dir + "/z3");
+  auto held = [](const json& m) {
+    return m["mem_weights_mib"].get<double>() + m["mem_grads_mib"].get<double>() + m["mem_optimizer_mib"].get<double>();
+  };
+  CHECK(held(mz.back()) == Approx(held(m1.back()) / 2).epsilon(0.10));
   // the reducer holds the adapters only: 2 x rank x (in + out) per adapted projection, far below the model's size
   std::ifstream lf(dir + "/two.log");
   const std::string log((std::istreambuf_iterator<char>(lf)), std::istreambuf_iterator<char>());

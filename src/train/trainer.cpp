@@ -772,7 +772,18 @@ TrainResult train(const Config& cfg_in, const TrainRunOptions& run) {
         s.stage->before_checkpoint();  // on every rank: keeps their modules alike
       }
       if (s.zero) s.zero->gather_state(*s.opt, *s.full);
-      if (s.shards) {
+      if (s.shards && cfg.lora.enabled) {
+        // QLoRA keeps PEFT's adapter layout: the adapters and their moments (small) are gathered for rank 0
+        s.shards->gather_all();
+        auto full = make_optimizer(s.stage->module(), tr);
+        s.shards->gather_state(*s.opt, *full);
+        if (main) {
+          result.last_checkpoint = ckpt.write(s.step, s.micro, s.dist->world(), *s.stage, *full, cfg, m);
+          log::info("checkpoint " + result.last_checkpoint + " (the adapters gathered from " +
+                    std::to_string(s.dist->world()) + " ranks)");
+        }
+        s.shards->release_all();
+      } else if (s.shards) {
         result.last_checkpoint =
             ckpt.write_sharded(s.step, s.micro, *s.dist, *s.shards, *s.opt, *s.stage, unsharded_state(s), cfg, m);
         if (main) log::info("checkpoint " + result.last_checkpoint + " (sharded: " +

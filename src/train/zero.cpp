@@ -468,6 +468,48 @@ void ZeroShards::after_step(bool stepped) {
 void ZeroShards::gather_root() { gather_unit(units_.back()); }
 void ZeroShards::release_root() { release_unit(units_.back()); }
 
+void ZeroShards::gather_all() {
+  for (auto& u : units_) gather_unit(u);
+}
+void ZeroShards::release_all() {
+  for (auto& u : units_) release_unit(u);
+}
+
+void ZeroShards::gather_state(const torch::optim::AdamW& opt, torch::optim::AdamW& full) {
+  torch::NoGradGuard ng;
+  const auto& mine = opt.state();
+  auto& all = full.state();
+  for (size_t k = 0; k < units_.size(); ++k) {
+    auto& u = units_[k];
+    if (u.numel == 0) continue;
+    // [exp_avg chunk | exp_avg_sq chunk] of this rank, gathered into the two moments of the whole unit
+    auto chunk = torch::zeros({2 * u.chunk}, u.grad.options());
+    for (const auto& s : segments_) {
+      if (params_[s.param].unit != k) continue;
+      auto it = mine.find(state_key(mine, s.value));
+      if (it == mine.end()) continue;
+      const auto& a = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+      chunk.narrow(0, s.offset, s.length).copy_(a.exp_avg());
+      chunk.narrow(0, u.chunk + s.offset, s.length).copy_(a.exp_avg_sq());
+    }
+    auto gathered = torch::empty({2 * u.chunk * dist_->world()}, u.grad.options());
+    dist_->all_gather(gathered, chunk);
+    if (!dist_->is_main()) continue;
+    // rank r's chunk of moment m lies at [(2 r + m) S, (2 r + m + 1) S): laid back into [W S] per moment
+    auto g = gathered.view({dist_->world(), 2, u.chunk});
+    const auto avg = g.select(1, 0).reshape({-1}), avg_sq = g.select(1, 1).reshape({-1});
+    for (size_t i : u.params) {
+      const auto& q = params_[i];
+      if (q.adam_steps == 0) continue;
+      auto st = std::make_unique<torch::optim::AdamWParamState>();
+      st->step(q.adam_steps);
+      st->exp_avg(avg.narrow(0, q.offset, q.numel).view(q.shape).clone());
+      st->exp_avg_sq(avg_sq.narrow(0, q.offset, q.numel).view(q.shape).clone());
+      all[state_key(all, q.p)] = std::move(st);
+    }
+  }
+}
+
 ZeroShards::Unit* ZeroShards::block_unit(const std::string& prefix, size_t block) {
   auto it = block_unit_.find(prefix + std::to_string(block));
   return it == block_unit_.end() ? nullptr : &units_[it->second];  // a block with nothing to train has no unit

@@ -122,6 +122,13 @@ class ZeroShards {
   // Level 3: the root unit held gathered (validation between steps); a no-op at level 2.
   void gather_root();
   void release_root();
+  // Level 3: every unit gathered / released (a checkpoint in the unsharded layout); no-ops at level 2.
+  void gather_all();
+  void release_all();
+  // Collective: the moments of every rank's segments into `full` (an AdamW over all trainable parameters, as they
+  // are now gathered) on rank 0, which then writes the unsharded optimizer.pt (QLoRA's adapters: small). Other
+  // ranks' `full` stays empty.
+  void gather_state(const torch::optim::AdamW& opt, torch::optim::AdamW& full);
 
   // Level 3, around the use of block `block` of the list `prefix` (what a module's LayerGate calls; see gate()); a
   // block with nothing to train (frozen) is no unit and nothing happens.
