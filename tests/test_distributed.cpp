@@ -39,8 +39,9 @@ int run_shell(const std::string& cmd) {
 }
 
 
-// A rendezvous port of this test process (parallel ctest runs must not meet).
-int test_port(int k) { return 20000 + static_cast<int>(getpid() % 20000) + k; }
+// Rendezvous port k (< 32) of this test process: each process owns a block of 32 ports, so parallel ctest runs
+// (neighbouring pids) do not meet.
+int test_port(int k) { return 20000 + static_cast<int>(getpid() % 600) * 32 + k; }
 
 // Tiny model on text rows and image-caption rows (synthetic images), activation checkpointing on (several gradients
 // per parameter and step), small buckets (several all-reduces in flight), one thread per process.
