@@ -93,6 +93,14 @@ std::string launch(int nproc, int port) {
          std::to_string(port) + " -- ";
 }
 
+// The logged losses and gradient norm of one step of a run against the same step of the reference run.
+void check_same_step(const json& m, const json& ref) {
+  for (const char* k : {"loss", "loss_clm", "loss_aux", "loss_z", "loss_caption", "grad_norm"}) {
+    INFO(k << ": " << m[k].get<double>() << " vs " << ref[k].get<double>());
+    CHECK(m[k].get<double>() == Approx(ref[k].get<double>()).epsilon(1e-5));
+  }
+}
+
 // Over all tensors of two checkpoints (files or folders, sharded ones too): the largest max|a - b| / max|b|
 // (difference against the tensor's scale).
 std::pair<double, std::string> max_weight_diff(const std::string& a, const std::string& b) {
@@ -208,10 +216,7 @@ TEST_CASE("2 Gloo ranks of batch b take the steps of 1 process of batch 2b, with
     REQUIRE(m.size() == 5);
     for (size_t s = 0; s < 5; ++s) {
       INFO("step " << s + 1);
-      for (const char* k : {"loss", "loss_clm", "loss_aux", "loss_z", "loss_caption", "grad_norm"}) {
-        INFO(k << ": " << m[s][k].get<double>() << " vs " << m1[s][k].get<double>());
-        CHECK(m[s][k].get<double>() == Approx(m1[s][k].get<double>()).epsilon(1e-5));
-      }
+      check_same_step(m[s], m1[s]);
       CHECK(m[s].value("world_size", int64_t{1}) == (run == mixed && s >= 3 ? 1 : 2));
       CHECK(m[s].value("allreduce_s", 0.0) >= 0);
       CHECK(m[s]["tokens_per_s"].get<double>() > 0);
@@ -270,10 +275,7 @@ TEST_CASE("ZeRO-2 and ZeRO-3 on 2 and 3 Gloo ranks take the steps of 1 process, 
     REQUIRE(m.size() == 5);
     for (size_t s = 0; s < 5; ++s) {
       INFO("step " << s + 1);
-      for (const char* k : {"loss", "loss_clm", "loss_aux", "loss_z", "loss_caption", "grad_norm"}) {
-        INFO(k << ": " << m[s][k].get<double>() << " vs " << m1[s][k].get<double>());
-        CHECK(m[s][k].get<double>() == Approx(m1[s][k].get<double>()).epsilon(1e-5));
-      }
+      check_same_step(m[s], m1[s]);
     }
     CHECK(m.back()["valid_loss_text"].get<double>() ==
           Approx(m1.back()["valid_loss_text"].get<double>()).epsilon(1e-5));

@@ -98,6 +98,47 @@ bool has_weights(const std::string& path) {
 }
 
 namespace {
+// A Hugging Face sharded folder: its index opened and checked against the shards (every tensor of every shard
+// listed, in the shard the index names); `stored` gets (name, file index) for each tensor.
+void open_hf_index(const std::string& path, std::vector<std::unique_ptr<SafetensorsReader>>& files,
+                   std::vector<std::pair<std::string, size_t>>& stored) {
+  const std::string index_path = path + "/" + kIndex;
+  std::ifstream f(index_path);
+  const auto index = nlohmann::json::parse(f, nullptr, false);
+  if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
+    throw std::runtime_error("\"" + index_path + "\" is not valid JSON with a \"weight_map\" object");
+  std::map<std::string, size_t> file_ids;
+  for (const auto& [name, file] : index["weight_map"].items()) {
+    if (!file.is_string())
+      throw std::runtime_error("\"" + index_path + "\": the shard of \"" + name + "\" is not a file name");
+    const std::string shard = file.get<std::string>();
+    if (shard.find('/') != std::string::npos)
+      throw std::runtime_error("\"" + index_path + "\": shard \"" + shard + "\" is not a file in the folder");
+    auto it = file_ids.find(shard);
+    if (it == file_ids.end()) {
+      if (!fs::exists(path + "/" + shard))
+        throw std::runtime_error("\"" + index_path + "\" names shard \"" + shard + "\" (for \"" + name +
+                                 "\") but the folder has no such file; hint: copy every model-*.safetensors file");
+      it = file_ids.emplace(shard, files.size()).first;
+      files.push_back(std::make_unique<SafetensorsReader>(path + "/" + shard));
+    }
+    stored.emplace_back(name, it->second);
+  }
+  // Every tensor of every shard is in the index, in the shard the index names.
+  std::map<std::string, size_t> listed(stored.begin(), stored.end());
+  for (size_t i = 0; i < files.size(); ++i)
+    for (const auto& [name, e] : files[i]->tensors()) {
+      auto it = listed.find(name);
+      if (it == listed.end() || it->second != i)
+        throw std::runtime_error("\"" + files[i]->path() + "\" holds tensor \"" + name + "\" that \"" + index_path +
+                                 "\" does not place in it; the folder mixes files of different exports");
+    }
+  for (const auto& [name, i] : stored)
+    if (!files[i]->contains(name))
+      throw std::runtime_error("\"" + index_path + "\" places \"" + name + "\" in \"" + files[i]->path() +
+                               "\", which does not hold it");
+}
+
 // A ZeRO checkpoint's manifest, checked: every file exists, every tensor's pieces tile it in order, each piece is a
 // tensor of its file of that dtype and length. Opens the files into `files` and fills `pieces` and `entries`.
 // A piece: {file index in `files`, first element, count}.
@@ -154,41 +195,7 @@ WeightsReader::WeightsReader(const std::string& path) : path_(path) {
   // stored name -> file index, from the index JSON or from each file's own header.
   std::vector<std::pair<std::string, size_t>> stored;
   if (fs::is_directory(path) && fs::exists(path + "/" + kIndex)) {
-    const std::string index_path = path + "/" + kIndex;
-    std::ifstream f(index_path);
-    const auto index = nlohmann::json::parse(f, nullptr, false);
-    if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
-      throw std::runtime_error("\"" + index_path + "\" is not valid JSON with a \"weight_map\" object");
-    std::map<std::string, size_t> file_ids;
-    for (const auto& [name, file] : index["weight_map"].items()) {
-      if (!file.is_string())
-        throw std::runtime_error("\"" + index_path + "\": the shard of \"" + name + "\" is not a file name");
-      const std::string shard = file.get<std::string>();
-      if (shard.find('/') != std::string::npos)
-        throw std::runtime_error("\"" + index_path + "\": shard \"" + shard + "\" is not a file in the folder");
-      auto it = file_ids.find(shard);
-      if (it == file_ids.end()) {
-        if (!fs::exists(path + "/" + shard))
-          throw std::runtime_error("\"" + index_path + "\" names shard \"" + shard + "\" (for \"" + name +
-                                   "\") but the folder has no such file; hint: copy every model-*.safetensors file");
-        it = file_ids.emplace(shard, files_.size()).first;
-        files_.push_back(std::make_unique<SafetensorsReader>(path + "/" + shard));
-      }
-      stored.emplace_back(name, it->second);
-    }
-    // Every tensor of every shard is in the index, in the shard the index names.
-    std::map<std::string, size_t> listed(stored.begin(), stored.end());
-    for (size_t i = 0; i < files_.size(); ++i)
-      for (const auto& [name, e] : files_[i]->tensors()) {
-        auto it = listed.find(name);
-        if (it == listed.end() || it->second != i)
-          throw std::runtime_error("\"" + files_[i]->path() + "\" holds tensor \"" + name + "\" that \"" + index_path +
-                                   "\" does not place in it; the folder mixes files of different exports");
-      }
-    for (const auto& [name, i] : stored)
-      if (!files_[i]->contains(name))
-        throw std::runtime_error("\"" + index_path + "\" places \"" + name + "\" in \"" + files_[i]->path() +
-                                 "\", which does not hold it");
+    open_hf_index(path, files_, stored);
   } else if (fs::is_directory(path) && fs::exists(path + "/" + kZero)) {
     // model.safetensors holds what was not sharded (buffers, frozen parameters); the manifest the rest.
     if (fs::exists(path + "/" + kSingle)) {

@@ -446,7 +446,7 @@ json resume_from(Session& s, const Config& cfg, const std::string& resume_dir, c
 }
 
 // ZeRO-2/3: each rank keeps its chunks of the (final, resumed) weights and of their AdamW state; at stage 3 the
-// text decoder gathers each layer around its use.
+// decoder layers and ViT blocks gather their parameters around each use.
 void setup_sharding(Session& s, const RuntimeOptions& rt, const TrainOptions& tr) {
   auto& z = *s.shards;
   const bool resumed_full = s.full && !s.full->state().empty();
@@ -464,7 +464,7 @@ void setup_sharding(Session& s, const RuntimeOptions& rt, const TrainOptions& tr
                         static_cast<long long>(z.level()), static_cast<long long>(s.dist->world()),
                         s.dist->backend().c_str(), static_cast<long long>(s.dist->rank()), owned, total,
                         100.0 * owned / total, owned * bytes / mib,
-                        z.level() == 3 ? "weights (the parameters are released)" : "weights updated (all kept)",
+                        z.level() == 3 ? "weights (the parameters are released)" : "weights it updates (it keeps all)",
                         owned * bytes / mib, 2 * owned * bytes / mib, 4 * total * bytes / mib,
                         z.level() == 3 ? "each decoder layer and ViT block is gathered for its forward and again for "
                                          "its backward (recomputing the forward), the next one prefetched"
@@ -608,6 +608,39 @@ json step_metrics(const Session& s, const StepWork& w, const std::vector<std::st
   m["mem_optimizer_mib"] = h.optimizer / mib;
   if (s.shards && s.shards->level() == 3) m["mem_gathered_peak_mib"] = s.shards->take_peak_gathered() / mib;
   return m;
+}
+
+// A checkpoint of the step, in the layout of the run's sharding: unsharded by rank 0 (ZeRO-1 gathers the state for
+// it first; QLoRA at ZeRO-2/3 gathers its small adapters and their moments), or sharded by every rank (ZeRO-2/3).
+// Returns the folder (empty on ranks that wrote nothing of an unsharded one).
+std::string write_checkpoint(Session& s, Checkpointer& ckpt, const Config& cfg, const json& m) {
+  {
+    RootGathered root(s.shards.get());
+    s.stage->before_checkpoint();  // on every rank: keeps their modules alike
+  }
+  const bool main = s.dist->is_main();
+  std::string dir;
+  if (s.shards && !cfg.lora.enabled) {
+    dir = ckpt.write_sharded(s.step, s.micro, *s.dist, *s.shards, *s.opt, *s.stage, unsharded_state(s), cfg, m);
+    if (main) log::info("checkpoint " + dir + " (sharded: " + std::to_string(s.dist->world()) +
+                        " shards and zero_shards.json)");
+    return dir;
+  }
+  std::unique_ptr<torch::optim::AdamW> gathered;  // QLoRA at ZeRO-2/3: an AdamW over the whole adapters
+  if (s.shards) {
+    s.shards->gather_all();
+    gathered = make_optimizer(s.stage->module(), cfg.train);
+    s.shards->gather_state(*s.opt, *gathered);
+  }
+  if (s.zero) s.zero->gather_state(*s.opt, *s.full);
+  if (main) {
+    dir = ckpt.write(s.step, s.micro, s.dist->world(), *s.stage, gathered ? *gathered : s.checkpoint_opt(), cfg, m);
+    log::info("checkpoint " + dir + (s.shards ? " (the adapters gathered from " + std::to_string(s.dist->world()) +
+                                                    " ranks)" : std::string()));
+  }
+  if (s.shards) s.shards->release_all();
+  if (s.zero) s.full->state().clear();
+  return dir;
 }
 
 // Every number of the step's metrics.jsonl line as a TensorBoard scalar (booleans as 0 / 1).
@@ -767,32 +800,8 @@ TrainResult train(const Config& cfg_in, const TrainRunOptions& run) {
     const bool last = s.step == total_steps;
     // The checkpoint comes before validation: a failure there never loses the step's weights.
     if (s.step % tr.ckpt_every == 0 || last) {
-      {
-        RootGathered root(s.shards.get());
-        s.stage->before_checkpoint();  // on every rank: keeps their modules alike
-      }
-      if (s.zero) s.zero->gather_state(*s.opt, *s.full);
-      if (s.shards && cfg.lora.enabled) {
-        // QLoRA keeps PEFT's adapter layout: the adapters and their moments (small) are gathered for rank 0
-        s.shards->gather_all();
-        auto full = make_optimizer(s.stage->module(), tr);
-        s.shards->gather_state(*s.opt, *full);
-        if (main) {
-          result.last_checkpoint = ckpt.write(s.step, s.micro, s.dist->world(), *s.stage, *full, cfg, m);
-          log::info("checkpoint " + result.last_checkpoint + " (the adapters gathered from " +
-                    std::to_string(s.dist->world()) + " ranks)");
-        }
-        s.shards->release_all();
-      } else if (s.shards) {
-        result.last_checkpoint =
-            ckpt.write_sharded(s.step, s.micro, *s.dist, *s.shards, *s.opt, *s.stage, unsharded_state(s), cfg, m);
-        if (main) log::info("checkpoint " + result.last_checkpoint + " (sharded: " +
-                            std::to_string(s.dist->world()) + " shards and zero_shards.json)");
-      } else if (main) {
-        result.last_checkpoint = ckpt.write(s.step, s.micro, s.dist->world(), *s.stage, s.checkpoint_opt(), cfg, m);
-        log::info("checkpoint " + result.last_checkpoint);
-      }
-      if (s.zero) s.full->state().clear();
+      const std::string written = write_checkpoint(s, ckpt, cfg, m);
+      if (!written.empty()) result.last_checkpoint = written;
     }
     std::string valid_text;
     if ((tr.valid_every > 0 && s.step % tr.valid_every == 0) || last) {
