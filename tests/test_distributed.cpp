@@ -541,6 +541,14 @@ TEST_CASE("a killed or stopped rank stops the other with an error within the tim
     CHECK(testing::metrics_of(dir + "/zero3").back()["step"].get<int64_t>() == step + 1);
   }
   {
+    // a hung rank at ZeRO-3: the survivor waits in a block's all-gather or reduce-scatter until the timeout
+    const auto [rc, seconds, log] = fault("zero3-stopped", "STOP", test_port(16), " --set train.zero=3");
+    INFO(log);
+    CHECK(rc != 0);
+    CHECK(seconds < 5 + 10);
+    CHECK_THAT(log, ContainsText("distributed: rank 0") && ContainsText("train.dist_timeout_s = 5"));
+  }
+  {
     const auto [rc, seconds, log] = fault("stopped", "STOP", test_port(11));
     INFO(log);
     CHECK(rc != 0);
