@@ -307,6 +307,21 @@ TEST_CASE("ZeRO-2 and ZeRO-3 on 2 and 3 Gloo ranks take the steps of 1 process, 
       }
     for (double v : values) CHECK(v == Approx(total / 3).margin(3 * 3));  // 3 units (2 layers, the root)
   }
+  // A damaged sharded checkpoint is refused in one line that names the manifest and the problem.
+  {
+    const std::string bad = dir + "/bad";
+    fs::copy(z3a + ckpt3, bad);
+    std::ifstream mf(bad + "/zero_shards.json");
+    json man = json::parse(mf);
+    mf.close();
+    auto& first = man["tensors"].begin().value();
+    first["pieces"].erase(first["pieces"].size() - 1);  // the last piece of a tensor dropped
+    std::ofstream(bad + "/zero_shards.json") << man.dump();
+    CHECK_THROWS_WITH(io::WeightsReader(bad), ContainsText("zero_shards.json") && ContainsText("of its"));
+    fs::copy(z3a + ckpt3 + "/zero_shards.json", bad + "/zero_shards.json", fs::copy_options::overwrite_existing);
+    fs::remove(bad + "/zero-00001-of-00003.safetensors");
+    CHECK_THROWS_WITH(io::WeightsReader(bad), ContainsText("names shard \"zero-00001-of-00003.safetensors\""));
+  }
   // Memory, as each run's rank 0 measured it after its steps: weights + gradients + AdamW state fall as 1/W.
   auto held = [](const json& m) {
     return m["mem_weights_mib"].get<double>() + m["mem_grads_mib"].get<double>() + m["mem_optimizer_mib"].get<double>();
