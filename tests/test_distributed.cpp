@@ -366,7 +366,8 @@ TEST_CASE("ZeRO-2 and ZeRO-3 on 2 and 3 Gloo ranks take the steps of 1 process, 
     const auto a = testing::metrics_of(f1), b = testing::metrics_of(f3);
     REQUIRE(a.size() == 3);
     REQUIRE(b.size() == 3);
-    for (size_t k = 0; k < 3; ++k) CHECK(b[k]["loss"].get<double>() == Approx(a[k]["loss"].get<double>()).epsilon(1e-5));
+    for (size_t k = 0; k < 3; ++k)
+      CHECK(b[k]["loss"].get<double>() == Approx(a[k]["loss"].get<double>()).epsilon(1e-5));
     const std::string c3 = "/checkpoints/step_0000003";
     io::SafetensorsReader rest(f3 + c3 + "/model.safetensors");
     CHECK(rest.contains("text.layers.0.self_attn.q_proj.weight"));
@@ -380,8 +381,8 @@ TEST_CASE("ZeRO-2 and ZeRO-3 on 2 and 3 Gloo ranks take the steps of 1 process, 
   // good checkpoint, and the earlier checkpoints stay as they were.
   const std::string before = dir + "/z2-step5";
   fs::copy(z2 + ckpt5, before);
-  const std::string nan_cmd = launch(2, test_port(28)) + cli() + " train --config " + b3 + " --set train.zero=3 --out " +
-                              z2 + " --resume " + z2 + " --set train.steps=8 --set train.max_bad_steps=2 " +
+  const std::string nan_cmd = launch(2, test_port(28)) + cli() + " train --config " + b3 +
+                              " --set train.zero=3 --out " + z2 + " --resume " + z2 + " --set train.steps=8 --set train.max_bad_steps=2 " +
                               "--set train.lr=1e30 >> " + z2 + ".nan.log 2>&1";
   CHECK(run_shell(nan_cmd) != 0);
   {

@@ -176,7 +176,8 @@ int run_memory(int argc, char** argv) {
   row("process (LibTorch, BLAS; measured now)", -1, e.process_bytes);
   std::printf("\n  %-40s %16s %12s\n  %-40s %16s %12s\n", "total with activation checkpointing", "", gib(with).c_str(),
               "total without", "", gib(without).c_str());
-  // Data parallelism (QLoRA: the adapters and their state shard, the NF4 base stays whole on every rank): one rank's share at this --world-size / --zero, then 2, 4 and 8 ranks at every stage.
+  // Data parallelism (QLoRA: the adapters and their state shard, the NF4 base stays whole on every rank): one rank's
+  // share at this --world-size / --zero, then 2, 4 and 8 ranks at every stage.
   std::printf("\n  per rank at --world-size %lld, ZeRO %lld: weights %s (+ frozen %s), gradients %s, AdamW %s, "
               "gathered at the peak %s; with activations (%s) and the process: %s\n",
               static_cast<long long>(world), static_cast<long long>(zero), gib(sh.trainable_weights).c_str(),

@@ -41,9 +41,9 @@ int run_train(int argc, char** argv) {
                  "without a \"model\" section trains the model of its train.base_checkpoint (and its data.tokenizer\n"
                  "unless data names one), e.g. after `omnilite init --from` (configs/llava-stage1.json).\n"
                  "Data-parallel: run the same command as N processes (scripts/launch.sh, torchrun, srun); RANK, WORLD_SIZE,\n"
-                 "LOCAL_RANK, MASTER_ADDR, MASTER_PORT say who is who; the batch sizes are per rank; train.zero = 1, 2, 3\n"
-                 "shards the optimizer state, then the gradients, then the parameters (2 and 3 write sharded\n"
-                 "checkpoints that resume at any world size); train.dist_timeout_s bounds every wait\n"
+                 "LOCAL_RANK, MASTER_ADDR, MASTER_PORT say who is who; the batch sizes are per rank;\n"
+                 "train.zero = 1, 2, 3 shards the optimizer state, then the gradients, then the parameters (2 and 3\n"
+                 "write sharded checkpoints that resume at any world size); train.dist_timeout_s bounds every wait\n"
                  "(docs/distributed.md).\n";
     return args.count("help") ? 0 : 2;
   }

@@ -75,13 +75,7 @@ std::unique_ptr<torch::optim::AdamW> make_optimizer(torch::nn::Module& model, co
     if (!p.value().requires_grad() || (keep && !keep(p.value()))) continue;
     (takes_weight_decay(p.key(), p.value().dim()) ? decay : no_decay).push_back(p.value());
   }
-  const auto opts = adamw_options(tr);
-  auto no_decay_opts = std::make_unique<torch::optim::AdamWOptions>(opts);
-  no_decay_opts->weight_decay(0.0);
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(opts));
-  groups.emplace_back(no_decay, std::move(no_decay_opts));
-  return std::make_unique<torch::optim::AdamW>(groups, opts);
+  return make_adamw(std::move(decay), std::move(no_decay), adamw_options(tr));
 }
 
 // rng.safetensors: "cpu", and "cuda:N" for the CUDA device the run trains on (exact resume there too).

@@ -215,6 +215,16 @@ ZeroShards::ZeroShards(std::shared_ptr<Dist> dist, int64_t level,
   for (auto& u : units_) u.chunk = (u.numel + w - 1) / w;
 }
 
+std::unique_ptr<torch::optim::AdamW> make_adamw(std::vector<torch::Tensor> decay, std::vector<torch::Tensor> no_decay,
+                                                const torch::optim::AdamWOptions& opts) {
+  auto no_decay_opts = std::make_unique<torch::optim::AdamWOptions>(opts);
+  no_decay_opts->weight_decay(0.0);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(std::move(decay), std::make_unique<torch::optim::AdamWOptions>(opts));
+  groups.emplace_back(std::move(no_decay), std::move(no_decay_opts));
+  return std::make_unique<torch::optim::AdamW>(groups, opts);
+}
+
 HeldBytes held_bytes(const std::vector<torch::Tensor>& params, const torch::optim::AdamW& opt,
                      const std::vector<torch::Tensor>& extra_weights, const std::vector<torch::Tensor>& extra_grads) {
   std::set<const void*> seen;
@@ -281,12 +291,7 @@ std::unique_ptr<torch::optim::AdamW> ZeroShards::shard(const torch::optim::AdamW
       segments_.push_back(std::move(s));
     }
   }
-  auto no_decay_opts = std::make_unique<torch::optim::AdamWOptions>(opts);
-  no_decay_opts->weight_decay(0.0);
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(opts));
-  groups.emplace_back(no_decay, std::move(no_decay_opts));
-  auto opt = std::make_unique<torch::optim::AdamW>(groups, opts);
+  auto opt = make_adamw(std::move(decay), std::move(no_decay), opts);
   if (full) {
     const auto& all = full->state();
     for (auto& q : params_) {

@@ -55,6 +55,11 @@ class Zero1 {
   std::vector<std::vector<size_t>> owned_by_;  // per rank: its parameters' indices, in order
 };
 
+// AdamW over two groups: `decay` with the weight decay of `opts`, `no_decay` with none (the trainer's rule decides
+// which is which, for parameters or, under ZeRO-2/3, for their pieces).
+std::unique_ptr<torch::optim::AdamW> make_adamw(std::vector<torch::Tensor> decay, std::vector<torch::Tensor> no_decay,
+                                                const torch::optim::AdamWOptions& opts);
+
 // What a rank holds for training, in bytes of distinct storages (a view counts with its base once): the trainable
 // parameters (and `extra_weights`), their .grad (and `extra_grads`) and the AdamW moments of `opt`.
 struct HeldBytes {
