@@ -4,6 +4,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "omnilite/data/mm_batch.h"
 #include "omnilite/io/checkpoint.h"
@@ -28,8 +29,11 @@ void estimate_weights(const Config& cfg, const RecordingBuilder& rec, const Omni
   // trainable values per decoder layer ("text.layers.N.") and ViT block ("vision.blocks.N."), and of the rest:
   // ZeRO-3's units
   std::map<std::string, int64_t> per_block;
+  // (the ViT blocks are units unless conversation rows make the images per rank uneven: OmniStage::block_lists)
+  std::vector<std::string> block_lists{"text.layers."};
+  if (tr.sft_batch_size == 0) block_lists.push_back("vision.blocks.");
   auto count_unit = [&](const std::string& name, int64_t n) {
-    for (const std::string prefix : {"text.layers.", "vision.blocks."})
+    for (const auto& prefix : block_lists)
       if (name.rfind(prefix, 0) == 0) {
         per_block[prefix + std::to_string(std::stoll(name.substr(prefix.size())))] += n;
         return;

@@ -294,12 +294,30 @@ std::shared_ptr<Dist> join_job(const DistOptions& env, const Config& cfg, const 
 
 }  // namespace
 
+torch::Tensor sum_of_squares_fp64(const torch::Tensor& t) {
+  torch::NoGradGuard ng;
+  const auto flat = t.reshape({-1});
+  auto acc = torch::zeros({}, t.options().dtype(torch::kFloat64));
+  constexpr int64_t kPiece = int64_t{1} << 20;
+  for (int64_t i = 0; i < flat.numel(); i += kPiece)
+    acc += flat.narrow(0, i, std::min(kPiece, flat.numel() - i)).to(torch::kFloat64).square().sum();
+  return acc;
+}
+
 GradCheck clip_and_check(const std::vector<torch::Tensor>& params, double loss, double max_norm) {
   GradCheck c;
   if (!std::isfinite(loss)) return c;  // nothing to measure: the step is skipped anyway
-  // clip_grad_norm_ returns the norm before clipping; a huge bound measures without scaling.
-  c.grad_norm = torch::nn::utils::clip_grad_norm_(params, max_norm > 0 ? max_norm : 1e30);
+  torch::NoGradGuard ng;
+  torch::Tensor sq;
+  for (const auto& p : params)
+    if (p.grad().defined()) sq = sq.defined() ? sq + sum_of_squares_fp64(p.grad()) : sum_of_squares_fp64(p.grad());
+  if (!sq.defined()) return {0.0, true};  // no gradient at all (clip_grad_norm_ says 0)
+  c.grad_norm = std::sqrt(sq.item<double>());
   c.finite = std::isfinite(c.grad_norm);
+  const double coef = max_norm / (c.grad_norm + 1e-6);
+  if (c.finite && max_norm > 0 && coef < 1)
+    for (const auto& p : params)
+      if (p.grad().defined()) p.grad().mul_(coef);
   return c;
 }
 
@@ -387,7 +405,7 @@ void setup_optimizer(Session& s, const TrainOptions& tr) {
   if (s.dist->world() == 1) return log::info(log::format("train.zero = %lld: one process, nothing to shard",
                                                          static_cast<long long>(zero)));
   if (zero >= 2) {
-    s.shards = std::make_shared<ZeroShards>(s.dist, zero, s.named);
+    s.shards = std::make_shared<ZeroShards>(s.dist, zero, s.named, s.stage->block_lists());
     s.full = std::move(s.opt);
     return;
   }
@@ -449,7 +467,7 @@ void setup_sharding(Session& s, const RuntimeOptions& rt, const TrainOptions& tr
   s.resumed_shards.reset();
   s.full.reset();
   if (z.level() == 3)
-    s.stage->set_block_gates([&](const std::string& prefix) { return ZeroShards::gate(s.shards, prefix); });
+    for (const auto& prefix : s.stage->block_lists()) s.stage->set_block_gate(prefix, ZeroShards::gate(s.shards, prefix));
   const double mib = 1024.0 * 1024.0, bytes = static_cast<double>(s.params.front().element_size());
   const auto owned = static_cast<double>(z.owned_numel()), total = static_cast<double>(z.total_numel());
   log::info(log::format("zero%lld: %lld ranks (%s); rank %lld owns %.0f of %.0f trainable values (%.1f%%): %.1f MiB "

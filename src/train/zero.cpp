@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "omnilite/io/safetensors.h"
+#include "omnilite/train/trainer.h"
 
 namespace omnilite {
 namespace {
@@ -150,9 +151,6 @@ void Zero1::take_state(torch::optim::AdamW& full, torch::optim::AdamW& sharded) 
 namespace omnilite {
 namespace {
 
-// The block lists whose blocks are units of their own.
-const char* const kBlockPrefixes[] = {"text.layers.", "vision.blocks."};
-
 // N of a parameter named "<prefix>N.<...>", else -1.
 int64_t block_of(const std::string& name, const std::string& prefix) {
   if (name.rfind(prefix, 0) != 0) return -1;
@@ -176,14 +174,14 @@ double bytes_of(const torch::Tensor& t) {
 }  // namespace
 
 ZeroShards::ZeroShards(std::shared_ptr<Dist> dist, int64_t level,
-                       std::vector<std::pair<std::string, torch::Tensor>> named)
-    : dist_(std::move(dist)), level_(level) {
+                       std::vector<std::pair<std::string, torch::Tensor>> named, std::vector<std::string> block_lists)
+    : dist_(std::move(dist)), level_(level), block_lists_(std::move(block_lists)) {
   if (level_ != 2 && level_ != 3)
     throw std::runtime_error("ZeroShards: level " + std::to_string(level_) + " (sharded levels are 2 and 3)");
   if (named.empty()) throw std::runtime_error("train.zero = " + std::to_string(level_) + ": nothing trains");
   // One unit per block that has something to train, in order of appearance; the root last.
   for (const auto& [name, p] : named)
-    for (const char* prefix : kBlockPrefixes)
+    for (const auto& prefix : block_lists_)
       if (const int64_t b = block_of(name, prefix); b >= 0) {
         const std::string key = prefix + std::to_string(b);
         if (!block_unit_.count(key)) block_unit_.emplace(key, block_unit_.size());
@@ -203,7 +201,7 @@ ZeroShards::ZeroShards(std::shared_ptr<Dist> dist, int64_t level,
     q.shape = p.sizes().vec();
     q.numel = p.numel();
     q.unit = units_.size() - 1;
-    for (const char* prefix : kBlockPrefixes)
+    for (const auto& prefix : block_lists_)
       if (const int64_t b = block_of(name, prefix); b >= 0) q.unit = block_unit_.at(prefix + std::to_string(b));
     auto& u = units_[q.unit];
     q.offset = u.numel;
@@ -428,7 +426,7 @@ double ZeroShards::grad_norm() {
   torch::NoGradGuard ng;
   auto sq = torch::zeros({1}, torch::TensorOptions().dtype(torch::kFloat64).device(params_.front().p.device()));
   for (const auto& u : units_)
-    if (u.chunk > 0) sq += u.grad.to(torch::kFloat64).square().sum();
+    if (u.chunk > 0) sq += sum_of_squares_fp64(u.grad);
   dist_->all_reduce_sum(sq);
   return std::sqrt(sq.cpu().item<double>());
 }
@@ -553,8 +551,8 @@ class UnitGate : public LayerGate {
 }  // namespace
 
 std::shared_ptr<LayerGate> ZeroShards::gate(const std::shared_ptr<ZeroShards>& z, const std::string& prefix) {
-  if (std::find(std::begin(kBlockPrefixes), std::end(kBlockPrefixes), prefix) == std::end(kBlockPrefixes))
-    throw std::runtime_error("ZeroShards::gate: \"" + prefix + "\" names no block list");
+  if (std::find(z->block_lists_.begin(), z->block_lists_.end(), prefix) == z->block_lists_.end())
+    throw std::runtime_error("ZeroShards::gate: \"" + prefix + "\" is not one of the block lists it shards by");
   return std::make_shared<UnitGate>(z, prefix);
 }
 

@@ -14,7 +14,6 @@
 // shares of all ranks and micro-batches add up to the value of the global step's batch.
 #pragma once
 
-#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -62,10 +61,13 @@ class TrainStage {
   // write the adapters in PEFT's layout) and reads them back on resume.
   virtual void save_weights(const std::string& dir, int64_t step);
   virtual void load_weights(const std::string& dir);
-  // ZeRO-3 (train.zero = 3): the gates the model's block lists call around each block (zero.h):
-  // gate_for("text.layers.") for the decoder layers, gate_for("vision.blocks.") for the ViT blocks. Stages without
-  // such blocks ignore it (all their trainable tensors are in the root unit).
-  virtual void set_block_gates(const std::function<std::shared_ptr<LayerGate>(const std::string& prefix)>& gate_for) {}
+  // ZeRO-3 (train.zero = 3, zero.h): the block lists ("text.layers.", "vision.blocks.") whose blocks every rank runs
+  // alike, the same number of times in every micro-batch, so that each block can be gathered around its use (a
+  // gather is a collective: a rank that skipped a block would leave the others waiting). Empty: everything that
+  // trains is gathered for the whole step.
+  virtual std::vector<std::string> block_lists() const { return {}; }
+  // The gate that block list `prefix` (one of block_lists()) calls around each of its blocks.
+  virtual void set_block_gate(const std::string& prefix, std::shared_ptr<LayerGate> gate) {}
   // Held-out metrics (keys start with "valid_"), the same on every rank (each computes its part, then they are
   // summed); empty when the stage has no held-out data.
   virtual std::map<std::string, double> validate() { return {}; }

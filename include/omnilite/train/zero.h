@@ -72,9 +72,9 @@ HeldBytes held_bytes(const std::vector<torch::Tensor>& params, const torch::opti
 
 // ZeRO stages 2 and 3 (train.zero = 2, 3), laid out as FSDP's flat parameters.
 //
-// The trainable parameters fall into units: decoder layer N (names "text.layers.N.") is unit N, ViT block N
-// ("vision.blocks.N.") unit L + N, everything else (the embedding, patch embedding, resampler, norms and heads) the
-// root unit. A unit's parameters are laid end to end
+// The trainable parameters fall into units: one per decoder layer ("text.layers.N.") and, where every rank runs the
+// ViT alike (TrainStage::block_lists), one per ViT block ("vision.blocks.N."); everything else (the embeddings, the
+// resampler, the norms and heads) is the root unit. A unit's parameters are laid end to end
 // in registration order and padded to a multiple of W; rank r owns elements [r S, (r + 1) S) of that flat vector
 // (S = its padded length / W), so every rank holds 1/W of every unit. A rank's *segments* are the pieces of
 // parameters inside its chunks; AdamW (torch::optim::AdamW, decay groups as without sharding) steps the segments,
@@ -99,7 +99,10 @@ HeldBytes held_bytes(const std::vector<torch::Tensor>& params, const torch::opti
 class ZeroShards {
  public:
   // `named`: the trainable parameters by module path, in registration order (all of one dtype and device).
-  ZeroShards(std::shared_ptr<Dist> dist, int64_t level, std::vector<std::pair<std::string, torch::Tensor>> named);
+  // `block_lists`: the prefixes whose blocks are units of their own ("text.layers.", "vision.blocks.": those every
+  // rank runs alike, TrainStage::block_lists); the parameters of any other block belong to the root.
+  ZeroShards(std::shared_ptr<Dist> dist, int64_t level, std::vector<std::pair<std::string, torch::Tensor>> named,
+             std::vector<std::string> block_lists);
 
   int64_t level() const { return level_; }
   // Elements of this rank's segments, and of all trainable parameters.
@@ -197,6 +200,7 @@ class ZeroShards {
   int64_t level_;
   std::vector<Param> params_;
   std::vector<Unit> units_;       // one per block with trainable parameters, then the root
+  std::vector<std::string> block_lists_;      // the prefixes whose blocks are units
   std::map<std::string, size_t> block_unit_;  // "text.layers.N" / "vision.blocks.N" -> its unit
   std::vector<Segment> segments_;
   double gathered_bytes_ = 0, peak_gathered_ = 0;
