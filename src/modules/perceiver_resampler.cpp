@@ -1,6 +1,7 @@
 #include "omnilite/modules/perceiver_resampler.h"
 
 #include "omnilite/modules/attention.h"
+#include "omnilite/modules/recompute.h"
 #include "omnilite/modules/vision_encoder.h"
 
 namespace omnilite {
@@ -57,8 +58,12 @@ torch::Tensor PerceiverResamplerImpl::forward(const torch::Tensor& features) {
   auto media = proj_in->forward(features);                                      // [N, P, D]
   auto x = latents.unsqueeze(0).expand({media.size(0), -1, -1}).to(media.scalar_type());  // [N, L, D]
   for (size_t i = 0; i < attn_layers->size(); ++i) {
-    x = x + attn_layers[i]->as<PerceiverAttentionImpl>()->forward(media, x);
-    x = x + ff_layers[i]->as<ResamplerFeedForwardImpl>()->forward(x);
+    auto* attn = attn_layers[i]->as<PerceiverAttentionImpl>();
+    auto* ff = ff_layers[i]->as<ResamplerFeedForwardImpl>();
+    x = x + (attn_gate ? gated_forward<PerceiverAttentionImpl, 2>(attn, *attn_gate, i, media, x, is_training())
+                       : attn->forward(media, x));
+    x = x + (ff_gate ? gated_forward<ResamplerFeedForwardImpl, 1>(ff, *ff_gate, i, x, torch::Tensor(), is_training())
+                     : ff->forward(x));
   }
   return norm->forward(x);
 }

@@ -4,48 +4,6 @@
 #include "omnilite/modules/recompute.h"
 
 namespace omnilite {
-namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-// ZeRO-3: a ViT block whose parameters are gathered for its forward (run without keeping activations) and again for
-// its backward, which recomputes the forward exactly (recompute.h) and hands the gradients over (layer_gate.h).
-struct GatedBlock : torch::autograd::Function<GatedBlock> {
-  // x: [N, P, W] -> [N, P, W]
-  static variable_list forward(AutogradContext* ctx, torch::Tensor x, ViTBlockImpl* block, LayerGate* gate,
-                               int64_t index) {
-    ctx->saved_data["block"] = reinterpret_cast<int64_t>(block);
-    ctx->saved_data["gate"] = reinterpret_cast<int64_t>(gate);
-    ctx->saved_data["index"] = index;
-    save_forward_state(ctx, x.device());
-    ctx->save_for_backward({x});
-    gate->gather(static_cast<size_t>(index));
-    gate->prefetch(static_cast<size_t>(index) + 1);
-    auto y = block->forward(x);
-    gate->release(static_cast<size_t>(index));
-    return {y};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto* block = reinterpret_cast<ViTBlockImpl*>(ctx->saved_data["block"].toInt());
-    auto* gate = reinterpret_cast<LayerGate*>(ctx->saved_data["gate"].toInt());
-    const auto index = static_cast<size_t>(ctx->saved_data["index"].toInt());
-    auto x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
-    gate->gather(index);
-    if (index > 0) gate->prefetch(index - 1);  // backward runs the blocks in reverse
-    torch::Tensor y;
-    {
-      RecomputeScope recompute(ctx, x.device());
-      y = block->forward(x);
-    }
-    if (grads[0].defined()) torch::autograd::backward({y}, {grads[0]});
-    gate->after_backward(index);
-    return {x.grad(), torch::Tensor(), torch::Tensor(), torch::Tensor()};  // per input
-  }
-};
-
-}  // namespace
 
 torch::nn::LayerNorm make_layer_norm(int64_t width, double eps) {
   return torch::nn::LayerNorm(torch::nn::LayerNormOptions({width}).eps(eps));
@@ -87,20 +45,7 @@ torch::Tensor VisionEncoderImpl::forward(const torch::Tensor& images) {
   if (pre_norm) x = pre_norm->forward(x);
   for (size_t i = 0; i < blocks->size(); ++i) {
     auto* b = blocks[i]->as<ViTBlockImpl>();
-    if (!gate) {
-      x = b->forward(x);
-    } else if (torch::GradMode::is_enabled() && is_training()) {
-      // the recomputation only runs when the function is part of the graph: give it an input that needs grad
-      if (!x.requires_grad()) x = x.detach().requires_grad_(true);
-      x = GatedBlock::apply(x, b, gate.get(), static_cast<int64_t>(i))[0];
-    } else {
-      TORCH_CHECK(!torch::GradMode::is_enabled(), "VisionEncoder: blocks with sharded parameters (train.zero = 3) run "
-                  "with gradients only in training mode; hint: call eval() paths under torch::NoGradGuard");
-      gate->gather(i);
-      gate->prefetch(i + 1);
-      x = b->forward(x);
-      gate->release(i);
-    }
+    x = gate ? gated_forward<ViTBlockImpl, 1>(b, *gate, i, x, torch::Tensor(), is_training()) : b->forward(x);
   }
   return norm ? norm->forward(x) : x;
 }

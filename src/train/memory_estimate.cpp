@@ -31,7 +31,8 @@ void estimate_weights(const Config& cfg, const RecordingBuilder& rec, const Omni
   std::map<std::string, int64_t> per_block;
   // (the ViT blocks are units unless conversation rows make the images per rank uneven: OmniStage::block_lists)
   std::vector<std::string> block_lists{"text.layers."};
-  if (tr.sft_batch_size == 0) block_lists.push_back("vision.blocks.");
+  if (tr.sft_batch_size == 0) block_lists.insert(block_lists.end(), {"vision.blocks.", "resampler.attn_layers.",
+                                                                      "resampler.ff_layers."});
   auto count_unit = [&](const std::string& name, int64_t n) {
     for (const auto& prefix : block_lists)
       if (name.rfind(prefix, 0) == 0) {

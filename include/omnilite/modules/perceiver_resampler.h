@@ -7,9 +7,12 @@
 //   out = LN(latents)                                           [N, L, D]
 #pragma once
 
+#include <memory>
+
 #include <torch/torch.h>
 
 #include "omnilite/config.h"
+#include "omnilite/modules/layer_gate.h"
 #include "omnilite/modules/linear.h"
 
 namespace omnilite {
@@ -52,6 +55,9 @@ struct PerceiverResamplerImpl : torch::nn::Module {
   torch::nn::ModuleList attn_layers;        // depth PerceiverAttention
   torch::nn::ModuleList ff_layers;          // depth ResamplerFeedForward
   torch::nn::LayerNorm norm{nullptr};       // final LayerNorm
+  // ZeRO-3 (train.zero = 3): attention layer i / feed-forward layer i gathered around each use (layer_gate.h);
+  // null otherwise.
+  std::shared_ptr<LayerGate> attn_gate, ff_gate;
 };
 TORCH_MODULE(PerceiverResampler);
 

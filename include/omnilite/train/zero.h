@@ -72,9 +72,10 @@ HeldBytes held_bytes(const std::vector<torch::Tensor>& params, const torch::opti
 
 // ZeRO stages 2 and 3 (train.zero = 2, 3), laid out as FSDP's flat parameters.
 //
-// The trainable parameters fall into units: one per decoder layer ("text.layers.N.") and, where every rank runs the
-// ViT alike (TrainStage::block_lists), one per ViT block ("vision.blocks.N."); everything else (the embeddings, the
-// resampler, the norms and heads) is the root unit. A unit's parameters are laid end to end
+// The trainable parameters fall into units: one per block of the block lists every rank runs alike
+// (TrainStage::block_lists: the decoder layers "text.layers.N.", and with fixed images per rank the ViT blocks
+// "vision.blocks.N." and the resampler's "resampler.attn_layers.N." / "resampler.ff_layers.N."); everything else
+// (the embeddings, the resampler's input projection and latents, the norms and heads) is the root unit. A unit's parameters are laid end to end
 // in registration order and padded to a multiple of W; rank r owns elements [r S, (r + 1) S) of that flat vector
 // (S = its padded length / W), so every rank holds 1/W of every unit. A rank's *segments* are the pieces of
 // parameters inside its chunks; AdamW (torch::optim::AdamW, decay groups as without sharding) steps the segments,
