@@ -145,14 +145,14 @@ class ZeroShards {
   void prefetch(const std::string& prefix, size_t block);
   void release(const std::string& prefix, size_t block);
   void after_backward(const std::string& prefix, size_t block);
-  // The gate of the blocks under `prefix` ("text.layers." or "vision.blocks."): block i is the unit of "<prefix>i".
+  // The gate of the blocks under `prefix` (one of the block lists): block i is the unit of "<prefix>i".
   static std::shared_ptr<LayerGate> gate(const std::shared_ptr<ZeroShards>& z, const std::string& prefix);
 
   // What this rank holds now: the module's trainable parameters (empty between uses at level 3) and their .grad,
   // the master chunks, the reduced gradient chunks and the moments of `opt`.
   HeldBytes held(const torch::optim::AdamW& opt) const;
-  // The largest bytes of gathered parameters and their full gradients seen since the last call (level 3: the root
-  // plus the largest layer, while it runs).
+  // The most bytes of gathered parameters, full gradients not yet handed over and packing buffers alive at once since
+  // the last call (level 3: the root with its gradients, a block with its gradients and the prefetched block).
   double take_peak_gathered();
 
   // Checkpoint: this rank's segments ("NAME" [length] and, once stepped, "exp_avg/NAME", "exp_avg_sq/NAME") into
