@@ -478,8 +478,9 @@ void setup_sharding(Session& s, const RuntimeOptions& rt, const TrainOptions& tr
                         100.0 * owned / total, owned * bytes / mib,
                         z.level() == 3 ? "weights (the parameters are released)" : "weights it updates (it keeps all)",
                         owned * bytes / mib, 2 * owned * bytes / mib, 4 * total * bytes / mib,
-                        z.level() == 3 ? "each decoder layer and ViT block is gathered for its forward and again for "
-                                         "its backward (recomputing the forward), the next one prefetched"
+                        z.level() == 3 ? "each block (decoder layer, ViT block, resampler layer) is gathered for its "
+                                         "forward and again for its backward (recomputing the forward), the next "
+                                         "one prefetched"
                                        : "the parameters are all-gathered after each step",
                         s.dist->reduce_scatter_impl().c_str(), static_cast<long long>(rt.threads),
                         static_cast<long long>(rt.blas_threads)));
