@@ -100,8 +100,9 @@ int run_memory(int argc, char** argv) {
   cxxopts::Options opts(argv[0], "Estimate the memory of training a config's omni model: NF4 weights and their "
                                  "constants, full-precision tensors, LoRA parameters, gradients, AdamW moments, and "
                                  "activations of one micro-batch (train.batch_size x train.seq_len plus image rows) with "
-                                 "and without activation checkpointing; with --world-size / --zero what one data-parallel rank "
-                                 "holds at a ZeRO stage. Only the small non-projection tensors are allocated.");
+                                 "and without activation checkpointing; with --world-size / --zero what one "
+                                 "data-parallel rank holds at a ZeRO stage. Only the small non-projection tensors "
+                                 "are allocated.");
   opts.add_options()("config", "config JSON (e.g. configs/qlora-omni-lite.json)", cxxopts::value<std::string>())(
       "world-size", "data-parallel ranks: print one rank's share of the state and the 2/4/8-rank table",
       cxxopts::value<int64_t>()->default_value("1"))(

@@ -13,6 +13,7 @@
 #include "omnilite/modules/qlora_builder.h"
 #include "omnilite/pattern.h"
 #include "omnilite/quant/nf4.h"
+#include "omnilite/train/zero.h"
 
 namespace omnilite {
 namespace {
@@ -26,17 +27,13 @@ void estimate_weights(const Config& cfg, const RecordingBuilder& rec, const Omni
     if (cfg.lora.enabled) return matches_any(name, cfg.lora.modules_to_save);
     return !matches_any(name, tr.freeze);
   };
-  // trainable values per decoder layer ("text.layers.N.") and ViT block ("vision.blocks.N."), and of the rest:
-  // ZeRO-3's units
+  // trainable values per block of ZeRO-3's block lists, and of the rest (its root unit)
   std::map<std::string, int64_t> per_block;
-  // (the ViT blocks are units unless conversation rows make the images per rank uneven: OmniStage::block_lists)
-  std::vector<std::string> block_lists{"text.layers."};
-  if (tr.sft_batch_size == 0) block_lists.insert(block_lists.end(), {"vision.blocks.", "resampler.attn_layers.",
-                                                                      "resampler.ff_layers."});
+  const auto block_lists = omni_block_lists(tr);
   auto count_unit = [&](const std::string& name, int64_t n) {
     for (const auto& prefix : block_lists)
-      if (name.rfind(prefix, 0) == 0) {
-        per_block[prefix + std::to_string(std::stoll(name.substr(prefix.size())))] += n;
+      if (const int64_t b = block_index(name, prefix); b >= 0) {
+        per_block[prefix + std::to_string(b)] += n;
         return;
       }
     e.root_trainable += n;

@@ -21,6 +21,7 @@
 #include "omnilite/io/checkpoint.h"
 #include "omnilite/modules/losses.h"
 #include "omnilite/train/stage.h"
+#include "omnilite/train/zero.h"
 #include "stages.h"
 
 namespace omnilite {
@@ -71,14 +72,7 @@ class OmniStage : public TrainStage {
     if (cfg_.lora.enabled) io::load_adapter(*model_, dir);
     else TrainStage::load_weights(dir);
   }
-  // Every micro-batch runs the decoder on every rank alike; the ViT and the resampler too when each rank's
-  // micro-batch holds the same number of input images (train.caption_batch_size of them), which conversation rows,
-  // some with an image and some without, do not promise: with them the ViT and resampler are gathered for the step.
-  std::vector<std::string> block_lists() const override {
-    const bool uneven_images = cfg_.train.sft_batch_size > 0 || !sft_mix_.empty();
-    if (uneven_images) return {"text.layers."};
-    return {"text.layers.", "vision.blocks.", "resampler.attn_layers.", "resampler.ff_layers."};
-  }
+  std::vector<std::string> block_lists() const override { return omni_block_lists(cfg_.train); }
   void set_block_gate(const std::string& prefix, std::shared_ptr<LayerGate> gate) override {
     if (prefix == "text.layers.") model_->text->gate = std::move(gate);
     else if (prefix == "vision.blocks.") model_->vision->gate = std::move(gate);

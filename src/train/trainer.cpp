@@ -160,13 +160,13 @@ struct Checkpointer {
                             const torch::optim::AdamW& opt, TrainStage& stage,
                             const std::vector<std::pair<std::string, torch::Tensor>>& rest, const Config& cfg,
                             const json& metrics) {
-    const std::string tmp = dir + "/.tmp-" + step_name(step);
+    const std::string tmp = tmp_dir(step);
     if (dist.is_main()) open_tmp(step);
     dist.barrier();
     shards.write_checkpoint_shard(tmp + "/" + ZeroShards::shard_file(dist.rank(), dist.world()), opt);
     kill_point("shard", step);
     dist.barrier();
-    if (!dist.is_main()) return dir + "/" + step_name(step);
+    if (!dist.is_main()) return final_dir(step);
     std::vector<std::string> files;
     for (int64_t r = 0; r < dist.world(); ++r) files.push_back(ZeroShards::shard_file(r, dist.world()));
     io::save_safetensors(tmp + "/model.safetensors", rest, {{"step", std::to_string(step)}});
@@ -175,10 +175,14 @@ struct Checkpointer {
     return commit(tmp, step, micro, dist.world(), stage, cfg, metrics);
   }
 
-  // A fresh <dir>/.tmp-step_N folder.
+  // <dir>/step_N, and the folder it is written in first.
+  std::string final_dir(int64_t step) const { return dir + "/" + step_name(step); }
+  std::string tmp_dir(int64_t step) const { return dir + "/.tmp-" + step_name(step); }
+
+  // A fresh tmp_dir(step).
   std::string open_tmp(int64_t step) const {
     fs::create_directories(dir);
-    const std::string tmp = dir + "/.tmp-" + step_name(step);
+    const std::string tmp = tmp_dir(step);
     fs::remove_all(tmp);
     fs::create_directories(tmp);
     return tmp;
@@ -187,7 +191,7 @@ struct Checkpointer {
   // The generators and state.json into `tmp`, then `tmp` renamed to step_N and older checkpoints pruned.
   std::string commit(const std::string& tmp, int64_t step, int64_t micro, int64_t world, TrainStage& stage,
                      const Config& cfg, const json& metrics) {
-    const std::string final_dir = dir + "/" + step_name(step);
+    const std::string done = final_dir(step);
     io::save_safetensors(tmp + "/rng.safetensors", rng_tensors(dev));
     kill_point("rng", step);
     // micro_batches counts global micro-batches of world_size ranks (the data position, with the config's batch sizes)
@@ -200,13 +204,13 @@ struct Checkpointer {
     write_file_atomically(tmp + "/state.json", state.dump(2));
     fsync_directory(tmp);
     kill_point("state", step);
-    if (fs::exists(final_dir)) fs::remove_all(final_dir);
-    fs::rename(tmp, final_dir);
+    if (fs::exists(done)) fs::remove_all(done);
+    fs::rename(tmp, done);
     kill_point("rename", step);
     fsync_directory(dir);
     prune();
     kill_point("prune", step);
-    return final_dir;
+    return done;
   }
 
   void prune() const {
@@ -304,21 +308,41 @@ torch::Tensor sum_of_squares_fp64(const torch::Tensor& t) {
   return acc;
 }
 
-GradCheck clip_and_check(const std::vector<torch::Tensor>& params, double loss, double max_norm) {
+namespace {
+// The step gate over any gradient layout: `norm` measures the whole gradient (called only for a finite loss; every
+// rank knows the reduced loss, so all skip a collective in it alike), `scale` multiplies it by the clip coefficient.
+GradCheck check_and_clip(double loss, double max_norm, const std::function<double()>& norm,
+                         const std::function<void(double)>& scale) {
   GradCheck c;
   if (!std::isfinite(loss)) return c;  // nothing to measure: the step is skipped anyway
   torch::NoGradGuard ng;
-  torch::Tensor sq;
-  for (const auto& p : params)
-    if (p.grad().defined()) sq = sq.defined() ? sq + sum_of_squares_fp64(p.grad()) : sum_of_squares_fp64(p.grad());
-  if (!sq.defined()) return {0.0, true};  // no gradient at all (clip_grad_norm_ says 0)
-  c.grad_norm = std::sqrt(sq.item<double>());
+  c.grad_norm = norm();
   c.finite = std::isfinite(c.grad_norm);
   const double coef = max_norm / (c.grad_norm + 1e-6);
-  if (c.finite && max_norm > 0 && coef < 1)
+  if (c.finite && max_norm > 0 && coef < 1) scale(coef);
+  return c;
+}
+}  // namespace
+
+GradCheck clip_and_check(const std::vector<torch::Tensor>& params, double loss, double max_norm) {
+  auto norm = [&] {
+    torch::Tensor sq;  // on the gradients' device: one synchronisation, at the end
+    for (const auto& p : params)
+      if (p.grad().defined()) {
+        auto t = sum_of_squares_fp64(p.grad());
+        sq = sq.defined() ? sq + t : t;
+      }
+    return sq.defined() ? std::sqrt(sq.item<double>()) : 0.0;  // 0 without any gradient, as clip_grad_norm_ says
+  };
+  auto scale = [&](double coef) {
     for (const auto& p : params)
       if (p.grad().defined()) p.grad().mul_(coef);
-  return c;
+  };
+  return check_and_clip(loss, max_norm, norm, scale);
+}
+
+GradCheck clip_and_check(ZeroShards& z, double loss, double max_norm) {
+  return check_and_clip(loss, max_norm, [&] { return z.grad_norm(); }, [&](double coef) { z.clip(coef); });
 }
 
 void TrainStage::save_weights(const std::string& dir, int64_t step) {
@@ -358,8 +382,8 @@ struct Session {
   bool distributed() const { return reducer || shards; }
 };
 
-// ZeRO-3 keeps the root unit (embedding, vision, heads) gathered while the scope lasts (validation, codebook
-// statistics); nothing otherwise.
+// ZeRO-3 keeps the root unit (embeddings, heads, what is not gathered block by block) gathered while the scope lasts
+// (validation, codebook statistics); nothing otherwise.
 struct RootGathered {
   explicit RootGathered(ZeroShards* z) : z_(z) {
     if (z_) z_->gather_root();
@@ -458,7 +482,7 @@ json resume_from(Session& s, const Config& cfg, const std::string& resume_dir, c
 }
 
 // ZeRO-2/3: each rank keeps its chunks of the (final, resumed) weights and of their AdamW state; at stage 3 the
-// decoder layers and ViT blocks gather their parameters around each use.
+// blocks of the stage's block lists gather their parameters around each use.
 void setup_sharding(Session& s, const RuntimeOptions& rt, const TrainOptions& tr) {
   auto& z = *s.shards;
   const bool resumed_full = s.full && !s.full->state().empty();
@@ -467,7 +491,8 @@ void setup_sharding(Session& s, const RuntimeOptions& rt, const TrainOptions& tr
   s.resumed_shards.reset();
   s.full.reset();
   if (z.level() == 3)
-    for (const auto& prefix : s.stage->block_lists()) s.stage->set_block_gate(prefix, ZeroShards::gate(s.shards, prefix));
+    for (const auto& prefix : s.stage->block_lists())
+      s.stage->set_block_gate(prefix, ZeroShards::gate(s.shards, prefix));
   const double mib = 1024.0 * 1024.0, bytes = static_cast<double>(s.params.front().element_size());
   const auto owned = static_cast<double>(z.owned_numel()), total = static_cast<double>(z.total_numel());
   log::info(log::format("zero%lld: %lld ranks (%s); rank %lld owns %.0f of %.0f trainable values (%.1f%%): %.1f MiB "
@@ -516,18 +541,6 @@ std::vector<std::pair<std::string, torch::Tensor>> unsharded_state(const Session
   for (auto& [name, t] : io::state_tensors(s.stage->module()))
     if (!sharded.count(name)) rest.emplace_back(name, t);
   return rest;
-}
-
-// clip_and_check over the shards: the norm of the whole gradient from every rank's chunks, clipped as
-// torch::nn::utils::clip_grad_norm_ does (coefficient max_norm / (norm + 1e-6) when below 1).
-GradCheck clip_and_check_shards(ZeroShards& z, double loss, double max_norm) {
-  GradCheck c;
-  if (!std::isfinite(loss)) return c;  // every rank knows the loss (reduced): all skip the collective alike
-  c.grad_norm = z.grad_norm();
-  c.finite = std::isfinite(c.grad_norm);
-  const double coef = max_norm / (c.grad_norm + 1e-6);
-  if (c.finite && max_norm > 0 && coef < 1) z.clip(coef);
-  return c;
 }
 
 // One optimizer step's work, as train() and bench_train_steps do it.
@@ -579,8 +592,7 @@ StepWork take_step(Session& s, const TrainOptions& tr, const std::vector<std::st
     for (size_t i = 0; i < names.size(); ++i) w.sums[names[i]] = t[static_cast<int64_t>(i) + 2].item<double>();
   }
   w.lr = lr_at(s.step, tr.steps, tr.warmup_steps, tr.lr, tr.min_lr_ratio);
-  w.check = s.shards ? clip_and_check_shards(*s.shards, w.loss, tr.grad_clip)
-                     : clip_and_check(s.params, w.loss, tr.grad_clip);
+  w.check = s.shards ? clip_and_check(*s.shards, w.loss, tr.grad_clip) : clip_and_check(s.params, w.loss, tr.grad_clip);
   if (w.check.finite) {
     for (auto& g : s.opt->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(w.lr);
     s.opt->step();
@@ -602,16 +614,12 @@ json step_metrics(const Session& s, const StepWork& w, const std::vector<std::st
   m[rate_key] = w.units / dt;
   m["data_wait_frac"] = w.wait_s / dt;
   m["skipped"] = !w.check.finite;
-  if (s.reducer) {
-    m["allreduce_s"] = w.allreduce_s;
-    m["allreduce_buckets_early"] = s.reducer->started_early();  // of reducer->buckets(): started during backward
-    m["world_size"] = s.dist->world();
-  }
-  if (s.shards) {
+  if (s.distributed()) {
     m["allreduce_s"] = w.allreduce_s;
     m["world_size"] = s.dist->world();
-    m["zero"] = s.shards->level();
   }
+  if (s.reducer) m["allreduce_buckets_early"] = s.reducer->started_early();  // of reducer->buckets(): started early
+  if (s.shards) m["zero"] = s.shards->level();
   // What this rank holds after the step (measured: the storages alive), and at ZeRO-3 the most it had gathered
   // during the step (parameters of the gathered units and one unit's full gradients).
   const auto h = s.shards ? s.shards->held(*s.opt) : held_bytes(s.params, *s.opt);

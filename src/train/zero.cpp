@@ -151,15 +151,6 @@ void Zero1::take_state(torch::optim::AdamW& full, torch::optim::AdamW& sharded) 
 namespace omnilite {
 namespace {
 
-// N of a parameter named "<prefix>N.<...>", else -1.
-int64_t block_of(const std::string& name, const std::string& prefix) {
-  if (name.rfind(prefix, 0) != 0) return -1;
-  size_t i = prefix.size();
-  int64_t n = 0;
-  for (; i < name.size() && std::isdigit(static_cast<unsigned char>(name[i])); ++i) n = n * 10 + (name[i] - '0');
-  return i > prefix.size() && i < name.size() && name[i] == '.' ? n : -1;
-}
-
 // Adds the bytes of t's storage to `into` unless that storage was counted already.
 void count_storage(const torch::Tensor& t, std::set<const void*>& seen, double& into) {
   if (!t.defined() || t.numel() == 0) return;
@@ -182,7 +173,7 @@ ZeroShards::ZeroShards(std::shared_ptr<Dist> dist, int64_t level,
   // One unit per block that has something to train, in order of appearance; the root last.
   for (const auto& [name, p] : named)
     for (const auto& prefix : block_lists_)
-      if (const int64_t b = block_of(name, prefix); b >= 0) {
+      if (const int64_t b = block_index(name, prefix); b >= 0) {
         const std::string key = prefix + std::to_string(b);
         if (!block_unit_.count(key)) block_unit_.emplace(key, block_unit_.size());
       }
@@ -202,7 +193,7 @@ ZeroShards::ZeroShards(std::shared_ptr<Dist> dist, int64_t level,
     q.numel = p.numel();
     q.unit = units_.size() - 1;
     for (const auto& prefix : block_lists_)
-      if (const int64_t b = block_of(name, prefix); b >= 0) q.unit = block_unit_.at(prefix + std::to_string(b));
+      if (const int64_t b = block_index(name, prefix); b >= 0) q.unit = block_unit_.at(prefix + std::to_string(b));
     auto& u = units_[q.unit];
     q.offset = u.numel;
     u.numel += q.numel;
@@ -221,6 +212,19 @@ std::unique_ptr<torch::optim::AdamW> make_adamw(std::vector<torch::Tensor> decay
   groups.emplace_back(std::move(decay), std::make_unique<torch::optim::AdamWOptions>(opts));
   groups.emplace_back(std::move(no_decay), std::move(no_decay_opts));
   return std::make_unique<torch::optim::AdamW>(groups, opts);
+}
+
+std::vector<std::string> omni_block_lists(const TrainOptions& tr) {
+  if (tr.sft_batch_size > 0) return {"text.layers."};
+  return {"text.layers.", "vision.blocks.", "resampler.attn_layers.", "resampler.ff_layers."};
+}
+
+int64_t block_index(const std::string& name, const std::string& prefix) {
+  if (name.rfind(prefix, 0) != 0) return -1;
+  size_t i = prefix.size();
+  int64_t n = 0;
+  for (; i < name.size() && std::isdigit(static_cast<unsigned char>(name[i])); ++i) n = n * 10 + (name[i] - '0');
+  return i > prefix.size() && i < name.size() && name[i] == '.' ? n : -1;
 }
 
 HeldBytes held_bytes(const std::vector<torch::Tensor>& params, const torch::optim::AdamW& opt,

@@ -62,6 +62,9 @@ struct GradCheck {
 // float64 (clip_grad_norm_'s float32 sums err by ~1e-5 relative on tensors of a million elements; ZeRO-2/3 measure
 // the same float64 sum from their shards, so every ZeRO stage logs the same norm).
 GradCheck clip_and_check(const std::vector<torch::Tensor>& params, double loss, double max_norm);
+// The same over ZeRO-2/3's shards (the norm from every rank's chunks: one scalar all-reduce).
+class ZeroShards;
+GradCheck clip_and_check(ZeroShards& shards, double loss, double max_norm);
 // Σ t² accumulated in float64, in pieces of 2^20 elements (never a float64 copy of the whole tensor), as a float64
 // scalar on t's device.
 torch::Tensor sum_of_squares_fp64(const torch::Tensor& t);

@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include "omnilite/config.h"
 #include "omnilite/io/weights_reader.h"
 #include "omnilite/modules/layer_gate.h"
 #include "omnilite/train/distributed.h"
@@ -54,6 +55,14 @@ class Zero1 {
   std::vector<int64_t> owner_;                 // per parameter: its rank
   std::vector<std::vector<size_t>> owned_by_;  // per rank: its parameters' indices, in order
 };
+
+// The omni model's block lists that ZeRO-3 gathers block by block (TrainStage::block_lists): the decoder layers
+// always; the ViT blocks and the resampler's attention and feed-forward layers when every rank's micro-batch holds the
+// same number of input images, which conversation rows (train.sft_batch_size > 0), some with an image and some
+// without, do not promise.
+std::vector<std::string> omni_block_lists(const TrainOptions& tr);
+// N of a parameter named "<prefix>N.<...>", else -1.
+int64_t block_index(const std::string& name, const std::string& prefix);
 
 // AdamW over two groups: `decay` with the weight decay of `opts`, `no_decay` with none (the trainer's rule decides
 // which is which, for parameters or, under ZeRO-2/3, for their pieces).
