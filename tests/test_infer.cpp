@@ -39,12 +39,19 @@ TEST_CASE("KV-cached decoding gives the logits of full recomputation", "[infer][
   first.images = images;
   first.cache = &cache;
   std::vector<torch::Tensor> parts{model->forward(first).logits};
+  std::vector<const void*> storage;  // layer 0's key storage after each step
   for (int64_t t = static_cast<int64_t>(prefix); t < tokens.size(1); ++t) {
     OmniInput step;
     step.tokens = tokens.narrow(1, t, 1);
     step.cache = &cache;
     parts.push_back(model->forward(step).logits);
+    storage.push_back(cache.layers[0].k_store.data_ptr());
   }
+  // The storage doubled once (prefix -> 2 * prefix positions) and then took every token in place.
+  REQUIRE(storage.size() == static_cast<size_t>(tokens.size(1)) - prefix);
+  for (const void* p : storage) CHECK(p == storage[0]);
+  CHECK(cache.layers[0].k_store.size(2) == 2 * static_cast<int64_t>(prefix));
+  CHECK(cache.capacity_bytes() > cache.bytes());
   auto cached = torch::cat(parts, 1);
   CHECK(testing::max_rel_err(cached, full) < 1e-5);
   // The cache holds the KV heads only: [B, num_kv_heads, T, head_dim] per layer.

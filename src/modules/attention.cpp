@@ -2,6 +2,7 @@
 
 #include <limits>
 #include <optional>
+#include <tuple>
 
 #include <torch/version.h>
 
@@ -17,7 +18,7 @@ namespace {
 // Combined bool mask [B or 1, 1, T, S] from `allowed` and the causal rule, or undefined if neither applies.
 torch::Tensor combined_mask(const torch::Tensor& allowed, bool causal, int64_t T, int64_t S, torch::Device dev) {
   torch::Tensor mask = allowed;
-  if (causal) {
+  if (causal && T > 1) {  // one query (decoding) sees every key
     // query i (of T, aligned to the last T keys) may see key j when j <= i + (S - T)
     auto tri = torch::ones({T, S}, torch::TensorOptions().dtype(torch::kBool).device(dev)).tril(S - T);
     mask = mask.defined() ? (mask & tri) : tri.view({1, 1, T, S});
@@ -103,16 +104,7 @@ torch::Tensor GQAttentionImpl::forward(const torch::Tensor& x, const RopeTables&
   auto v = v_proj->forward(x).view({B, T, opts.num_kv_heads, Dh}).transpose(1, 2);  // [B, Hkv, T, Dh]
   q = apply_rope(q, rope);
   k = apply_rope(k, rope);
-  if (cache) {
-    if (cache->k.defined()) {
-      k = torch::cat({cache->k, k}, 2);  // [B, Hkv, S, Dh]
-      v = torch::cat({cache->v, v}, 2);
-    }
-    if (append) {
-      cache->k = k;
-      cache->v = v;
-    }
-  }
+  if (cache) std::tie(k, v) = cache->write(k, v, opts.max_position_embeddings, append);  // [B, Hkv, S, Dh]
   auto out = attention_core(q, k, v, allowed, causal);                            // [B, H, T, Dh]
   return o_proj->forward(out.transpose(1, 2).reshape({B, T, opts.num_heads * Dh}));  // [B, T, D]
 }

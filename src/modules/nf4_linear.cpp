@@ -98,7 +98,10 @@ torch::Tensor Nf4LinearImpl::forward(const torch::Tensor& x) {
     // Under CUDA autocast the weight is dequantised straight to the autocast dtype (bf16) and multiplied there.
     if (const auto dt = cuda_autocast_dtype()) flat = flat.to(*dt);
   }
-  auto y = Nf4Matmul::apply(flat, this);
+  // Decoding without gradients skips the autograd node (its bookkeeping weighs on a one-row product).
+  const bool direct = !(torch::GradMode::is_enabled() && flat.requires_grad()) && flat.device().is_cpu() &&
+                      flat.size(0) <= quant::kNf4FewRows && flat.scalar_type() == torch::kFloat32;
+  auto y = direct ? quant::nf4_matmul_few_rows_cpu(flat, weight_nf4()) : Nf4Matmul::apply(flat, this);
   if (bias.defined()) y = y + bias.to(y.scalar_type());
   auto sizes = x.sizes().vec();
   sizes.back() = out_;
