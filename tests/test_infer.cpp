@@ -10,7 +10,7 @@
 #include "omnilite/modules/omnilite.h"
 #include "omnilite/modules/rfm_head.h"
 #include "omnilite/modules/linear.h"
-#include "omnilite/quant/bf16_gemv.h"
+#include "omnilite/quant/gemv.h"
 
 using namespace omnilite;
 
@@ -251,6 +251,39 @@ TEST_CASE("the LM head's one-row product and last_logits give the full forward's
   const auto last = model->forward(in).logits;  // [1, 1, V]
   REQUIRE(last.sizes() == torch::IntArrayRef({1, 1, c.model.text.vocab_size}));
   CHECK(torch::allclose(last[0][0], full[0][5], 1e-6, 1e-6));
+}
+
+TEST_CASE("an LM head of bf16 values kept in bf16 gives the fp32 head's logits bit for bit", "[infer][gemv]") {
+  torch::manual_seed(11);
+  LMHead head(256, 300, nullptr);
+  torch::NoGradGuard ng;
+  CHECK_FALSE(head->store_bf16_if_exact());  // random fp32 values: not representable, left as they are
+  CHECK(head->weight.scalar_type() == torch::kFloat32);
+  head->weight.set_data(head->weight.to(torch::kBFloat16).to(torch::kFloat32));  // as loaded from a bf16 checkpoint
+  const auto one = torch::randn({1, 1, 256}), many = torch::randn({2, 5, 256});
+  const auto one_fp32 = head->forward(one), many_fp32 = head->forward(many);
+  REQUIRE(head->store_bf16_if_exact());
+  CHECK(head->weight.scalar_type() == torch::kBFloat16);
+  CHECK(torch::equal(head->forward(one), one_fp32));    // the one-row kernel: the same products in the same order
+  CHECK(torch::equal(head->forward(many), many_fp32));  // the GEMM on the exactly widened weight
+}
+
+TEST_CASE("float32 one-row products: every kernel within float32 summation error of a float64 product",
+          "[infer][gemv]") {
+  torch::manual_seed(10);
+  const int64_t out = 70, in = 2048 + 37;  // a tail after the 64-wide loop
+  const auto w = torch::randn({out, in}), x = torch::randn({in});
+  const auto ref = torch::mv(w.to(torch::kFloat64), x.to(torch::kFloat64));
+  // float32 products and sums of `in` terms of size ~1: the error stays far below sqrt(in) * 2^-24 * sum |w x|
+  const auto scale = torch::mv(w.abs().to(torch::kFloat64), x.abs().to(torch::kFloat64));
+  for (int simd : {2, 1, 0}) {
+    INFO("simd " << simd);
+    const auto y = quant::float_matvec_cpu(x, w, simd);
+    REQUIRE(y.scalar_type() == torch::kFloat32);
+    const auto err = (y.to(torch::kFloat64) - ref).abs();
+    CHECK((err <= scale * 1e-6).all().item<bool>());
+  }
+  CHECK_THROWS_WITH(quant::float_matvec_cpu(x.narrow(0, 1, in - 1), w), ContainsText("float_matvec_cpu"));
 }
 
 TEST_CASE("bf16 one-row products: every kernel within one bf16 rounding of a float64 product", "[infer][bf16]") {

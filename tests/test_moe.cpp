@@ -72,6 +72,27 @@ TEST_CASE("sorted MoE dispatch equals a per-token loop over the top-k experts", 
   }
 }
 
+TEST_CASE("one token without gradients (decoding) gives the sorted dispatch's output bit for bit", "[moe]") {
+  torch::manual_seed(4);
+  for (int64_t k : {1, 2, 3}) {
+    auto o = small_moe();
+    o.top_k = k;
+    MoE moe(8, o, LinearBuilder(), "moe");
+    moe->gate->weight.data().normal_(0.0, 0.5);
+    for (int t = 0; t < 5; ++t) {
+      auto x = torch::randn({1, 1, 8});
+      const auto sorted = moe->forward(x).y.detach();  // gradients on: the general path
+      torch::NoGradGuard ng;
+      const auto one = moe->forward(x);  // the one-token path
+      INFO("top_k " << k << " token " << t);
+      CHECK(torch::equal(one.y, sorted));
+      // and the float64 per-token reference
+      CHECK(testing::max_rel_err(one.y.view({1, 8}).to(torch::kFloat64),
+                                 per_token_moe(*moe, x.view({1, 8})).to(torch::kFloat64)) < 1e-5);
+    }
+  }
+}
+
 TEST_CASE("router: fp32 softmax, top-k, renormalised weights", "[moe]") {
   auto o = small_moe();
   MoE moe(8, o, LinearBuilder(), "moe");

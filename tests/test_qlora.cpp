@@ -185,31 +185,35 @@ TEST_CASE("Nf4Linear equals the dequantised matmul, forward and backward, few ro
 
 TEST_CASE("NF4 few-row product (SIMD and scalar) equals a naive decode of the stored bytes", "[qlora][nf4]") {
   torch::manual_seed(12);
-  const int64_t out = 37, in = 192;  // 3 blocks per row, an odd number of rows
-  auto q = quant::nf4_quantize(torch::randn({out, in}) * 0.05);
-  // Naive decode in float64: absmax from its double quantisation, then table[code] * absmax per value.
-  auto W = torch::empty({out, in}, torch::kFloat64);
-  const auto* p = q.packed.data_ptr<uint8_t>();
-  const auto* aq = q.absmax_q.data_ptr<uint8_t>();
-  const auto* sc = q.absmax_scale.data_ptr<float>();
-  const auto& map = quant::dynamic_map_values();
-  const double mean = q.absmax_mean.item<float>();
-  for (int64_t i = 0; i < out * in; ++i) {
-    const int64_t blk = i / 64;
-    const double absmax = static_cast<double>(map[aq[blk]]) * sc[blk / 256] + mean;
-    const int code = i % 2 == 0 ? p[i / 2] >> 4 : p[i / 2] & 15;
-    W.view(-1)[i] = kTable[code] * absmax;
-  }
-  for (int64_t rows = 1; rows <= quant::kNf4FewRows; ++rows)
-    for (int simd : {2, 1, 0}) {
-      INFO("rows " << rows << " simd " << simd);
-      auto x = torch::randn({rows, in});
-      auto y = quant::nf4_matmul_few_rows_cpu(x, q, simd);
-      REQUIRE(y.sizes() == torch::IntArrayRef({rows, out}));
-      CHECK(testing::max_rel_err(y, torch::matmul(x.to(torch::kFloat64), W.t())) < 1e-5);
+  // 3 blocks per row and an odd number of rows; then 12 blocks per row, whose row 21 straddles two absmax scales
+  // (blocks 252 .. 263), so the vectorised block-scale decoding meets both of its cases.
+  for (const int64_t in : {192, 768}) {
+    const int64_t out = 37;
+    auto q = quant::nf4_quantize(torch::randn({out, in}) * 0.05);
+    // Naive decode in float64: absmax from its double quantisation, then table[code] * absmax per value.
+    auto W = torch::empty({out, in}, torch::kFloat64);
+    const auto* p = q.packed.data_ptr<uint8_t>();
+    const auto* aq = q.absmax_q.data_ptr<uint8_t>();
+    const auto* sc = q.absmax_scale.data_ptr<float>();
+    const auto& map = quant::dynamic_map_values();
+    const double mean = q.absmax_mean.item<float>();
+    for (int64_t i = 0; i < out * in; ++i) {
+      const int64_t blk = i / 64;
+      const double absmax = static_cast<double>(map[aq[blk]]) * sc[blk / 256] + mean;
+      const int code = i % 2 == 0 ? p[i / 2] >> 4 : p[i / 2] & 15;
+      W.view(-1)[i] = kTable[code] * absmax;
     }
-  CHECK_THROWS_WITH(quant::nf4_matmul_few_rows_cpu(torch::randn({quant::kNf4FewRows + 1, in}), q),
-                    ContainsText("N <= 8"));
+    for (int64_t rows = 1; rows <= quant::kNf4FewRows; ++rows)
+      for (int simd : {2, 1, 0}) {
+        INFO("in " << in << " rows " << rows << " simd " << simd);
+        auto x = torch::randn({rows, in});
+        auto y = quant::nf4_matmul_few_rows_cpu(x, q, simd);
+        REQUIRE(y.sizes() == torch::IntArrayRef({rows, out}));
+        CHECK(testing::max_rel_err(y, torch::matmul(x.to(torch::kFloat64), W.t())) < 1e-5);
+      }
+    CHECK_THROWS_WITH(quant::nf4_matmul_few_rows_cpu(torch::randn({quant::kNf4FewRows + 1, in}), q),
+                      ContainsText("N <= 8"));
+  }
 }
 
 TEST_CASE("LoRALinear: B = 0 gives the base, otherwise base + alpha/r B A x", "[qlora][lora]") {

@@ -147,7 +147,15 @@ OmniLite decode_model(const Config& cfg, const std::string& weights, const torch
       q->weight_absmax_scale.fill_(0.01);
       q->weight_absmax_mean.fill_(0.02);
     }
+  // The LM head holds bf16 values, as a bf16 base checkpoint's does, and is kept in bf16 as QLoRA inference keeps it
+  // (load_omni_checkpoint with an adapter: LMHeadImpl::store_bf16_if_exact).
+  auto& head = m->lm_head->weight;
+  for (int64_t r = 0; r < head.size(0); r += 1024) {  // rounded in place, in chunks
+    auto rows = head.narrow(0, r, std::min<int64_t>(1024, head.size(0) - r));
+    rows.copy_(rows.to(torch::kBFloat16));
+  }
   m->to(dev);
+  if (dev.is_cpu()) m->lm_head->store_bf16_if_exact();
   set_moe_dispatch(*m, dispatch);
   return m;
 }

@@ -2,7 +2,7 @@
 
 #include <vector>
 
-#include "omnilite/quant/bf16_gemv.h"
+#include "omnilite/quant/gemv.h"
 
 namespace omnilite {
 
@@ -16,7 +16,7 @@ PlainLinearImpl::PlainLinearImpl(int64_t in_features, int64_t out_features, bool
 // x: [..., in] -> [..., out]
 torch::Tensor PlainLinearImpl::forward(const torch::Tensor& x) {
   // One row with bf16 weights on the CPU, outside autograd (batch-1 decoding): a matrix-vector kernel that reads
-  // each weight once (quant/bf16_gemv.h).
+  // each weight once (quant/gemv.h).
   if (x.numel() == weight.size(1) && x.device().is_cpu() && weight.scalar_type() == torch::kBFloat16 &&
       x.scalar_type() == torch::kBFloat16 && weight.is_contiguous() && !torch::GradMode::is_enabled()) {
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());

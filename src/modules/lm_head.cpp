@@ -1,8 +1,9 @@
 #include "omnilite/modules/lm_head.h"
 
+#include <algorithm>
 #include <vector>
 
-#include "omnilite/quant/bf16_gemv.h"
+#include "omnilite/quant/gemv.h"
 
 namespace omnilite {
 
@@ -13,18 +14,39 @@ LMHeadImpl::LMHeadImpl(int64_t dim, int64_t vocab_size, TokenEmbedding tied_embe
 // h: [B, T, D] -> [B, T, V]
 torch::Tensor LMHeadImpl::forward(const torch::Tensor& h) {
   const auto& w = tied ? tied->weight : weight;
-  // One row (batch-1 decoding) on the CPU: a matrix-vector product reads the [V, D] weight once; the GEMM path
-  // of the CPU BLAS first packs (copies) all of it.
+  // One row (batch-1 decoding) on the CPU: a matrix-vector product reads the [V, D] weight once (quant/gemv.h,
+  // on the intra-op threads); the GEMM path of the CPU BLAS first packs (copies) all of it.
   if (h.numel() == h.size(-1) && h.device().is_cpu()) {
     std::vector<int64_t> shape(h.sizes().begin(), h.sizes().end());
     shape.back() = w.size(0);
-    if (h.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32)
-      return torch::mv(w, h.reshape({-1})).view(shape);
-    if (h.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous() &&
-        !torch::GradMode::is_enabled())
-      return quant::bf16_matvec_cpu(h, w).view(shape);  // bf16 weights: quant/bf16_gemv.h
+    const bool grad = torch::GradMode::is_enabled();
+    const bool fp32_h = h.scalar_type() == torch::kFloat32, bf16_w = w.scalar_type() == torch::kBFloat16;
+    if (fp32_h && w.scalar_type() == torch::kFloat32)
+      return (grad || !w.is_contiguous() ? torch::mv(w, h.reshape({-1})) : quant::float_matvec_cpu(h, w)).view(shape);
+    if (fp32_h && bf16_w && w.is_contiguous() && !grad)
+      return quant::float_matvec_cpu(h, w).view(shape);  // store_bf16_if_exact's weight
+    if (h.scalar_type() == torch::kBFloat16 && bf16_w && w.is_contiguous() && !grad)
+      return quant::bf16_matvec_cpu(h, w).view(shape);
   }
-  return torch::nn::functional::linear(h, w);
+  // an fp32 input with store_bf16_if_exact's weight: the weight widened (exactly) for the GEMM
+  const bool widen = h.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kBFloat16 && h.device().is_cpu();
+  return torch::nn::functional::linear(h, widen ? w.to(torch::kFloat32) : w);
+}
+
+bool LMHeadImpl::store_bf16_if_exact() {
+  if (tied || weight.scalar_type() != torch::kFloat32 || !weight.device().is_cpu()) return false;
+  torch::NoGradGuard ng;
+  // checked and narrowed in chunks of rows: no whole-matrix temporary beside the two copies
+  auto narrow = torch::empty(weight.sizes(), weight.options().dtype(torch::kBFloat16));
+  const int64_t rows = weight.size(0), chunk = 1024;
+  for (int64_t r = 0; r < rows; r += chunk) {
+    const int64_t n = std::min(chunk, rows - r);
+    auto dst = narrow.narrow(0, r, n);
+    dst.copy_(weight.narrow(0, r, n));
+    if (!torch::equal(dst.to(torch::kFloat32), weight.narrow(0, r, n))) return false;
+  }
+  weight.set_data(narrow);
+  return true;
 }
 
 }  // namespace omnilite

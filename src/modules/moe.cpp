@@ -22,6 +22,24 @@ torch::ScalarType compute_dtype(const torch::Tensor& x) {
     if (auto dt = cuda_autocast_dtype()) return *dt;
   return x.scalar_type();
 }
+// One token without gradients (batch-1 decoding) on the loop path: its K experts run on it directly, in ascending
+// expert order, and their weighted outputs are summed in that order, as forward's sort and index_add sum them
+// (0 + a + b), without the sort, gather and scatter kernels. x: [1, D], weights / ids: [1, K] -> [1, D]
+torch::Tensor one_token_experts(torch::nn::ModuleList& experts, const torch::Tensor& x,
+                                const torch::Tensor& weights, const torch::Tensor& ids) {
+  const auto host_ids = ids.reshape({-1}).to(torch::kCPU);
+  const auto order = std::get<1>(host_ids.sort());  // slots by expert id, as argsort orders them
+  const int64_t* id = host_ids.data_ptr<int64_t>();
+  const int64_t* ord = order.data_ptr<int64_t>();
+  const auto w = weights.reshape({-1});
+  auto y = torch::zeros_like(x);
+  for (int64_t k = 0; k < host_ids.numel(); ++k) {
+    const int64_t slot = ord[k];
+    y += experts[id[slot]]->as<SwiGLUExpertImpl>()->forward(x) * w.narrow(0, slot, 1);
+  }
+  return y;
+}
+
 }  // namespace
 
 MoEDispatch parse_moe_dispatch(const std::string& name) {
@@ -177,6 +195,10 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x) {
   auto router_logits = gate->forward(flat);          // [N, E]
   auto [weights, ids] = route(router_logits);        // [N, K] each
   weights = weights.to(x.scalar_type());
+  if (N == 1 && !torch::GradMode::is_enabled() && !uses_grouped(x)) {
+    ++forwards.loop;
+    return {one_token_experts(experts, flat, weights, ids).view(x.sizes()), router_logits};
+  }
 
   // Sort the N*K slots by expert: slot s belongs to token s / K.
   auto flat_ids = ids.reshape({-1});                             // [N*K]

@@ -281,6 +281,24 @@ __attribute__((optimize("fp-contract=off"))) void row_absmax(const uint8_t* absm
   }
 }
 
+#if defined(__x86_64__)
+// The same with AVX2, 8 blocks at a time (a gather from the 256-entry map; a multiply, then an add: two roundings,
+// as above; `map` is dynamic_map_values()). It took 15% of the one-row kernel's time as the scalar loop.
+__attribute__((target("avx2"))) void row_absmax_avx2(const uint8_t* absmax_q, const float* scale, float mean,
+                                                     int64_t b0, int64_t n, float* out, const float* map) {
+  const __m256 m = _mm256_set1_ps(mean);
+  int64_t b = 0;
+  for (; b + 8 <= n; b += 8) {
+    const int64_t first = (b0 + b) / kAbsmaxBlockSize, last = (b0 + b + 7) / kAbsmaxBlockSize;
+    if (first != last) break;  // the 8 blocks straddle two scales: the scalar loop finishes the row
+    const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(absmax_q + b0 + b)));
+    const __m256 v = _mm256_mul_ps(_mm256_i32gather_ps(map, idx, 4), _mm256_set1_ps(scale[first]));
+    _mm256_storeu_ps(out + b, _mm256_add_ps(v, m));
+  }
+  if (b < n) row_absmax(absmax_q, scale, mean, b0 + b, n - b, out + b);
+}
+#endif
+
 // One output row o of y = x W^T over rows [0, N) of x, split into even (xe) and odd (xo) columns: [N, in / 2] each;
 // absmax holds the row's in / 64 block scales. Portable version.
 void few_rows_scalar(const uint8_t* packed, const float* absmax, const float* xe, const float* xo, int64_t N,
@@ -488,6 +506,7 @@ torch::Tensor nf4_matmul_few_rows_cpu(const torch::Tensor& x, const Nf4Tensor& q
   const uint8_t* aqp = aq.data_ptr<uint8_t>();
   const float* scp = scale.data_ptr<float>();
   const int64_t bpr = in / kNf4BlockSize;
+  const float* map = dynamic_map_values().data();
   auto packed = q.packed.contiguous();
   // [out, N], written row by row; for N = 1 it is already [N, out]
   auto y = torch::empty({out, N}, torch::kFloat32);
@@ -502,7 +521,12 @@ torch::Tensor nf4_matmul_few_rows_cpu(const torch::Tensor& x, const Nf4Tensor& q
     const CodePlanes cp = planes ? code_planes() : CodePlanes{};
 #endif
     for (int64_t o = o0; o < o1; ++o) {
+#if defined(__x86_64__)
+      if (avx2) row_absmax_avx2(aqp, scp, mean, o * bpr, bpr, ap, map);
+      else row_absmax(aqp, scp, mean, o * bpr, bpr, ap);
+#else
       row_absmax(aqp, scp, mean, o * bpr, bpr, ap);
+#endif
 #if defined(__x86_64__)
       if (avx512 && N == 1) {
         yp[o] = one_row_avx512(pp, ap, ep, op, in, o);

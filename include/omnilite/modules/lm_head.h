@@ -14,6 +14,11 @@ struct LMHeadImpl : torch::nn::Module {
   LMHeadImpl(int64_t dim, int64_t vocab_size, TokenEmbedding tied);
   // h: [B, T, D] -> [B, T, V]
   torch::Tensor forward(const torch::Tensor& h);
+  // Inference on the CPU: when the own fp32 weight holds bf16 values only (a bf16 checkpoint loaded into fp32, as
+  // a QLoRA base is), keep it in bf16: a decoded token reads half the bytes, and every product is the float32 one
+  // (the bf16 values widen exactly, quant/gemv.h). Returns whether it did. Not for training: the parameter's dtype
+  // changes.
+  bool store_bf16_if_exact();
 
   torch::Tensor weight;     // [V, D] own parameter, undefined when tied
   TokenEmbedding tied{nullptr};  // embedding shared when tie_word_embeddings
