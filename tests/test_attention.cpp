@@ -76,6 +76,25 @@ TEST_CASE("grouped-query attention equals naive attention with repeated K/V", "[
   }
 }
 
+TEST_CASE("one query (decoding) over strided cached keys equals naive attention", "[attention][kv]") {
+  torch::manual_seed(1);
+  const auto f64 = torch::kFloat64;
+  struct Case { int64_t B, H, Hkv, S, Dh; bool causal; };
+  for (auto c : {Case{1, 8, 2, 1, 16, true}, Case{2, 8, 2, 37, 16, true}, Case{1, 6, 1, 9, 12, false},
+                 Case{1, 32, 8, 300, 64, true}}) {
+    // keys and values as the KV cache holds them: the first S positions of a larger storage
+    auto ks = torch::randn({c.B, c.Hkv, c.S + 5, c.Dh}), vs = torch::randn({c.B, c.Hkv, c.S + 5, c.Dh});
+    auto k = ks.narrow(2, 0, c.S), v = vs.narrow(2, 0, c.S);
+    auto q = torch::randn({c.B, c.H, 1, c.Dh});
+    torch::NoGradGuard ng;
+    auto got = attention_core(q, k, v, torch::Tensor(), c.causal);
+    auto want = naive_attention(q.to(f64), k.to(f64), v.to(f64), torch::Tensor(), c.causal);
+    INFO("B=" << c.B << " H=" << c.H << " Hkv=" << c.Hkv << " S=" << c.S << " Dh=" << c.Dh);
+    REQUIRE(got.sizes() == q.sizes());
+    CHECK(testing::max_rel_err(got, want) < 1e-5);
+  }
+}
+
 TEST_CASE("mixed mask: causal text, bidirectional generated-image blocks", "[attention][mask]") {
   // row: t t g g g t g g  -> blocks: 0 0 1 1 1 0 2 2
   auto tok = torch::tensor({1, 1, 6, 6, 6, 1, 6, 6}, torch::kInt64).view({1, 8});

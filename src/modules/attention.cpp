@@ -1,9 +1,13 @@
 #include "omnilite/modules/attention.h"
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
+#include <ATen/Parallel.h>
 #include <torch/version.h>
 
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
@@ -35,6 +39,64 @@ void check_shapes(const torch::Tensor& q, const torch::Tensor& k, const torch::T
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), "attention: q ", q.sizes(), " vs k ", k.sizes());
 }
 
+// One KV head's G query rows (a decoding step): scores of the S keys, softmax, weighted sum of the S values.
+// q: [G, Dh] scaled, k/v rows t at k + t * ks, v + t * vs, p: [G * S] scratch, out: [G, Dh] zeroed.
+// Cloned for AVX2 + FMA (chosen at load time by the CPU) and a baseline x86-64 build.
+__attribute__((target_clones("arch=haswell", "default"))) void one_kv_head(const float* q, const float* k,
+                                                                         int64_t ks, const float* v, int64_t vs,
+                                                                         int64_t G, int64_t S, int64_t Dh, float* p,
+                                                                         float* out) {
+  for (int64_t t = 0; t < S; ++t) {
+    const float* kt = k + t * ks;
+    for (int64_t g = 0; g < G; ++g) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 partial sums: vectorisable without reassociation
+      int64_t d = 0;
+      for (; d + 8 <= Dh; d += 8)
+        for (int u = 0; u < 8; ++u) acc[u] += q[g * Dh + d + u] * kt[d + u];
+      float dot = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      for (; d < Dh; ++d) dot += q[g * Dh + d] * kt[d];
+      p[g * S + t] = dot;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* pg = p + g * S;
+    const float mx = *std::max_element(pg, pg + S);
+    float sum = 0.f;
+    for (int64_t t = 0; t < S; ++t) sum += (pg[t] = std::exp(pg[t] - mx));
+    for (int64_t t = 0; t < S; ++t) pg[t] /= sum;
+  }
+  for (int64_t t = 0; t < S; ++t) {
+    const float* vt = v + t * vs;
+    for (int64_t g = 0; g < G; ++g) {
+      const float w = p[g * S + t];
+      float* og = out + g * Dh;
+      for (int64_t d = 0; d < Dh; ++d) og[d] += w * vt[d];
+    }
+  }
+}
+
+// One query per head (a decoding step) on the CPU in float32, with nothing masked: per KV head, its G query heads'
+// scores, softmax and weighted sum of values (one_kv_head), reading each cached key and value once (the batched
+// GEMMs packed them first, per head, for a 4-row product). Scores, softmax and sums in float32, as below.
+// q: [B, H, 1, Dh], k/v: [B, Hkv, S, Dh] with a contiguous last dim -> [B, H, 1, Dh]
+torch::Tensor one_query_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  const int64_t B = q.size(0), H = q.size(1), Dh = q.size(3), Hkv = k.size(1), S = k.size(2), G = H / Hkv;
+  const auto qs = (q * (1.0 / std::sqrt(static_cast<double>(Dh)))).contiguous();  // [B, H, 1, Dh]
+  auto out = torch::zeros({B, H, 1, Dh}, q.options());
+  const float *qp = qs.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(static_cast<size_t>(G * S));  // [G, S] scores, then probabilities
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / Hkv, j = i % Hkv;
+      one_kv_head(qp + (b * H + j * G) * Dh, kp + b * k.stride(0) + j * k.stride(1), k.stride(2),
+                  vp + b * v.stride(0) + j * v.stride(1), v.stride(2), G, S, Dh, p.data(),
+                  op + (b * H + j * G) * Dh);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 // q: [B, H, T, Dh], k/v: [B, Hkv, S, Dh] -> [B, H, T, Dh]
@@ -43,6 +105,10 @@ torch::Tensor attention_core(const torch::Tensor& q, const torch::Tensor& k, con
   check_shapes(q, k, v);
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), Dh = q.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2), G = H / Hkv;
+  if (T == 1 && !allowed.defined() && q.device().is_cpu() && q.scalar_type() == torch::kFloat32 &&
+      k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 && k.stride(3) == 1 &&
+      v.stride(3) == 1 && !(torch::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad())))
+    return one_query_attention(q, k, v);
 #if OMNILITE_HAS_SDPA_GQA
   if (q.scalar_type() != torch::kFloat64) {
     if (!allowed.defined() && causal && T == S)
