@@ -51,16 +51,22 @@ MoEOptions small_moe() {
   return o;
 }
 
+// small_moe() routing to top_k experts, D = 8, the router spread so that the top-k choice is not a tie.
+MoE spread_moe(int64_t top_k) {
+  auto o = small_moe();
+  o.top_k = top_k;
+  MoE moe(8, o, LinearBuilder(), "moe");
+  moe->gate->weight.data().normal_(0.0, 0.5);
+  return moe;
+}
+
 }  // namespace
 
 TEST_CASE("sorted MoE dispatch equals a per-token loop over the top-k experts", "[moe]") {
   torch::manual_seed(3);
   for (int64_t k : {1, 2, 3}) {
-    auto o = small_moe();
-    o.top_k = k;
-    MoE moe(8, o, LinearBuilder(), "moe");
+    MoE moe = spread_moe(k);
     moe->to(torch::kFloat64);
-    moe->gate->weight.data().normal_(0.0, 0.5);  // spread the router so the top-k choice is not a tie
     auto x = torch::randn({3, 7, 8}, torch::kFloat64);
     torch::NoGradGuard ng;
     auto out = moe->forward(x);
@@ -75,10 +81,7 @@ TEST_CASE("sorted MoE dispatch equals a per-token loop over the top-k experts", 
 TEST_CASE("one token without gradients (decoding) gives the sorted dispatch's output bit for bit", "[moe]") {
   torch::manual_seed(4);
   for (int64_t k : {1, 2, 3}) {
-    auto o = small_moe();
-    o.top_k = k;
-    MoE moe(8, o, LinearBuilder(), "moe");
-    moe->gate->weight.data().normal_(0.0, 0.5);
+    MoE moe = spread_moe(k);
     for (int t = 0; t < 5; ++t) {
       auto x = torch::randn({1, 1, 8});
       const auto sorted = moe->forward(x).y.detach();  // gradients on: the general path
