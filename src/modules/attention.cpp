@@ -105,9 +105,10 @@ torch::Tensor attention_core(const torch::Tensor& q, const torch::Tensor& k, con
   check_shapes(q, k, v);
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), Dh = q.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2), G = H / Hkv;
-  if (T == 1 && !allowed.defined() && q.device().is_cpu() && q.scalar_type() == torch::kFloat32 &&
-      k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 && k.stride(3) == 1 &&
-      v.stride(3) == 1 && !(torch::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad())))
+  const bool needs_grad =
+      torch::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  if (T == 1 && !allowed.defined() && !needs_grad && q.device().is_cpu() && q.scalar_type() == torch::kFloat32 &&
+      k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 && k.stride(3) == 1 && v.stride(3) == 1)
     return one_query_attention(q, k, v);
 #if OMNILITE_HAS_SDPA_GQA
   if (q.scalar_type() != torch::kFloat64) {
