@@ -5,8 +5,8 @@
 #   bf16: OMNI-LITE's bf16 weights                  against llama.cpp's bf16
 #   1. runs/init-bf16: the full-size random checkpoint (`omnilite init`), made if missing (~1 min, 4.6 GB)
 #   2. exports/init-TYPE.gguf: its text backbone (`omnilite export --format gguf --type TYPE`), made if missing
-#   3. llama-bench (built by scripts/check_interop.sh) -p PROMPT -n NEW -d PROMPT -t THREADS -r 3: prompt tokens/s,
-#      and decode tokens/s after a PROMPT-token context
+#   3. llama-bench (built by scripts/check_interop.sh) -p PROMPT -n NEW -d PROMPT -t THREADS -r LLAMA_REPS (default
+#      3): prompt tokens/s, and decode tokens/s after a PROMPT-token context
 #   4. omnilite bench decode --weights W --prompt PROMPT --new-tokens NEW with the same threads in all (THREADS =
 #      LibTorch + OpenBLAS threads: OMNI_THREADS LibTorch threads, default 1, and the rest for OpenBLAS)
 # Prints one JSON line per tool and format, then the ratios OMNI-LITE / llama.cpp (above 1: OMNI-LITE is faster).
@@ -17,6 +17,7 @@ threads=${1:-$(nproc)}
 prompt=${2:-512}
 new=${3:-32}
 formats=${4:-nf4 bf16}
+reps=${LLAMA_REPS:-3}
 bench=.venv-interop/llama.cpp/build/bin/llama-bench
 if [[ ! -x $bench ]]; then
   echo "bench_vs_llamacpp: $bench is missing; run ./scripts/check_interop.sh first (it builds llama.cpp)" >&2
@@ -35,7 +36,7 @@ for fmt in $formats; do
   esac
   gguf=exports/init-$type.gguf
   [[ -f $gguf ]] || build/omnilite export --checkpoint runs/init-bf16 --format gguf --type "$type" --out "$gguf"
-  llama=$("$bench" -m "$gguf" -p "$prompt" -n "$new" -d "$prompt" -t "$threads" -r 3 -o json)
+  llama=$("$bench" -m "$gguf" -p "$prompt" -n "$new" -d "$prompt" -t "$threads" -r "$reps" -o json)
   omni=$(build/omnilite bench decode --config configs/omni-lite.json --weights "$fmt" --threads "$omni_threads" \
            --blas-threads "$omni_blas" --prompt "$prompt" --new-tokens "$new" --json 2> /dev/null | tail -1)
   python3 - "$llama" "$omni" "$threads" "$type" <<'PY'
