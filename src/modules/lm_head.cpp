@@ -20,13 +20,12 @@ torch::Tensor LMHeadImpl::forward(const torch::Tensor& h) {
     std::vector<int64_t> shape(h.sizes().begin(), h.sizes().end());
     shape.back() = w.size(0);
     const bool grad = torch::GradMode::is_enabled();
-    const bool fp32_h = h.scalar_type() == torch::kFloat32, bf16_w = w.scalar_type() == torch::kBFloat16;
-    if (fp32_h && w.scalar_type() == torch::kFloat32)
-      return (grad || !w.is_contiguous() ? torch::mv(w, h.reshape({-1})) : quant::float_matvec_cpu(h, w)).view(shape);
-    if (fp32_h && bf16_w && w.is_contiguous() && !grad)
-      return quant::float_matvec_cpu(h, w).view(shape);  // store_bf16_if_exact's weight
-    if (h.scalar_type() == torch::kBFloat16 && bf16_w && w.is_contiguous() && !grad)
-      return quant::bf16_matvec_cpu(h, w).view(shape);
+    const bool fp32_h = h.scalar_type() == torch::kFloat32, fp32_w = w.scalar_type() == torch::kFloat32;
+    const bool bf16_w = w.scalar_type() == torch::kBFloat16, kernel = !grad && w.is_contiguous();
+    if (fp32_h && (fp32_w || bf16_w) && kernel)  // bf16_w: store_bf16_if_exact's weight, widened exactly
+      return quant::float_matvec_cpu(h, w).view(shape);
+    if (fp32_h && fp32_w) return torch::mv(w, h.reshape({-1})).view(shape);  // with gradients
+    if (h.scalar_type() == torch::kBFloat16 && bf16_w && kernel) return quant::bf16_matvec_cpu(h, w).view(shape);
   }
   // an fp32 input with store_bf16_if_exact's weight: the weight widened (exactly) for the GEMM
   const bool widen = h.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kBFloat16 && h.device().is_cpu();

@@ -1,6 +1,9 @@
 #include "omnilite/modules/moe.h"
 
+#include <algorithm>
+#include <numeric>
 #include <stdexcept>
+#include <vector>
 
 #include "omnilite/runtime.h"
 
@@ -27,16 +30,14 @@ torch::ScalarType compute_dtype(const torch::Tensor& x) {
 // (0 + a + b), without the sort, gather and scatter kernels. x: [1, D], weights / ids: [1, K] -> [1, D]
 torch::Tensor one_token_experts(torch::nn::ModuleList& experts, const torch::Tensor& x,
                                 const torch::Tensor& weights, const torch::Tensor& ids) {
-  const auto host_ids = ids.reshape({-1}).to(torch::kCPU);
-  const auto order = std::get<1>(host_ids.sort());  // slots by expert id, as argsort orders them
+  const auto host_ids = ids.reshape({-1}).to(torch::kCPU).contiguous();
   const int64_t* id = host_ids.data_ptr<int64_t>();
-  const int64_t* ord = order.data_ptr<int64_t>();
+  std::vector<int64_t> slots(static_cast<size_t>(host_ids.numel()));
+  std::iota(slots.begin(), slots.end(), int64_t{0});
+  std::sort(slots.begin(), slots.end(), [&](int64_t a, int64_t b) { return id[a] < id[b]; });  // by expert id
   const auto w = weights.reshape({-1});
   auto y = torch::zeros_like(x);
-  for (int64_t k = 0; k < host_ids.numel(); ++k) {
-    const int64_t slot = ord[k];
-    y += experts[id[slot]]->as<SwiGLUExpertImpl>()->forward(x) * w.narrow(0, slot, 1);
-  }
+  for (const int64_t slot : slots) y += experts[id[slot]]->as<SwiGLUExpertImpl>()->forward(x) * w.narrow(0, slot, 1);
   return y;
 }
 
