@@ -21,6 +21,54 @@ TEST_CASE("CLM loss is the mean cross-entropy of the counted next tokens", "[los
   CHECK(clm_loss(logits, tokens, torch::zeros({1, 3}, torch::kBool)).item<double>() == 0.0);
 }
 
+TEST_CASE("chunked linear cross-entropy equals the logits' cross-entropy, gradients included", "[losses][chunked]") {
+  torch::manual_seed(3);
+  const auto f64 = torch::kFloat64;
+  const int64_t B = 2, T = 9, D = 6, V = 11;
+  auto hidden = torch::randn({B, T, D}, f64).requires_grad_(true);
+  auto w = (torch::randn({V, D}, f64) * 0.7).requires_grad_(true);
+  auto tokens = torch::randint(0, V, {B, T});
+  auto mask = torch::rand({B, T}, f64).gt(0.3);
+  // reference: the full logits, cross-entropy per counted target written out (log-sum-exp minus the target's logit)
+  auto logits = torch::matmul(hidden, w.t());  // [B, T, V]
+  auto want = torch::zeros({}, f64);
+  int64_t count = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 1; t < T; ++t) {
+      if (!mask[b][t].item<bool>()) continue;
+      auto z = logits[b][t - 1];
+      want = want + (z.exp().sum().log() - z[tokens[b][t].item<int64_t>()]);
+      ++count;
+    }
+  REQUIRE(count > 3);
+  auto got = clm_loss_sum(hidden, w, tokens, mask);
+  CHECK(got.item<double>() == Approx(want.item<double>()).epsilon(1e-12));
+  CHECK(got.item<double>() == Approx(clm_loss(logits, tokens, mask).item<double>() * count).epsilon(1e-12));
+  auto gw = torch::autograd::grad({want * 1.5}, {hidden, w});
+  for (int64_t rows : {1, 4, 5, 100}) {  // chunks of one row, uneven chunks, one chunk
+    auto h = hidden.narrow(1, 0, T - 1).reshape({-1, D});
+    auto idx = mask.narrow(1, 1, T - 1).reshape(-1).nonzero().squeeze(1);
+    auto l = linear_cross_entropy_sum(h.index_select(0, idx), w, tokens.narrow(1, 1, T - 1).reshape(-1).index_select(0, idx),
+                                      rows);
+    INFO("rows " << rows);
+    CHECK(l.item<double>() == Approx(want.item<double>()).epsilon(1e-12));
+    auto g = torch::autograd::grad({l * 1.5}, {hidden, w});
+    CHECK(testing::max_rel_err(g[0], gw[0]) < 1e-12);
+    CHECK(testing::max_rel_err(g[1], gw[1]) < 1e-12);
+  }
+  // a frozen head (QLoRA): only the hidden states get a gradient
+  auto frozen = w.detach();
+  auto g = torch::autograd::grad({clm_loss_sum(hidden, frozen, tokens, mask) * 1.5}, {hidden});
+  CHECK(testing::max_rel_err(g[0], gw[0]) < 1e-12);
+  // float32 within fp32 rounding; no target: 0 with a graph
+  auto h32 = hidden.detach().to(torch::kFloat32);
+  CHECK(clm_loss_sum(h32, w.detach().to(torch::kFloat32), tokens, mask).item<double>() ==
+        Approx(want.item<double>()).epsilon(1e-5));
+  auto none = clm_loss_sum(hidden, w, tokens, torch::zeros({B, T}, torch::kBool));
+  CHECK(none.item<double>() == 0.0);
+  CHECK(none.requires_grad());
+}
+
 TEST_CASE("rectified flow: interpolation, target velocity, MSE", "[losses][flow]") {
   auto x0 = torch::tensor({1.0, -2.0, 0.5, 4.0}, torch::kFloat64).view({2, 2});
   auto x1 = torch::tensor({3.0, 2.0, -0.5, 0.0}, torch::kFloat64).view({2, 2});

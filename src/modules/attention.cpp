@@ -97,6 +97,108 @@ torch::Tensor one_query_attention(const torch::Tensor& q, const torch::Tensor& k
   return out;
 }
 
+// The additive mask of query rows t0..t1-1 over keys 0..s1-1: 0 where allowed (and causal), -inf elsewhere, shaped
+// [B|1, 1, 1, t1 - t0, s1] to broadcast over KV heads and groups; undefined when nothing is masked.
+torch::Tensor chunk_bias(const torch::Tensor& allowed, bool causal, int64_t T, int64_t S, int64_t t0, int64_t t1,
+                         int64_t s1, const torch::TensorOptions& o) {
+  const int64_t n = t1 - t0;
+  torch::Tensor ok;
+  if (allowed.defined()) ok = allowed.narrow(2, t0, n).narrow(3, 0, s1);  // [B|1, 1, n, s1]
+  if (causal && t0 + (S - T) < s1 - 1) {  // the first row cannot see every key the chunk reads
+    // row t0 + i may see key j when j <= t0 + i + (S - T)
+    auto tri = torch::ones({n, s1}, o.dtype(torch::kBool)).tril(t0 + (S - T)).view({1, 1, n, s1});
+    ok = ok.defined() ? ok.logical_and(tri) : tri;
+  }
+  if (!ok.defined()) return {};
+  return torch::zeros(ok.sizes(), o)
+      .masked_fill_(ok.logical_not(), -std::numeric_limits<double>::infinity())
+      .unsqueeze(1);
+}
+
+// Query-chunked attention (the memory layout of flash attention's outer loop, without its online softmax: every
+// chunk of query rows sees all of its keys at once): the [.., T, S] scores never exist, only one chunk's [.., n, S]
+// scores and probabilities, and the backward recomputes them chunk by chunk from q, k, v (the standard
+// dS = P * (dP - rowsum(dO * O)) rule). Under the causal rule a chunk reads only the keys its last row may see, so
+// half the products of the plain path are skipped. Same arithmetic per row as attention_core's plain path.
+struct ChunkedAttention : torch::autograd::Function<ChunkedAttention> {
+  // Per chunk of query rows: the keys it reads and its probabilities [B, Hkv, G, n, s1] (softmax in fp32).
+  struct Chunk {
+    int64_t t0, n, s1;
+  };
+  static std::vector<Chunk> chunks(int64_t T, int64_t S, bool causal, int64_t rows) {
+    std::vector<Chunk> c;
+    for (int64_t t0 = 0; t0 < T; t0 += rows) {
+      const int64_t n = std::min(rows, T - t0);
+      c.push_back({t0, n, causal ? std::min(S, t0 + n + (S - T)) : S});
+    }
+    return c;
+  }
+  // qs: [B, Hkv, G, T, Dh] scaled queries -> probabilities of the chunk's rows [B, Hkv, G, n, s1]
+  static torch::Tensor probs(const torch::Tensor& qs, const torch::Tensor& k, const torch::Tensor& allowed,
+                             bool causal, const Chunk& c) {
+    const int64_t B = qs.size(0), Hkv = qs.size(1), G = qs.size(2), T = qs.size(3), Dh = qs.size(4), S = k.size(2);
+    auto qc = qs.narrow(3, c.t0, c.n).reshape({B, Hkv, G * c.n, Dh});
+    auto s = torch::matmul(qc, k.narrow(2, 0, c.s1).transpose(-1, -2)).view({B, Hkv, G, c.n, c.s1});
+    auto bias = chunk_bias(allowed, causal, T, S, c.t0, c.t0 + c.n, c.s1, qs.options());
+    if (bias.defined()) s.add_(bias);
+    const auto acc = qs.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+    return torch::softmax(s.to(acc), -1).to(qs.scalar_type());
+  }
+
+  // q: [B, H, T, Dh], k/v: [B, Hkv, S, Dh] -> [B, H, T, Dh]
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v, const c10::IValue& mask, bool causal, int64_t rows) {
+    const auto allowed = mask.isTensor() ? mask.toTensor() : torch::Tensor();
+    const int64_t B = q.size(0), H = q.size(1), T = q.size(2), Dh = q.size(3), Hkv = k.size(1), S = k.size(2);
+    const int64_t G = H / Hkv;
+    const auto qs = (q * (1.0 / std::sqrt(static_cast<double>(Dh)))).reshape({B, Hkv, G, T, Dh});
+    auto out = torch::empty({B, Hkv, G, T, Dh}, q.options());
+    for (const auto& c : chunks(T, S, causal, rows)) {
+      auto p = probs(qs, k, allowed, causal, c).view({B, Hkv, G * c.n, c.s1});
+      out.narrow(3, c.t0, c.n).copy_(torch::matmul(p, v.narrow(2, 0, c.s1)).view({B, Hkv, G, c.n, Dh}));
+    }
+    out = out.view({B, H, T, Dh});
+    ctx->save_for_backward({q, k, v, out});
+    ctx->saved_data["allowed"] = mask;  // a bool mask, no gradient (an IValue: apply() rejects undefined tensors)
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["rows"] = rows;
+    return out;
+  }
+
+  // grads: {dO [B, H, T, Dh]} -> {dq, dk, dv, none, none, none}
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3];
+    const auto& mask = ctx->saved_data["allowed"];
+    const auto allowed = mask.isTensor() ? mask.toTensor() : torch::Tensor();
+    const bool causal = ctx->saved_data["causal"].toBool();
+    const int64_t rows = ctx->saved_data["rows"].toInt();
+    const int64_t B = q.size(0), H = q.size(1), T = q.size(2), Dh = q.size(3), Hkv = k.size(1), S = k.size(2);
+    const int64_t G = H / Hkv;
+    const double scale = 1.0 / std::sqrt(static_cast<double>(Dh));
+    const auto qs = (q * scale).reshape({B, Hkv, G, T, Dh});
+    const auto dout = grads[0].reshape({B, Hkv, G, T, Dh});
+    const auto delta = (dout * out.view({B, Hkv, G, T, Dh})).sum(-1, true);  // [B, Hkv, G, T, 1] rowsum(dO * O)
+    auto dq = torch::empty({B, Hkv, G, T, Dh}, q.options());
+    auto dk = torch::zeros_like(k), dv = torch::zeros_like(v);
+    for (const auto& c : chunks(T, S, causal, rows)) {
+      auto p = probs(qs, k, allowed, causal, c);                            // [B, Hkv, G, n, s1]
+      auto doc = dout.narrow(3, c.t0, c.n).reshape({B, Hkv, G * c.n, Dh});
+      auto kc = k.narrow(2, 0, c.s1), vc = v.narrow(2, 0, c.s1);
+      auto p2 = p.view({B, Hkv, G * c.n, c.s1});
+      dv.narrow(2, 0, c.s1).add_(torch::matmul(p2.transpose(-1, -2), doc));  // [B, Hkv, s1, Dh]
+      auto ds = torch::matmul(doc, vc.transpose(-1, -2)).view({B, Hkv, G, c.n, c.s1});  // dP
+      ds.sub_(delta.narrow(3, c.t0, c.n)).mul_(p);                                       // dS = P * (dP - delta)
+      auto ds2 = ds.view({B, Hkv, G * c.n, c.s1});
+      dq.narrow(3, c.t0, c.n).copy_(torch::matmul(ds2, kc).mul_(scale).view({B, Hkv, G, c.n, Dh}));
+      auto qc = qs.narrow(3, c.t0, c.n).reshape({B, Hkv, G * c.n, Dh});
+      dk.narrow(2, 0, c.s1).add_(torch::matmul(ds2.transpose(-1, -2), qc));  // [B, Hkv, s1, Dh]
+    }
+    return {dq.view({B, H, T, Dh}), dk, dv, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
 }  // namespace
 
 // q: [B, H, T, Dh], k/v: [B, Hkv, S, Dh] -> [B, H, T, Dh]
@@ -122,6 +224,10 @@ torch::Tensor attention_core(const torch::Tensor& q, const torch::Tensor& k, con
                                             /*enable_gqa=*/true);
   }
 #endif
+  // Long rows: [.., T, S] scores of more than 32 MiB are computed a chunk of query rows at a time (their memory is
+  // what limits long-context training), forward and backward.
+  const int64_t rows = attention_chunk_rows(B, H, S, q.element_size());
+  if (T > rows) return attention_chunked(q, k, v, allowed, causal, rows);
   // The [.., T, S] tensors dominate on CPU: the scale goes on q (T x Dh values, not T x S) and the mask is added in
   // place as 0 / -inf, so scores, probabilities and the output are the only T x S allocations.
   const double scale = 1.0 / std::sqrt(static_cast<double>(Dh));
@@ -138,6 +244,19 @@ torch::Tensor attention_core(const torch::Tensor& q, const torch::Tensor& k, con
   auto probs = torch::softmax(scores.to(acc), -1).to(q.scalar_type());  // [B, Hkv, G, T, S]
   auto out = torch::matmul(probs.view({B, Hkv, G * T, S}), v);          // [B, Hkv, G*T, Dh]
   return out.view({B, H, T, Dh});
+}
+
+int64_t attention_chunk_rows(int64_t batch, int64_t heads, int64_t keys, int64_t elem_bytes) {
+  const int64_t budget = int64_t{32} << 20;  // bytes of one chunk's scores
+  return std::max<int64_t>(16, budget / std::max<int64_t>(1, batch * heads * keys * elem_bytes));
+}
+
+torch::Tensor attention_chunked(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const torch::Tensor& allowed, bool causal, int64_t rows) {
+  check_shapes(q, k, v);
+  TORCH_CHECK(rows > 0, "attention_chunked: rows per chunk must be positive, got ", rows);
+  const c10::IValue mask = allowed.defined() ? c10::IValue(allowed) : c10::IValue();
+  return ChunkedAttention::apply(q, k.contiguous(), v.contiguous(), mask, causal, rows);
 }
 
 // Plain reference: K/V repeated to H heads, masked softmax.

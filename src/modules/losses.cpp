@@ -1,5 +1,8 @@
 #include "omnilite/modules/losses.h"
 
+#include <algorithm>
+#include <vector>
+
 namespace omnilite {
 
 // logits [B, T, V], tokens [B, T], target_mask [B, T] -> scalar
@@ -14,6 +17,94 @@ torch::Tensor clm_loss(const torch::Tensor& logits, const torch::Tensor& tokens,
   if (idx.numel() == 0) return logits.sum() * 0.0;                   // keeps the graph, contributes nothing
   auto acc = logits.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
   return torch::nn::functional::cross_entropy(pred.index_select(0, idx).to(acc), target.index_select(0, idx));
+}
+
+namespace {
+
+// Rows of one chunk, positions r0 .. r0 + n - 1 of h.
+struct RowChunk {
+  int64_t r0, n;
+};
+std::vector<RowChunk> row_chunks(int64_t rows_total, int64_t rows) {
+  std::vector<RowChunk> c;
+  for (int64_t r0 = 0; r0 < rows_total; r0 += rows) c.push_back({r0, std::min(rows, rows_total - r0)});
+  return c;
+}
+
+// sum_i CE(h_i w^T, t_i), chunked (see losses.h).
+struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
+  // h_c: [n, D] -> logits [n, V] in the accumulation dtype
+  static torch::Tensor logits(const torch::Tensor& hc, const torch::Tensor& w, torch::ScalarType acc) {
+    return torch::matmul(hc, w.t()).to(acc);
+  }
+
+  // h: [n, D], w: [V, D], targets: [n] -> scalar
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& h, const torch::Tensor& w,
+                               const torch::Tensor& targets, int64_t rows) {
+    const auto acc = h.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+    auto total = torch::zeros({}, h.options().dtype(acc));
+    for (const auto& c : row_chunks(h.size(0), rows)) {
+      auto z = logits(h.narrow(0, c.r0, c.n), w, acc);                      // [n, V]
+      auto picked = z.gather(1, targets.narrow(0, c.r0, c.n).unsqueeze(1));  // [n, 1]
+      total += (torch::logsumexp(z, 1) - picked.squeeze(1)).sum();
+    }
+    ctx->save_for_backward({h, w, targets});
+    ctx->saved_data["rows"] = rows;
+    return total;
+  }
+
+  // d total / d logits = softmax(logits) - onehot(target), per row; then through the linear map.
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &h = saved[0], &w = saved[1], &targets = saved[2];
+    const int64_t rows = ctx->saved_data["rows"].toInt();
+    const auto acc = h.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+    const auto g = grads[0].to(acc);
+    const bool want_h = ctx->needs_input_grad(0), want_w = ctx->needs_input_grad(1);
+    torch::Tensor dh = want_h ? torch::empty_like(h) : torch::Tensor();
+    torch::Tensor dw = want_w ? torch::zeros_like(w) : torch::Tensor();
+    for (const auto& c : row_chunks(h.size(0), rows)) {
+      auto hc = h.narrow(0, c.r0, c.n);
+      auto dz = torch::softmax(logits(hc, w, acc), 1);  // [n, V]
+      auto idx = targets.narrow(0, c.r0, c.n).unsqueeze(1);
+      dz.scatter_add_(1, idx, torch::full({c.n, 1}, -1.0, dz.options()));
+      dz.mul_(g);
+      const auto dzw = dz.to(w.scalar_type());
+      if (want_h) dh.narrow(0, c.r0, c.n).copy_(torch::matmul(dzw, w));  // [n, D]
+      if (want_w) dw.add_(torch::matmul(dzw.t(), hc.to(w.scalar_type())));  // [V, D]
+    }
+    return {dh, dw, torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+int64_t cross_entropy_chunk_rows(int64_t vocab) {
+  return std::max<int64_t>(16, (int64_t{32} << 20) / std::max<int64_t>(1, vocab * 4));
+}
+
+torch::Tensor linear_cross_entropy_sum(const torch::Tensor& h, const torch::Tensor& w, const torch::Tensor& targets,
+                                       int64_t rows) {
+  TORCH_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1), "linear_cross_entropy_sum: h ", h.sizes(),
+              " and w ", w.sizes(), " must be [n, D] and [V, D]");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == h.size(0), "linear_cross_entropy_sum: targets ",
+              targets.sizes(), " must be [", h.size(0), "]");
+  if (rows <= 0) rows = cross_entropy_chunk_rows(w.size(0));
+  return LinearCrossEntropy::apply(h, w, targets.to(torch::kLong), rows);
+}
+
+// hidden [B, T, D], head_weight [V, D], tokens [B, T], target_mask [B, T] -> scalar
+torch::Tensor clm_loss_sum(const torch::Tensor& hidden, const torch::Tensor& head_weight, const torch::Tensor& tokens,
+                           const torch::Tensor& target_mask) {
+  const int64_t T = tokens.size(1), D = hidden.size(2);
+  TORCH_CHECK(hidden.size(0) == tokens.size(0) && hidden.size(1) == T, "clm_loss_sum: hidden ", hidden.sizes(),
+              " does not match tokens ", tokens.sizes());
+  auto idx = target_mask.narrow(1, 1, T - 1).reshape(-1).nonzero().squeeze(1);  // targets at positions 1..T-1
+  if (idx.numel() == 0) return (hidden.sum() * 0.0).to(upcast(hidden).scalar_type());  // keeps the graph
+  auto h = hidden.narrow(1, 0, T - 1).reshape({-1, D}).index_select(0, idx);          // predicted from 0..T-2
+  auto target = tokens.narrow(1, 1, T - 1).reshape(-1).index_select(0, idx);
+  return linear_cross_entropy_sum(h, head_weight, target);
 }
 
 torch::Tensor flow_interpolate(const torch::Tensor& x0, const torch::Tensor& x1, const torch::Tensor& t) {

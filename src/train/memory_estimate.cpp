@@ -8,6 +8,8 @@
 
 #include "omnilite/data/mm_batch.h"
 #include "omnilite/io/checkpoint.h"
+#include "omnilite/modules/attention.h"
+#include "omnilite/modules/losses.h"
 #include "omnilite/modules/omnilite.h"
 #include "omnilite/modules/param_count.h"
 #include "omnilite/modules/qlora_builder.h"
@@ -87,8 +89,15 @@ void estimate_activations(const Config& cfg, const RecordingBuilder& rec, Memory
   // conversation rows: train.sft_seq_len tokens (0 = the longest sample, unknown here: taken as train.seq_len)
   const int64_t sft_len = tr.sft_seq_len > 0 ? tr.sft_seq_len : tr.seq_len;
   const double N = static_cast<double>(tr.batch_size * tr.seq_len + mm_rows * mm_len + tr.sft_batch_size * sft_len);
-  const double TT = static_cast<double>(tr.batch_size * tr.seq_len * tr.seq_len + mm_rows * mm_len * mm_len +
-                                        tr.sft_batch_size * sft_len * sft_len);
+  // scores per forward of `rows` rows of `len` tokens: [rows, H, len, len], or one chunk of query rows of them
+  // when attention_core chunks (modules/attention.h)
+  auto score_rows = [H](int64_t rows, int64_t len) {
+    if (rows <= 0) return 0.0;
+    const int64_t q_rows = std::min(len, attention_chunk_rows(rows, H, len, 4));
+    return static_cast<double>(rows) * static_cast<double>(q_rows) * static_cast<double>(len);
+  };
+  const double TT = score_rows(tr.batch_size, tr.seq_len) + score_rows(mm_rows, mm_len) +
+                    score_rows(tr.sft_batch_size, sft_len);
   e.tokens = static_cast<int64_t>(N);
   // LoRA extras of one layer: dropout output and mask (when dropout > 0) plus the rank-r activation, per projection.
   double lora_layer = 0;
@@ -102,14 +111,17 @@ void estimate_activations(const Config& cfg, const RecordingBuilder& rec, Memory
   const double attn = N * D * 3                      // residual input, norm output, attention output projection in
                       + N * (H + 2 * Hk) * Dh        // q, k, v
                       + N * (H + Hk) * Dh            // q, k after RoPE
-                      + 2.0 * H * TT                 // scores and probabilities [H, T, T] per row
+                      + 2.0 * H * TT                 // scores and probabilities [H, T, T] per row (or chunk)
                       + N * H * Dh;                  // attention output before o_proj
   const double moe = N * D * 2                       // residual, norm output
                      + 2.0 * N * E                   // router logits, probabilities
                      + N * K * D * 3                 // gathered inputs, expert outputs, weighted outputs
                      + N * K * F * 4;                // w1, w3, silu(w1), product
   const double layer = attn + moe + lora_layer;
-  const double head = N * D * 2 + 3.0 * N * V;       // final norm in/out; logits, log-softmax, gradient
+  // final norm in/out, the rows that predict a target and their gradient (and the gradient of all rows); one chunk
+  // of logits, probabilities and their gradient (clm_loss_sum, modules/losses.h)
+  const double ce_rows = std::min(N, static_cast<double>(cross_entropy_chunk_rows(V)));
+  const double head = N * D * 5 + 3.0 * ce_rows * V;
   double vision = 0;
   if (tr.caption_batch_size > 0) {
     const auto& v = m.vision;

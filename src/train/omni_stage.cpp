@@ -498,10 +498,11 @@ class OmniStage : public TrainStage {
       in.gen_times = b.times.to(dev_, fdt);
       in.gen_latents = flow_interpolate(x0, x1, in.gen_times);
     }
+    in.compute_logits = false;  // the loss is computed from the hidden states a chunk of rows at a time
     auto out = model_->forward(in);
     const auto targets = targets_of(in.tokens, b.targets.defined() ? b.targets.to(dev_) : torch::Tensor());
     RowSums r;
-    r.ce = clm_loss(upcast(out.logits), in.tokens, targets) * target_count(targets);
+    r.ce = clm_loss_sum(out.hidden, model_->lm_head->table(), in.tokens, targets);
     r.se = x1.defined() ? rf_loss(upcast(out.velocity), x0, x1) * static_cast<double>(x1.size(0))
                         : torch::zeros({}, torch::TensorOptions().device(dev_));
     r.router_logits = std::move(out.router_logits);

@@ -19,6 +19,8 @@ struct LMHeadImpl : torch::nn::Module {
   // (the bf16 values widen exactly, quant/gemv.h). Returns whether it did. Not for training: the parameter's dtype
   // changes.
   bool store_bf16_if_exact();
+  // The [V, D] matrix the logits are computed with: the own weight, or the tied embedding's table.
+  const torch::Tensor& table() const { return tied ? tied->weight : weight; }
 
   torch::Tensor weight;     // [V, D] own parameter, undefined when tied
   TokenEmbedding tied{nullptr};  // embedding shared when tie_word_embeddings

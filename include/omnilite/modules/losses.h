@@ -24,6 +24,21 @@ torch::Tensor upcast(const torch::Tensor& t);
 // predicted from position t-1) -> scalar mean cross-entropy over the counted targets (0 if none).
 torch::Tensor clm_loss(const torch::Tensor& logits, const torch::Tensor& tokens, const torch::Tensor& target_mask);
 
+// The CLM loss without the [B, T, V] logits: hidden: [B, T, D] (the final norm's output), head_weight: [V, D] (the
+// LM head), tokens and target_mask as clm_loss -> scalar SUM of the cross-entropies of the counted targets (0 if
+// none; clm_loss * their count, computed a chunk of rows at a time by linear_cross_entropy_sum).
+torch::Tensor clm_loss_sum(const torch::Tensor& hidden, const torch::Tensor& head_weight, const torch::Tensor& tokens,
+                           const torch::Tensor& target_mask);
+
+// h: [n, D], w: [V, D], targets: int64 [n] -> scalar sum over rows of cross_entropy(h w^T, targets), in fp32 (fp64
+// for fp64 inputs). A custom autograd function: `rows` rows of logits at a time (0: as many as fill 32 MiB), in the
+// forward and again in the backward, which recomputes them; only h, w and the targets are kept. Gradients for h and,
+// when it requires one, for w.
+// Rows per chunk of linear_cross_entropy_sum's default: [rows, vocab] fp32 logits of at most 32 MiB (>= 16 rows).
+int64_t cross_entropy_chunk_rows(int64_t vocab);
+torch::Tensor linear_cross_entropy_sum(const torch::Tensor& h, const torch::Tensor& w, const torch::Tensor& targets,
+                                       int64_t rows = 0);
+
 // x0, x1: [n, P], t: [n] -> x_t: [n, P]
 torch::Tensor flow_interpolate(const torch::Tensor& x0, const torch::Tensor& x1, const torch::Tensor& t);
 // v_pred, x0, x1: [n, P] -> scalar mean squared error against the target velocity x1 - x0
