@@ -45,17 +45,19 @@ TEST_CASE("chunked linear cross-entropy equals the logits' cross-entropy, gradie
   CHECK(got.item<double>() == Approx(want.item<double>()).epsilon(1e-12));
   CHECK(got.item<double>() == Approx(clm_loss(logits, tokens, mask).item<double>() * count).epsilon(1e-12));
   auto gw = torch::autograd::grad({want * 1.5}, {hidden, w});
-  for (int64_t rows : {1, 4, 5, 100}) {  // chunks of one row, uneven chunks, one chunk
-    auto h = hidden.narrow(1, 0, T - 1).reshape({-1, D});
-    auto idx = mask.narrow(1, 1, T - 1).reshape(-1).nonzero().squeeze(1);
-    auto l = linear_cross_entropy_sum(h.index_select(0, idx), w, tokens.narrow(1, 1, T - 1).reshape(-1).index_select(0, idx),
-                                      rows);
-    INFO("rows " << rows);
-    CHECK(l.item<double>() == Approx(want.item<double>()).epsilon(1e-12));
-    auto g = torch::autograd::grad({l * 1.5}, {hidden, w});
-    CHECK(testing::max_rel_err(g[0], gw[0]) < 1e-12);
-    CHECK(testing::max_rel_err(g[1], gw[1]) < 1e-12);
-  }
+  auto idx = mask.narrow(1, 1, T - 1).reshape(-1).nonzero().squeeze(1);
+  auto ts = tokens.narrow(1, 1, T - 1).reshape(-1).index_select(0, idx);
+  // chunks of one row, uneven chunks, one chunk; the logits' gradient kept from the forward or recomputed
+  for (int64_t rows : {1, 4, 5, 100})
+    for (int64_t keep : {int64_t{0}, kKeepLogitGradBytes}) {
+      auto hs = hidden.narrow(1, 0, T - 1).reshape({-1, D}).index_select(0, idx);
+      auto l = linear_cross_entropy_sum(hs, w, ts, rows, keep);
+      INFO("rows " << rows << ", keep " << keep);
+      CHECK(l.item<double>() == Approx(want.item<double>()).epsilon(1e-12));
+      auto g = torch::autograd::grad({l * 1.5}, {hidden, w});
+      CHECK(testing::max_rel_err(g[0], gw[0]) < 1e-12);
+      CHECK(testing::max_rel_err(g[1], gw[1]) < 1e-12);
+    }
   // a frozen head (QLoRA): only the hidden states get a gradient
   auto frozen = w.detach();
   auto g = torch::autograd::grad({clm_loss_sum(hidden, frozen, tokens, mask) * 1.5}, {hidden});

@@ -107,17 +107,22 @@ int run_memory(int argc, char** argv) {
       "world-size", "data-parallel ranks: print one rank's share of the state and the 2/4/8-rank table",
       cxxopts::value<int64_t>()->default_value("1"))(
       "zero", "ZeRO stage 0-3 for --world-size (default: the config's train.zero)", cxxopts::value<int64_t>())(
-      "json", "print one JSON object")("h,help", "show this help");
+      "set", "override a config value by dotted key, as omnilite train does: --set train.seq_len=4096 (repeatable)",
+      cxxopts::value<std::vector<std::string>>())("json", "print one JSON object")("h,help", "show this help");
   auto args = opts.parse(argc, argv);
   if (args.count("help") || !args.count("config")) {
     std::cout << opts.help() << "\nExamples:\n  omnilite memory --config configs/qlora-omni-lite.json\n"
+                 "  omnilite memory --config configs/qlora-omni-lite.json --set train.seq_len=4096\n"
                  "  omnilite memory --config configs/omni-lite.json --world-size 4 --zero 3   # per GPU of 4\n"
                  "Compare with the peak resident memory of a run: /usr/bin/time -v omnilite train ... (see "
                  "scripts/bench_qlora.sh).\n";
     return args.count("help") ? 0 : 2;
   }
   const std::string path = args["config"].as<std::string>();
-  const Config cfg = load_config_file(path);
+  auto j = read_config_json(path);
+  if (args.count("set"))
+    for (const auto& kv : args["set"].as<std::vector<std::string>>()) apply_config_override(j, kv);
+  const Config cfg = parse_config(j);
   const int64_t world = args["world-size"].as<int64_t>();
   const int64_t zero = args.count("zero") ? args["zero"].as<int64_t>() : cfg.train.zero_stage();
   if (world < 1) throw std::runtime_error("--world-size " + std::to_string(world) + ": must be at least 1");

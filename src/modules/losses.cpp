@@ -31,6 +31,12 @@ std::vector<RowChunk> row_chunks(int64_t rows_total, int64_t rows) {
   return c;
 }
 
+// out = p - onehot(idx): p [n, V] probabilities, idx [n, 1] targets, out [n, V] (may be p itself)
+void softmax_minus_onehot(const torch::Tensor& p, const torch::Tensor& idx, torch::Tensor out) {
+  if (!out.is_same(p)) out.copy_(p);
+  out.scatter_add_(1, idx, torch::full(idx.sizes(), -1.0, out.options()));
+}
+
 // sum_i CE(h_i w^T, t_i), chunked (see losses.h).
 struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
   // h_c: [n, D] -> logits [n, V] in the accumulation dtype
@@ -40,15 +46,22 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
 
   // h: [n, D], w: [V, D], targets: [n] -> scalar
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& h, const torch::Tensor& w,
-                               const torch::Tensor& targets, int64_t rows) {
+                               const torch::Tensor& targets, int64_t rows, int64_t keep_bytes) {
     const auto acc = h.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
     auto total = torch::zeros({}, h.options().dtype(acc));
+    // Short inputs keep d total / d logits from the forward (the backward then skips recomputing the logits, a GEMM
+    // as large as the head's); above keep_bytes of it, the backward recomputes it chunk by chunk.
+    const int64_t V = w.size(0);
+    const bool keep = (h.requires_grad() || w.requires_grad()) && h.size(0) * V * 4 <= keep_bytes;
+    torch::Tensor dlogits = keep ? torch::empty({h.size(0), V}, h.options().dtype(acc)) : torch::Tensor();
     for (const auto& c : row_chunks(h.size(0), rows)) {
-      auto z = logits(h.narrow(0, c.r0, c.n), w, acc);                      // [n, V]
-      auto picked = z.gather(1, targets.narrow(0, c.r0, c.n).unsqueeze(1));  // [n, 1]
-      total += (torch::logsumexp(z, 1) - picked.squeeze(1)).sum();
+      auto z = logits(h.narrow(0, c.r0, c.n), w, acc);  // [n, V]
+      auto idx = targets.narrow(0, c.r0, c.n).unsqueeze(1);
+      auto lse = torch::logsumexp(z, 1, true);          // [n, 1]
+      total += (lse - z.gather(1, idx)).sum();
+      if (keep) softmax_minus_onehot(z.sub_(lse).exp_(), idx, dlogits.narrow(0, c.r0, c.n));
     }
-    ctx->save_for_backward({h, w, targets});
+    ctx->save_for_backward({h, w, targets, dlogits});
     ctx->saved_data["rows"] = rows;
     return total;
   }
@@ -57,7 +70,7 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto &h = saved[0], &w = saved[1], &targets = saved[2];
+    const auto &h = saved[0], &w = saved[1], &targets = saved[2], &kept = saved[3];
     const int64_t rows = ctx->saved_data["rows"].toInt();
     const auto acc = h.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
     const auto g = grads[0].to(acc);
@@ -66,15 +79,19 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
     torch::Tensor dw = want_w ? torch::zeros_like(w) : torch::Tensor();
     for (const auto& c : row_chunks(h.size(0), rows)) {
       auto hc = h.narrow(0, c.r0, c.n);
-      auto dz = torch::softmax(logits(hc, w, acc), 1);  // [n, V]
-      auto idx = targets.narrow(0, c.r0, c.n).unsqueeze(1);
-      dz.scatter_add_(1, idx, torch::full({c.n, 1}, -1.0, dz.options()));
-      dz.mul_(g);
+      torch::Tensor dz;  // [n, V]
+      if (kept.defined()) {
+        dz = kept.narrow(0, c.r0, c.n) * g;
+      } else {
+        dz = torch::softmax(logits(hc, w, acc), 1);
+        softmax_minus_onehot(dz, targets.narrow(0, c.r0, c.n).unsqueeze(1), dz);
+        dz.mul_(g);
+      }
       const auto dzw = dz.to(w.scalar_type());
       if (want_h) dh.narrow(0, c.r0, c.n).copy_(torch::matmul(dzw, w));  // [n, D]
       if (want_w) dw.add_(torch::matmul(dzw.t(), hc.to(w.scalar_type())));  // [V, D]
     }
-    return {dh, dw, torch::Tensor(), torch::Tensor()};
+    return {dh, dw, torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -85,13 +102,13 @@ int64_t cross_entropy_chunk_rows(int64_t vocab) {
 }
 
 torch::Tensor linear_cross_entropy_sum(const torch::Tensor& h, const torch::Tensor& w, const torch::Tensor& targets,
-                                       int64_t rows) {
+                                       int64_t rows, int64_t keep_bytes) {
   TORCH_CHECK(h.dim() == 2 && w.dim() == 2 && h.size(1) == w.size(1), "linear_cross_entropy_sum: h ", h.sizes(),
               " and w ", w.sizes(), " must be [n, D] and [V, D]");
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == h.size(0), "linear_cross_entropy_sum: targets ",
               targets.sizes(), " must be [", h.size(0), "]");
   if (rows <= 0) rows = cross_entropy_chunk_rows(w.size(0));
-  return LinearCrossEntropy::apply(h, w, targets.to(torch::kLong), rows);
+  return LinearCrossEntropy::apply(h, w, targets.to(torch::kLong), rows, keep_bytes);
 }
 
 // hidden [B, T, D], head_weight [V, D], tokens [B, T], target_mask [B, T] -> scalar

@@ -119,9 +119,11 @@ void estimate_activations(const Config& cfg, const RecordingBuilder& rec, Memory
                      + N * K * F * 4;                // w1, w3, silu(w1), product
   const double layer = attn + moe + lora_layer;
   // final norm in/out, the rows that predict a target and their gradient (and the gradient of all rows); one chunk
-  // of logits, probabilities and their gradient (clm_loss_sum, modules/losses.h)
+  // of logits, probabilities and their gradient, and the logits' gradient when the forward keeps it (clm_loss_sum,
+  // modules/losses.h)
   const double ce_rows = std::min(N, static_cast<double>(cross_entropy_chunk_rows(V)));
-  const double head = N * D * 5 + 3.0 * ce_rows * V;
+  const double kept = N * V * 4 <= static_cast<double>(kKeepLogitGradBytes) ? N * V : 0.0;
+  const double head = N * D * 5 + 3.0 * ce_rows * V + kept;
   double vision = 0;
   if (tr.caption_batch_size > 0) {
     const auto& v = m.vision;

@@ -30,14 +30,17 @@ torch::Tensor clm_loss(const torch::Tensor& logits, const torch::Tensor& tokens,
 torch::Tensor clm_loss_sum(const torch::Tensor& hidden, const torch::Tensor& head_weight, const torch::Tensor& tokens,
                            const torch::Tensor& target_mask);
 
-// h: [n, D], w: [V, D], targets: int64 [n] -> scalar sum over rows of cross_entropy(h w^T, targets), in fp32 (fp64
-// for fp64 inputs). A custom autograd function: `rows` rows of logits at a time (0: as many as fill 32 MiB), in the
-// forward and again in the backward, which recomputes them; only h, w and the targets are kept. Gradients for h and,
-// when it requires one, for w.
 // Rows per chunk of linear_cross_entropy_sum's default: [rows, vocab] fp32 logits of at most 32 MiB (>= 16 rows).
 int64_t cross_entropy_chunk_rows(int64_t vocab);
+
+// h: [n, D], w: [V, D], targets: int64 [n] -> scalar sum over rows of cross_entropy(h w^T, targets), in fp32 (fp64
+// for fp64 inputs). A custom autograd function: `rows` rows of logits at a time (0: cross_entropy_chunk_rows). When
+// the gradient of the logits, [n, V] fp32, fits in keep_bytes the forward keeps it; otherwise only h, w and the
+// targets are kept and the backward recomputes the logits chunk by chunk. Gradients for h and, when it requires
+// one, for w.
+constexpr int64_t kKeepLogitGradBytes = int64_t{128} << 20;
 torch::Tensor linear_cross_entropy_sum(const torch::Tensor& h, const torch::Tensor& w, const torch::Tensor& targets,
-                                       int64_t rows = 0);
+                                       int64_t rows = 0, int64_t keep_bytes = kKeepLogitGradBytes);
 
 // x0, x1: [n, P], t: [n] -> x_t: [n, P]
 torch::Tensor flow_interpolate(const torch::Tensor& x0, const torch::Tensor& x1, const torch::Tensor& t);

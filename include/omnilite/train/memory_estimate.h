@@ -5,13 +5,16 @@
 // model is kept in fp32; CUDA autocast computes in bf16 from fp32 weights). LoRA parameters, their gradients and
 // AdamW's two moments (4 bytes each) for what trains. Activations of one micro-batch (train.batch_size text rows of
 // train.seq_len, plus the image-caption rows), counted as the tensors autograd keeps for backward:
-//   - per decoder layer: norm inputs/outputs, q/k/v before and after RoPE, attention probabilities [H, T, T] (the
-//     LibTorch 1.13 path materialises them), the attention output, router logits and probabilities, the top-k
+//   - per decoder layer: norm inputs/outputs, q/k/v before and after RoPE, attention scores and probabilities
+//     [H, T, T] (the LibTorch 1.13 path materialises them; rows whose [B, H, T, T] scores pass 32 MiB are computed
+//     a chunk of query rows at a time, attention_chunk_rows in modules/attention.h), the attention output, router logits and probabilities, the top-k
 //     gathered expert inputs and SwiGLU intermediates, and for each LoRA projection its dropout output and mask and
 //     its rank-r activation;
 //   - with activation checkpointing: each layer's input plus one layer's activations twice (recomputation and its
 //     backward's temporaries); without: every layer's activations;
-//   - the LM head: logits, their log-softmax and its gradient (3 x rows x T x V);
+//   - the LM head: the CLM loss is computed from the hidden states a chunk of rows at a time (clm_loss_sum in
+//     modules/losses.h): one chunk's logits, probabilities and gradient (3 x chunk x V), the logits' gradient
+//     (rows x V) when it fits the 128 MiB the forward keeps, the rows that predict a target and their gradients;
 //   - the ViT and resampler for caption images (not checkpointed).
 // The process itself (LibTorch, OpenBLAS, the CLI) is added as measured at the start of `omnilite memory`.
 // Data parallelism (sharded_memory): what one of W ranks holds at ZeRO stage 0-3 (zero.h): the AdamW moments /W
