@@ -102,6 +102,64 @@ TEST_CASE("a tiny run learns, resume continues exactly, a corrupted checkpoint i
   (void)ra;
 }
 
+TEST_CASE("the fused AdamW step equals torch::optim::AdamW, and the float64 sum of squares a float64 loop",
+          "[train][adamw]") {
+  torch::manual_seed(11);
+  for (auto dt : {torch::kFloat64, torch::kFloat32}) {
+    // two groups (weight decay and none), a parameter of 70,001 values (several threads' pieces), one without grad
+    std::vector<torch::Tensor> a = {torch::randn({70001}, dt), torch::randn({3, 5}, dt), torch::randn({1}, dt),
+                                    torch::randn({4}, dt)};
+    std::vector<torch::Tensor> b;
+    for (auto& t : a) b.push_back(t.clone());
+    auto make = [](std::vector<torch::Tensor>& ps) {
+      auto o = torch::optim::AdamWOptions(1e-2).betas({0.9, 0.95}).eps(1e-8).weight_decay(0.1);
+      std::vector<torch::optim::OptimizerParamGroup> groups;
+      groups.emplace_back(std::vector<torch::Tensor>{ps[0], ps[1]}, std::make_unique<torch::optim::AdamWOptions>(o));
+      auto o2 = o;
+      o2.weight_decay(0.0);
+      groups.emplace_back(std::vector<torch::Tensor>{ps[2], ps[3]}, std::make_unique<torch::optim::AdamWOptions>(o2));
+      return std::make_unique<torch::optim::AdamW>(groups, o);
+    };
+    auto fused = make(a), plain = make(b);
+    for (int step = 1; step <= 4; ++step) {
+      for (size_t i = 0; i + 1 < a.size(); ++i) {  // the last parameter never gets a gradient
+        auto g = torch::randn(a[i].sizes(), dt) * (step == 2 ? 100.0 : 1.0);
+        a[i].mutable_grad() = g.clone();
+        b[i].mutable_grad() = g.clone();
+      }
+      for (auto* opt : {fused.get(), plain.get()})
+        for (auto& group : opt->param_groups())
+          static_cast<torch::optim::AdamWOptions&>(group.options()).lr(1e-2 / step);
+      adamw_step(*fused);
+      plain->step();
+    }
+    const double tol = dt == torch::kFloat64 ? 1e-14 : 2e-6;
+    INFO("dtype " << dt);
+    for (size_t i = 0; i < a.size(); ++i) CHECK(testing::max_rel_err(a[i], b[i]) < tol);
+    auto& sa = fused->state();
+    auto& sb = plain->state();
+    CHECK(sa.size() == 3);
+    CHECK(sb.size() == 3);
+    for (size_t i = 0; i + 1 < a.size(); ++i) {
+      const auto& x = static_cast<torch::optim::AdamWParamState&>(*sa.find(optimizer_state_key(sa, a[i]))->second);
+      const auto& y = static_cast<torch::optim::AdamWParamState&>(*sb.find(optimizer_state_key(sb, b[i]))->second);
+      CHECK(x.step() == 4);
+      CHECK(y.step() == 4);
+      CHECK(testing::max_rel_err(x.exp_avg(), y.exp_avg()) < tol);
+      CHECK(testing::max_rel_err(x.exp_avg_sq(), y.exp_avg_sq()) < tol);
+    }
+    CHECK(a[3].equal(b[3]));  // no gradient: untouched
+    // the sum of squares against a float64 loop
+    double want = 0;
+    auto t64 = a[0].to(torch::kFloat64);
+    auto acc = t64.accessor<double, 1>();
+    for (int64_t i = 0; i < t64.numel(); ++i) want += acc[i] * acc[i];
+    CHECK(sum_of_squares_fp64(a[0]).item<double>() == Approx(want).epsilon(1e-13));
+    CHECK(sum_of_squares_fp64(a[1].t()).item<double>() ==  // non-contiguous: the LibTorch path
+          Approx(a[1].to(torch::kFloat64).square().sum().item<double>()).epsilon(1e-13));
+  }
+}
+
 TEST_CASE("the step gate measures and clips the gradient norm and refuses NaN/Inf losses and gradients", "[train]") {
   // loss = |w|^2 / 2 at w = (3, 4): gradient (3, 4), norm 5.
   auto w = torch::tensor({3.0, 4.0}, torch::kFloat32).requires_grad_(true);

@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <thread>
 
+#include <ATen/Parallel.h>
 #include <nlohmann/json.hpp>
 
 #if __has_include(<torch/csrc/autograd/profiler_legacy.h>)
@@ -298,8 +299,115 @@ std::shared_ptr<Dist> join_job(const DistOptions& env, const Config& cfg, const 
 
 }  // namespace
 
+namespace {
+
+// Σ x² of n values in float64: pieces of 2^16 on the intra-op threads, added in piece order.
+template <class T>
+double sum_of_squares_cpu(const T* x, int64_t n) {
+  constexpr int64_t kPiece = int64_t{1} << 16;
+  const int64_t pieces = (n + kPiece - 1) / kPiece;
+  std::vector<double> part(static_cast<size_t>(pieces), 0.0);
+  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t i0 = p * kPiece, i1 = std::min(n, i0 + kPiece);
+      double acc[4] = {0, 0, 0, 0};  // 4 partial sums (vectorisable without reassociation)
+      int64_t i = i0;
+      for (; i + 4 <= i1; i += 4)
+        for (int u = 0; u < 4; ++u) acc[u] += static_cast<double>(x[i + u]) * static_cast<double>(x[i + u]);
+      for (; i < i1; ++i) acc[0] += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+      part[static_cast<size_t>(p)] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    }
+  });
+  double total = 0;
+  for (double v : part) total += v;
+  return total;
+}
+
+// One AdamW update of n values in place, the arithmetic of torch::optim::AdamW::step in T: decay, moments, the
+// bias-corrected denominator, the step.
+template <class T>
+void adamw_update(T* p, const T* g, T* m, T* v, int64_t n, double lr, double b1, double b2, double eps, double wd,
+                  int64_t step) {
+  const T decay = static_cast<T>(1 - lr * wd), tb1 = static_cast<T>(b1), tb2 = static_cast<T>(b2);
+  const T a1 = static_cast<T>(1 - b1), a2 = static_cast<T>(1 - b2), teps = static_cast<T>(eps);
+  const T sqrt_bc2 = static_cast<T>(std::sqrt(1 - std::pow(b2, static_cast<double>(step))));
+  const T neg_step = static_cast<T>(-(lr / (1 - std::pow(b1, static_cast<double>(step)))));
+  const bool decayed = wd != 0;
+  at::parallel_for(0, n, int64_t{1} << 14, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T pi = decayed ? p[i] * decay : p[i];
+      const T gi = g[i];
+      const T mi = m[i] * tb1 + a1 * gi;
+      const T vi = v[i] * tb2 + a2 * gi * gi;
+      const T denom = std::sqrt(vi) / sqrt_bc2 + teps;
+      m[i] = mi;
+      v[i] = vi;
+      p[i] = pi + neg_step * (mi / denom);
+    }
+  });
+}
+
+bool fusable(const torch::Tensor& t, torch::ScalarType dt) {
+  return t.device().is_cpu() && t.scalar_type() == dt && t.is_contiguous();
+}
+
+}  // namespace
+
+void adamw_step(torch::optim::AdamW& opt) {
+  torch::NoGradGuard ng;
+  auto& state = opt.state();
+  bool all = true;  // every parameter with a gradient can take the fused update
+  for (auto& group : opt.param_groups()) {
+    const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
+    for (const auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      const auto dt = p.scalar_type();
+      bool ok = !o.amsgrad() && (dt == torch::kFloat32 || dt == torch::kFloat64) && fusable(p, dt) &&
+                fusable(p.grad(), dt) && !p.grad().is_sparse();
+      if (auto it = state.find(optimizer_state_key(state, p)); ok && it != state.end()) {
+        const auto& st = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+        ok = fusable(st.exp_avg(), dt) && fusable(st.exp_avg_sq(), dt);
+      }
+      all = all && ok;
+    }
+  }
+  if (!all) {
+    opt.step();
+    return;
+  }
+  for (auto& group : opt.param_groups()) {
+    const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
+    const auto [b1, b2] = o.betas();
+    for (auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      const auto key = optimizer_state_key(state, p);
+      if (state.find(key) == state.end()) {  // as AdamW::step initialises a parameter's state
+        auto st = std::make_unique<torch::optim::AdamWParamState>();
+        st->step(0);
+        st->exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        st->exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        state[key] = std::move(st);
+      }
+      auto& st = static_cast<torch::optim::AdamWParamState&>(*state[key]);
+      st.step(st.step() + 1);
+      if (p.scalar_type() == torch::kFloat64)
+        adamw_update(p.data_ptr<double>(), p.grad().data_ptr<double>(), st.exp_avg().data_ptr<double>(),
+                     st.exp_avg_sq().data_ptr<double>(), p.numel(), o.lr(), b1, b2, o.eps(), o.weight_decay(),
+                     st.step());
+      else
+        adamw_update(p.data_ptr<float>(), p.grad().data_ptr<float>(), st.exp_avg().data_ptr<float>(),
+                     st.exp_avg_sq().data_ptr<float>(), p.numel(), o.lr(), b1, b2, o.eps(), o.weight_decay(),
+                     st.step());
+    }
+  }
+}
+
 torch::Tensor sum_of_squares_fp64(const torch::Tensor& t) {
   torch::NoGradGuard ng;
+  if (t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == torch::kFloat32)
+    return torch::tensor(sum_of_squares_cpu(t.data_ptr<float>(), t.numel()), torch::kFloat64);
+  if (t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == torch::kFloat64)
+    return torch::tensor(sum_of_squares_cpu(t.data_ptr<double>(), t.numel()), torch::kFloat64);
   const auto flat = t.reshape({-1});
   auto acc = torch::zeros({}, t.options().dtype(torch::kFloat64));
   constexpr int64_t kPiece = int64_t{1} << 20;
@@ -595,7 +703,7 @@ StepWork take_step(Session& s, const TrainOptions& tr, const std::vector<std::st
   w.check = s.shards ? clip_and_check(*s.shards, w.loss, tr.grad_clip) : clip_and_check(s.params, w.loss, tr.grad_clip);
   if (w.check.finite) {
     for (auto& g : s.opt->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(w.lr);
-    s.opt->step();
+    adamw_step(*s.opt);
     if (s.zero) s.zero->broadcast_params();
   }
   if (s.shards) s.shards->after_step(w.check.finite);

@@ -18,20 +18,6 @@
 namespace omnilite {
 namespace {
 
-// The optimizer's state key of a parameter: LibTorch 1.13 keys by the TensorImpl address printed as a string,
-// 2.x by the address itself.
-template <class Map>
-typename Map::key_type state_key(const Map&, const torch::Tensor& p) {
-  using Key = typename Map::key_type;
-  if constexpr (std::is_same_v<Key, std::string>) {
-    std::ostringstream s;
-    s << p.unsafeGetTensorImpl();
-    return s.str();
-  } else {
-    return static_cast<Key>(static_cast<void*>(p.unsafeGetTensorImpl()));
-  }
-}
-
 }  // namespace
 
 Zero1::Zero1(std::shared_ptr<Dist> dist, std::vector<torch::Tensor> params)
@@ -104,7 +90,7 @@ void Zero1::gather_state(torch::optim::AdamW& sharded, torch::optim::AdamW& full
       int64_t off = 0;
       for (size_t k = 0; k < idx.size(); ++k) {
         const auto& p = params_[idx[k]];
-        auto it = mine.find(state_key(mine, p));
+        auto it = mine.find(optimizer_state_key(mine, p));
         if (it != mine.end()) {
           auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
           flat.narrow(0, off, p.numel()).copy_(s.exp_avg().reshape(-1));
@@ -126,7 +112,7 @@ void Zero1::gather_state(torch::optim::AdamW& sharded, torch::optim::AdamW& full
         s->step(step);
         s->exp_avg(bufs[0].narrow(0, off, p.numel()).view(p.sizes()).to(p.scalar_type()).clone());
         s->exp_avg_sq(bufs[0].narrow(0, off + p.numel(), p.numel()).view(p.sizes()).to(p.scalar_type()).clone());
-        all[state_key(all, p)] = std::move(s);
+        all[optimizer_state_key(all, p)] = std::move(s);
       }
       off += 2 * p.numel();
     }
@@ -137,8 +123,8 @@ void Zero1::take_state(torch::optim::AdamW& full, torch::optim::AdamW& sharded) 
   auto& all = full.state();
   auto& mine = sharded.state();
   for (size_t i : owned_by_[static_cast<size_t>(dist_->rank())]) {
-    auto it = all.find(state_key(all, params_[i]));
-    if (it != all.end()) mine[state_key(mine, params_[i])] = std::move(it->second);
+    auto it = all.find(optimizer_state_key(all, params_[i]));
+    if (it != all.end()) mine[optimizer_state_key(mine, params_[i])] = std::move(it->second);
   }
   all.clear();
 }
@@ -297,19 +283,19 @@ std::unique_ptr<torch::optim::AdamW> ZeroShards::shard(const torch::optim::AdamW
   if (full) {
     const auto& all = full->state();
     for (auto& q : params_) {
-      auto it = all.find(state_key(all, q.p));
+      auto it = all.find(optimizer_state_key(all, q.p));
       if (it != all.end()) q.adam_steps = static_cast<torch::optim::AdamWParamState&>(*it->second).step();
     }
     auto& mine = opt->state();
     for (const auto& s : segments_) {
-      auto it = all.find(state_key(all, params_[s.param].p));
+      auto it = all.find(optimizer_state_key(all, params_[s.param].p));
       if (it == all.end()) continue;
       const auto& f = static_cast<const torch::optim::AdamWParamState&>(*it->second);
       auto st = std::make_unique<torch::optim::AdamWParamState>();
       st->step(f.step());
       st->exp_avg(f.exp_avg().reshape({-1}).narrow(0, s.begin, s.length).clone());
       st->exp_avg_sq(f.exp_avg_sq().reshape({-1}).narrow(0, s.begin, s.length).clone());
-      mine[state_key(mine, s.value)] = std::move(st);
+      mine[optimizer_state_key(mine, s.value)] = std::move(st);
     }
   }
   if (level_ == 3)
@@ -337,7 +323,7 @@ void ZeroShards::load_optimizer_state(const io::WeightsReader& r, torch::optim::
     st->step(q.adam_steps);
     st->exp_avg(r.load_range("exp_avg/" + q.name, s.begin, s.length).to(s.value.options()));
     st->exp_avg_sq(r.load_range("exp_avg_sq/" + q.name, s.begin, s.length).to(s.value.options()));
-    mine[state_key(mine, s.value)] = std::move(st);
+    mine[optimizer_state_key(mine, s.value)] = std::move(st);
   }
 }
 
@@ -493,7 +479,7 @@ void ZeroShards::gather_state(const torch::optim::AdamW& opt, torch::optim::Adam
     auto chunk = torch::zeros({2 * u.chunk}, u.grad.options());
     for (const auto& s : segments_) {
       if (params_[s.param].unit != k) continue;
-      auto it = mine.find(state_key(mine, s.value));
+      auto it = mine.find(optimizer_state_key(mine, s.value));
       if (it == mine.end()) continue;
       const auto& a = static_cast<const torch::optim::AdamWParamState&>(*it->second);
       chunk.narrow(0, s.offset, s.length).copy_(a.exp_avg());
@@ -512,7 +498,7 @@ void ZeroShards::gather_state(const torch::optim::AdamW& opt, torch::optim::Adam
       st->step(q.adam_steps);
       st->exp_avg(avg.narrow(0, q.offset, q.numel).view(q.shape).clone());
       st->exp_avg_sq(avg_sq.narrow(0, q.offset, q.numel).view(q.shape).clone());
-      all[state_key(all, q.p)] = std::move(st);
+      all[optimizer_state_key(all, q.p)] = std::move(st);
     }
   }
 }
@@ -583,7 +569,7 @@ void ZeroShards::write_checkpoint_shard(const std::string& path, const torch::op
   for (const auto& s : segments_) {
     const auto& name = params_[s.param].name;
     out.emplace_back(name, s.value);
-    auto it = state.find(state_key(state, s.value));
+    auto it = state.find(optimizer_state_key(state, s.value));
     if (it == state.end()) continue;
     const auto& a = static_cast<const torch::optim::AdamWParamState&>(*it->second);
     out.emplace_back("exp_avg/" + name, a.exp_avg());
@@ -625,7 +611,7 @@ void load_full_adamw_state(const io::WeightsReader& r, const std::vector<std::pa
     st->step(step);
     st->exp_avg(r.load_range("exp_avg/" + name, 0, p.numel()).view(p.sizes()).to(p.options()));
     st->exp_avg_sq(r.load_range("exp_avg_sq/" + name, 0, p.numel()).view(p.sizes()).to(p.options()));
-    all[state_key(all, p)] = std::move(st);
+    all[optimizer_state_key(all, p)] = std::move(st);
   }
 }
 

@@ -11,7 +11,9 @@
 #pragma once
 
 #include <memory>
+#include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <torch/torch.h>
@@ -65,8 +67,31 @@ GradCheck clip_and_check(const std::vector<torch::Tensor>& params, double loss, 
 // The same over ZeRO-2/3's shards (the norm from every rank's chunks: one scalar all-reduce).
 class ZeroShards;
 GradCheck clip_and_check(ZeroShards& shards, double loss, double max_norm);
-// Σ t² accumulated in float64, in pieces of 2^20 elements (never a float64 copy of the whole tensor), as a float64
-// scalar on t's device.
+// Σ t² accumulated in float64 (never a float64 copy of the whole tensor), as a float64 scalar on t's device. On the
+// CPU for contiguous float32/float64 tensors, one pass over the values in fixed pieces of 2^16 elements on the
+// intra-op threads, the pieces' sums added in order (the same sum at any thread count); otherwise in pieces of 2^20
+// elements with LibTorch ops.
 torch::Tensor sum_of_squares_fp64(const torch::Tensor& t);
+
+// One AdamW step of `opt`, as torch::optim::AdamW::step() computes it (decoupled weight decay, bias-corrected
+// moments, the same state objects, so checkpoints and ZeRO shards see no difference), with the update of each CPU
+// float32/float64 parameter fused into one pass over its values (on the intra-op threads) instead of eight tensor
+// ops. When any parameter with a gradient is not such (CUDA, bf16, non-contiguous) or amsgrad is on, LibTorch's own
+// step runs instead.
+void adamw_step(torch::optim::AdamW& opt);
+
+// The optimizer's state key of a parameter: LibTorch 1.13 keys by the TensorImpl address printed as a string,
+// 2.x by the address itself.
+template <class Map>
+typename Map::key_type optimizer_state_key(const Map&, const torch::Tensor& p) {
+  using Key = typename Map::key_type;
+  if constexpr (std::is_same_v<Key, std::string>) {
+    std::ostringstream s;
+    s << p.unsafeGetTensorImpl();
+    return s.str();
+  } else {
+    return static_cast<Key>(static_cast<void*>(p.unsafeGetTensorImpl()));
+  }
+}
 
 }  // namespace omnilite
