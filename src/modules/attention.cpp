@@ -121,7 +121,7 @@ torch::Tensor chunk_bias(const torch::Tensor& allowed, bool causal, int64_t T, i
 // dS = P * (dP - rowsum(dO * O)) rule). Under the causal rule a chunk reads only the keys its last row may see, so
 // half the products of the plain path are skipped. Same arithmetic per row as attention_core's plain path.
 struct ChunkedAttention : torch::autograd::Function<ChunkedAttention> {
-  // Per chunk of query rows: the keys it reads and its probabilities [B, Hkv, G, n, s1] (softmax in fp32).
+  // Query rows t0 .. t0 + n - 1 and the keys 0 .. s1 - 1 they read.
   struct Chunk {
     int64_t t0, n, s1;
   };

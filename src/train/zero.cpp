@@ -16,9 +16,6 @@
 #include "omnilite/train/trainer.h"
 
 namespace omnilite {
-namespace {
-
-}  // namespace
 
 Zero1::Zero1(std::shared_ptr<Dist> dist, std::vector<torch::Tensor> params)
     : dist_(std::move(dist)), params_(std::move(params)), owner_(params_.size(), 0) {

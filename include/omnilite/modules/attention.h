@@ -23,13 +23,13 @@ namespace omnilite {
 torch::Tensor attention_core(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                              const torch::Tensor& allowed, bool causal);
 
-// attention_core a chunk of `rows` query rows at a time, forward and backward (a custom autograd function that
-// keeps q, k, v and the output, and recomputes each chunk's probabilities in the backward): peak memory of the
-// scores O(rows x S) instead of O(T x S). attention_core takes this path when the [B, H, T, S] scores would exceed
-// 32 MiB.
 // Query rows per chunk: one chunk's [batch, heads, rows, keys] scores of elem_bytes each fill at most 32 MiB (at
 // least 16 rows). attention_core chunks when T exceeds it.
 int64_t attention_chunk_rows(int64_t batch, int64_t heads, int64_t keys, int64_t elem_bytes);
+
+// attention_core a chunk of `rows` query rows at a time, forward and backward (a custom autograd function that
+// keeps q, k, v and the output, and recomputes each chunk's probabilities in the backward): peak memory of the
+// scores O(rows x S) instead of O(T x S). Same shapes and arguments as attention_core.
 torch::Tensor attention_chunked(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& allowed, bool causal, int64_t rows);
 

@@ -7,9 +7,9 @@
 // train.seq_len, plus the image-caption rows), counted as the tensors autograd keeps for backward:
 //   - per decoder layer: norm inputs/outputs, q/k/v before and after RoPE, attention scores and probabilities
 //     [H, T, T] (the LibTorch 1.13 path materialises them; rows whose [B, H, T, T] scores pass 32 MiB are computed
-//     a chunk of query rows at a time, attention_chunk_rows in modules/attention.h), the attention output, router logits and probabilities, the top-k
-//     gathered expert inputs and SwiGLU intermediates, and for each LoRA projection its dropout output and mask and
-//     its rank-r activation;
+//     a chunk of query rows at a time, attention_chunk_rows in modules/attention.h), the attention output, router
+//     logits and probabilities, the top-k gathered expert inputs and SwiGLU intermediates, and for each LoRA
+//     projection its dropout output and mask and its rank-r activation;
 //   - with activation checkpointing: each layer's input plus one layer's activations twice (recomputation and its
 //     backward's temporaries); without: every layer's activations;
 //   - the LM head: the CLM loss is computed from the hidden states a chunk of rows at a time (clm_loss_sum in
