@@ -362,8 +362,8 @@ void adamw_step(torch::optim::AdamW& opt) {
     for (const auto& p : group.params()) {
       if (!p.grad().defined()) continue;
       const auto dt = p.scalar_type();
-      bool ok = !o.amsgrad() && (dt == torch::kFloat32 || dt == torch::kFloat64) && fusable(p, dt) &&
-                fusable(p.grad(), dt) && !p.grad().is_sparse();
+      bool ok = !o.amsgrad() && (dt == torch::kFloat32 || dt == torch::kFloat64) && !p.grad().is_sparse() &&
+                fusable(p, dt) && fusable(p.grad(), dt);
       if (auto it = state.find(optimizer_state_key(state, p)); ok && it != state.end()) {
         const auto& st = static_cast<const torch::optim::AdamWParamState&>(*it->second);
         ok = fusable(st.exp_avg(), dt) && fusable(st.exp_avg_sq(), dt);
@@ -390,24 +390,24 @@ void adamw_step(torch::optim::AdamW& opt) {
       }
       auto& st = static_cast<torch::optim::AdamWParamState&>(*state[key]);
       st.step(st.step() + 1);
-      if (p.scalar_type() == torch::kFloat64)
-        adamw_update(p.data_ptr<double>(), p.grad().data_ptr<double>(), st.exp_avg().data_ptr<double>(),
-                     st.exp_avg_sq().data_ptr<double>(), p.numel(), o.lr(), b1, b2, o.eps(), o.weight_decay(),
+      AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "adamw_step", [&] {
+        adamw_update(p.data_ptr<scalar_t>(), p.grad().data_ptr<scalar_t>(), st.exp_avg().data_ptr<scalar_t>(),
+                     st.exp_avg_sq().data_ptr<scalar_t>(), p.numel(), o.lr(), b1, b2, o.eps(), o.weight_decay(),
                      st.step());
-      else
-        adamw_update(p.data_ptr<float>(), p.grad().data_ptr<float>(), st.exp_avg().data_ptr<float>(),
-                     st.exp_avg_sq().data_ptr<float>(), p.numel(), o.lr(), b1, b2, o.eps(), o.weight_decay(),
-                     st.step());
+      });
     }
   }
 }
 
 torch::Tensor sum_of_squares_fp64(const torch::Tensor& t) {
   torch::NoGradGuard ng;
-  if (t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == torch::kFloat32)
-    return torch::tensor(sum_of_squares_cpu(t.data_ptr<float>(), t.numel()), torch::kFloat64);
-  if (t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == torch::kFloat64)
-    return torch::tensor(sum_of_squares_cpu(t.data_ptr<double>(), t.numel()), torch::kFloat64);
+  const auto dt = t.scalar_type();
+  if (t.device().is_cpu() && t.is_contiguous() && (dt == torch::kFloat32 || dt == torch::kFloat64)) {
+    double sum = 0;
+    AT_DISPATCH_FLOATING_TYPES(dt, "sum_of_squares_fp64",
+                               [&] { sum = sum_of_squares_cpu(t.data_ptr<scalar_t>(), t.numel()); });
+    return torch::tensor(sum, torch::kFloat64);
+  }
   const auto flat = t.reshape({-1});
   auto acc = torch::zeros({}, t.options().dtype(torch::kFloat64));
   constexpr int64_t kPiece = int64_t{1} << 20;
