@@ -178,7 +178,7 @@ template <class V> void visit_fields(V& v, ModelConfig& o) {
 }
 template <class V> void visit_fields(V& v, RuntimeOptions& o) {
   v("device", o.device); v("dtype", o.dtype); v("threads", o.threads); v("blas_threads", o.blas_threads);
-  v("seed", o.seed); v("moe_dispatch", o.moe_dispatch);
+  v("seed", o.seed); v("moe_dispatch", o.moe_dispatch); v("nf4_activations", o.nf4_activations);
 }
 template <class V> void visit_fields(V& v, TrainOptions& o) {
   v("steps", o.steps); v("batch_size", o.batch_size); v("grad_accum", o.grad_accum); v("seq_len", o.seq_len);
@@ -417,6 +417,9 @@ void validate(const Config& c) {
   if (r.blas_threads < 0) fail("runtime.blas_threads", std::to_string(r.blas_threads), "must be >= 0 (0 = all cores)");
   if (!(r.moe_dispatch == "auto" || r.moe_dispatch == "loop" || r.moe_dispatch == "grouped"))
     fail("runtime.moe_dispatch", "\"" + r.moe_dispatch + "\"", "must be \"auto\", \"loop\" or \"grouped\"");
+  if (!(r.nf4_activations == "fp32" || r.nf4_activations == "int16"))
+    fail("runtime.nf4_activations", "\"" + r.nf4_activations + "\"",
+         "must be \"fp32\" (exact) or \"int16\" (16-bit inputs per 64-block, faster decoding)");
 }
 
 Config parse_config(const json& j) {

@@ -124,6 +124,9 @@ struct RuntimeOptions {
   uint64_t seed = 1234;          // seed for parameter initialisation and sampling
   std::string moe_dispatch = "auto";  // how MoE layers run their experts: "auto", "loop" or "grouped" (same results;
                                       // MoEDispatch in modules/moe.h, measured in docs/benchmarks.md)
+  std::string nf4_activations = "fp32";  // one-row NF4 products (CPU decoding): "fp32" (exact) or "int16" (inputs
+                                         // rounded to 16 bits per 64-block: faster, ~3e-5 relative error;
+                                         // quant/nf4.h, docs/benchmarks.md)
 };
 
 // Optimisation and run settings of `omnilite train`.

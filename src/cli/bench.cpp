@@ -91,11 +91,13 @@ int run_bench(int argc, char** argv) {
       cxxopts::value<std::string>())(
       "moe-dispatch", "auto, loop or grouped: how MoE layers run their experts (overrides runtime.moe_dispatch)",
       cxxopts::value<std::string>())(
+      "nf4-activations", "`decode` with nf4 weights: fp32 (exact) or int16 (inputs rounded to 16 bits per 64 values: "
+      "faster; overrides runtime.nf4_activations)", cxxopts::value<std::string>())(
       "base", "QLoRA base checkpoint for `train` with a lora config (sets train.base_checkpoint)",
       cxxopts::value<std::string>())(
       "warmup", "untimed optimizer steps before the timed ones for `train`", cxxopts::value<int64_t>()->default_value("3"))(
       "profile", "`train`: write the timed steps' LibTorch ops as a Chrome trace to this file", cxxopts::value<std::string>())(
-      "set", "`loader`, `train`: override a config value, KEY=VALUE (repeatable)",
+      "set", "`loader`, `train`, `decode`: override a config value, KEY=VALUE (repeatable)",
       cxxopts::value<std::vector<std::string>>())(
       "json", "print one JSON object")("h,help", "show this help");
   add_thread_flags(opts);
@@ -107,6 +109,7 @@ int run_bench(int argc, char** argv) {
                  "  omnilite bench train --config configs/small.json --steps 20\n"
                  "  omnilite bench nf4 --tokens 512 --in 2048 --out 768 --steps 50\n"
                  "  omnilite bench decode --config configs/omni-lite.json --weights nf4 --prompt 512 --new-tokens 32\n"
+                 "  omnilite bench decode --config configs/omni-lite.json --weights nf4 --nf4-activations int16\n"
                  "  omnilite bench loader --config configs/small.json --set 'data.image_train=[\"data/shards/fmnist\"]'"
                  " --steps 200\n";
     return args.count("help") ? 0 : 2;
@@ -131,6 +134,7 @@ int run_bench(int argc, char** argv) {
   if (args.count("dtype")) cfg.runtime.dtype = args["dtype"].as<std::string>();
   apply_thread_flags(args, cfg.runtime);
   if (args.count("moe-dispatch")) cfg.runtime.moe_dispatch = args["moe-dispatch"].as<std::string>();
+  if (args.count("nf4-activations")) cfg.runtime.nf4_activations = args["nf4-activations"].as<std::string>();
   if (args.count("base")) cfg.train.base_checkpoint = args["base"].as<std::string>();
   validate(cfg);
   const torch::Device dev = apply_runtime(cfg.runtime);

@@ -4,9 +4,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <optional>
 #include <stdexcept>
 #include <thread>
 
+#include "omnilite/infer/text_step.h"
 #include "omnilite/modules/kv_cache.h"
 #include "omnilite/modules/moe.h"
 #include "omnilite/modules/param_count.h"
@@ -70,13 +72,21 @@ nlohmann::json bench_nf4(const torch::Device& dev, int64_t tokens, int64_t in, i
   const double t_nf4 = time_per_call(dev, reps, [&] { return nf4->forward(x); });
   const double t_deq = time_per_call(dev, reps, [&] { return nf4->dequantized_weight(); });
   const double flops = 2.0 * static_cast<double>(tokens * in * out);
-  return {{"shape", std::to_string(tokens) + " x " + std::to_string(in) + " -> " + std::to_string(out)},
+  nlohmann::json r;
+  if (tokens == 1 && dev.is_cpu()) {  // the one-row kernel with int16 inputs (runtime.nf4_activations = int16)
+    nf4->activations = quant::Nf4Activations::Int16;
+    const double t16 = time_per_call(dev, reps, [&] { return nf4->forward(x); });
+    nf4->activations = quant::Nf4Activations::Float32;
+    r = {{"nf4_int16_ms", 1e3 * t16}, {"nf4_int16_gweights_per_s", static_cast<double>(in * out) / t16 / 1e9}};
+  }
+  r.update({{"shape", std::to_string(tokens) + " x " + std::to_string(in) + " -> " + std::to_string(out)},
           {"fp32_ms", 1e3 * t_fp32},
           {"nf4_ms", 1e3 * t_nf4},
           {"dequantize_ms", 1e3 * t_deq},
           {"fp32_gflops", flops / t_fp32 / 1e9},
           {"nf4_gflops", flops / t_nf4 / 1e9},
-          {"nf4_speed_vs_fp32", t_fp32 / t_nf4}};
+          {"nf4_speed_vs_fp32", t_fp32 / t_nf4}});
+  return r;
 }
 
 // Memory bandwidth over `bytes` of fp32, best of `reps`: {copy (dst.copy_(src), read + write counted), read only
@@ -157,6 +167,7 @@ OmniLite decode_model(const Config& cfg, const std::string& weights, const torch
   m->to(dev);
   if (dev.is_cpu()) m->lm_head->store_bf16_if_exact();
   set_moe_dispatch(*m, dispatch);
+  set_nf4_activations(*m, quant::parse_nf4_activations(cfg.runtime.nf4_activations));
   return m;
 }
 
@@ -190,11 +201,21 @@ nlohmann::json bench_decode(const Config& cfg, const torch::Device& dev, const s
   auto next = greedy(model->forward(in).logits, 0);
   synchronize(dev);
   const double prefill_s = seconds_since(t0);
+  // Decoded tokens take the lean CPU step where the model allows it, as generation does (infer/text_step.h).
+  const std::string obstacle = text_step_obstacle(*model);
+  std::optional<TextStep> step;
+  if (obstacle.empty()) step.emplace(*model);
+  auto decode_one = [&] {
+    if (step && step->accepts(in.tokens.item<int64_t>(), cache))
+      in.tokens = greedy(step->logits(in.tokens.item<int64_t>(), cache).view({1, 1, -1}), 0);
+    else
+      in.tokens = greedy(model->forward(in).logits, 0);
+  };
   in.tokens = next;  // one warm-up decode step, then the timed ones
-  in.tokens = greedy(model->forward(in).logits, 0);
+  decode_one();
   synchronize(dev);
   t0 = Clock::now();
-  for (int64_t i = 0; i < new_tokens; ++i) in.tokens = greedy(model->forward(in).logits, 0);
+  for (int64_t i = 0; i < new_tokens; ++i) decode_one();
   synchronize(dev);
   const double decode_s = seconds_since(t0) / static_cast<double>(new_tokens);
   const double peak_rss = peak_resident_bytes();  // before the copy's buffers exist
@@ -203,6 +224,8 @@ nlohmann::json bench_decode(const Config& cfg, const torch::Device& dev, const s
   const double kv_bytes = static_cast<double>(cache.bytes());  // read once per token at the end of the run
   const double bound = read_bandwidth / (w_bytes + kv_bytes);  // decoding reads the weights once per token
   nlohmann::json r = {{"weights", weights},
+                      {"decode_path", obstacle.empty() ? "text_step" : "modules (" + obstacle + ")"},
+                      {"nf4_activations", cfg.runtime.nf4_activations},
                       {"build_seconds", build_s},
                       {"prompt_tokens", prompt},
                       {"prompt_tokens_per_second", static_cast<double>(prompt) / prefill_s},

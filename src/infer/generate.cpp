@@ -3,11 +3,14 @@
 #include <algorithm>
 #include <cctype>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 
 #include "omnilite/data/mm_batch.h"
 #include "omnilite/io/adapter.h"
 #include "omnilite/io/checkpoint.h"
+#include "omnilite/infer/text_step.h"
+#include "omnilite/modules/nf4_linear.h"
 #include "omnilite/modules/qlora_builder.h"
 #include "omnilite/runtime.h"
 #include "omnilite/modules/rfm_head.h"
@@ -165,13 +168,22 @@ std::vector<int64_t> continue_text(OmniLiteImpl& model, KVCache& cache, const st
   const auto dev = model.text->embed_tokens->weight.device();
   auto tokens = torch::tensor(ids, torch::kInt64).view({1, -1}).to(dev);
   std::vector<int64_t> out;
+  // Decoded tokens take the lean CPU step where the model allows it (infer/text_step.h); the prompt, images and
+  // other models take the module path.
+  std::optional<TextStep> step;
+  if (text_step_obstacle(model).empty()) step.emplace(model);
   for (int64_t i = 0; i < max_new && cache.length() + tokens.size(1) <= limit; ++i) {
-    OmniInput in;
-    in.tokens = tokens;
-    if (i == 0 && images.defined()) in.images = images.to(dev, model.text->embed_tokens->weight.scalar_type());
-    in.cache = &cache;
-    in.last_logits = true;
-    auto logits = model.forward(in).logits[0][0].clone();  // [V], of the last position
+    torch::Tensor logits;  // [V], of the last position
+    if (i > 0 && step && step->accepts(out.back(), cache)) {
+      logits = step->logits(out.back(), cache);
+    } else {
+      OmniInput in;
+      in.tokens = tokens;
+      if (i == 0 && images.defined()) in.images = images.to(dev, model.text->embed_tokens->weight.scalar_type());
+      in.cache = &cache;
+      in.last_logits = true;
+      logits = model.forward(in).logits[0][0].clone();
+    }
     // The image placeholders only ever stand for image content the caller supplies; text decoding never emits one
     // (the next step could not embed it).
     for (int64_t id : {model.cfg.tokens.image_id, model.cfg.tokens.gen_image_id})
@@ -236,6 +248,7 @@ LoadedModel load_with_adapter(const std::string& base_arg, const std::string& de
   io::load_base_weights(*m.model, base);
   io::load_adapter(*m.model, m.dir);
   set_moe_dispatch(*m.model, parse_moe_dispatch(m.cfg.runtime.moe_dispatch));
+  set_nf4_activations(*m.model, quant::parse_nf4_activations(m.cfg.runtime.nf4_activations));
   m.model->to(resolve_device(m.cfg.runtime.device));
   m.model->eval();
   m.model->lm_head->store_bf16_if_exact();  // the frozen head of a bf16 base: half the bytes per decoded token

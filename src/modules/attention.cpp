@@ -97,6 +97,25 @@ torch::Tensor one_query_attention(const torch::Tensor& q, const torch::Tensor& k
   return out;
 }
 
+}  // namespace
+
+void one_query_attention_cpu(const float* q, const float* k, const float* v, int64_t H, int64_t Hkv, int64_t S,
+                             int64_t Dh, int64_t head_stride, float* out) {
+  const int64_t G = H / Hkv;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Dh)));  // as q * scale rounds it
+  std::vector<float> qs(static_cast<size_t>(H * Dh));
+  for (int64_t i = 0; i < H * Dh; ++i) qs[static_cast<size_t>(i)] = q[i] * scale;
+  std::fill(out, out + H * Dh, 0.f);
+  at::parallel_for(0, Hkv, 1, [&](int64_t j0, int64_t j1) {
+    std::vector<float> p(static_cast<size_t>(G * S));
+    for (int64_t j = j0; j < j1; ++j)
+      one_kv_head(qs.data() + j * G * Dh, k + j * head_stride, Dh, v + j * head_stride, Dh, G, S, Dh, p.data(),
+                  out + j * G * Dh);
+  });
+}
+
+namespace {
+
 // The additive mask of query rows t0..t1-1 over keys 0..s1-1: 0 where allowed (and causal), -inf elsewhere, shaped
 // [B|1, 1, 1, t1 - t0, s1] to broadcast over KV heads and groups; undefined when nothing is masked.
 torch::Tensor chunk_bias(const torch::Tensor& allowed, bool causal, int64_t T, int64_t S, int64_t t0, int64_t t1,

@@ -101,11 +101,17 @@ torch::Tensor Nf4LinearImpl::forward(const torch::Tensor& x) {
   // Decoding without gradients skips the autograd node (its bookkeeping weighs on a one-row product).
   const bool direct = !(torch::GradMode::is_enabled() && flat.requires_grad()) && flat.device().is_cpu() &&
                       flat.size(0) <= quant::kNf4FewRows && flat.scalar_type() == torch::kFloat32;
-  auto y = direct ? quant::nf4_matmul_few_rows_cpu(flat, weight_nf4()) : Nf4Matmul::apply(flat, this);
+  auto y = direct ? quant::nf4_matmul_few_rows_cpu(flat, weight_nf4(), 2, activations) : Nf4Matmul::apply(flat, this);
   if (bias.defined()) y = y + bias.to(y.scalar_type());
   auto sizes = x.sizes().vec();
   sizes.back() = out_;
   return y.view(sizes);
+}
+
+
+void set_nf4_activations(torch::nn::Module& model, quant::Nf4Activations a) {
+  for (const auto& m : model.modules())
+    if (auto* q = dynamic_cast<Nf4LinearImpl*>(m.get())) q->activations = a;
 }
 
 }  // namespace omnilite

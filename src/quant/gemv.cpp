@@ -87,9 +87,9 @@ __attribute__((target("avx512f"))) float row_avx512(const W* w, const float* x, 
 #pragma GCC diagnostic pop
 #endif
 
-// w: [out, in] rows of W (uint16_t bf16 bits or float), x: [in] -> y: [out], rows split across intra-op threads
+// Rows [o0, o1) of y = W x on the calling thread: w [out, in] (uint16_t bf16 bits or float), x [in].
 template <typename W>
-void matvec_rows(const W* w, const float* x, int64_t out, int64_t in, float* y, int simd) {
+void rows_on_thread(const W* w, const float* x, int64_t in, int64_t o0, int64_t o1, float* y, int simd) {
 #if defined(__x86_64__)
   const bool avx512 = simd >= 2 && __builtin_cpu_supports("avx512f");
   const bool avx2 = simd >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -97,22 +97,26 @@ void matvec_rows(const W* w, const float* x, int64_t out, int64_t in, float* y, 
   const bool avx512 = false, avx2 = false;
   (void)simd;
 #endif
-  at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o) {
-      const W* row = w + o * in;
+  for (int64_t o = o0; o < o1; ++o) {
+    const W* row = w + o * in;
 #if defined(__x86_64__)
-      if (avx512) {
-        y[o] = row_avx512(row, x, in);
-        continue;
-      }
-      if (avx2) {
-        y[o] = row_avx2(row, x, in);
-        continue;
-      }
-#endif
-      y[o] = row_scalar(row, x, in);
+    if (avx512) {
+      y[o] = row_avx512(row, x, in);
+      continue;
     }
-  });
+    if (avx2) {
+      y[o] = row_avx2(row, x, in);
+      continue;
+    }
+#endif
+    y[o] = row_scalar(row, x, in);
+  }
+}
+
+// w: [out, in], x: [in] -> y: [out], rows split across intra-op threads
+template <typename W>
+void matvec_rows(const W* w, const float* x, int64_t out, int64_t in, float* y, int simd) {
+  at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) { rows_on_thread(w, x, in, o0, o1, y, simd); });
 }
 
 }  // namespace
@@ -147,6 +151,13 @@ torch::Tensor float_matvec_cpu(const torch::Tensor& x, const torch::Tensor& w, i
   else
     matvec_rows(w.data_ptr<float>(), xf.data_ptr<float>(), w.size(0), w.size(1), y.data_ptr<float>(), simd);
   return y;
+}
+
+void matvec_rows_cpu(const float* w, const float* x, int64_t in, int64_t o0, int64_t o1, float* y, int simd) {
+  rows_on_thread(w, x, in, o0, o1, y, simd);
+}
+void matvec_rows_cpu(const uint16_t* w, const float* x, int64_t in, int64_t o0, int64_t o1, float* y, int simd) {
+  rows_on_thread(w, x, in, o0, o1, y, simd);
 }
 
 }  // namespace omnilite::quant

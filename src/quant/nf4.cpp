@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -55,6 +56,14 @@ const std::array<float, 256>& dynamic_map_values() {
   }();
   return map;
 }
+
+Nf4Activations parse_nf4_activations(const std::string& name) {
+  if (name == "fp32") return Nf4Activations::Float32;
+  if (name == "int16") return Nf4Activations::Int16;
+  throw std::invalid_argument("NF4 activations \"" + name + "\": must be \"fp32\" (exact, the default) or \"int16\" "
+                              "(x rounded to 16 bits per 64-block; faster decoding)");
+}
+const char* nf4_activations_name(Nf4Activations a) { return a == Nf4Activations::Int16 ? "int16" : "fp32"; }
 
 namespace {
 
@@ -472,79 +481,270 @@ bool cpu_has_avx2_fma() {
 }
 #endif
 
+// ---- Int16 activations (Nf4Activations::Int16) ----
+// Position p (0 .. 63) of a block in the int16 kernels' order holds column kInt16Column[p] of the block. The AVX2
+// kernel looks up the high nibbles (even columns) and the low nibbles (odd columns) of the block's 32 bytes and
+// widens the looked-up bytes to int16 by unpacking, within each 128-bit lane: vector v = 0, 1 (high nibbles), 2, 3
+// (low nibbles) holds bytes j = 0..7 and 16..23 (v even) or 8..15 and 24..31 (v odd).
+struct Int16Order {
+  std::array<int, 64> column;
+  Int16Order() {
+    for (int p = 0; p < 64; ++p) {
+      const int v = p / 16, e = p % 16;
+      const int j = (e < 8 ? e : e + 8) + (v % 2 == 1 ? 8 : 0);
+      column[static_cast<size_t>(p)] = 2 * j + (v >= 2 ? 1 : 0);
+    }
+  }
+};
+const Int16Order& int16_order() {
+  static const Int16Order o;
+  return o;
+}
+
+// The code values as integers k / 16383: round(code * 16383).
+const std::array<int16_t, 16>& int16_codes() {
+  static const std::array<int16_t, 16> c = [] {
+    std::array<int16_t, 16> t{};
+    for (int k = 0; k < 16; ++k)
+      t[static_cast<size_t>(k)] = static_cast<int16_t>(std::lrint(nf4_code_values()[static_cast<size_t>(k)] * kInt16Max));
+    return t;
+  }();
+  return c;
+}
+
+// One row in the AVX2 kernel's arithmetic, lane by lane, so that both give the same float32 bits: int32 lane l
+// (of 8) of a block sums the products at positions p with (p % 16) / 2 == l (exact: at most 8 x 16383^2 < 2^31);
+// each lane's sum is converted to float32 and accumulated as fma(sum, absmax * xscale, acc[b % 2][l]); the two
+// accumulators are added, then the 8 lanes pairwise.
+float one_row_int16_scalar(const uint8_t* packed, const float* absmax, const int16_t* xq, const float* xscale,
+                           int64_t in, int64_t o) {
+  const auto& col = int16_order().column;
+  const auto& code = int16_codes();
+  const int64_t half = in / 2, bpr = in / kNf4BlockSize;
+  const uint8_t* row = packed + o * half;
+  float acc[2][8] = {{0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}};
+  for (int64_t b = 0; b < bpr; ++b) {
+    const uint8_t* bytes = row + b * (kNf4BlockSize / 2);
+    const int16_t* xb = xq + b * kNf4BlockSize;
+    int32_t lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int p = 0; p < 64; ++p) {
+      const int c = col[static_cast<size_t>(p)];
+      const int nib = c % 2 == 0 ? bytes[c / 2] >> 4 : bytes[c / 2] & 15;
+      lane[(p % 16) / 2] += static_cast<int32_t>(code[static_cast<size_t>(nib)]) * static_cast<int32_t>(xb[p]);
+    }
+    const float f = absmax[b] * xscale[b];
+    for (int l = 0; l < 8; ++l) acc[b % 2][l] = std::fma(static_cast<float>(lane[l]), f, acc[b % 2][l]);
+  }
+  float v[8];
+  for (int l = 0; l < 8; ++l) v[l] = acc[0][l] + acc[1][l];
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+#if defined(__x86_64__)
+// The int16 code values as two byte planes (low and high byte), repeated in both 128-bit lanes.
+struct Int16Planes {
+  __m256i lo, hi;
+};
+__attribute__((target("avx2"))) Int16Planes int16_planes() {
+  alignas(32) uint8_t lo[32], hi[32];
+  for (int k = 0; k < 16; ++k) {
+    const auto u = static_cast<uint16_t>(int16_codes()[static_cast<size_t>(k)]);
+    lo[k] = lo[k + 16] = static_cast<uint8_t>(u & 255);
+    hi[k] = hi[k + 16] = static_cast<uint8_t>(u >> 8);
+  }
+  return {_mm256_load_si256(reinterpret_cast<const __m256i*>(lo)),
+          _mm256_load_si256(reinterpret_cast<const __m256i*>(hi))};
+}
+
+// One block of 64 codes (32 bytes) times its 64 integers: 8 int32 lane sums (exact). The codes are looked up as
+// int16 (two vpshufb and two unpacks per 32), then four vpmaddwd.
+__attribute__((target("avx2,fma"))) inline __m256i int16_block(const uint8_t* bytes, const int16_t* xq,
+                                                               const Int16Planes& cp) {
+  const __m256i low4 = _mm256_set1_epi8(15);
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+  const __m256i hn = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4), ln = _mm256_and_si256(raw, low4);
+  const __m256i hl = _mm256_shuffle_epi8(cp.lo, hn), hh = _mm256_shuffle_epi8(cp.hi, hn);
+  const __m256i ll = _mm256_shuffle_epi8(cp.lo, ln), lh = _mm256_shuffle_epi8(cp.hi, ln);
+  const __m256i* x = reinterpret_cast<const __m256i*>(xq);
+  const __m256i s0 = _mm256_madd_epi16(_mm256_unpacklo_epi8(hl, hh), _mm256_loadu_si256(x));
+  const __m256i s1 = _mm256_madd_epi16(_mm256_unpackhi_epi8(hl, hh), _mm256_loadu_si256(x + 1));
+  const __m256i s2 = _mm256_madd_epi16(_mm256_unpacklo_epi8(ll, lh), _mm256_loadu_si256(x + 2));
+  const __m256i s3 = _mm256_madd_epi16(_mm256_unpackhi_epi8(ll, lh), _mm256_loadu_si256(x + 3));
+  return _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+}
+
+// t + float(lane sums of block b) * absmax[b] * xscale[b]
+__attribute__((target("avx2,fma"))) inline __m256 int16_block_fma(const uint8_t* row, const int16_t* xq,
+                                                                  const float* absmax, const float* xscale,
+                                                                  int64_t b, const Int16Planes& cp, __m256 t) {
+  const uint8_t* bytes = row + b * (kNf4BlockSize / 2);
+  _mm_prefetch(reinterpret_cast<const char*>(bytes + 4096), _MM_HINT_T0);
+  const __m256i sum = int16_block(bytes, xq + b * kNf4BlockSize, cp);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(absmax[b] * xscale[b]), t);
+}
+
+// One row, Int16 activations: per block the 8 lane sums (int16_block) converted to float32 once and accumulated by
+// one FMA with the block's absmax * xscale. Blocks alternate between two accumulators (added at the end) to halve
+// the FMA dependency chain; one_row_int16_scalar follows the same order.
+__attribute__((target("avx2,fma"))) float one_row_int16_avx2(const uint8_t* packed, const float* absmax,
+                                                             const int16_t* xq, const float* xscale, int64_t in,
+                                                             int64_t o, const Int16Planes& cp) {
+  const int64_t half = in / 2, bpr = in / kNf4BlockSize;
+  const uint8_t* row = packed + o * half;
+  __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps();  // even and odd blocks (registers, not an array)
+  int64_t b = 0;
+  for (; b + 2 <= bpr; b += 2) {
+    t0 = int16_block_fma(row, xq, absmax, xscale, b, cp, t0);
+    t1 = int16_block_fma(row, xq, absmax, xscale, b + 1, cp, t1);
+  }
+  if (b < bpr) t0 = int16_block_fma(row, xq, absmax, xscale, b, cp, t0);
+  alignas(32) float v[8];
+  _mm256_store_ps(v, _mm256_add_ps(t0, t1));
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+#endif
+
+// The kernel a one-row product uses: 2 AVX-512, 1 AVX2, 0 scalar, at most `simd` (and the process's cap).
+int row_kernel(int simd) {
+#if defined(__x86_64__)
+  simd = std::min(simd, simd_cap());
+  if (simd >= 2 && cpu_has_avx512()) return 2;
+  if (simd >= 1 && cpu_has_avx2_fma()) return 1;
+#else
+  (void)simd;
+#endif
+  return 0;
+}
+
 }  // namespace
 
-torch::Tensor nf4_matmul_few_rows_cpu(const torch::Tensor& x, const Nf4Tensor& q, int simd) {
+Nf4View nf4_view(const Nf4Tensor& q) {
+  TORCH_CHECK(q.shape.size() == 2 && q.shape[1] % kNf4BlockSize == 0 && q.packed.device().is_cpu() &&
+                  q.packed.is_contiguous() && q.absmax_q.is_contiguous() && q.absmax_scale.is_contiguous() &&
+                  q.absmax_scale.scalar_type() == torch::kFloat32,
+              "nf4_view: expected a contiguous CPU [out, in] NF4 matrix with in % 64 == 0 and float32 scales");
+  return {q.packed.data_ptr<uint8_t>(), q.absmax_q.data_ptr<uint8_t>(), q.absmax_scale.data_ptr<float>(),
+          q.absmax_mean.item<float>(), q.shape[0], q.shape[1]};
+}
+
+Nf4RowInput nf4_row_input(const float* x, int64_t in, Nf4Activations activations, int simd) {
+  TORCH_CHECK(in > 0 && in % kNf4BlockSize == 0, "nf4_row_input: the row length ", in, " must be a multiple of 64");
+  Nf4RowInput r{activations, row_kernel(simd), in, {}, {}, {}};
+  if (activations == Nf4Activations::Int16) {
+    const auto& col = int16_order().column;
+    r.xq.resize(static_cast<size_t>(in));
+    r.xscale.resize(static_cast<size_t>(in / kNf4BlockSize));
+    for (int64_t b = 0; b < in / kNf4BlockSize; ++b) {
+      const float* xb = x + b * kNf4BlockSize;
+      float mx = 0.f;
+      for (int64_t i = 0; i < kNf4BlockSize; ++i) mx = std::max(mx, std::fabs(xb[i]));
+      const float inv = mx > 0.f ? static_cast<float>(kInt16Max) / mx : 0.f;
+      r.xscale[static_cast<size_t>(b)] = mx / (static_cast<float>(kInt16Max) * static_cast<float>(kInt16Max));
+      for (int p = 0; p < 64; ++p) {
+        const long v = std::lrint(xb[col[static_cast<size_t>(p)]] * inv);
+        r.xq[static_cast<size_t>(b * kNf4BlockSize + p)] = static_cast<int16_t>(std::clamp<long>(v, -kInt16Max, kInt16Max));
+      }
+    }
+    return r;
+  }
+  r.xf.resize(static_cast<size_t>(in));
+#if defined(__x86_64__)
+  if (r.simd == 1) {
+    permute_for_planes(x, in, r.xf.data());
+    return r;
+  }
+#endif
+  for (int64_t j = 0; j < in / 2; ++j) {  // even columns, then odd
+    r.xf[static_cast<size_t>(j)] = x[2 * j];
+    r.xf[static_cast<size_t>(in / 2 + j)] = x[2 * j + 1];
+  }
+  return r;
+}
+
+void nf4_matvec_rows(const Nf4View& w, const Nf4RowInput& x, int64_t o0, int64_t o1, float* y) {
+  TORCH_CHECK(w.in == x.in && o0 >= 0 && o1 <= w.out, "nf4_matvec_rows: rows [", o0, ", ", o1, ") of a [", w.out,
+              ", ", w.in, "] matrix with a row of ", x.in);
+  const int64_t in = w.in, bpr = in / kNf4BlockSize;
+  float stack_scales[256];
+  std::vector<float> heap_scales(bpr > 256 ? static_cast<size_t>(bpr) : 0);
+  float* ap = bpr > 256 ? heap_scales.data() : stack_scales;
+  const bool int16 = x.activations == Nf4Activations::Int16;
+#if defined(__x86_64__)
+  const CodePlanes cp = !int16 && x.simd == 1 ? code_planes() : CodePlanes{};
+  const Int16Planes ip = int16 && x.simd >= 1 ? int16_planes() : Int16Planes{};
+  const float* map = dynamic_map_values().data();
+#endif
+  for (int64_t o = o0; o < o1; ++o) {
+#if defined(__x86_64__)
+    if (x.simd >= 1) row_absmax_avx2(w.absmax_q, w.absmax_scale, w.absmax_mean, o * bpr, bpr, ap, map);
+    else row_absmax(w.absmax_q, w.absmax_scale, w.absmax_mean, o * bpr, bpr, ap);
+    if (int16) {
+      y[o] = x.simd >= 1 ? one_row_int16_avx2(w.packed, ap, x.xq.data(), x.xscale.data(), in, o, ip)
+                         : one_row_int16_scalar(w.packed, ap, x.xq.data(), x.xscale.data(), in, o);
+      continue;
+    }
+    if (x.simd == 2) {
+      y[o] = one_row_avx512(w.packed, ap, x.xf.data(), x.xf.data() + in / 2, in, o);
+      continue;
+    }
+    if (x.simd == 1) {
+      y[o] = one_row_avx2(w.packed, ap, x.xf.data(), in, o, cp);
+      continue;
+    }
+#else
+    row_absmax(w.absmax_q, w.absmax_scale, w.absmax_mean, o * bpr, bpr, ap);
+    if (int16) {
+      y[o] = one_row_int16_scalar(w.packed, ap, x.xq.data(), x.xscale.data(), in, o);
+      continue;
+    }
+#endif
+    few_rows_scalar(w.packed, ap, x.xf.data(), x.xf.data() + in / 2, 1, in, o, y + o);
+  }
+}
+
+torch::Tensor nf4_matmul_few_rows_cpu(const torch::Tensor& x, const Nf4Tensor& q, int simd,
+                                      Nf4Activations activations) {
   TORCH_CHECK(q.shape.size() == 2 && q.shape[1] % kNf4BlockSize == 0 && x.dim() == 2 && x.size(1) == q.shape[1] &&
                   x.size(0) <= kNf4FewRows && x.device().is_cpu() && q.packed.device().is_cpu(),
               "nf4_matmul_few_rows_cpu: expected CPU x [N <= ", kNf4FewRows, ", ", q.shape.size() == 2 ? q.shape[1] : 0,
               "] for a [out, in] matrix, got x ", x.sizes());
   const int64_t N = x.size(0), out = q.shape[0], in = q.shape[1];
-#if defined(__x86_64__)
-  simd = std::min(simd, simd_cap());
-  const bool avx2 = simd >= 1 && cpu_has_avx2_fma(), avx512 = simd >= 2 && cpu_has_avx512();
-#else
-  const bool avx2 = false, avx512 = false;
-  (void)simd;
-#endif
-  const bool planes = avx2 && !avx512 && N == 1;  // one_row_avx2 reads x in its own order, the others in halves
   auto xf = x.to(torch::kFloat32).contiguous();
-  torch::Tensor xe, xo, xp;
-  if (planes) {
-    xp = torch::empty({in}, torch::kFloat32);
-#if defined(__x86_64__)
-    permute_for_planes(xf.data_ptr<float>(), in, xp.data_ptr<float>());
-#endif
-  } else {
-    auto pairs = xf.view({N, in / 2, 2});
-    xe = pairs.select(2, 0).contiguous();  // [N, in / 2] even columns
-    xo = pairs.select(2, 1).contiguous();  // odd columns
-  }
   // the block scales are decoded row by row (row_absmax), not for the whole matrix in every call
-  const auto aq = q.absmax_q.contiguous(), scale = q.absmax_scale.to(torch::kFloat32).contiguous();
-  const float mean = q.absmax_mean.item<float>();
-  const uint8_t* aqp = aq.data_ptr<uint8_t>();
-  const float* scp = scale.data_ptr<float>();
+  const Nf4Tensor qc{q.packed.contiguous(), q.absmax_q.contiguous(), q.absmax_scale.to(torch::kFloat32).contiguous(),
+                     q.absmax_mean, q.shape};
+  const Nf4View w = nf4_view(qc);
+  if (N == 1) {
+    const Nf4RowInput row = nf4_row_input(xf.data_ptr<float>(), in, activations, simd);
+    auto y = torch::empty({1, out}, torch::kFloat32);
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) { nf4_matvec_rows(w, row, o0, o1, yp); });
+    return y;
+  }
+  const bool avx2 = row_kernel(simd) >= 1;
+  auto pairs = xf.view({N, in / 2, 2});
+  const auto xe = pairs.select(2, 0).contiguous();  // [N, in / 2] even columns
+  const auto xo = pairs.select(2, 1).contiguous();  // odd columns
   const int64_t bpr = in / kNf4BlockSize;
-  const float* map = dynamic_map_values().data();
-  auto packed = q.packed.contiguous();
-  // [out, N], written row by row; for N = 1 it is already [N, out]
-  auto y = torch::empty({out, N}, torch::kFloat32);
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float *ep = planes ? nullptr : xe.data_ptr<float>(), *op = planes ? nullptr : xo.data_ptr<float>();
-  const float* xpp = planes ? xp.data_ptr<float>() : nullptr;
+  auto y = torch::empty({out, N}, torch::kFloat32);  // [out, N], written row by row
+  const float *ep = xe.data_ptr<float>(), *op = xo.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, out, 16, [&](int64_t o0, int64_t o1) {
     std::vector<float> row_scales(static_cast<size_t>(bpr));
     float* ap = row_scales.data();
-#if defined(__x86_64__)
-    const CodePlanes cp = planes ? code_planes() : CodePlanes{};
-#endif
     for (int64_t o = o0; o < o1; ++o) {
 #if defined(__x86_64__)
-      if (avx2) row_absmax_avx2(aqp, scp, mean, o * bpr, bpr, ap, map);
-      else row_absmax(aqp, scp, mean, o * bpr, bpr, ap);
-#else
-      row_absmax(aqp, scp, mean, o * bpr, bpr, ap);
-#endif
-#if defined(__x86_64__)
-      if (avx512 && N == 1) {
-        yp[o] = one_row_avx512(pp, ap, ep, op, in, o);
-        continue;
-      }
-      if (planes) {
-        yp[o] = one_row_avx2(pp, ap, xpp, in, o, cp);
-        continue;
-      }
       if (avx2) {
-        few_rows_avx2(pp, ap, ep, op, N, in, o, yp + o * N);
+        row_absmax_avx2(w.absmax_q, w.absmax_scale, w.absmax_mean, o * bpr, bpr, ap, dynamic_map_values().data());
+        few_rows_avx2(w.packed, ap, ep, op, N, in, o, yp + o * N);
         continue;
       }
 #endif
-      few_rows_scalar(pp, ap, ep, op, N, in, o, yp + o * N);
+      row_absmax(w.absmax_q, w.absmax_scale, w.absmax_mean, o * bpr, bpr, ap);
+      few_rows_scalar(w.packed, ap, ep, op, N, in, o, yp + o * N);
     }
   });
-  return N == 1 ? y.view({1, out}) : y.t().contiguous();  // [N, out]
+  return y.t().contiguous();  // [N, out]
 }
 
 }  // namespace omnilite::quant

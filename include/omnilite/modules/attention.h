@@ -17,6 +17,12 @@
 
 namespace omnilite {
 
+// One query per head of one sequence over its S cached positions (a decoding step) on the CPU in float32, the
+// arithmetic of attention_core's one-query path: q [H, Dh] (unscaled), keys and values of KV head j at
+// k + j * head_stride and v + j * head_stride, rows of Dh, -> out [H, Dh]. The KV heads run on the intra-op threads.
+void one_query_attention_cpu(const float* q, const float* k, const float* v, int64_t H, int64_t Hkv, int64_t S,
+                             int64_t Dh, int64_t head_stride, float* out);
+
 // q: [B, H, T, Dh], k/v: [B, Hkv, S, Dh], allowed: bool [B or 1, 1, T, S] (true = may attend) or undefined,
 // causal: apply the causal rule (key j <= query i, aligned at the end) in addition to `allowed`
 // -> [B, H, T, Dh]. Softmax in fp32.

@@ -37,7 +37,13 @@ struct Nf4LinearImpl : LinearBaseImpl {
   torch::Tensor weight_absmax_scale;  // [ceil(out * in / 64 / 256)] float32
   torch::Tensor weight_absmax_mean;   // [] float32
   torch::Tensor bias;                 // [out] float32 buffer (frozen), undefined without bias
+  // One-row products without gradients (decoding): exact float32 (the default) or int16 inputs (runtime.
+  // nf4_activations; quant/nf4.h). Products with gradients are always exact.
+  quant::Nf4Activations activations = quant::Nf4Activations::Float32;
 };
 TORCH_MODULE(Nf4Linear);
+
+// Sets `activations` of every Nf4Linear in `model`.
+void set_nf4_activations(torch::nn::Module& model, quant::Nf4Activations a);
 
 }  // namespace omnilite

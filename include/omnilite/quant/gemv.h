@@ -21,4 +21,10 @@ torch::Tensor bf16_matvec_cpu(const torch::Tensor& x, const torch::Tensor& w, in
 // holding the same values) contiguous CPU -> [out] float32; `simd` as above.
 torch::Tensor float_matvec_cpu(const torch::Tensor& x, const torch::Tensor& w, int simd = 2);
 
+// Rows [o0, o1) of y = W x on the calling thread (callers split rows across threads, several matrices sharing one
+// parallel region): w [out, in] float32, or bf16 as its uint16_t bits (widened exactly), x [in] float32; the same
+// kernels and products as float_matvec_cpu.
+void matvec_rows_cpu(const float* w, const float* x, int64_t in, int64_t o0, int64_t o1, float* y, int simd = 2);
+void matvec_rows_cpu(const uint16_t* w, const float* x, int64_t in, int64_t o0, int64_t o1, float* y, int simd = 2);
+
 }  // namespace omnilite::quant

@@ -15,6 +15,8 @@
 
 #include <array>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -52,6 +54,22 @@ torch::Tensor nf4_dequantize(const Nf4Tensor& q, torch::ScalarType dtype = torch
 // -> [rows, in] in `dtype`.
 torch::Tensor nf4_dequantize_rows(const Nf4Tensor& q, int64_t row0, int64_t rows, torch::ScalarType dtype);
 
+// How a one-row NF4 product (decoding) treats its input x (runtime.nf4_activations).
+enum class Nf4Activations {
+  Float32,  // exact: float32 products of the code values with x, summed in float32 (the default)
+  // x rounded per 64-block to integers in [-16383, 16383] (scale max |x| / 16383) and the code values to k / 16383;
+  // the integer products of a block are summed exactly (AVX2 vpmaddwd), then scaled once. Error: at most about
+  // 3.1e-5 of the block's max |x| per input and 3.1e-5 per code value (measured: docs/benchmarks.md). Not exact:
+  // an opt-in for speed, as llama.cpp's 8-bit activations (whose error is 128x larger).
+  Int16,
+};
+// "fp32" -> Float32, "int16" -> Int16; anything else throws, naming the value.
+Nf4Activations parse_nf4_activations(const std::string& name);
+const char* nf4_activations_name(Nf4Activations a);
+// The largest integer magnitude of an Int16 code value or input: 8 products of 16383^2 (one int32 lane's share of a
+// block) stay below 2^31.
+constexpr int kInt16Max = 16383;
+
 // Rows of x at most this many take nf4_matmul_few_rows_cpu in Nf4Linear's CPU forward (decoding).
 constexpr int64_t kNf4FewRows = 8;
 // y = x W^T straight from the codes on the CPU, without materialising W: per 64-block, sum(code[c_i] * x_i) is
@@ -59,6 +77,35 @@ constexpr int64_t kNf4FewRows = 8;
 // run time). Reads each packed byte once for all rows, so batch-1 decoding reads 4.1 bits per weight instead of
 // writing and re-reading an fp32 copy. x: [N, in] float32 CPU, N <= kNf4FewRows, q a 2-d [out, in] matrix -> [N, out]
 // float32. `simd` caps the instruction set: 2 AVX-512, 1 AVX2, 0 the scalar loop (tests compare all three).
-torch::Tensor nf4_matmul_few_rows_cpu(const torch::Tensor& x, const Nf4Tensor& q, int simd = 2);
+// `activations` applies to one row (N = 1, decoding); more rows are always Float32.
+torch::Tensor nf4_matmul_few_rows_cpu(const torch::Tensor& x, const Nf4Tensor& q, int simd = 2,
+                                      Nf4Activations activations = Nf4Activations::Float32);
+
+// A 2-d quantised matrix [out, in] as raw CPU pointers (its tensors must stay alive), for nf4_matvec_rows.
+struct Nf4View {
+  const uint8_t* packed;        // [out * in / 2] codes
+  const uint8_t* absmax_q;      // [out * in / 64] double-quantised block scales
+  const float* absmax_scale;    // [ceil(out * in / 64 / 256)]
+  float absmax_mean;            // the nested offset
+  int64_t out, in;              // the matrix's shape
+};
+// q: a contiguous CPU [out, in] matrix with in % 64 == 0 and a float32 absmax_scale.
+Nf4View nf4_view(const Nf4Tensor& q);
+
+// One input row x [in] prepared once for any number of one-row products with [., in] matrices: laid out in the
+// order the chosen kernel reads it, or rounded to 16-bit integers per 64-block (Nf4Activations::Int16).
+struct Nf4RowInput {
+  Nf4Activations activations;  // how the products treat x
+  int simd;                    // the kernel: 2 AVX-512, 1 AVX2, 0 scalar (the CPU's widest up to the cap asked for)
+  int64_t in;                  // x's length
+  std::vector<float> xf;       // Float32: x in the kernel's order (AVX2: byte-plane order; else even then odd columns)
+  std::vector<int16_t> xq;     // Int16: round(x / xscale) per block, in the kernel's order (kInt16Order)
+  std::vector<float> xscale;   // Int16: [in / 64] max |x| of the block / 16383^2 (x ~= xq * 16383 * xscale)
+};
+// x: [in] float32, in % 64 == 0. simd caps the kernel as in nf4_matmul_few_rows_cpu.
+Nf4RowInput nf4_row_input(const float* x, int64_t in, Nf4Activations activations, int simd = 2);
+// y[o] = sum_i dequant(W)[o, i] x[i] for the rows o in [o0, o1), on the calling thread (callers split rows across
+// threads, several matrices sharing one parallel region).
+void nf4_matvec_rows(const Nf4View& w, const Nf4RowInput& x, int64_t o0, int64_t o1, float* y);
 
 }  // namespace omnilite::quant

@@ -1,0 +1,48 @@
+// One decoded token of the text decoder on the CPU, without LibTorch's per-op dispatch (batch-1 decoding).
+//
+// The module path (OmniLite::forward with a KVCache) runs about a hundred small LibTorch ops per layer for one
+// token; on two cores they and the fork/join around them took ~40% of a decoded token (docs/benchmarks.md). TextStep
+// runs the same arithmetic on raw float32 buffers: the projections with the kernels the modules call (one-row NF4,
+// quant/nf4.h; float32 / bf16 matrix-vector, quant/gemv.h), a layer's q, k and v in one parallel region, the routed
+// experts' w1 and w3 in one, their w2 in one; the norms, RoPE (with rope_tables' own tables), the cache write, the
+// router and SiLU in plain loops; attention with the module path's one-query kernel. Outputs equal the module
+// path's within float32 rounding (summation order only; tests/test_text_step.cpp compares both).
+//
+// It takes float32 models whose projections are plain, NF4 or LoRA over either (a QLoRA base with its adapter) and
+// whose LM head is float32 or bf16 (LMHeadImpl::store_bf16_if_exact); text_step_obstacle names what else stops it.
+// Prompts (several tokens), image placeholders and bf16 models keep the module path.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <torch/torch.h>
+
+#include "omnilite/modules/kv_cache.h"
+#include "omnilite/modules/omnilite.h"
+
+namespace omnilite {
+
+// Why `model` cannot decode through TextStep, or "" when it can.
+std::string text_step_obstacle(OmniLiteImpl& model);
+
+class TextStep {
+ public:
+  // Reads the model's buffers (it must outlive the step and keep its weights); throws naming the obstacle.
+  explicit TextStep(OmniLiteImpl& model);
+  ~TextStep();
+  TextStep(TextStep&&) noexcept;
+  TextStep& operator=(TextStep&&) noexcept;
+
+  // Whether `token` can take the step after `cache`: a text id (no image placeholder), a batch-1 float32 CPU cache
+  // that appends (or an empty one), and room in the context.
+  bool accepts(int64_t token, const KVCache& cache) const;
+  // `token` at position cache.length() -> its next-token logits [V] float32; its keys and values are appended.
+  torch::Tensor logits(int64_t token, KVCache& cache);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace omnilite
