@@ -9,6 +9,7 @@
 #      3): prompt tokens/s, and decode tokens/s after a PROMPT-token context
 #   4. omnilite bench decode --weights W --prompt PROMPT --new-tokens NEW with the same threads in all (THREADS =
 #      LibTorch + OpenBLAS threads: OMNI_THREADS LibTorch threads, default 1, and the rest for OpenBLAS)
+#      nf4 runs once per NF4_ACTIVATIONS (default "fp32 int16": the exact kernel, then 16-bit inputs, quant/nf4.h)
 # Prints one JSON line per tool and format, then the ratios OMNI-LITE / llama.cpp (above 1: OMNI-LITE is faster).
 # Usage: scripts/bench_vs_llamacpp.sh [THREADS] [PROMPT] [NEW] [FORMATS, default "nf4 bf16"]
 set -euo pipefail
@@ -37,8 +38,12 @@ for fmt in $formats; do
   gguf=exports/init-$type.gguf
   [[ -f $gguf ]] || build/omnilite export --checkpoint runs/init-bf16 --format gguf --type "$type" --out "$gguf"
   llama=$("$bench" -m "$gguf" -p "$prompt" -n "$new" -d "$prompt" -t "$threads" -r "$reps" -o json)
+  acts=fp32
+  [[ $fmt == nf4 ]] && acts=${NF4_ACTIVATIONS:-fp32 int16}
+  for act in $acts; do
   omni=$(build/omnilite bench decode --config configs/omni-lite.json --weights "$fmt" --threads "$omni_threads" \
-           --blas-threads "$omni_blas" --prompt "$prompt" --new-tokens "$new" --json 2> /dev/null | tail -1)
+           --blas-threads "$omni_blas" --prompt "$prompt" --new-tokens "$new" --nf4-activations "$act" --json \
+           2> /dev/null | tail -1)
   python3 - "$llama" "$omni" "$threads" "$type" <<'PY'
 import json, sys
 llama, omni, threads, gtype = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -46,10 +51,11 @@ pp = next(r for r in llama if r["n_prompt"] > 0)["avg_ts"]
 tg = next(r for r in llama if r["n_gen"] > 0)["avg_ts"]
 print(json.dumps({"tool": "llama.cpp", "weights": gtype, "threads": threads, "prompt_tokens_per_second": pp,
                   "decode_tokens_per_second": tg, "build": llama[0].get("build_commit")}))
-keys = ["weights", "threads", "blas_threads", "prompt_tokens_per_second", "decode_tokens_per_second",
+keys = ["weights", "nf4_activations", "decode_path", "threads", "blas_threads", "prompt_tokens_per_second", "decode_tokens_per_second",
         "bandwidth_bound_tokens_per_second", "read_bandwidth_gb_per_s", "weight_mb_per_token", "peak_rss_gib"]
 print(json.dumps({"tool": "omnilite", **{k: omni[k] for k in keys if k in omni}}))
-print(f"{omni['weights']} vs {gtype}: decode omnilite / llama.cpp = {omni['decode_tokens_per_second'] / tg:.2f}; "
+print(f"{omni['weights']} ({omni['nf4_activations']} inputs) vs {gtype}: decode omnilite / llama.cpp = {omni['decode_tokens_per_second'] / tg:.2f}; "
       f"prompt omnilite / llama.cpp = {omni['prompt_tokens_per_second'] / pp:.2f}")
 PY
+  done
 done

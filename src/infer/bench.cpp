@@ -76,8 +76,13 @@ nlohmann::json bench_nf4(const torch::Device& dev, int64_t tokens, int64_t in, i
   if (tokens == 1 && dev.is_cpu()) {  // the one-row kernel with int16 inputs (runtime.nf4_activations = int16)
     nf4->activations = quant::Nf4Activations::Int16;
     const double t16 = time_per_call(dev, reps, [&] { return nf4->forward(x); });
+    const auto y16 = nf4->forward(x).to(torch::kFloat64);
     nf4->activations = quant::Nf4Activations::Float32;
-    r = {{"nf4_int16_ms", 1e3 * t16}, {"nf4_int16_gweights_per_s", static_cast<double>(in * out) / t16 / 1e9}};
+    const auto y32 = nf4->forward(x).to(torch::kFloat64);
+    // its error against the exact product: largest |difference| / largest |y|, and relative to the norm of y
+    r = {{"nf4_int16_ms", 1e3 * t16}, {"nf4_int16_gweights_per_s", static_cast<double>(in * out) / t16 / 1e9},
+         {"nf4_int16_max_err_rel", ((y16 - y32).abs().max() / y32.abs().max()).item<double>()},
+         {"nf4_int16_norm_err_rel", ((y16 - y32).norm() / y32.norm()).item<double>()}};
   }
   r.update({{"shape", std::to_string(tokens) + " x " + std::to_string(in) + " -> " + std::to_string(out)},
           {"fp32_ms", 1e3 * t_fp32},
