@@ -9,6 +9,8 @@
 #include <fstream>
 #include <set>
 
+#include <unistd.h>
+
 #include "helpers.h"
 #include "omnilite/data/image_dataset.h"
 #include "omnilite/data/image_shards.h"
@@ -24,9 +26,11 @@ namespace {
 using testing::bytes_of;
 using testing::write_bytes;
 
-// stdout of a shell command (throws when it fails)
+// stdout of a shell command (throws when it fails). The folder is per process: ctest -j runs the test cases that
+// call this side by side, and a shared folder was emptied under the other one's command.
 std::string shell(const std::string& cmd) {
-  const std::string out = testing::fresh_temp_dir("image_shards_shell") + "/out";
+  static const std::string dir = testing::fresh_temp_dir("image_shards_shell_" + std::to_string(::getpid()));
+  const std::string out = dir + "/out";
   if (std::system((cmd + " > " + out + " 2>&1").c_str()) != 0)
     throw std::runtime_error("command failed: " + cmd + ": " + bytes_of(out));
   return bytes_of(out);

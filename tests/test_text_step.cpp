@@ -235,4 +235,19 @@ TEST_CASE("TextStep: what it refuses, and generation takes it with the tokens of
     tokens = torch::full({1, 1}, next, torch::kInt64);
   }
   CHECK(got == ref);
+
+  // greedy_generate (captions, VQA) with one row: the step after the prefix, the module path's argmax tokens
+  const auto prefix = torch::tensor(prompt, torch::kInt64).view({1, -1});
+  const auto gen = greedy_generate(*model, prefix, torch::Tensor(), 6);  // [1, 6]
+  KVCache c2;
+  tokens = prefix;
+  for (int64_t i = 0; i < 6; ++i) {
+    OmniInput in;
+    in.tokens = tokens;
+    in.cache = &c2;
+    const int64_t next = model->forward(in).logits[0][-1].argmax().item<int64_t>();
+    CHECK(gen[0][i].item<int64_t>() == next);
+    if (next == c.model.tokens.eos_id) break;
+    tokens = torch::full({1, 1}, next, torch::kInt64);
+  }
 }

@@ -86,6 +86,7 @@ int run_eval(int argc, char** argv) {
   if (args.count("out")) o.out_dir = args["out"].as<std::string>();
   if (args.count("classifier")) o.classifier = args["classifier"].as<std::string>();
   if (args.count("device")) o.device = args["device"].as<std::string>();
+  if (args.count("nf4-activations")) o.nf4_activations = args["nf4-activations"].as<std::string>();
   o.caption_images = args["caption-images"].as<int64_t>();
   o.t2i_per_class = args["t2i-per-class"].as<int64_t>();
   o.flow_steps = args["flow-steps"].as<int64_t>();

@@ -16,6 +16,7 @@
 #include "omnilite/data/idx.h"
 #include "omnilite/data/image_dataset.h"
 #include "omnilite/data/mm_batch.h"
+#include "omnilite/modules/nf4_linear.h"
 #include "omnilite/data/text_dataset.h"
 #include "omnilite/data/tokenizer.h"
 #include "omnilite/infer/generate.h"
@@ -393,6 +394,14 @@ json evaluate(const EvalOptions& o) {
     if (std::find(all_tasks().begin(), all_tasks().end(), t) == all_tasks().end())
       throw std::runtime_error("eval: unknown task \"" + t + "\"");
   auto loaded = load_omni_checkpoint(o.checkpoint, o.device, o.adapter);
+  if (!o.nf4_activations.empty()) {
+    try {
+      set_nf4_activations(*loaded.model, quant::parse_nf4_activations(o.nf4_activations));
+    } catch (const std::invalid_argument& e) {
+      throw std::runtime_error(std::string("eval: --nf4-activations: ") + e.what());
+    }
+    loaded.cfg.runtime.nf4_activations = o.nf4_activations;
+  }
   const std::string& dir = loaded.dir;
   const Config& cfg = loaded.cfg;
   OmniLite model = loaded.model;

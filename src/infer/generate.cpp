@@ -28,12 +28,21 @@ torch::Tensor greedy_generate(OmniLiteImpl& model, const torch::Tensor& prefix, 
   auto done = torch::zeros({prefix.size(0)}, torch::TensorOptions().dtype(torch::kBool).device(dev));
   std::vector<torch::Tensor> out;
   KVCache cache;
+  // One row decodes through the lean CPU step after its prefix where the model allows it (infer/text_step.h).
+  std::optional<TextStep> step;
+  if (prefix.size(0) == 1 && text_step_obstacle(model).empty()) step.emplace(model);
   for (int64_t i = 0; i < max_new; ++i) {
-    OmniInput in;
-    in.tokens = tokens;  // the prefix first, then one token per row
-    in.images = i == 0 ? imgs : torch::Tensor();
-    in.cache = &cache;
-    auto logits = model.forward(in).logits.select(1, tokens.size(1) - 1);  // [N, V]
+    torch::Tensor logits;  // [N, V]
+    const int64_t last = i > 0 && step ? tokens.item<int64_t>() : -1;
+    if (i > 0 && step && step->accepts(last, cache)) {
+      logits = step->logits(last, cache).unsqueeze(0);
+    } else {
+      OmniInput in;
+      in.tokens = tokens;  // the prefix first, then one token per row
+      in.images = i == 0 ? imgs : torch::Tensor();
+      in.cache = &cache;
+      logits = model.forward(in).logits.select(1, tokens.size(1) - 1);
+    }
     auto next = logits.argmax(1).masked_fill(done, tk.pad_id);           // [N]
     out.push_back(next);
     done = done.logical_or(next.eq(tk.eos_id));

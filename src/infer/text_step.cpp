@@ -256,9 +256,8 @@ bool TextStep::accepts(int64_t token, const KVCache& cache) const {
   if (token < 0 || token >= s.t.vocab_size || token == s.image_id || token == s.gen_image_id) return false;
   if (!cache.append || s.m.top_k > 2) return false;
   if (cache.length() + 1 > s.t.max_position_embeddings) return false;
-  if (cache.length() == 0) return cache.layers.empty() || !cache.layers[0].k_store.defined() ||
-                                 cache.layers.size() == s.layers.size();
-  if (cache.layers.size() != s.layers.size()) return false;
+  if (!cache.layers.empty() && cache.layers.size() != s.layers.size()) return false;
+  if (cache.length() == 0) return true;  // storage of another shape or dtype is replaced by LayerKV::write
   const auto& k = cache.layers[0].k;
   return k.size(0) == 1 && k.device().is_cpu() && k.scalar_type() == torch::kFloat32;
 }
@@ -307,7 +306,10 @@ torch::Tensor TextStep::logits(int64_t token, KVCache& cache) {
     rope(s.q.data(), H, Dh, s.t.rope_dim, cos, sin);
     rope(s.k.data(), Hkv, Dh, s.t.rope_dim, cos, sin);
     LayerKV& kv = cache.layers[li];
-    if (kv.k_store.defined() && kv.k_store.size(2) >= S + 1 && kv.k_store.is_contiguous()) {
+    const bool fits = kv.k_store.defined() && kv.k_store.size(0) == 1 && kv.k_store.size(2) >= S + 1 &&
+                      kv.k_store.scalar_type() == torch::kFloat32 && kv.k_store.device().is_cpu() &&
+                      kv.k_store.is_contiguous() && kv.v_store.is_contiguous();
+    if (fits) {
       const int64_t cap = kv.k_store.size(2);
       float *ks = kv.k_store.data_ptr<float>(), *vs = kv.v_store.data_ptr<float>();
       for (int64_t j = 0; j < Hkv; ++j) {
@@ -316,7 +318,7 @@ torch::Tensor TextStep::logits(int64_t token, KVCache& cache) {
       }
       kv.k = kv.k_store.narrow(2, 0, S + 1);
       kv.v = kv.v_store.narrow(2, 0, S + 1);
-    } else {  // first position or a full storage: LayerKV grows it
+    } else {  // no storage yet, a full one, or one of another shape: LayerKV allocates or grows it
       kv.write(torch::from_blob(s.k.data(), {1, Hkv, 1, Dh}), torch::from_blob(s.v.data(), {1, Hkv, 1, Dh}),
                s.t.max_position_embeddings, true);
     }
@@ -325,15 +327,15 @@ torch::Tensor TextStep::logits(int64_t token, KVCache& cache) {
                             Dh, cap * Dh, s.attn.data());
     prepare(s.attn.data(), H * Dh, {&L.o}, rows);
     run_jobs({{&L.o, s.attn.data(), row_for(L.o, rows), s.proj.data()}});
-    for (int64_t i = 0; i < D; ++i) s.h[static_cast<size_t>(i)] = s.h[static_cast<size_t>(i)] + s.proj[static_cast<size_t>(i)];
+    for (size_t i = 0; i < s.h.size(); ++i) s.h[i] = s.h[i] + s.proj[i];
 
     // MoE: softmax over the router logits, top-k renormalised, the experts summed in ascending id order
     rms_norm(s.h.data(), L.post_norm, D, s.t.rms_norm_eps, s.xn.data());
     quant::matvec_rows_cpu(L.router, s.xn.data(), D, 0, E, s.router.data());
     const float mx = *std::max_element(s.router.begin(), s.router.end());
     float sum = 0.f;
-    for (int64_t e = 0; e < E; ++e) sum += (probs[static_cast<size_t>(e)] = std::exp(s.router[static_cast<size_t>(e)] - mx));
-    for (int64_t e = 0; e < E; ++e) probs[static_cast<size_t>(e)] /= sum;
+    for (size_t e = 0; e < probs.size(); ++e) sum += (probs[e] = std::exp(s.router[e] - mx));
+    for (auto& p : probs) p /= sum;
     std::iota(ids.begin(), ids.end(), int64_t{0});
     std::partial_sort(ids.begin(), ids.begin() + K, ids.end(), [&](int64_t a, int64_t b) {
       return probs[static_cast<size_t>(a)] > probs[static_cast<size_t>(b)] ||

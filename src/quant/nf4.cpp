@@ -63,7 +63,6 @@ Nf4Activations parse_nf4_activations(const std::string& name) {
   throw std::invalid_argument("NF4 activations \"" + name + "\": must be \"fp32\" (exact, the default) or \"int16\" "
                               "(x rounded to 16 bits per 64-block; faster decoding)");
 }
-const char* nf4_activations_name(Nf4Activations a) { return a == Nf4Activations::Int16 ? "int16" : "fp32"; }
 
 namespace {
 
@@ -482,7 +481,7 @@ bool cpu_has_avx2_fma() {
 #endif
 
 // ---- Int16 activations (Nf4Activations::Int16) ----
-// Position p (0 .. 63) of a block in the int16 kernels' order holds column kInt16Column[p] of the block. The AVX2
+// Position p (0 .. 63) of a block in the int16 kernels' order holds column Int16Order::column[p] of the block. The AVX2
 // kernel looks up the high nibbles (even columns) and the low nibbles (odd columns) of the block's 32 bytes and
 // widens the looked-up bytes to int16 by unpacking, within each 128-bit lane: vector v = 0, 1 (high nibbles), 2, 3
 // (low nibbles) holds bytes j = 0..7 and 16..23 (v even) or 8..15 and 24..31 (v odd).
@@ -506,7 +505,8 @@ const std::array<int16_t, 16>& int16_codes() {
   static const std::array<int16_t, 16> c = [] {
     std::array<int16_t, 16> t{};
     for (int k = 0; k < 16; ++k)
-      t[static_cast<size_t>(k)] = static_cast<int16_t>(std::lrint(nf4_code_values()[static_cast<size_t>(k)] * kInt16Max));
+      t[static_cast<size_t>(k)] =
+          static_cast<int16_t>(std::lrint(nf4_code_values()[static_cast<size_t>(k)] * kInt16Max));
     return t;
   }();
   return c;
@@ -642,7 +642,8 @@ Nf4RowInput nf4_row_input(const float* x, int64_t in, Nf4Activations activations
       r.xscale[static_cast<size_t>(b)] = mx / (static_cast<float>(kInt16Max) * static_cast<float>(kInt16Max));
       for (int p = 0; p < 64; ++p) {
         const long v = std::lrint(xb[col[static_cast<size_t>(p)]] * inv);
-        r.xq[static_cast<size_t>(b * kNf4BlockSize + p)] = static_cast<int16_t>(std::clamp<long>(v, -kInt16Max, kInt16Max));
+        r.xq[static_cast<size_t>(b * kNf4BlockSize + p)] =
+            static_cast<int16_t>(std::clamp<long>(v, -kInt16Max, kInt16Max));
       }
     }
     return r;

@@ -34,6 +34,7 @@ struct EvalOptions {
   std::string adapter;             // a QLoRA run folder: its adapters over `checkpoint` ("" = the run's base)
   std::string classifier;          // classifier run/checkpoint ("" = data.classifier of the checkpoint's config)
   std::string device;              // "" = runtime.device of the checkpoint's config
+  std::string nf4_activations;     // "" = runtime.nf4_activations of the checkpoint's config; "fp32" or "int16"
   int64_t caption_images = 500;    // held-out images captioned
   int64_t max_caption_tokens = 16; // longest generated caption
   int64_t t2i_per_class = 20;      // images generated per class

@@ -65,7 +65,6 @@ enum class Nf4Activations {
 };
 // "fp32" -> Float32, "int16" -> Int16; anything else throws, naming the value.
 Nf4Activations parse_nf4_activations(const std::string& name);
-const char* nf4_activations_name(Nf4Activations a);
 // The largest integer magnitude of an Int16 code value or input: 8 products of 16383^2 (one int32 lane's share of a
 // block) stay below 2^31.
 constexpr int kInt16Max = 16383;
@@ -99,7 +98,7 @@ struct Nf4RowInput {
   int simd;                    // the kernel: 2 AVX-512, 1 AVX2, 0 scalar (the CPU's widest up to the cap asked for)
   int64_t in;                  // x's length
   std::vector<float> xf;       // Float32: x in the kernel's order (AVX2: byte-plane order; else even then odd columns)
-  std::vector<int16_t> xq;     // Int16: round(x / xscale) per block, in the kernel's order (kInt16Order)
+  std::vector<int16_t> xq;     // Int16: round(x / xscale) per block, in the int16 kernels' order
   std::vector<float> xscale;   // Int16: [in / 64] max |x| of the block / 16383^2 (x ~= xq * 16383 * xscale)
 };
 // x: [in] float32, in % 64 == 0. simd caps the kernel as in nf4_matmul_few_rows_cpu.
