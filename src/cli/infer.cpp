@@ -6,6 +6,7 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <sstream>
 
 #include <cxxopts.hpp>
@@ -61,17 +62,21 @@ std::vector<int64_t> encode_prompt(const Tokenizer& tok, const Config& cfg, cons
 
 // The checkpoint of --checkpoint on --device (or the checkpoint's own device).
 LoadedModel load_from_args(const cxxopts::ParseResult& args) {
+  std::optional<quant::Nf4Activations> act;  // checked before the (long) load
+  if (args.count("nf4-activations")) {
+    try {
+      act = quant::parse_nf4_activations(args["nf4-activations"].as<std::string>());
+    } catch (const std::invalid_argument& e) {
+      throw std::runtime_error(std::string("--nf4-activations: ") + e.what());
+    }
+  }
   auto m = load_omni_checkpoint(args.count("checkpoint") ? args["checkpoint"].as<std::string>() : "",
                                 args.count("device") ? args["device"].as<std::string>() : "",
                                 args.count("adapter") ? args["adapter"].as<std::string>() : "");
   apply_thread_flags(args, m.cfg.runtime);
-  if (args.count("nf4-activations")) {
+  if (act) {
     m.cfg.runtime.nf4_activations = args["nf4-activations"].as<std::string>();
-    try {
-      set_nf4_activations(*m.model, quant::parse_nf4_activations(m.cfg.runtime.nf4_activations));
-    } catch (const std::invalid_argument& e) {
-      throw std::runtime_error(std::string("--nf4-activations: ") + e.what());
-    }
+    set_nf4_activations(*m.model, *act);
   }
   apply_runtime(m.cfg.runtime);  // the checkpoint's threads (or the flags') and seed, once for the process
   return m;

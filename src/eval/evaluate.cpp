@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <numeric>
+#include <optional>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -393,13 +394,15 @@ json evaluate(const EvalOptions& o) {
   for (const auto& t : o.tasks)
     if (std::find(all_tasks().begin(), all_tasks().end(), t) == all_tasks().end())
       throw std::runtime_error("eval: unknown task \"" + t + "\"");
+  std::optional<quant::Nf4Activations> act;  // checked before the (long) load
+  try {
+    if (!o.nf4_activations.empty()) act = quant::parse_nf4_activations(o.nf4_activations);
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(std::string("eval: --nf4-activations: ") + e.what());
+  }
   auto loaded = load_omni_checkpoint(o.checkpoint, o.device, o.adapter);
-  if (!o.nf4_activations.empty()) {
-    try {
-      set_nf4_activations(*loaded.model, quant::parse_nf4_activations(o.nf4_activations));
-    } catch (const std::invalid_argument& e) {
-      throw std::runtime_error(std::string("eval: --nf4-activations: ") + e.what());
-    }
+  if (act) {
+    set_nf4_activations(*loaded.model, *act);
     loaded.cfg.runtime.nf4_activations = o.nf4_activations;
   }
   const std::string& dir = loaded.dir;
