@@ -7,6 +7,7 @@
 #include "helpers.h"
 #include "omnilite/infer/generate.h"
 #include "omnilite/infer/text_step.h"
+#include "omnilite/modules/linear.h"
 #include "omnilite/modules/lora_linear.h"
 #include "omnilite/modules/nf4_linear.h"
 #include "omnilite/modules/qlora_builder.h"
@@ -250,4 +251,29 @@ TEST_CASE("TextStep: what it refuses, and generation takes it with the tokens of
     if (next == c.model.tokens.eos_id) break;
     tokens = torch::full({1, 1}, next, torch::kInt64);
   }
+}
+
+TEST_CASE("PlainLinear: bf16 rows on the CPU without gradients equal the float64 product rounded to bf16",
+          "[infer][bf16]") {
+  torch::manual_seed(46);
+  PlainLinearImpl l(256, 40, true);
+  l.to(torch::kBFloat16);
+  {
+    torch::NoGradGuard ng;
+    l.bias.normal_(0, 0.1);
+  }
+  const auto x = torch::randn({2, 7, 256}).to(torch::kBFloat16);
+  torch::Tensor y;
+  {
+    torch::NoGradGuard ng;
+    y = l.forward(x);  // the widened float32 GEMM
+  }
+  REQUIRE(y.scalar_type() == torch::kBFloat16);
+  REQUIRE(y.sizes() == torch::IntArrayRef({2, 7, 40}));
+  const auto ref = torch::matmul(x.to(torch::kFloat64), l.weight.to(torch::kFloat64).t()) + l.bias.to(torch::kFloat64);
+  // within one bf16 rounding of the exact value (2^-8 relative) plus float32 summation error
+  const auto err = (y.to(torch::kFloat64) - ref).abs();
+  CHECK((err <= ref.abs() * (1.0 / 256) + 1e-5).all().item<bool>());
+  // and mostly the very bf16 values of the exact product (a float32 sum can fall on the other side of a midpoint)
+  CHECK(y.eq(ref.to(torch::kBFloat16)).to(torch::kFloat64).mean().item<double>() > 0.95);
 }

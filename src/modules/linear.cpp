@@ -24,6 +24,15 @@ torch::Tensor PlainLinearImpl::forward(const torch::Tensor& x) {
     auto y = quant::bf16_matvec_cpu(x, weight).view(shape);
     return bias.defined() ? y + bias : y;
   }
+  // More rows in bf16 on the CPU without gradients (a bf16 model's prompt): LibTorch 1.13's CPU bf16 GEMM ran at
+  // ~1 prompt token/s on the full model (docs/benchmarks.md). The float32 GEMM of the widened values gives the bf16
+  // GEMM's result (exact products, float32 sums, one rounding to bf16) up to the summation order.
+  if (x.device().is_cpu() && weight.scalar_type() == torch::kBFloat16 && x.scalar_type() == torch::kBFloat16 &&
+      !torch::GradMode::is_enabled()) {
+    auto y = torch::nn::functional::linear(x.to(torch::kFloat32), weight.to(torch::kFloat32),
+                                           bias.defined() ? bias.to(torch::kFloat32) : bias);
+    return y.to(torch::kBFloat16);
+  }
   return torch::nn::functional::linear(x, weight, bias);
 }
 

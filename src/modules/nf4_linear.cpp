@@ -108,7 +108,6 @@ torch::Tensor Nf4LinearImpl::forward(const torch::Tensor& x) {
   return y.view(sizes);
 }
 
-
 void set_nf4_activations(torch::nn::Module& model, quant::Nf4Activations a) {
   for (const auto& m : model.modules())
     if (auto* q = dynamic_cast<Nf4LinearImpl*>(m.get())) q->activations = a;
