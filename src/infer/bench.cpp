@@ -211,8 +211,9 @@ nlohmann::json bench_decode(const Config& cfg, const torch::Device& dev, const s
   std::optional<TextStep> step;
   if (obstacle.empty()) step.emplace(*model);
   auto decode_one = [&] {
-    if (step && step->accepts(in.tokens.item<int64_t>(), cache))
-      in.tokens = greedy(step->logits(in.tokens.item<int64_t>(), cache).view({1, 1, -1}), 0);
+    const int64_t token = step ? in.tokens.item<int64_t>() : -1;
+    if (step && step->accepts(token, cache))
+      in.tokens = greedy(step->logits(token, cache).view({1, 1, -1}), 0);
     else
       in.tokens = greedy(model->forward(in).logits, 0);
   };
