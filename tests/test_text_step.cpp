@@ -45,21 +45,23 @@ Config step_config() {
   return c;
 }
 
-// Decodes `ids` one by one after a module-path prefill of `prefix`, through the modules and through TextStep, and
-// returns the largest normalised logit difference over the steps.
-double step_vs_modules(OmniLiteImpl& model, const std::vector<int64_t>& prefix, const std::vector<int64_t>& ids) {
+// Decodes `ids` one by one after a module-path prefill of `prefix`, through the modules of `model` and through
+// TextStep over `stepped` (default: the same model), and returns the largest normalised logit difference.
+double step_vs_modules(OmniLiteImpl& model, const std::vector<int64_t>& prefix, const std::vector<int64_t>& ids,
+                       OmniLiteImpl* stepped = nullptr) {
+  if (!stepped) stepped = &model;
   torch::NoGradGuard ng;
   KVCache a, b;
-  auto prefill = [&](KVCache& c) {
+  auto prefill = [&](OmniLiteImpl& m, KVCache& c) {
     if (prefix.empty()) return;
     OmniInput in;
     in.tokens = torch::tensor(prefix, torch::kInt64).view({1, -1});
     in.cache = &c;
-    model.forward(in);
+    m.forward(in);
   };
-  prefill(a);
-  prefill(b);
-  TextStep step(model);
+  prefill(model, a);
+  prefill(*stepped, b);
+  TextStep step(*stepped);
   double worst = 0;
   for (const int64_t id : ids) {
     OmniInput in;
@@ -186,6 +188,60 @@ TEST_CASE("TextStep: QLoRA (NF4 bases, LoRA with dropout in eval, bf16 head) giv
   CHECK(step_vs_modules(*model, {1, 12, 13}, {20, 21, 22, 23}) < 1e-5);
 }
 
+TEST_CASE("TextStep: a bf16 model gives the logits of the float32 model with its values, after a bf16 prompt too",
+          "[infer][text_step][bf16]") {
+  Config c = step_config();
+  torch::manual_seed(47);
+  OmniLite bf16(c.model);
+  torch::manual_seed(47);
+  OmniLite f32(c.model);
+  bf16->to(torch::kBFloat16);
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : f32->parameters()) p.copy_(p.to(torch::kBFloat16));  // the same values in float32
+  }
+  bf16->eval();
+  f32->eval();
+  REQUIRE(text_step_obstacle(*bf16).empty());
+  REQUIRE(bf16->text->layers[0]->as<DecoderLayerImpl>()->moe->gate->weight.scalar_type() == torch::kBFloat16);
+  // from an empty cache: the step's float32 activations and cache against the float32 model's module path
+  CHECK(step_vs_modules(*f32, {}, {5, 17, 33, 9, 60, 21, 8}, bf16.get()) < 1e-5);
+
+  // after a prompt through the bf16 modules: the step takes their bf16 cache (widened once), and the logits follow
+  // the bf16 module path within bf16 activation rounding
+  torch::NoGradGuard ng;
+  KVCache mod, stp;
+  const std::vector<int64_t> prompt{1, 30, 31, 32, 33};
+  for (KVCache* cache : {&mod, &stp}) {
+    OmniInput in;
+    in.tokens = torch::tensor(prompt, torch::kInt64).view({1, -1});
+    in.cache = cache;
+    bf16->forward(in);
+  }
+  REQUIRE(stp.layers[0].k.scalar_type() == torch::kBFloat16);
+  TextStep step(*bf16);
+  for (const int64_t id : {40, 41, 7}) {
+    OmniInput in;
+    in.tokens = torch::full({1, 1}, id, torch::kInt64);
+    in.cache = &mod;
+    const auto ref = bf16->forward(in).logits.view({-1});
+    REQUIRE(step.accepts(id, stp));
+    const auto got = step.logits(id, stp);
+    CHECK(testing::max_rel_err(got, ref) < 3e-2);
+    CHECK(got.argmax().item<int64_t>() == ref.argmax().item<int64_t>());
+  }
+  CHECK(stp.layers[0].k.scalar_type() == torch::kFloat32);
+  CHECK(stp.length() == static_cast<int64_t>(prompt.size()) + 3);
+  CHECK(testing::max_rel_err(stp.layers[1].k, mod.layers[1].k) < 3e-2);
+  // the module path can go on from the step's float32 cache (LayerKV::write converts it back)
+  OmniInput in;
+  in.tokens = torch::full({1, 2}, 9, torch::kInt64);
+  in.cache = &stp;
+  const auto more = bf16->forward(in).logits;
+  CHECK(stp.length() == static_cast<int64_t>(prompt.size()) + 5);
+  CHECK(torch::isfinite(more).all().item<bool>());
+}
+
 TEST_CASE("TextStep: what it refuses, and generation takes it with the tokens of the module path",
           "[infer][text_step]") {
   Config c = step_config();
@@ -209,10 +265,10 @@ TEST_CASE("TextStep: what it refuses, and generation takes it with the tokens of
     model->forward(in);
     CHECK_FALSE(step.accepts(5, cache));
   }
-  OmniLite bf16(c.model);
-  bf16->to(torch::kBFloat16);
-  CHECK_THAT(text_step_obstacle(*bf16), ContainsText("text.embed_tokens"));
-  CHECK_THROWS_WITH(TextStep(*bf16), ContainsText("float32"));
+  OmniLite half(c.model);
+  half->to(torch::kHalf);
+  CHECK_THAT(text_step_obstacle(*half), ContainsText("text.embed_tokens"));
+  CHECK_THROWS_WITH(TextStep(*half), ContainsText("float32 or bf16"));
 
   // greedy generation (which takes the step) against a module-path loop
   const std::vector<int64_t> prompt{1, 20, 21};

@@ -22,15 +22,32 @@ bool cpu_fp32(const torch::Tensor& t) {
   return t.defined() && t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous();
 }
 
+// float32 or bf16, contiguous on the CPU: the weights a step reads (bf16 ones widened exactly).
+bool cpu_float(const torch::Tensor& t) {
+  return t.defined() && t.device().is_cpu() && t.is_contiguous() &&
+         (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16);
+}
+
+// A small weight (norm, router, bias) as float32: the tensor itself, or a widened copy of a bf16 one.
+torch::Tensor as_f32(const torch::Tensor& t) { return t.to(torch::kFloat32).contiguous(); }
+
+// Rows [o0, o1) of y = W x with W float32 or bf16 [out, in] (quant/gemv.h).
+void matvec_rows(const torch::Tensor& w, const float* x, int64_t in, int64_t o0, int64_t o1, float* y) {
+  if (w.scalar_type() == torch::kBFloat16)
+    quant::matvec_rows_cpu(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), x, in, o0, o1, y);
+  else
+    quant::matvec_rows_cpu(w.data_ptr<float>(), x, in, o0, o1, y);
+}
+
 // A projection as raw buffers: y = W x (+ b) (+ scaling * B A x).
 struct Proj {
   int64_t in = 0, out = 0;
   bool is_nf4 = false;
-  torch::Tensor weight;       // plain: [out, in] float32
+  torch::Tensor weight;       // plain: [out, in] float32 or bf16
   quant::Nf4Tensor nf4;       // NF4: the buffers, contiguous (kept alive for `view`)
   quant::Nf4View view{};      // NF4: raw pointers into `nf4`
   quant::Nf4Activations activations = quant::Nf4Activations::Float32;  // the Nf4Linear's choice
-  torch::Tensor bias;         // [out] float32, undefined without bias
+  torch::Tensor bias;         // [out] float32 (a bf16 bias widened), undefined without bias
   torch::Tensor lora_a;       // [r, in] float32, undefined without an adapter
   torch::Tensor lora_b;       // [out, r] float32
   float scaling = 0.f;        // alpha / r, as the float the module multiplies by
@@ -50,8 +67,8 @@ std::string proj_obstacle(const LinearBaseImpl* l, const std::string& name) {
     return {};
   }
   if (const auto* p = dynamic_cast<const PlainLinearImpl*>(l)) {
-    if (!cpu_fp32(p->weight)) return name + ": weight is not contiguous float32 on the CPU";
-    if (p->bias.defined() && !cpu_fp32(p->bias)) return name + ": bias is not float32 on the CPU";
+    if (!cpu_float(p->weight)) return name + ": weight is not contiguous float32 or bf16 on the CPU";
+    if (p->bias.defined() && !cpu_float(p->bias)) return name + ": bias is not float32 or bf16 on the CPU";
     return {};
   }
   return name + ": a projection of another kind than plain, NF4 or LoRA";
@@ -75,20 +92,20 @@ Proj make_proj(const LinearBaseImpl* l) {
              w.absmax_mean, w.shape};
     p.view = quant::nf4_view(p.nf4);
     p.activations = q->activations;
-    if (q->bias.defined()) p.bias = q->bias.to(torch::kFloat32).contiguous();
+    if (q->bias.defined()) p.bias = as_f32(q->bias);
     return p;
   }
   const auto* pl = static_cast<const PlainLinearImpl*>(l);
   p.weight = pl->weight;
-  p.bias = pl->bias;
+  if (pl->bias.defined()) p.bias = as_f32(pl->bias);
   return p;
 }
 
 struct Layer {
-  const float* input_norm;   // [D]
-  const float* post_norm;    // [D]
+  torch::Tensor input_norm;  // [D] float32
+  torch::Tensor post_norm;   // [D] float32
   Proj q, k, v, o;           // attention projections
-  const float* router;       // [E, D] the MoE gate
+  torch::Tensor router;      // [E, D] the MoE gate, float32 or bf16
   std::vector<Proj> w1, w2, w3;  // per expert: D -> F, F -> D, D -> F
 };
 
@@ -111,7 +128,7 @@ void run_jobs(const std::vector<Job>& jobs) {
       const int64_t lo = std::max(a, base), hi = std::min(b, base + j.p->out);
       if (lo < hi) {
         if (j.p->is_nf4) quant::nf4_matvec_rows(j.p->view, *j.row, lo - base, hi - base, j.y);
-        else quant::matvec_rows_cpu(j.p->weight.data_ptr<float>(), j.x, j.p->in, lo - base, hi - base, j.y);
+        else matvec_rows(j.p->weight, j.x, j.p->in, lo - base, hi - base, j.y);
       }
       base += j.p->out;
     }
@@ -160,9 +177,9 @@ struct TextStep::Impl {
   MoEOptions m;
   int64_t image_id, gen_image_id;
   std::vector<Layer> layers;
-  const float* embed;       // [V, D]
-  const float* final_norm;  // [D]
-  torch::Tensor head;       // [V, D] float32 or bf16
+  torch::Tensor embed;       // [V, D] float32 or bf16
+  torch::Tensor final_norm;  // [D] float32
+  torch::Tensor head;        // [V, D] float32 or bf16
   // scratch, sized once
   std::vector<float> h, xn, q, k, v, attn, proj, router, gate[2], up[2], act[2], down[2];
 };
@@ -170,8 +187,9 @@ struct TextStep::Impl {
 std::string text_step_obstacle(OmniLiteImpl& model) {
   auto& text = *model.text;
   if (text.gate) return "text decoder: parameters are sharded (train.zero = 3)";
-  if (!cpu_fp32(text.embed_tokens->weight)) return "text.embed_tokens: weight is not contiguous float32 on the CPU";
-  if (!cpu_fp32(text.norm->weight)) return "text.norm: weight is not float32 on the CPU";
+  if (!cpu_float(text.embed_tokens->weight))
+    return "text.embed_tokens: weight is not contiguous float32 or bf16 on the CPU";
+  if (!cpu_float(text.norm->weight)) return "text.norm: weight is not float32 or bf16 on the CPU";
   const auto& head = model.lm_head->table();
   if (!(head.device().is_cpu() && head.is_contiguous() &&
         (head.scalar_type() == torch::kFloat32 || head.scalar_type() == torch::kBFloat16)))
@@ -180,9 +198,9 @@ std::string text_step_obstacle(OmniLiteImpl& model) {
   for (size_t i = 0; i < text.layers->size(); ++i) {
     const std::string name = "text.layers." + std::to_string(i);
     auto* l = text.layers[i]->as<DecoderLayerImpl>();
-    if (!cpu_fp32(l->input_layernorm->weight) || !cpu_fp32(l->post_attention_layernorm->weight))
-      return name + ": norm weights are not float32 on the CPU";
-    if (!cpu_fp32(l->moe->gate->weight)) return name + ".moe.gate: weight is not float32 on the CPU";
+    if (!cpu_float(l->input_layernorm->weight) || !cpu_float(l->post_attention_layernorm->weight))
+      return name + ": norm weights are not float32 or bf16 on the CPU";
+    if (!cpu_float(l->moe->gate->weight)) return name + ".moe.gate: weight is not float32 or bf16 on the CPU";
     const auto& a = *l->self_attn;
     for (const auto& [p, n] : {std::pair{a.q_proj.get(), "q_proj"}, {a.k_proj.get(), "k_proj"},
                                 {a.v_proj.get(), "v_proj"}, {a.o_proj.get(), "o_proj"}})
@@ -207,19 +225,19 @@ TextStep::TextStep(OmniLiteImpl& model) : impl_(std::make_unique<Impl>()) {
   s.image_id = model.cfg.tokens.image_id;
   s.gen_image_id = model.cfg.tokens.gen_image_id;
   auto& text = *model.text;
-  s.embed = text.embed_tokens->weight.data_ptr<float>();
-  s.final_norm = text.norm->weight.data_ptr<float>();
+  s.embed = text.embed_tokens->weight;
+  s.final_norm = as_f32(text.norm->weight);
   s.head = model.lm_head->table();
   for (size_t i = 0; i < text.layers->size(); ++i) {
     auto* l = text.layers[i]->as<DecoderLayerImpl>();
     Layer L;
-    L.input_norm = l->input_layernorm->weight.data_ptr<float>();
-    L.post_norm = l->post_attention_layernorm->weight.data_ptr<float>();
+    L.input_norm = as_f32(l->input_layernorm->weight);
+    L.post_norm = as_f32(l->post_attention_layernorm->weight);
     L.q = make_proj(l->self_attn->q_proj.get());
     L.k = make_proj(l->self_attn->k_proj.get());
     L.v = make_proj(l->self_attn->v_proj.get());
     L.o = make_proj(l->self_attn->o_proj.get());
-    L.router = l->moe->gate->weight.data_ptr<float>();
+    L.router = l->moe->gate->weight;
     for (size_t e = 0; e < l->moe->experts->size(); ++e) {
       auto* ex = l->moe->experts[e]->as<SwiGLUExpertImpl>();
       L.w1.push_back(make_proj(ex->w1.get()));
@@ -259,23 +277,48 @@ bool TextStep::accepts(int64_t token, const KVCache& cache) const {
   if (!cache.layers.empty() && cache.layers.size() != s.layers.size()) return false;
   if (cache.length() == 0) return true;  // storage of another shape or dtype is replaced by LayerKV::write
   const auto& k = cache.layers[0].k;
-  return k.size(0) == 1 && k.device().is_cpu() && k.scalar_type() == torch::kFloat32;
+  return k.size(0) == 1 && k.device().is_cpu() &&
+         (k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kBFloat16);
 }
+
+namespace {
+
+// A bf16 cache (a bf16 model's prompt ran through the modules) widened to float32 in place, once: the step keeps
+// float32 keys and values, as its activations are float32. The module path converts back if it runs again.
+void widen_cache(KVCache& cache) {
+  for (auto& l : cache.layers) {
+    if (!l.k_store.defined() || l.k_store.scalar_type() == torch::kFloat32) continue;
+    const int64_t S = l.k.size(2);
+    l.k_store = l.k_store.to(torch::kFloat32).contiguous();
+    l.v_store = l.v_store.to(torch::kFloat32).contiguous();
+    l.k = l.k_store.narrow(2, 0, S);
+    l.v = l.v_store.narrow(2, 0, S);
+  }
+}
+
+}  // namespace
 
 torch::Tensor TextStep::logits(int64_t token, KVCache& cache) {
   TORCH_CHECK(accepts(token, cache), "TextStep: token ", token, " after a cache of ", cache.length(),
-              " positions needs the module path (an image placeholder, a batched or non-float32 cache, or a full "
+              " positions needs the module path (an image placeholder, a batched, CUDA or half cache, or a full "
               "context)");
   auto& s = *impl_;
   const int64_t D = s.t.hidden_size, H = s.t.num_heads, Hkv = s.t.num_kv_heads, Dh = s.t.head_dim;
   const int64_t F = s.m.expert_hidden, E = s.m.num_experts, K = s.m.top_k;
   const int64_t S = cache.length();
   if (cache.layers.empty()) cache.layers.resize(s.layers.size());
+  widen_cache(cache);
   // the tables the module path uses for this position
   const auto tables = rope_tables(torch::full({1}, S, torch::kInt64), s.t.rope_dim, s.t.rope_theta, torch::kFloat32);
   const auto cos_t = tables.cos.contiguous(), sin_t = tables.sin.contiguous();
   const float *cos = cos_t.data_ptr<float>(), *sin = sin_t.data_ptr<float>();
-  std::copy(s.embed + token * D, s.embed + (token + 1) * D, s.h.begin());
+  if (s.embed.scalar_type() == torch::kBFloat16) {
+    const auto* e = s.embed.data_ptr<at::BFloat16>() + token * D;
+    for (int64_t i = 0; i < D; ++i) s.h[static_cast<size_t>(i)] = static_cast<float>(e[i]);
+  } else {
+    const float* e = s.embed.data_ptr<float>() + token * D;
+    std::copy(e, e + D, s.h.begin());
+  }
   // One prepared NF4 input per (row, activations) in use: the projections of one layer input share it.
   auto prepare = [](const float* x, int64_t n, const std::vector<const Proj*>& ps,
                     std::vector<quant::Nf4RowInput>& rows) {
@@ -298,7 +341,7 @@ torch::Tensor TextStep::logits(int64_t token, KVCache& cache) {
   for (size_t li = 0; li < s.layers.size(); ++li) {
     Layer& L = s.layers[li];
     // attention: x + o_proj(attention(rope(q), rope(k), v))
-    rms_norm(s.h.data(), L.input_norm, D, s.t.rms_norm_eps, s.xn.data());
+    rms_norm(s.h.data(), L.input_norm.data_ptr<float>(), D, s.t.rms_norm_eps, s.xn.data());
     prepare(s.xn.data(), D, {&L.q, &L.k, &L.v}, rows);
     run_jobs({{&L.q, s.xn.data(), row_for(L.q, rows), s.q.data()},
               {&L.k, s.xn.data(), row_for(L.k, rows), s.k.data()},
@@ -330,8 +373,8 @@ torch::Tensor TextStep::logits(int64_t token, KVCache& cache) {
     for (size_t i = 0; i < s.h.size(); ++i) s.h[i] = s.h[i] + s.proj[i];
 
     // MoE: softmax over the router logits, top-k renormalised, the experts summed in ascending id order
-    rms_norm(s.h.data(), L.post_norm, D, s.t.rms_norm_eps, s.xn.data());
-    quant::matvec_rows_cpu(L.router, s.xn.data(), D, 0, E, s.router.data());
+    rms_norm(s.h.data(), L.post_norm.data_ptr<float>(), D, s.t.rms_norm_eps, s.xn.data());
+    matvec_rows(L.router, s.xn.data(), D, 0, E, s.router.data());
     const float mx = *std::max_element(s.router.begin(), s.router.end());
     float sum = 0.f;
     for (size_t e = 0; e < probs.size(); ++e) sum += (probs[e] = std::exp(s.router[e] - mx));
@@ -374,17 +417,12 @@ torch::Tensor TextStep::logits(int64_t token, KVCache& cache) {
       s.h[static_cast<size_t>(i)] = s.h[static_cast<size_t>(i)] + y;
     }
   }
-  rms_norm(s.h.data(), s.final_norm, D, s.t.rms_norm_eps, s.xn.data());
+  rms_norm(s.h.data(), s.final_norm.data_ptr<float>(), D, s.t.rms_norm_eps, s.xn.data());
   const int64_t V = s.head.size(0);
   auto out = torch::empty({V}, torch::kFloat32);
   float* y = out.data_ptr<float>();
   const float* xn = s.xn.data();
-  const bool bf16 = s.head.scalar_type() == torch::kBFloat16;
-  const void* w = s.head.data_ptr();
-  at::parallel_for(0, V, 16, [&](int64_t o0, int64_t o1) {
-    if (bf16) quant::matvec_rows_cpu(static_cast<const uint16_t*>(w), xn, D, o0, o1, y);
-    else quant::matvec_rows_cpu(static_cast<const float*>(w), xn, D, o0, o1, y);
-  });
+  at::parallel_for(0, V, 16, [&](int64_t o0, int64_t o1) { matvec_rows(s.head, xn, D, o0, o1, y); });
   return out;
 }
 

@@ -228,6 +228,12 @@ torch::Tensor attention_core(const torch::Tensor& q, const torch::Tensor& k, con
   const int64_t Hkv = k.size(1), S = k.size(2), G = H / Hkv;
   const bool needs_grad =
       torch::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  // bf16 on the CPU without gradients (a bf16 model's prompt): LibTorch 1.13's CPU bf16 matmul is ~20x slower than
+  // its float32 one, so the float32 attention of the widened values runs, rounded to bf16 once at the end.
+  if (!needs_grad && q.device().is_cpu() && q.scalar_type() == torch::kBFloat16 &&
+      k.scalar_type() == torch::kBFloat16 && v.scalar_type() == torch::kBFloat16)
+    return attention_core(q.to(torch::kFloat32), k.to(torch::kFloat32), v.to(torch::kFloat32), allowed, causal)
+        .to(torch::kBFloat16);
   if (T == 1 && !allowed.defined() && !needs_grad && q.device().is_cpu() && q.scalar_type() == torch::kFloat32 &&
       k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 && k.stride(3) == 1 && v.stride(3) == 1)
     return one_query_attention(q, k, v);

@@ -2,6 +2,7 @@
 
 #include <vector>
 
+#include "omnilite/quant/gemm.h"
 #include "omnilite/quant/gemv.h"
 
 namespace omnilite {
@@ -27,11 +28,29 @@ torch::Tensor PlainLinearImpl::forward(const torch::Tensor& x) {
   // More rows in bf16 on the CPU without gradients (a bf16 model's prompt): LibTorch 1.13's CPU bf16 GEMM ran at
   // ~1 prompt token/s on the full model (docs/benchmarks.md). The float32 GEMM of the widened values gives the bf16
   // GEMM's result (exact products, float32 sums, one rounding to bf16) up to the summation order.
+  // Its rows are widened a block at a time, each block multiplied on an intra-op thread (quant/gemm.h).
+  const int64_t in = weight.size(1), out = weight.size(0);
   if (x.device().is_cpu() && weight.scalar_type() == torch::kBFloat16 && x.scalar_type() == torch::kBFloat16 &&
       !torch::GradMode::is_enabled()) {
-    auto y = torch::nn::functional::linear(x.to(torch::kFloat32), weight.to(torch::kFloat32),
-                                           bias.defined() ? bias.to(torch::kFloat32) : bias);
-    return y.to(torch::kBFloat16);
+    auto y = quant::matmul_by_row_blocks(x.reshape({-1, in}).to(torch::kFloat32), out, kWidenedRowsElements / in,
+                                         [&](int64_t r, int64_t n) {
+                                           return weight.narrow(0, r, n).to(torch::kFloat32);
+                                         });
+    if (bias.defined()) y = y + bias.to(torch::kFloat32);
+    auto sizes = x.sizes().vec();
+    sizes.back() = out;
+    return y.to(torch::kBFloat16).view(sizes);
+  }
+  // float32 rows without gradients on the CPU, when OpenBLAS has fewer threads than LibTorch (a prompt under
+  // runtime.blas_threads = 1): the GEMM split by output columns across the intra-op threads.
+  if (x.device().is_cpu() && weight.scalar_type() == torch::kFloat32 && x.scalar_type() == torch::kFloat32 &&
+      !torch::GradMode::is_enabled() && x.numel() > in && weight.is_contiguous() && quant::gemm_column_splits() > 1) {
+    auto y = quant::matmul_by_row_blocks(x.reshape({-1, in}), out, out,
+                                         [&](int64_t r, int64_t n) { return weight.narrow(0, r, n); });
+    if (bias.defined()) y = y + bias;
+    auto sizes = x.sizes().vec();
+    sizes.back() = out;
+    return y.view(sizes);
   }
   return torch::nn::functional::linear(x, weight, bias);
 }

@@ -1,5 +1,6 @@
 #include "omnilite/modules/nf4_linear.h"
 
+#include "omnilite/quant/gemm.h"
 #include "omnilite/runtime.h"
 
 namespace omnilite {
@@ -17,10 +18,15 @@ struct Nf4Matmul : torch::autograd::Function<Nf4Matmul> {
     // Decoding (a few rows on the CPU): products straight from the codes, W never materialised.
     if (x.device().is_cpu() && x.size(0) <= quant::kNf4FewRows && x.scalar_type() == torch::kFloat32)
       return quant::nf4_matmul_few_rows_cpu(x, q);
-    const int64_t out = layer->out_, rows = std::max<int64_t>(1, Nf4LinearImpl::kChunkElements / layer->in_);
+    const int64_t rows = std::max<int64_t>(1, Nf4LinearImpl::kChunkElements / layer->in_);
+    // On the CPU in float32 the blocks are spread over the intra-op threads when OpenBLAS has fewer (quant/gemm.h).
+    if (x.device().is_cpu() && x.scalar_type() == torch::kFloat32)
+      return quant::matmul_by_row_blocks(x, layer->out_, rows, [&](int64_t r, int64_t n) {
+        return quant::nf4_dequantize_rows(q, r, n, torch::kFloat32);
+      });
     std::vector<torch::Tensor> parts;
-    for (int64_t r = 0; r < out; r += rows) {
-      const int64_t n = std::min(rows, out - r);
+    for (int64_t r = 0; r < layer->out_; r += rows) {
+      const int64_t n = std::min(rows, layer->out_ - r);
       parts.push_back(torch::matmul(x, quant::nf4_dequantize_rows(q, r, n, x.scalar_type()).t()));  // [N, n]
     }
     return parts.size() == 1 ? parts[0] : torch::cat(parts, 1);
