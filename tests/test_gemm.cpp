@@ -84,3 +84,42 @@ TEST_CASE("Attention: a bf16 prompt on the CPU equals the float64 attention of i
   // one rounding to bf16 (2^-8 relative) of a float32 computation
   CHECK(((got.to(torch::kFloat64) - ref).abs() <= ref.abs() / 256 + 1e-5).all().item<bool>());
 }
+
+TEST_CASE("Training under 2 + 1 threads: split plain and NF4 layers give the float64 gradients", "[quant][gemm]") {
+  torch::manual_seed(64);
+  TwoPlusOne split;
+  PlainLinearImpl plain(96, 56, true);
+  {
+    torch::NoGradGuard ng;
+    plain.bias.normal_(0, 0.1);
+  }
+  const auto x = torch::randn({2, 13, 96}, torch::requires_grad());
+  const auto gy = torch::randn({2, 13, 56});
+  const auto y = plain.forward(x);
+  (y * gy).sum().backward();
+  // the float64 reference by autograd of the plain formula
+  const auto xd = x.detach().to(torch::kFloat64).requires_grad_();
+  const auto wd = plain.weight.detach().to(torch::kFloat64).requires_grad_();
+  const auto bd = plain.bias.detach().to(torch::kFloat64).requires_grad_();
+  const auto yd = torch::matmul(xd, wd.t()) + bd;
+  (yd * gy.to(torch::kFloat64)).sum().backward();
+  CHECK(testing::max_rel_err(y, yd) < 1e-5);
+  CHECK(testing::max_rel_err(x.grad(), xd.grad()) < 1e-5);
+  CHECK(testing::max_rel_err(plain.weight.grad(), wd.grad()) < 1e-5);
+  CHECK(testing::max_rel_err(plain.bias.grad(), bd.grad()) < 1e-5);
+
+  PlainLinearImpl nobias(96, 40, false);  // no bias: the autograd function takes x and W alone
+  const auto x2 = torch::randn({9, 96}, torch::requires_grad());
+  nobias.forward(x2).sum().backward();
+  const auto ones = torch::ones({9, 40}, torch::kFloat64);
+  CHECK(testing::max_rel_err(x2.grad(), torch::mm(ones, nobias.weight.detach().to(torch::kFloat64))) < 1e-5);
+  CHECK(testing::max_rel_err(nobias.weight.grad(), torch::mm(ones.t(), x2.detach().to(torch::kFloat64))) < 1e-5);
+
+  Nf4LinearImpl q(128, 80, false);
+  q.set_weight(torch::randn({80, 128}) * 0.05);
+  const auto xq = torch::randn({24, 128}, torch::requires_grad());
+  const auto gq = torch::randn({24, 80});
+  (q.forward(xq) * gq).sum().backward();
+  const auto ref = torch::mm(gq.to(torch::kFloat64), q.dequantized_weight(torch::kFloat32).to(torch::kFloat64));
+  CHECK(testing::max_rel_err(xq.grad(), ref) < 1e-5);
+}

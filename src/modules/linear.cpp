@@ -41,13 +41,11 @@ torch::Tensor PlainLinearImpl::forward(const torch::Tensor& x) {
     sizes.back() = out;
     return y.to(torch::kBFloat16).view(sizes);
   }
-  // float32 rows without gradients on the CPU, when OpenBLAS has fewer threads than LibTorch (a prompt under
-  // runtime.blas_threads = 1): the GEMM split by output columns across the intra-op threads.
+  // float32 rows on the CPU when OpenBLAS has fewer threads than LibTorch (a prompt, or training, under
+  // runtime.blas_threads = 1): the GEMMs of forward and backward split across the intra-op threads.
   if (x.device().is_cpu() && weight.scalar_type() == torch::kFloat32 && x.scalar_type() == torch::kFloat32 &&
-      !torch::GradMode::is_enabled() && x.numel() > in && weight.is_contiguous() && quant::gemm_column_splits() > 1) {
-    auto y = quant::matmul_by_row_blocks(x.reshape({-1, in}), out, out,
-                                         [&](int64_t r, int64_t n) { return weight.narrow(0, r, n); });
-    if (bias.defined()) y = y + bias;
+      x.numel() > in && weight.is_contiguous() && quant::gemm_column_splits() > 1) {
+    auto y = quant::split_linear(x.reshape({-1, in}), weight, bias);
     auto sizes = x.sizes().vec();
     sizes.back() = out;
     return y.view(sizes);

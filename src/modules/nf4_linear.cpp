@@ -1,5 +1,7 @@
 #include "omnilite/modules/nf4_linear.h"
 
+#include <ATen/Parallel.h>
+
 #include "omnilite/quant/gemm.h"
 #include "omnilite/runtime.h"
 
@@ -36,13 +38,28 @@ struct Nf4Matmul : torch::autograd::Function<Nf4Matmul> {
     auto* layer = reinterpret_cast<Nf4LinearImpl*>(ctx->saved_data["layer"].toInt());
     const auto& g = grads[0];
     const auto q = layer->weight_nf4();
-    const int64_t out = layer->out_, rows = std::max<int64_t>(1, Nf4LinearImpl::kChunkElements / layer->in_);
-    torch::Tensor gx;
-    for (int64_t r = 0; r < out; r += rows) {
-      const int64_t n = std::min(rows, out - r);
-      auto part = torch::matmul(g.narrow(1, r, n), quant::nf4_dequantize_rows(q, r, n, g.scalar_type()));  // [N, in]
-      gx = gx.defined() ? gx + part : part;
+    const int64_t out = layer->out_;
+    int64_t rows = std::max<int64_t>(1, Nf4LinearImpl::kChunkElements / layer->in_);
+    // On the CPU with fewer OpenBLAS threads than LibTorch ones, the row blocks' products run on the intra-op
+    // threads (quant/gemm.h) and are summed in block order afterwards.
+    const int64_t splits = g.device().is_cpu() ? quant::gemm_column_splits() : 1;
+    if (splits > 1) rows = std::min(rows, ((out + splits - 1) / splits + 15) / 16 * 16);
+    const int64_t blocks = (out + rows - 1) / rows;
+    std::vector<torch::Tensor> parts(static_cast<size_t>(blocks));
+    auto one = [&](int64_t b) {
+      const int64_t r = b * rows, n = std::min(rows, out - r);
+      parts[static_cast<size_t>(b)] =
+          torch::matmul(g.narrow(1, r, n), quant::nf4_dequantize_rows(q, r, n, g.scalar_type()));  // [N, in]
+    };
+    if (splits > 1 && blocks > 1) {
+      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) one(b);
+      });
+    } else {
+      for (int64_t b = 0; b < blocks; ++b) one(b);
     }
+    torch::Tensor gx = parts[0];
+    for (size_t b = 1; b < parts.size(); ++b) gx = gx + parts[b];
     return {gx, torch::Tensor()};
   }
 };
