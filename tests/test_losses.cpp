@@ -71,6 +71,28 @@ TEST_CASE("chunked linear cross-entropy equals the logits' cross-entropy, gradie
   CHECK(none.requires_grad());
 }
 
+TEST_CASE("chunked linear cross-entropy with a frozen bf16 table: the float64 loss and gradient of its values",
+          "[losses][chunked][bf16]") {
+  torch::manual_seed(4);
+  const int64_t n = 23, D = 16, V = 9000;  // more table rows than one widened block (4096)
+  const auto h = torch::randn({n, D}).requires_grad_(true);
+  const auto w16 = (torch::randn({V, D}) * 0.3).to(torch::kBFloat16);
+  const auto t = torch::randint(0, V, {n});
+  // reference: float64 logits of the same values, cross-entropy written out
+  const auto hd = h.detach().to(torch::kFloat64).requires_grad_(true);
+  const auto z = torch::matmul(hd, w16.to(torch::kFloat64).t());
+  const auto want = (z.logsumexp(1) - z.gather(1, t.unsqueeze(1)).squeeze(1)).sum();
+  const auto gd = torch::autograd::grad({want}, {hd})[0];
+  for (int64_t keep : {int64_t{0}, kKeepLogitGradBytes}) {
+    INFO("keep " << keep);
+    const auto l = linear_cross_entropy_sum(h, w16, t, 8, keep);
+    REQUIRE(l.scalar_type() == torch::kFloat32);
+    CHECK(l.item<double>() == Approx(want.item<double>()).epsilon(1e-5));
+    const auto g = torch::autograd::grad({l}, {h})[0];
+    CHECK(testing::max_rel_err(g, gd) < 1e-5);
+  }
+}
+
 TEST_CASE("rectified flow: interpolation, target velocity, MSE", "[losses][flow]") {
   auto x0 = torch::tensor({1.0, -2.0, 0.5, 4.0}, torch::kFloat64).view({2, 2});
   auto x1 = torch::tensor({3.0, 2.0, -0.5, 0.0}, torch::kFloat64).view({2, 2});

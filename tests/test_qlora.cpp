@@ -517,3 +517,60 @@ TEST_CASE("activation checkpointing with LoRA dropout gives plain backward's gra
     }
   CHECK(other > 1e-4);
 }
+
+TEST_CASE("QLoRA on the CPU keeps a bf16 base's frozen tables in bf16, with the float32 tables' loss and gradients",
+          "[qlora][bf16]") {
+  Config c = testing::tiny_qlora("nf4");
+  auto make = [&] {
+    torch::manual_seed(31);
+    OmniLite m(c.model, *make_linear_builder(c));
+    train_adapters_only(*m);
+    torch::NoGradGuard ng;
+    for (auto* t : {&m->text->embed_tokens->weight, &m->lm_head->weight}) t->copy_(t->to(torch::kBFloat16));
+    for (auto& p : m->named_parameters())
+      if (p.key().find(".lora_B.") != std::string::npos) p.value().normal_(0, 0.05);
+    m->eval();  // no dropout: both models draw nothing
+    return m;
+  };
+  OmniLite narrow = make(), wide = make();
+  REQUIRE(narrow_frozen_tables(*narrow) == 2);
+  CHECK(narrow->text->embed_tokens->weight.scalar_type() == torch::kBFloat16);
+  CHECK(narrow->lm_head->weight.scalar_type() == torch::kBFloat16);
+  auto tokens = torch::randint(7, c.model.text.vocab_size, {2, 12}, torch::kInt64);
+  auto loss_and_grads = [&](OmniLite& m) {
+    OmniInput in;
+    in.tokens = tokens;
+    in.compute_logits = false;
+    auto out = m->forward(in);
+    auto loss = clm_loss_sum(out.hidden, m->lm_head->table(), tokens, torch::ones({2, 12}, torch::kBool));
+    std::vector<torch::Tensor> params;
+    for (auto& p : m->parameters())
+      if (p.requires_grad()) params.push_back(p);
+    auto grads = torch::autograd::grad({loss}, params, {}, c10::nullopt, false, /*allow_unused=*/true);
+    return std::pair{loss, grads};
+  };
+  const auto [ln, gn] = loss_and_grads(narrow);
+  const auto [lw, gw] = loss_and_grads(wide);
+  CHECK(ln.item<double>() == Approx(lw.item<double>()).epsilon(1e-6));
+  REQUIRE(gn.size() == gw.size());
+  double worst = 0;
+  int64_t used = 0;  // the text adapters (the vision tower's get no gradient from text rows)
+  for (size_t i = 0; i < gn.size(); ++i) {
+    REQUIRE(gn[i].defined() == gw[i].defined());
+    if (!gn[i].defined()) continue;
+    worst = std::max(worst, testing::max_rel_err(gn[i], gw[i]));
+    ++used;
+  }
+  CHECK(used > 4);
+  CHECK(worst < 1e-5);
+  // a trainable head, or values that are not bf16 values, stay float32
+  OmniLite other = make();
+  other->lm_head->weight.set_requires_grad(true);
+  {
+    torch::NoGradGuard ng;
+    other->text->embed_tokens->weight.add_(1e-4);
+  }
+  CHECK(narrow_frozen_tables(*other) == 0);
+  CHECK(other->lm_head->weight.scalar_type() == torch::kFloat32);
+  CHECK(other->text->embed_tokens->weight.scalar_type() == torch::kFloat32);
+}

@@ -172,7 +172,9 @@ int run_memory(int argc, char** argv) {
   };
   row("NF4 weights: 4-bit codes", e.nf4_params, e.nf4_code_bytes);
   row("NF4 constants: absmax codes, scales", -1, e.nf4_const_bytes);
-  row("full-precision tensors (fp32)", e.full_params, e.full_bytes);
+  row(e.full_bytes < 4.0 * static_cast<double>(e.full_params) ? "full-precision tensors (fp32; frozen tables bf16)"
+                                                                  : "full-precision tensors (fp32)",
+      e.full_params, e.full_bytes);
   row("LoRA adapters (fp32)", e.lora_params, e.lora_bytes);
   row("gradients (trainable values)", e.trainable_params, e.grad_bytes);
   row("AdamW moments", -1, e.adam_bytes);

@@ -188,7 +188,7 @@ std::vector<int64_t> continue_text(OmniLiteImpl& model, KVCache& cache, const st
     } else {
       OmniInput in;
       in.tokens = tokens;
-      if (i == 0 && images.defined()) in.images = images.to(dev, model.text->embed_tokens->weight.scalar_type());
+      if (i == 0 && images.defined()) in.images = images.to(dev, model.text->norm->weight.scalar_type());
       in.cache = &cache;
       in.last_logits = true;
       logits = model.forward(in).logits[0][0].clone();

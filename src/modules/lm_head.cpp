@@ -3,9 +3,13 @@
 #include <algorithm>
 #include <vector>
 
+#include "omnilite/quant/gemm.h"
 #include "omnilite/quant/gemv.h"
 
 namespace omnilite {
+namespace {
+constexpr int64_t kWidenedRows = 4096;  // rows of a bf16 table widened at a time (32 MiB of float32 at D = 2048)
+}  // namespace
 
 LMHeadImpl::LMHeadImpl(int64_t dim, int64_t vocab_size, TokenEmbedding tied_embedding) : tied(tied_embedding) {
   if (!tied) weight = register_parameter("weight", torch::empty({vocab_size, dim}).normal_(0.0, kInitStd));
@@ -27,8 +31,16 @@ torch::Tensor LMHeadImpl::forward(const torch::Tensor& h) {
     if (fp32_h && fp32_w) return torch::mv(w, h.reshape({-1})).view(shape);  // with gradients
     if (h.scalar_type() == torch::kBFloat16 && bf16_w && kernel) return quant::bf16_matvec_cpu(h, w).view(shape);
   }
-  // an fp32 input with store_bf16_if_exact's weight: the weight widened (exactly) for the GEMM
+  // an fp32 input with store_bf16_if_exact's weight: the weight widened (exactly) for the GEMM, a block of rows at a
+  // time without gradients (no float32 copy of the whole table)
   const bool widen = h.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kBFloat16 && h.device().is_cpu();
+  if (widen && !(torch::GradMode::is_enabled() && h.requires_grad())) {
+    auto sizes = h.sizes().vec();
+    sizes.back() = w.size(0);
+    return quant::matmul_by_row_blocks(h.reshape({-1, h.size(-1)}), w.size(0), kWidenedRows, [&](int64_t r, int64_t n) {
+      return w.narrow(0, r, n).to(torch::kFloat32);
+    }).view(sizes);
+  }
   return torch::nn::functional::linear(h, widen ? w.to(torch::kFloat32) : w);
 }
 

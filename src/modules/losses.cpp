@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "omnilite/quant/gemm.h"
+
 namespace omnilite {
 
 // logits [B, T, V], tokens [B, T], target_mask [B, T] -> scalar
@@ -37,11 +39,32 @@ void softmax_minus_onehot(const torch::Tensor& p, const torch::Tensor& idx, torc
   out.scatter_add_(1, idx, torch::full(idx.sizes(), -1.0, out.options()));
 }
 
+// A bf16 table (QLoRA's frozen LM head on the CPU) with float32 rows: its rows are widened a block at a time, so
+// the products are those of the float32 table holding the same values, without a float32 copy of all of it.
+bool widened_table(const torch::Tensor& h, const torch::Tensor& w) {
+  return w.scalar_type() == torch::kBFloat16 && h.scalar_type() == torch::kFloat32 && w.device().is_cpu();
+}
+constexpr int64_t kWidenedTableRows = 4096;  // 32 MiB of float32 at D = 2048
+
 // sum_i CE(h_i w^T, t_i), chunked (see losses.h).
 struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
   // h_c: [n, D] -> logits [n, V] in the accumulation dtype
   static torch::Tensor logits(const torch::Tensor& hc, const torch::Tensor& w, torch::ScalarType acc) {
+    if (widened_table(hc, w))
+      return quant::matmul_by_row_blocks(hc.contiguous(), w.size(0), kWidenedTableRows, [&](int64_t r, int64_t n) {
+        return w.narrow(0, r, n).to(torch::kFloat32);
+      });
     return torch::matmul(hc, w.t()).to(acc);
+  }
+  // dz: [n, V] float32 -> dz w [n, D], a bf16 w widened a block of rows at a time
+  static torch::Tensor times_table(const torch::Tensor& dz, const torch::Tensor& w) {
+    torch::Tensor out;
+    for (int64_t r = 0; r < w.size(0); r += kWidenedTableRows) {
+      const int64_t n = std::min(kWidenedTableRows, w.size(0) - r);
+      auto part = torch::matmul(dz.narrow(1, r, n), w.narrow(0, r, n).to(torch::kFloat32));
+      out = out.defined() ? out.add_(part) : part;
+    }
+    return out;
   }
 
   // h: [n, D], w: [V, D], targets: [n] -> scalar
@@ -86,6 +109,11 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
         dz = torch::softmax(logits(hc, w, acc), 1);
         softmax_minus_onehot(dz, targets.narrow(0, c.r0, c.n).unsqueeze(1), dz);
         dz.mul_(g);
+      }
+      if (widened_table(h, w)) {  // a frozen bf16 table: no gradient of its own
+        TORCH_CHECK(!want_w, "linear_cross_entropy_sum: a bf16 table with float32 rows must be frozen");
+        if (want_h) dh.narrow(0, c.r0, c.n).copy_(times_table(dz, w));
+        continue;
       }
       const auto dzw = dz.to(w.scalar_type());
       if (want_h) dh.narrow(0, c.r0, c.n).copy_(torch::matmul(dzw, w));  // [n, D]

@@ -86,6 +86,8 @@ OmniOutput OmniLiteImpl::forward(const OmniInput& in) {
               in.tokens.defined() ? in.tokens.sizes() : torch::IntArrayRef{});
   const int64_t T = in.tokens.size(1);
   auto x = text->embed_tokens->forward(in.tokens);  // [B, T, D]
+  // A table stored narrower than the decoder (QLoRA's frozen bf16 embedding on the CPU) gives rows widened exactly.
+  if (x.scalar_type() != text->norm->weight.scalar_type()) x = x.to(text->norm->weight.scalar_type());
 
   // Image understanding: num_latents resampled tokens per image_id run.
   auto is_img = in.tokens.eq(tok.image_id);

@@ -2,6 +2,7 @@
 
 #include "omnilite/modules/lora_linear.h"
 #include "omnilite/modules/nf4_linear.h"
+#include "omnilite/modules/omnilite.h"
 #include "omnilite/pattern.h"
 #include "omnilite/quant/nf4.h"
 
@@ -29,6 +30,19 @@ std::shared_ptr<LinearBaseImpl> QLoRABuilder::make(const std::string& path, int6
 std::unique_ptr<LinearBuilder> make_linear_builder(const Config& cfg) {
   if (cfg.lora.enabled) return std::make_unique<QLoRABuilder>(cfg.lora);
   return std::make_unique<LinearBuilder>();
+}
+
+int narrow_frozen_tables(OmniLiteImpl& model) {
+  int narrowed = 0;
+  auto& head = *model.lm_head;
+  if (!head.tied && !head.weight.requires_grad() && head.store_bf16_if_exact()) ++narrowed;
+  auto& embed = model.text->embed_tokens->weight;
+  if (embed.requires_grad() || embed.scalar_type() != torch::kFloat32 || !embed.device().is_cpu()) return narrowed;
+  torch::NoGradGuard ng;
+  auto narrow = embed.to(torch::kBFloat16);
+  if (!torch::equal(narrow.to(torch::kFloat32), embed)) return narrowed;
+  embed.set_data(narrow);
+  return narrowed + 1;
 }
 
 }  // namespace omnilite

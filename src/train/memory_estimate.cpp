@@ -59,17 +59,23 @@ void estimate_weights(const Config& cfg, const RecordingBuilder& rec, const Omni
     }
     if (p.lora) e.lora_params += cfg.lora.rank * (p.in + p.out);
   }
+  // QLoRA on the CPU keeps a bf16 base's frozen token embedding and LM head in bf16 (OmniStage::setup_model)
+  const bool bf16_tables = cfg.lora.enabled && cfg.runtime.device == "cpu";
+  double narrowed = 0;
   for (const auto& [name, t] : io::state_tensors(model)) {
     if (rec.is_placeholder(name)) continue;
     e.full_params += t.numel();
-    if (t.requires_grad() && trainable_full(name)) {
+    const bool trains = t.requires_grad() && trainable_full(name);
+    if (trains) {
       e.trainable_params += t.numel();
       count_unit(name, t.numel());
+    } else if (bf16_tables && (name == "text.embed_tokens.weight" || name == "lm_head.weight")) {
+      narrowed += static_cast<double>(t.numel());
     }
   }
   for (const auto& [block, n] : per_block) e.layer_trainable = std::max(e.layer_trainable, n);
   e.trainable_params += e.lora_params;
-  e.full_bytes = 4.0 * static_cast<double>(e.full_params);
+  e.full_bytes = 4.0 * static_cast<double>(e.full_params) - 2.0 * narrowed;
   e.lora_bytes = 4.0 * static_cast<double>(e.lora_params);
   e.grad_bytes = 4.0 * static_cast<double>(e.trainable_params);
   e.adam_bytes = 8.0 * static_cast<double>(e.trainable_params);

@@ -272,6 +272,8 @@ class OmniStage : public TrainStage {
       log::info("qlora: base weights from " + tr.base_checkpoint);
       if (!cfg_.lora.init_adapter.empty()) start_adapter(cfg_.lora);
       train_adapters_only(*model_, cfg_.lora.modules_to_save);
+      if (dev_.is_cpu() && narrow_frozen_tables(*model_) > 0)
+        log::info("qlora: the frozen embedding / LM head of the bf16 base kept in bf16 (narrow_frozen_tables)");
     } else if (!tr.base_checkpoint.empty()) {
       // A full fine-tune: every weight starts from the base and trains (strict: every mismatch is named).
       io::load_base_weights(*model_, tr.base_checkpoint);
@@ -488,7 +490,7 @@ class OmniStage : public TrainStage {
     if (b.segments.defined()) in.segments = b.segments.to(dev_);
     else if (document_masks) in.segments = segments_from_bos(in.tokens, cfg_.model.tokens.bos_id);
     torch::Tensor x0, x1;
-    const auto fdt = model_->text->embed_tokens->weight.scalar_type();  // the model's float type (fp32; f64 in tests)
+    const auto fdt = model_->text->norm->weight.scalar_type();  // the model's float type (fp32; f64 in tests)
     if (b.images.defined()) in.images = b.images.to(dev_, fdt);
     if (b.gen_images.defined()) {
       torch::NoGradGuard ng;

@@ -29,4 +29,11 @@ struct QLoRABuilder : LinearBuilder {
 // The builder a config asks for: QLoRABuilder when lora.enabled, the plain builder otherwise.
 std::unique_ptr<LinearBuilder> make_linear_builder(const Config& cfg);
 
+struct OmniLiteImpl;
+// QLoRA on the CPU (after train_adapters_only): a bf16 base's frozen token embedding and LM head (0.25 GiB each in
+// float32 for the full model) are stored in bf16 when every value is a bf16 value; rows and products widen them
+// exactly (OmniLite's embedding input, linear_cross_entropy_sum), so losses and gradients are those of the float32
+// tables. Trainable or non-bf16 tables stay as they are. Returns how many of the two it narrowed.
+int narrow_frozen_tables(OmniLiteImpl& model);
+
 }  // namespace omnilite

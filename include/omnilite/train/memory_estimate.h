@@ -39,7 +39,7 @@ struct MemoryEstimate {
   int64_t trainable_params = 0;  // values that get gradients and AdamW state
   double nf4_code_bytes = 0;     // 4-bit codes
   double nf4_const_bytes = 0;    // absmax codes, scales and means
-  double full_bytes = 0;         // full_params * 4
+  double full_bytes = 0;         // full_params * 4, less 2 per value of QLoRA's frozen bf16 tables on the CPU
   double lora_bytes = 0;         // lora_params * 4
   double grad_bytes = 0;         // trainable_params * 4
   double adam_bytes = 0;         // trainable_params * 8 (two moments)
