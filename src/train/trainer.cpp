@@ -12,8 +12,12 @@
 #include <set>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 
 #include <ATen/Parallel.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <nlohmann/json.hpp>
 
 #if __has_include(<torch/csrc/autograd/profiler_legacy.h>)
@@ -323,8 +327,36 @@ double sum_of_squares_cpu(const T* x, int64_t n) {
   return total;
 }
 
+#if defined(__x86_64__)
+// Values [i0, i1 - (i1 - i0) % 8) of adamw_update's float32 loop, 8 at a time with AVX2: the same operations in the
+// same order (mul, add, sqrt and div round as the scalar ones do; no FMA, so nothing is contracted), so the results
+// are bit for bit the scalar loop's. Returns where the scalar tail starts.
+__attribute__((target("avx2"))) int64_t adamw_update_avx2(float* p, const float* g, float* m, float* v, int64_t i0,
+                                                           int64_t i1, float decay, bool decayed, float tb1, float tb2,
+                                                           float a1, float a2, float sqrt_bc2, float teps,
+                                                           float neg_step) {
+  const __m256 vdecay = _mm256_set1_ps(decay), vb1 = _mm256_set1_ps(tb1), vb2 = _mm256_set1_ps(tb2);
+  const __m256 va1 = _mm256_set1_ps(a1), va2 = _mm256_set1_ps(a2), vbc2 = _mm256_set1_ps(sqrt_bc2);
+  const __m256 veps = _mm256_set1_ps(teps), vstep = _mm256_set1_ps(neg_step);
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) {
+    __m256 pi = _mm256_loadu_ps(p + i);
+    if (decayed) pi = _mm256_mul_ps(pi, vdecay);
+    const __m256 gi = _mm256_loadu_ps(g + i);
+    const __m256 mi = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(m + i), vb1), _mm256_mul_ps(va1, gi));
+    const __m256 vi = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(v + i), vb2),
+                                    _mm256_mul_ps(_mm256_mul_ps(va2, gi), gi));
+    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), vbc2), veps);
+    _mm256_storeu_ps(m + i, mi);
+    _mm256_storeu_ps(v + i, vi);
+    _mm256_storeu_ps(p + i, _mm256_add_ps(pi, _mm256_mul_ps(vstep, _mm256_div_ps(mi, denom))));
+  }
+  return i;
+}
+#endif
+
 // One AdamW update of n values in place, the arithmetic of torch::optim::AdamW::step in T: decay, moments, the
-// bias-corrected denominator, the step.
+// bias-corrected denominator, the step. float32 runs 8 values at a time where the CPU has AVX2 (the same results).
 template <class T>
 void adamw_update(T* p, const T* g, T* m, T* v, int64_t n, double lr, double b1, double b2, double eps, double wd,
                   int64_t step) {
@@ -333,7 +365,14 @@ void adamw_update(T* p, const T* g, T* m, T* v, int64_t n, double lr, double b1,
   const T sqrt_bc2 = static_cast<T>(std::sqrt(1 - std::pow(b2, static_cast<double>(step))));
   const T neg_step = static_cast<T>(-(lr / (1 - std::pow(b1, static_cast<double>(step)))));
   const bool decayed = wd != 0;
+#if defined(__x86_64__)
+  const bool avx2 = std::is_same_v<T, float> && __builtin_cpu_supports("avx2");
+#endif
   at::parallel_for(0, n, int64_t{1} << 14, [&](int64_t i0, int64_t i1) {
+#if defined(__x86_64__)
+    if constexpr (std::is_same_v<T, float>)
+      if (avx2) i0 = adamw_update_avx2(p, g, m, v, i0, i1, decay, decayed, tb1, tb2, a1, a2, sqrt_bc2, teps, neg_step);
+#endif
     for (int64_t i = i0; i < i1; ++i) {
       T pi = decayed ? p[i] * decay : p[i];
       const T gi = g[i];
