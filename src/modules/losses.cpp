@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <vector>
 
-#include "omnilite/quant/gemm.h"
-
 namespace omnilite {
 
 // logits [B, T, V], tokens [B, T], target_mask [B, T] -> scalar
@@ -50,19 +48,28 @@ constexpr int64_t kWidenedTableRows = 4096;  // 32 MiB of float32 at D = 2048
 struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
   // h_c: [n, D] -> logits [n, V] in the accumulation dtype
   static torch::Tensor logits(const torch::Tensor& hc, const torch::Tensor& w, torch::ScalarType acc) {
-    if (widened_table(hc, w))
-      return quant::matmul_by_row_blocks(hc.contiguous(), w.size(0), kWidenedTableRows, [&](int64_t r, int64_t n) {
-        return w.narrow(0, r, n).to(torch::kFloat32);
-      });
+    if (widened_table(hc, w)) {  // one float32 scratch block for all of the table's blocks
+      auto out = torch::empty({hc.size(0), w.size(0)}, hc.options());
+      auto scratch = torch::empty({std::min(kWidenedTableRows, w.size(0)), w.size(1)}, hc.options());
+      for (int64_t r = 0; r < w.size(0); r += kWidenedTableRows) {
+        const int64_t n = std::min(kWidenedTableRows, w.size(0) - r);
+        auto wr = scratch.narrow(0, 0, n);
+        wr.copy_(w.narrow(0, r, n));
+        out.narrow(1, r, n).copy_(torch::mm(hc, wr.t()));
+      }
+      return out;
+    }
     return torch::matmul(hc, w.t()).to(acc);
   }
-  // dz: [n, V] float32 -> dz w [n, D], a bf16 w widened a block of rows at a time
+  // dz: [n, V] float32 -> dz w [n, D], a bf16 w widened a block of rows at a time into one scratch block
   static torch::Tensor times_table(const torch::Tensor& dz, const torch::Tensor& w) {
-    torch::Tensor out;
+    auto out = torch::zeros({dz.size(0), w.size(1)}, dz.options());
+    auto scratch = torch::empty({std::min(kWidenedTableRows, w.size(0)), w.size(1)}, dz.options());
     for (int64_t r = 0; r < w.size(0); r += kWidenedTableRows) {
       const int64_t n = std::min(kWidenedTableRows, w.size(0) - r);
-      auto part = torch::matmul(dz.narrow(1, r, n), w.narrow(0, r, n).to(torch::kFloat32));
-      out = out.defined() ? out.add_(part) : part;
+      auto wr = scratch.narrow(0, 0, n);
+      wr.copy_(w.narrow(0, r, n));
+      out.addmm_(dz.narrow(1, r, n), wr);
     }
     return out;
   }

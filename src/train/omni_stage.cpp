@@ -1,6 +1,7 @@
 // Stage "omni": the OMNI-LITE model on packed text and image-caption data (see stage.h for the objective).
 #include <algorithm>
 #include <chrono>
+#include <malloc.h>
 #include <memory>
 #include <stdexcept>
 
@@ -272,8 +273,10 @@ class OmniStage : public TrainStage {
       log::info("qlora: base weights from " + tr.base_checkpoint);
       if (!cfg_.lora.init_adapter.empty()) start_adapter(cfg_.lora);
       train_adapters_only(*model_, cfg_.lora.modules_to_save);
-      if (dev_.is_cpu() && narrow_frozen_tables(*model_) > 0)
+      if (dev_.is_cpu() && narrow_frozen_tables(*model_) > 0) {
         log::info("qlora: the frozen embedding / LM head of the bf16 base kept in bf16 (narrow_frozen_tables)");
+        malloc_trim(0);  // the float32 tables' freed pages go back to the OS instead of staying resident as holes
+      }
     } else if (!tr.base_checkpoint.empty()) {
       // A full fine-tune: every weight starts from the base and trains (strict: every mismatch is named).
       io::load_base_weights(*model_, tr.base_checkpoint);
