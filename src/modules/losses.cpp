@@ -1,6 +1,7 @@
 #include "omnilite/modules/losses.h"
 
 #include <algorithm>
+#include <functional>
 #include <vector>
 
 namespace omnilite {
@@ -44,19 +45,28 @@ bool widened_table(const torch::Tensor& h, const torch::Tensor& w) {
 }
 constexpr int64_t kWidenedTableRows = 4096;  // 32 MiB of float32 at D = 2048
 
+// f(r, wr) for each block of kWidenedTableRows rows of a bf16 table w: wr holds rows [r, r + n) widened into one
+// float32 scratch buffer shared by all blocks (no allocation per block).
+void widened_blocks(const torch::Tensor& w, const torch::TensorOptions& o,
+                    const std::function<void(int64_t, const torch::Tensor&)>& f) {
+  auto scratch = torch::empty({std::min(kWidenedTableRows, w.size(0)), w.size(1)}, o);
+  for (int64_t r = 0; r < w.size(0); r += kWidenedTableRows) {
+    const int64_t n = std::min(kWidenedTableRows, w.size(0) - r);
+    auto wr = scratch.narrow(0, 0, n);
+    wr.copy_(w.narrow(0, r, n));
+    f(r, wr);
+  }
+}
+
 // sum_i CE(h_i w^T, t_i), chunked (see losses.h).
 struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
   // h_c: [n, D] -> logits [n, V] in the accumulation dtype
   static torch::Tensor logits(const torch::Tensor& hc, const torch::Tensor& w, torch::ScalarType acc) {
-    if (widened_table(hc, w)) {  // one float32 scratch block for all of the table's blocks
+    if (widened_table(hc, w)) {
       auto out = torch::empty({hc.size(0), w.size(0)}, hc.options());
-      auto scratch = torch::empty({std::min(kWidenedTableRows, w.size(0)), w.size(1)}, hc.options());
-      for (int64_t r = 0; r < w.size(0); r += kWidenedTableRows) {
-        const int64_t n = std::min(kWidenedTableRows, w.size(0) - r);
-        auto wr = scratch.narrow(0, 0, n);
-        wr.copy_(w.narrow(0, r, n));
-        out.narrow(1, r, n).copy_(torch::mm(hc, wr.t()));
-      }
+      widened_blocks(w, hc.options(), [&](int64_t r, const torch::Tensor& wr) {
+        out.narrow(1, r, wr.size(0)).copy_(torch::mm(hc, wr.t()));
+      });
       return out;
     }
     return torch::matmul(hc, w.t()).to(acc);
@@ -64,13 +74,9 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
   // dz: [n, V] float32 -> dz w [n, D], a bf16 w widened a block of rows at a time into one scratch block
   static torch::Tensor times_table(const torch::Tensor& dz, const torch::Tensor& w) {
     auto out = torch::zeros({dz.size(0), w.size(1)}, dz.options());
-    auto scratch = torch::empty({std::min(kWidenedTableRows, w.size(0)), w.size(1)}, dz.options());
-    for (int64_t r = 0; r < w.size(0); r += kWidenedTableRows) {
-      const int64_t n = std::min(kWidenedTableRows, w.size(0) - r);
-      auto wr = scratch.narrow(0, 0, n);
-      wr.copy_(w.narrow(0, r, n));
-      out.addmm_(dz.narrow(1, r, n), wr);
-    }
+    widened_blocks(w, dz.options(), [&](int64_t r, const torch::Tensor& wr) {
+      out.addmm_(dz.narrow(1, r, wr.size(0)), wr);
+    });
     return out;
   }
 
