@@ -32,10 +32,7 @@ torch::Tensor PlainLinearImpl::forward(const torch::Tensor& x) {
   const int64_t in = weight.size(1), out = weight.size(0);
   if (x.device().is_cpu() && weight.scalar_type() == torch::kBFloat16 && x.scalar_type() == torch::kBFloat16 &&
       !torch::GradMode::is_enabled()) {
-    auto y = quant::matmul_by_row_blocks(x.reshape({-1, in}).to(torch::kFloat32), out, kWidenedRowsElements / in,
-                                         [&](int64_t r, int64_t n) {
-                                           return weight.narrow(0, r, n).to(torch::kFloat32);
-                                         });
+    auto y = quant::widened_matmul(x.reshape({-1, in}).to(torch::kFloat32), weight);
     if (bias.defined()) y = y + bias.to(torch::kFloat32);
     auto sizes = x.sizes().vec();
     sizes.back() = out;

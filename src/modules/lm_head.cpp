@@ -7,10 +7,6 @@
 #include "omnilite/quant/gemv.h"
 
 namespace omnilite {
-namespace {
-constexpr int64_t kWidenedRows = 4096;  // rows of a bf16 table widened at a time (32 MiB of float32 at D = 2048)
-}  // namespace
-
 LMHeadImpl::LMHeadImpl(int64_t dim, int64_t vocab_size, TokenEmbedding tied_embedding) : tied(tied_embedding) {
   if (!tied) weight = register_parameter("weight", torch::empty({vocab_size, dim}).normal_(0.0, kInitStd));
 }
@@ -37,9 +33,7 @@ torch::Tensor LMHeadImpl::forward(const torch::Tensor& h) {
   if (widen && !(torch::GradMode::is_enabled() && h.requires_grad())) {
     auto sizes = h.sizes().vec();
     sizes.back() = w.size(0);
-    return quant::matmul_by_row_blocks(h.reshape({-1, h.size(-1)}), w.size(0), kWidenedRows, [&](int64_t r, int64_t n) {
-      return w.narrow(0, r, n).to(torch::kFloat32);
-    }).view(sizes);
+    return quant::widened_matmul(h.reshape({-1, h.size(-1)}), w).view(sizes);
   }
   return torch::nn::functional::linear(h, widen ? w.to(torch::kFloat32) : w);
 }

@@ -1,7 +1,5 @@
 #include "omnilite/modules/nf4_linear.h"
 
-#include <ATen/Parallel.h>
-
 #include "omnilite/quant/gemm.h"
 #include "omnilite/runtime.h"
 
@@ -20,46 +18,23 @@ struct Nf4Matmul : torch::autograd::Function<Nf4Matmul> {
     // Decoding (a few rows on the CPU): products straight from the codes, W never materialised.
     if (x.device().is_cpu() && x.size(0) <= quant::kNf4FewRows && x.scalar_type() == torch::kFloat32)
       return quant::nf4_matmul_few_rows_cpu(x, q);
+    // W dequantised a block of rows at a time; on the CPU the blocks are spread over the intra-op threads when
+    // OpenBLAS has fewer (quant/gemm.h).
     const int64_t rows = std::max<int64_t>(1, Nf4LinearImpl::kChunkElements / layer->in_);
-    // On the CPU in float32 the blocks are spread over the intra-op threads when OpenBLAS has fewer (quant/gemm.h).
-    if (x.device().is_cpu() && x.scalar_type() == torch::kFloat32)
-      return quant::matmul_by_row_blocks(x, layer->out_, rows, [&](int64_t r, int64_t n) {
-        return quant::nf4_dequantize_rows(q, r, n, torch::kFloat32);
-      });
-    std::vector<torch::Tensor> parts;
-    for (int64_t r = 0; r < layer->out_; r += rows) {
-      const int64_t n = std::min(rows, layer->out_ - r);
-      parts.push_back(torch::matmul(x, quant::nf4_dequantize_rows(q, r, n, x.scalar_type()).t()));  // [N, n]
-    }
-    return parts.size() == 1 ? parts[0] : torch::cat(parts, 1);
+    return quant::matmul_by_row_blocks(x, layer->out_, rows, [&](int64_t r, int64_t n) {
+      return quant::nf4_dequantize_rows(q, r, n, x.scalar_type());
+    });
   }
   // grad_y: [N, out] -> grad_x: [N, in]
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto* layer = reinterpret_cast<Nf4LinearImpl*>(ctx->saved_data["layer"].toInt());
     const auto& g = grads[0];
     const auto q = layer->weight_nf4();
-    const int64_t out = layer->out_;
-    int64_t rows = std::max<int64_t>(1, Nf4LinearImpl::kChunkElements / layer->in_);
-    // On the CPU with fewer OpenBLAS threads than LibTorch ones, the row blocks' products run on the intra-op
-    // threads (quant/gemm.h) and are summed in block order afterwards.
-    const int64_t splits = g.device().is_cpu() ? quant::gemm_column_splits() : 1;
-    if (splits > 1) rows = std::min(rows, ((out + splits - 1) / splits + 15) / 16 * 16);
-    const int64_t blocks = (out + rows - 1) / rows;
-    std::vector<torch::Tensor> parts(static_cast<size_t>(blocks));
-    auto one = [&](int64_t b) {
-      const int64_t r = b * rows, n = std::min(rows, out - r);
-      parts[static_cast<size_t>(b)] =
-          torch::matmul(g.narrow(1, r, n), quant::nf4_dequantize_rows(q, r, n, g.scalar_type()));  // [N, in]
-    };
-    if (splits > 1 && blocks > 1) {
-      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) one(b);
-      });
-    } else {
-      for (int64_t b = 0; b < blocks; ++b) one(b);
-    }
-    torch::Tensor gx = parts[0];
-    for (size_t b = 1; b < parts.size(); ++b) gx = gx + parts[b];
+    // the blocks' products [N, in] summed in block order, on the intra-op threads as in forward
+    const int64_t rows = std::max<int64_t>(1, Nf4LinearImpl::kChunkElements / layer->in_);
+    const auto gx = quant::sum_by_row_blocks(layer->out_, rows, g.device().is_cpu(), [&](int64_t r, int64_t n) {
+      return torch::matmul(g.narrow(1, r, n), quant::nf4_dequantize_rows(q, r, n, g.scalar_type()));
+    });
     return {gx, torch::Tensor()};
   }
 };

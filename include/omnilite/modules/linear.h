@@ -32,9 +32,6 @@ struct PlainLinearImpl : LinearBaseImpl {
 
   torch::Tensor weight;  // [out_features, in_features]
   torch::Tensor bias;    // [out_features], undefined when built without bias
-
-  // A bf16 weight's rows widened to float32 at a time for a prompt (4M values: 16 MiB of scratch per thread).
-  static constexpr int64_t kWidenedRowsElements = int64_t{1} << 22;
 };
 
 // Chooses the variant of each projection from its checkpoint path.
